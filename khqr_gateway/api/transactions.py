@@ -1,0 +1,323 @@
+"""Handlers of /api/v1/transactions: create (idempotent), read, list, cancel."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import orjson
+from aiohttp import web
+from marshmallow import Schema, ValidationError
+
+from khqr_gateway.api import API_KEY_ID
+from khqr_gateway.api.errors import ApiError, error_response, field_errors, iso, json_response
+from khqr_gateway.api.schemas import (
+    TransactionCreateSchema,
+    TransactionListQuerySchema,
+)
+from khqr_gateway.bakong import khqr
+from khqr_gateway.credentials import token_expired
+from khqr_gateway.models import Expected, Status
+from khqr_gateway.service import SERVICE_KEY, Service
+from khqr_gateway.store import deliveries as delivery_store
+from khqr_gateway.store import transactions as store
+from khqr_gateway.store.transactions import NewTransaction
+
+log = logging.getLogger(__name__)
+
+JSON_TYPES = ("application/json",)
+IDEMPOTENCY_KEY_MAX = 255
+
+
+async def read_json(request: web.Request) -> tuple[bytes, Any]:
+    """The raw body and its JSON; 415 for another content type, 400 for bad JSON."""
+    if request.content_type not in JSON_TYPES and not request.content_type.endswith("+json"):
+        raise ApiError(415, "unsupported_media_type", "send the body as application/json")
+    raw = await request.read()
+    try:
+        return raw, orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+
+
+def load(schema: Schema, data: Any) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ApiError(422, "validation_error", "the body must be a JSON object")
+    try:
+        loaded: dict[str, Any] = schema.load(data)
+    except ValidationError as exc:
+        raise ApiError(
+            422, "validation_error", "some fields are not valid", field_errors(exc.messages)
+        ) from None
+    return loaded
+
+
+def _invalid(field: str, message: str) -> ApiError:
+    return ApiError(
+        422, "validation_error", "some fields are not valid", [{"field": field, "message": message}]
+    )
+
+
+def transaction_json(row: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "jobId": str(row["id"]),
+        "md5": row["md5"],
+        "status": row["status"],
+        "reason": row["reason"],
+        "webhookUrl": row["webhook_url"],
+        "expected": row["expected"],
+        "metadata": row["metadata"],
+        "data": row["bakong_data"],
+        "createdAt": iso(row["created_at"]),
+        "updatedAt": iso(row["updated_at"]),
+        "deadlineAt": iso(row["deadline_at"]),
+        "completedAt": iso(row["completed_at"]),
+        "delivery": _delivery_json(row),
+    }
+
+
+def _delivery_json(row: asyncpg.Record) -> dict[str, Any] | None:
+    summary = delivery_store.summary(row)
+    if summary is None:
+        return None
+    summary["nextAttemptAt"] = iso(summary["nextAttemptAt"])
+    summary["deliveredAt"] = iso(summary["deliveredAt"])
+    return summary
+
+
+def created_json(row: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "jobId": str(row["id"]),
+        "md5": row["md5"],
+        "status": row["status"],
+        "createdAt": iso(row["created_at"]),
+        "deadlineAt": iso(row["deadline_at"]),
+    }
+
+
+def _from_qr(data: dict[str, Any]) -> None:
+    """Fill md5 and expectations from a KHQR string; explicit fields win."""
+    try:
+        parsed = khqr.parse(data["qr"])
+    except khqr.KhqrError as exc:
+        raise _invalid("qr", str(exc)) from None
+    if not parsed.dynamic:
+        raise _invalid("qr", "a static KHQR cannot be tracked by md5; use a dynamic one")
+    if "md5" in data and data["md5"] != parsed.md5:
+        raise _invalid("md5", "does not match the md5 of qr")
+    data["md5"] = parsed.md5
+    derived = {
+        "amount": parsed.amount,
+        "currency": parsed.currency,
+        "toAccountId": parsed.account_id,
+    }
+    expected = {k: v for k, v in derived.items() if v is not None}
+    expected.update(data.get("expected") or {})
+    data["expected"] = expected
+
+
+async def _credential_id(service: Service, data: dict[str, Any]) -> int | None:
+    token, email = data.get("token"), data.get("email")
+    if token:
+        if token_expired(token):
+            raise ApiError(401, "token_expired", "the Bakong token has expired")
+        return await service.credentials.add(token=token, email=None)
+    if email:
+        return await service.credentials.add(token=None, email=email)
+    if service.credentials.default_id is None:
+        raise _invalid(
+            "token", "no Bakong credential: give token or email, or set BAKONG_TOKEN/BAKONG_EMAIL"
+        )
+    return None
+
+
+async def create(service: Service, data: dict[str, Any]) -> tuple[asyncpg.Record, bool]:
+    """Track a validated request; returns the row and whether it is new."""
+    if "qr" in data:
+        _from_qr(data)
+    credential_id = await _credential_id(service, data)
+    timeout_s = data.get("timeoutSeconds", service.settings.poll_timeout_s)
+    expected = data.get("expected")
+    new = NewTransaction(
+        id=uuid.uuid4(),
+        md5=data["md5"],
+        webhook_url=data["webhookUrl"],
+        credential_id=credential_id,
+        expected=Expected(
+            amount=expected.get("amount"),
+            currency=expected.get("currency"),
+            to_account_id=expected.get("toAccountId"),
+        )
+        if expected
+        else None,
+        metadata=data.get("metadata"),
+        qr=data.get("qr"),
+        deadline_at=datetime.now(UTC) + timedelta(seconds=timeout_s),
+    )
+    row, created = await store.insert_or_get_pending(service.pool, new)
+    if created:
+        await _schedule_first_poll(service, row)
+        log.info("transaction created", extra={"jobId": str(row["id"]), "md5": row["md5"]})
+    return row, created
+
+
+async def _schedule_first_poll(service: Service, row: asyncpg.Record) -> None:
+    due = time.time() * 1000 + service.settings.poll_interval_s * 1000
+    due = min(due, row["deadline_at"].timestamp() * 1000)
+    try:
+        await service.polls.add([(str(row["id"]), int(due))])
+    except Exception as exc:
+        # Postgres has it: the reconcile tick will schedule it when Redis is back.
+        log.warning("could not schedule the first poll: %s", exc, extra={"jobId": str(row["id"])})
+
+
+async def post_transaction(request: web.Request) -> web.Response:
+    """POST /api/v1/transactions."""
+    service = request.app[SERVICE_KEY]
+    raw, body = await read_json(request)
+
+    async def handle() -> web.Response:
+        data = load(TransactionCreateSchema(), body)
+        row, created = await create(service, data)
+        return json_response(created_json(row), 201 if created else 200)
+
+    return await idempotent(request, service, raw, handle)
+
+
+async def idempotent(
+    request: web.Request, service: Service, raw: bytes, handle: Any
+) -> web.Response:
+    """Replay the first response to a repeated Idempotency-Key (24 h), status included."""
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        response: web.Response = await handle()
+        return response
+    if not key or len(key) > IDEMPOTENCY_KEY_MAX:
+        raise ApiError(
+            400,
+            "invalid_idempotency_key",
+            f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} characters",
+        )
+    scope = request.get(API_KEY_ID, "")
+    key_hash = hashlib.sha256(f"{scope}:{request.method}:{request.path}:{key}".encode()).hexdigest()
+    request_hash = hashlib.sha256(raw).hexdigest()
+    existing = await store.claim_idempotency_key(service.pool, key_hash, request_hash)
+    if existing is not None:
+        return _replay(existing, request_hash)
+    try:
+        response = await handle()
+    except ApiError as exc:
+        response = error_response(exc.status, exc.code, exc.message, exc.details)
+    except BaseException:
+        await store.release_idempotency_key(service.pool, key_hash)
+        raise
+    if response.status >= 300:
+        # Only a success is replayed; a refused request may be corrected and sent again.
+        await store.release_idempotency_key(service.pool, key_hash)
+    else:
+        assert isinstance(response.body, bytes)
+        await store.complete_idempotency_key(service.pool, key_hash, response.status, response.body)
+    return response
+
+
+def _replay(existing: asyncpg.Record, request_hash: str) -> web.Response:
+    if existing["request_hash"] != request_hash:
+        raise ApiError(
+            422, "idempotency_key_reused", "this Idempotency-Key was used with a different body"
+        )
+    if existing["status_code"] is None:
+        raise ApiError(
+            409, "idempotency_key_in_use", "a request with this Idempotency-Key is in progress"
+        )
+    return web.Response(
+        body=existing["response"],
+        status=existing["status_code"],
+        content_type="application/json",
+        headers={"Idempotent-Replayed": "true"},
+    )
+
+
+def _job_id(request: web.Request) -> UUID:
+    try:
+        return UUID(request.match_info["job_id"])
+    except ValueError:
+        raise ApiError(404, "not_found", "no transaction with this jobId") from None
+
+
+async def get_transaction(request: web.Request) -> web.Response:
+    """GET /api/v1/transactions/{jobId}."""
+    row = await store.get(request.app[SERVICE_KEY].pool, _job_id(request))
+    if row is None:
+        raise ApiError(404, "not_found", "no transaction with this jobId")
+    return json_response(transaction_json(row))
+
+
+def encode_cursor(created_at: datetime, row_id: UUID) -> str:
+    raw = orjson.dumps([created_at.isoformat(), str(row_id)])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created, row_id = orjson.loads(raw)
+        return datetime.fromisoformat(created), UUID(row_id)
+    except (ValueError, TypeError, orjson.JSONDecodeError):
+        raise _invalid("cursor", "is not a cursor this API gave") from None
+
+
+async def list_transactions(request: web.Request) -> web.Response:
+    """GET /api/v1/transactions?md5=&status=&limit=&cursor=."""
+    query = load(TransactionListQuerySchema(), dict(request.query))
+    before = decode_cursor(query["cursor"]) if "cursor" in query else None
+    limit = query["limit"]
+    rows = await store.list_page(
+        request.app[SERVICE_KEY].pool,
+        md5=query.get("md5", "").lower() or None,
+        status=Status(query["status"]) if "status" in query else None,
+        limit=limit + 1,
+        before=before,
+    )
+    more = len(rows) > limit
+    rows = rows[:limit]
+    cursor = encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if more and rows else None
+    return json_response(
+        {"data": [transaction_json(r) for r in rows], "nextCursor": cursor, "hasMore": more}
+    )
+
+
+async def delete_transaction(request: web.Request) -> web.Response:
+    """DELETE /api/v1/transactions/{jobId}: cancel a pending transaction; no webhook."""
+    service = request.app[SERVICE_KEY]
+    job_id = _job_id(request)
+    cancelled = await store.cancel(service.pool, job_id)
+    row = await store.get(service.pool, job_id)
+    if row is None:
+        raise ApiError(404, "not_found", "no transaction with this jobId")
+    if cancelled is None:
+        raise ApiError(
+            409,
+            "not_pending",
+            f"the transaction is already {row['status']}",
+            {"status": row["status"]},
+        )
+    try:
+        await service.polls.remove([str(job_id)])
+    except Exception as exc:  # the poll tick drops it anyway: it is no longer pending
+        log.warning("could not unschedule a cancelled transaction: %s", exc)
+    log.info("transaction cancelled", extra={"jobId": str(job_id), "md5": row["md5"]})
+    return json_response(transaction_json(row))
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/api/v1/transactions", post_transaction)
+    app.router.add_get("/api/v1/transactions", list_transactions)
+    app.router.add_get("/api/v1/transactions/{job_id}", get_transaction)
+    app.router.add_delete("/api/v1/transactions/{job_id}", delete_transaction)

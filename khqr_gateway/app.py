@@ -1,0 +1,207 @@
+"""The aiohttp application: middlewares (request log, errors, auth), routes, lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+
+from khqr_gateway.api import API_KEY_ID, REQUEST_ID, transactions
+from khqr_gateway.api.errors import ApiError, error_response, json_response
+from khqr_gateway.bakong.sandbox import create_sandbox_app
+from khqr_gateway.config import Settings
+from khqr_gateway.service import SERVICE_KEY, Service
+
+log = logging.getLogger("khqr_gateway.http")
+
+BODY_LIMIT = 64 * 1024
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+SETTINGS_KEY = web.AppKey("settings", Settings)
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "rate_limited",
+}
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("x-request-id", "")
+    if 0 < len(given) <= 128 and given.isprintable():
+        return given
+    return secrets.token_hex(8)
+
+
+@web.middleware
+async def request_log(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One log line per request, and the request id echoed back."""
+    request_id = _request_id(request)
+    request[REQUEST_ID] = request_id
+    start = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        response.headers["x-request-id"] = request_id
+        return response
+    finally:
+        if request.path not in ("/health", "/metrics"):
+            log.info(
+                "request",
+                extra={
+                    "method": request.method,
+                    "path": request.path,
+                    "status": status,
+                    "durationMs": round((time.perf_counter() - start) * 1000, 2),
+                    "requestId": request_id,
+                },
+            )
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error as `{"error": {...}}`; never a stack trace to the client."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc.status, exc.code, exc.message, exc.details)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _STATUS_CODES.get(exc.status, "http_error")
+        message = exc.reason if exc.status != 413 else f"the body is larger than {BODY_LIMIT} bytes"
+        return error_response(exc.status, code, message, headers=_kept_headers(exc))
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        raise
+    except Exception:
+        log.exception(
+            "unhandled error", extra={"path": request.path, "requestId": request.get(REQUEST_ID)}
+        )
+        return error_response(500, "internal_error", "something went wrong on our side")
+
+
+def _kept_headers(exc: web.HTTPException) -> dict[str, str]:
+    return {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+
+
+def _key_digests(keys: tuple[str, ...]) -> list[bytes]:
+    return [hashlib.sha256(k.encode()).digest() for k in keys]
+
+
+def auth_middleware(settings: Settings) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Every /api/ route needs one of API_KEY's keys, compared as hashes in constant time."""
+    digests = _key_digests(settings.api_keys)
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not digests or not request.path.startswith("/api/"):
+            return await handler(request)
+        given = _presented_key(request)
+        digest = hashlib.sha256(given.encode()).digest() if given else b""
+        matched = -1
+        for index, expected in enumerate(digests):
+            if hmac.compare_digest(digest, expected):
+                matched = index
+        if matched < 0:
+            raise ApiError(
+                401, "unauthorized", "a valid API key is required (Authorization: Bearer <key>)"
+            )
+        request[API_KEY_ID] = digests[matched].hex()[:16]
+        return await handler(request)
+
+    return auth
+
+
+def _presented_key(request: web.Request) -> str:
+    header = request.headers.get("Authorization", "")
+    if header[:7].lower() == "bearer ":
+        return header[7:].strip()
+    return request.headers.get("x-api-key", "").strip()
+
+
+async def health(request: web.Request) -> web.Response:
+    """GET /health: the process is alive."""
+    return json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    """GET /ready: Postgres, Redis and the ticks; 503 with details when any is down."""
+    service = request.app[SERVICE_KEY]
+    checks = {
+        "postgres": await _check(service.pool.fetchval("select 1")),
+        "redis": await _check(service.redis.ping()),
+        "scheduler": "ok"
+        if service.ticks.running and not service.ticks.health.stale()
+        else "stale",
+    }
+    ok = all(v == "ok" for v in checks.values())
+    details = {"status": "ok" if ok else "unavailable", "checks": checks}
+    if service.ticks.health.last_error:
+        details["tickErrors"] = dict(service.ticks.health.last_error)
+    return json_response(details, 200 if ok else 503)
+
+
+async def _check(aw: Awaitable[object]) -> str:
+    try:
+        await asyncio.wait_for(aw, timeout=2)
+    except Exception as exc:
+        return f"error: {type(exc).__name__}"
+    return "ok"
+
+
+def create_app(
+    settings: Settings,
+    *,
+    database_url: str,
+    redis_url: str,
+    bakong_url: str | None = None,
+    run_ticks: bool = True,
+) -> web.Application:
+    """The gateway as an aiohttp application; the service starts with the app."""
+    app = web.Application(
+        client_max_size=BODY_LIMIT,
+        middlewares=[request_log, errors, auth_middleware(settings)],
+    )
+    app[SETTINGS_KEY] = settings
+    if settings.sandbox:
+        app.add_subapp("/sandbox", create_sandbox_app())
+    url = bakong_url or _bakong_url(settings)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        service = await Service.create(
+            settings, database_url=database_url, redis_url=redis_url, bakong_url=url
+        )
+        app[SERVICE_KEY] = service
+        if settings.sandbox:
+            log.warning(
+                "SANDBOX MODE: checking payments against the simulated Bakong at %s; "
+                "set BAKONG_TOKEN or BAKONG_EMAIL to use the real one",
+                url,
+            )
+        if run_ticks:
+            service.start_ticks()
+        yield
+        await service.stop()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    transactions.add_routes(app)
+    return app
+
+
+def _bakong_url(settings: Settings) -> str:
+    if not settings.sandbox:
+        return settings.bakong_url
+    host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    return f"http://{host}:{settings.port}/sandbox"

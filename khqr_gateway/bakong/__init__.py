@@ -1,0 +1,1 @@
+"""Bakong: the async client, the KHQR codec and the simulated Bakong."""

@@ -1,0 +1,222 @@
+"""Async Bakong Open API client: batched md5 checks, per-md5 checks, token renewal."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+import orjson
+
+from khqr_gateway.models import CheckKind, CheckResult
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 50
+NOT_FOUND_CODE = 1
+STATIC_QR_CODE = 2
+FAILED_CODE = 3
+UNAUTHORIZED_CODE = 6
+NOT_REGISTERED_CODE = 10
+
+
+class BakongError(Exception):
+    """A Bakong call that gave no trustworthy answer; `kind` is a short snake_case word."""
+
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.status = status
+        self.retry_after = retry_after
+
+    @property
+    def unauthorized(self) -> bool:
+        return self.kind == "unauthorized"
+
+    @property
+    def list_unsupported(self) -> bool:
+        """403/404 on the list endpoint: fall back to per-md5 checks."""
+        return self.status in (403, 404)
+
+
+def _retry_after(headers: Any) -> float | None:
+    value = headers.get("Retry-After")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _error_for_status(status: int, headers: Any) -> BakongError:
+    if status == 401:
+        return BakongError("unauthorized", "Bakong answered 401", status=status)
+    if status == 403:
+        return BakongError("forbidden", "Bakong answered 403", status=status)
+    if status == 404:
+        return BakongError("endpoint_not_found", "Bakong answered 404", status=status)
+    if status == 429:
+        return BakongError(
+            "rate_limited", "Bakong answered 429", status=status, retry_after=_retry_after(headers)
+        )
+    if status >= 500:
+        return BakongError("server_error", f"Bakong answered {status}", status=status)
+    return BakongError("bad_status", f"Bakong answered {status}", status=status)
+
+
+def result_from_envelope(body: Any) -> CheckResult:
+    """Map a check_transaction_by_md5 reply to what it says about the payment."""
+    if not isinstance(body, dict):
+        return CheckResult(CheckKind.ERROR, error="malformed_reply")
+    code = body.get("responseCode")
+    error_code = body.get("errorCode")
+    if code == 0:
+        data = body.get("data")
+        if isinstance(data, dict):
+            return CheckResult(CheckKind.PAID, data=data)
+        return CheckResult(CheckKind.ERROR, error="malformed_reply")
+    if error_code == NOT_FOUND_CODE:
+        return CheckResult(CheckKind.NOT_FOUND)
+    if error_code == FAILED_CODE:
+        return CheckResult(CheckKind.FAILED, error="transaction_failed")
+    if error_code == UNAUTHORIZED_CODE:
+        return CheckResult(CheckKind.ERROR, error="unauthorized")
+    if error_code == STATIC_QR_CODE:
+        return CheckResult(CheckKind.ERROR, error="static_qr_not_supported")
+    return CheckResult(CheckKind.ERROR, error=f"bakong_error_{error_code}")
+
+
+def results_from_list(body: Any, md5s: Sequence[str]) -> dict[str, CheckResult | None]:
+    """Map a check_transaction_by_md5_list reply by md5 (never by position).
+
+    A value of None means the list gave no usable answer for that md5 (missing, an
+    unknown status such as a failed payment): the caller asks the per-md5 endpoint.
+    """
+    if not isinstance(body, dict):
+        raise BakongError("malformed_reply", "Bakong list reply is not an object")
+    if body.get("responseCode") != 0:
+        if body.get("errorCode") == UNAUTHORIZED_CODE:
+            raise BakongError("unauthorized", "Bakong list reply: token expired or invalid")
+        if body.get("errorCode") == NOT_FOUND_CODE:
+            # Some deployments answer "not found" for the whole list when nothing is paid.
+            return {md5: CheckResult(CheckKind.NOT_FOUND) for md5 in md5s}
+        raise BakongError("bakong_error", f"Bakong list errorCode {body.get('errorCode')}")
+    items = body.get("data")
+    if not isinstance(items, list):
+        raise BakongError("malformed_reply", "Bakong list reply has no data array")
+    wanted = set(md5s)
+    out: dict[str, CheckResult | None] = dict.fromkeys(md5s)
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        md5 = str(item.get("md5", "")).lower()
+        if md5 not in wanted:
+            continue
+        out[md5] = _list_item_result(item)
+    return out
+
+
+def _list_item_result(item: dict[str, Any]) -> CheckResult | None:
+    status = str(item.get("status", "")).upper()
+    if status == "SUCCESS" and isinstance(item.get("data"), dict):
+        return CheckResult(CheckKind.PAID, data=item["data"])
+    if status == "NOT_FOUND":
+        return CheckResult(CheckKind.NOT_FOUND)
+    return None
+
+
+class BakongClient:
+    """One per process: a keep-alive session with explicit timeouts."""
+
+    def __init__(
+        self, base_url: str, *, timeout_s: float = 10.0, max_connections: int = 32
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s, connect=min(timeout_s, 5.0))
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+        self.calls = 0
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=30)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=self.timeout,
+                json_serialize=lambda v: orjson.dumps(v).decode(),
+                headers={"User-Agent": "khqr-gateway"},
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def _post(self, name: str, body: Any, token: str | None) -> Any:
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self.calls += 1
+        try:
+            async with self.session.post(
+                f"{self.base_url}/v1/{name}", data=orjson.dumps(body), headers=headers
+            ) as resp:
+                raw = await resp.read()
+                if resp.status != 200:
+                    raise _error_for_status(resp.status, resp.headers)
+        except TimeoutError:
+            raise BakongError("timeout", f"Bakong {name} timed out") from None
+        except aiohttp.ClientError as exc:
+            raise BakongError("network", f"Bakong {name}: {type(exc).__name__}") from None
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise BakongError("malformed_reply", f"Bakong {name} reply is not JSON") from None
+
+    async def check_md5_list(
+        self, token: str | None, md5s: Sequence[str]
+    ) -> dict[str, CheckResult | None]:
+        """Check up to 50 md5s in one call; see `results_from_list`."""
+        if len(md5s) > MAX_BATCH:
+            raise ValueError(f"at most {MAX_BATCH} md5s a call")
+        body = await self._post("check_transaction_by_md5_list", list(md5s), token)
+        return results_from_list(body, md5s)
+
+    async def check_md5(self, token: str | None, md5: str) -> CheckResult:
+        """Check one md5; every failure comes back as an ERROR result, never raised."""
+        try:
+            body = await self._post("check_transaction_by_md5", {"md5": md5}, token)
+        except BakongError as exc:
+            return CheckResult(CheckKind.ERROR, error=exc.kind)
+        return result_from_envelope(body)
+
+    async def renew_token(self, email: str) -> str:
+        """Ask Bakong for a fresh token for a registered email."""
+        body = await self._post("renew_token", {"email": email}, None)
+        if isinstance(body, dict) and body.get("responseCode") == 0:
+            token = (body.get("data") or {}).get("token")
+            if isinstance(token, str) and token:
+                return token
+        if isinstance(body, dict) and body.get("errorCode") == NOT_REGISTERED_CODE:
+            raise BakongError("not_registered", "Bakong: email not registered")
+        raise BakongError("renew_failed", "Bakong renew_token gave no token")
+
+
+async def gather_limited(limit: int, *aws: Any) -> list[Any]:
+    """asyncio.gather with at most `limit` awaitables running at once."""
+    semaphore = asyncio.Semaphore(limit)
+
+    async def run(aw: Any) -> Any:
+        async with semaphore:
+            return await aw
+
+    return await asyncio.gather(*(run(aw) for aw in aws))

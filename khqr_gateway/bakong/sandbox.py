@@ -1,0 +1,354 @@
+"""Simulated Bakong: the Open API endpoints of bakong-api.md plus control routes for tests.
+
+Served on its own port by `khqr-gateway sandbox`, or mounted in-process under `/sandbox`
+in development when no Bakong is configured. Control routes (under `/control`) let a
+developer mark an md5 paid or failed and inject faults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import secrets
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+TOKEN_LIFETIME_S = 90 * 24 * 3600
+
+
+def make_token(email: str = "dev@example.com", *, exp: int | None = None) -> str:
+    """A JWT-shaped Bakong token (unsigned: the gateway reads only its `exp`)."""
+    now = int(time.time())
+
+    def b64(value: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(orjson.dumps(value)).rstrip(b"=").decode()
+
+    claims = {
+        "data": {"id": email},
+        "iat": now,
+        "exp": exp if exp is not None else now + TOKEN_LIFETIME_S,
+    }
+    return f"{b64({'alg': 'HS256', 'typ': 'JWT'})}.{b64(claims)}.{secrets.token_urlsafe(16)}"
+
+
+def _token_exp(token: str) -> int | None:
+    try:
+        payload = token.split(".")[1]
+        claims = orjson.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return int(claims["exp"])
+    except (IndexError, ValueError, KeyError, TypeError, orjson.JSONDecodeError):
+        return None
+
+
+@dataclass
+class Payment:
+    status: str  # "paid" | "failed"
+    data: dict[str, Any] | None = None
+
+
+@dataclass
+class Faults:
+    """Injected misbehaviour; each applies to the next `remaining` calls (None = until reset)."""
+
+    status: int | None = None
+    list_status: int | None = None
+    retry_after: str | None = None
+    delay_s: float = 0.0
+    malformed: bool = False
+    remaining: int | None = None
+
+    def take(self) -> bool:
+        if self.remaining is None:
+            return True
+        if self.remaining <= 0:
+            return False
+        self.remaining -= 1
+        return True
+
+
+@dataclass
+class SandboxState:
+    payments: dict[str, Payment] = field(default_factory=dict)
+    calls: Counter[str] = field(default_factory=Counter)
+    checks: Counter[str] = field(default_factory=Counter)
+    single_checks: Counter[str] = field(default_factory=Counter)
+    faults: Faults = field(default_factory=Faults)
+    revoked: set[str] = field(default_factory=set)
+    registered_emails: set[str] | None = None  # None = every email is registered
+    inboxes: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+
+STATE_KEY = web.AppKey("sandbox_state", SandboxState)
+
+
+def _envelope(code: int, message: str, error: int | None, data: Any) -> web.Response:
+    return web.json_response(
+        {"responseCode": code, "responseMessage": message, "errorCode": error, "data": data},
+        dumps=lambda v: orjson.dumps(v).decode(),
+    )
+
+
+def _unauthorized() -> web.Response:
+    return web.json_response(
+        {"responseCode": 1, "responseMessage": "Unauthorized", "errorCode": 6, "data": None},
+        status=401,
+    )
+
+
+def _authorized(request: web.Request, state: SandboxState) -> bool:
+    header = request.headers.get("Authorization", "")
+    if not header.startswith("Bearer ") or len(header) <= 7:
+        return False
+    token = header[7:]
+    exp = _token_exp(token)
+    if token in state.revoked:
+        return False
+    return exp is None or exp > time.time()
+
+
+async def _fault_response(state: SandboxState, *, is_list: bool) -> web.Response | None:
+    faults = state.faults
+    status = faults.list_status if is_list and faults.list_status else faults.status
+    if not (status or faults.delay_s or faults.malformed):
+        return None
+    if not faults.take():
+        return None
+    if faults.delay_s:
+        await asyncio.sleep(faults.delay_s)
+    if status:
+        headers = {"Retry-After": faults.retry_after} if faults.retry_after else None
+        return web.Response(status=status, text="simulated fault", headers=headers)
+    if faults.malformed:
+        return web.Response(text="<html>not json", content_type="text/html")
+    return None
+
+
+async def _json(request: web.Request) -> Any:
+    try:
+        return orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _check_one(state: SandboxState, md5: str) -> web.Response:
+    payment = state.payments.get(md5)
+    state.checks[md5] += 1
+    state.single_checks[md5] += 1
+    if payment is None:
+        return _envelope(1, "Transaction could not be found. Please check and try again.", 1, None)
+    if payment.status == "failed":
+        return _envelope(1, "Transaction failed.", 3, None)
+    return _envelope(0, "Getting transaction successfully.", None, payment.data)
+
+
+async def check_md5(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    state.calls["check_transaction_by_md5"] += 1
+    if fault := await _fault_response(state, is_list=False):
+        return fault
+    if not _authorized(request, state):
+        return _unauthorized()
+    body = await _json(request)
+    md5 = body.get("md5") if isinstance(body, dict) else None
+    if not isinstance(md5, str) or not md5:
+        return _envelope(1, "Missing required fields", 5, None)
+    return _check_one(state, md5.lower())
+
+
+def _list_item(state: SandboxState, md5: str) -> dict[str, Any]:
+    state.checks[md5] += 1
+    payment = state.payments.get(md5)
+    if payment is not None and payment.status == "paid":
+        return {
+            "md5": md5,
+            "status": "SUCCESS",
+            "message": "Transaction found",
+            "data": payment.data,
+        }
+    if payment is not None:
+        # The sheet lists only SUCCESS / NOT_FOUND / STATIC_QR; a failed payment is reported
+        # with its own status so that clients ask the per-md5 endpoint for the truth.
+        return {"md5": md5, "status": "FAILED", "message": "Transaction failed", "data": None}
+    return {"md5": md5, "status": "NOT_FOUND", "message": "Transaction not found", "data": None}
+
+
+async def check_md5_list(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    state.calls["check_transaction_by_md5_list"] += 1
+    if fault := await _fault_response(state, is_list=True):
+        return fault
+    if not _authorized(request, state):
+        return _unauthorized()
+    body = await _json(request)
+    if isinstance(body, dict):
+        body = body.get("md5List")
+    if not isinstance(body, list) or not all(isinstance(m, str) for m in body):
+        return _envelope(1, "Missing required fields", 5, None)
+    if len(body) > 50:
+        return _envelope(1, "Too many md5s: at most 50", 5, None)
+    items = [_list_item(state, m.lower()) for m in body]
+    return _envelope(0, "Getting transaction successfully.", None, items)
+
+
+async def renew_token(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    state.calls["renew_token"] += 1
+    if fault := await _fault_response(state, is_list=False):
+        return fault
+    body = await _json(request)
+    email = body.get("email") if isinstance(body, dict) else None
+    if not isinstance(email, str) or "@" not in email:
+        return _envelope(1, "Missing required fields", 5, None)
+    if state.registered_emails is not None and email.lower() not in state.registered_emails:
+        return _envelope(1, "Not registered yet", 10, None)
+    return _envelope(0, "Token has been issued", None, {"token": make_token(email)})
+
+
+def _payment_data(md5: str, body: dict[str, Any]) -> dict[str, Any]:
+    now = int(time.time() * 1000)
+    amount = body.get("amount", 1)
+    try:
+        amount_value: Any = Decimal(str(amount))
+        amount_value = (
+            int(amount_value) if amount_value == amount_value.to_integral() else float(amount_value)
+        )
+    except InvalidOperation:
+        raise web.HTTPUnprocessableEntity(text='{"error":"amount must be a number"}') from None
+    return {
+        "hash": hashlib.sha256(f"{md5}:{now}".encode()).hexdigest(),
+        "fromAccountId": body.get("fromAccountId", "customer@aclb"),
+        "toAccountId": body.get("toAccountId", "merchant@devb"),
+        "currency": body.get("currency", "USD"),
+        "amount": amount_value,
+        "description": body.get("description", ""),
+        "createdDateMs": now,
+        "acknowledgedDateMs": now,
+        "trackingStatus": None,
+        "receiverBank": None,
+        "receiverBankAccount": None,
+        "instructionRef": None,
+        "externalRef": body.get("externalRef", f"100FT{now}"),
+    }
+
+
+def _md5_param(request: web.Request) -> str:
+    md5 = request.match_info["md5"].lower()
+    if len(md5) != 32 or any(c not in "0123456789abcdef" for c in md5):
+        raise web.HTTPUnprocessableEntity(text='{"error":"md5 must be 32 hex characters"}')
+    return md5
+
+
+async def control_pay(request: web.Request) -> web.Response:
+    md5 = _md5_param(request)
+    body = await _json(request) if request.can_read_body else {}
+    data = _payment_data(md5, body if isinstance(body, dict) else {})
+    request.app[STATE_KEY].payments[md5] = Payment("paid", data)
+    return web.json_response({"md5": md5, "status": "paid", "data": data})
+
+
+async def control_fail(request: web.Request) -> web.Response:
+    md5 = _md5_param(request)
+    request.app[STATE_KEY].payments[md5] = Payment("failed")
+    return web.json_response({"md5": md5, "status": "failed"})
+
+
+async def control_get(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    md5 = _md5_param(request)
+    payment = state.payments.get(md5)
+    return web.json_response(
+        {
+            "md5": md5,
+            "status": payment.status if payment else "unpaid",
+            "checks": state.checks[md5],
+            "singleChecks": state.single_checks[md5],
+        }
+    )
+
+
+async def control_stats(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    return web.json_response({"calls": dict(state.calls), "md5sChecked": len(state.checks)})
+
+
+async def control_faults(request: web.Request) -> web.Response:
+    body = await _json(request)
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(text='{"error":"body must be a JSON object"}')
+    state = request.app[STATE_KEY]
+    state.faults = Faults(
+        status=body.get("status"),
+        list_status=body.get("listStatus"),
+        retry_after=body.get("retryAfter"),
+        delay_s=float(body.get("delayS", 0)),
+        malformed=bool(body.get("malformed", False)),
+        remaining=body.get("count"),
+    )
+    return web.json_response({"ok": True})
+
+
+async def control_token(request: web.Request) -> web.Response:
+    body = await _json(request) if request.can_read_body else {}
+    body = body if isinstance(body, dict) else {}
+    exp = body.get("exp")
+    return web.json_response({"token": make_token(body.get("email", "dev@example.com"), exp=exp)})
+
+
+async def control_reset(request: web.Request) -> web.Response:
+    request.app[STATE_KEY] = SandboxState()
+    return web.json_response({"ok": True})
+
+
+INBOX_LIMIT = 100
+
+
+async def inbox_receive(request: web.Request) -> web.Response:
+    """A webhook receiver for trying the gateway out: keeps the last 100 per inbox."""
+    name = request.match_info["name"][:64]
+    raw = await request.read()
+    try:
+        body: Any = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        body = raw.decode("utf-8", "replace")
+    inbox = request.app[STATE_KEY].inboxes.setdefault(name, [])
+    headers = {
+        k.lower(): v
+        for k, v in request.headers.items()
+        if k.lower().startswith(("webhook-", "x-webhook"))
+    }
+    inbox.append({"receivedAt": int(time.time() * 1000), "headers": headers, "body": body})
+    del inbox[:-INBOX_LIMIT]
+    return web.json_response({"ok": True})
+
+
+async def inbox_list(request: web.Request) -> web.Response:
+    inbox = request.app[STATE_KEY].inboxes.get(request.match_info["name"][:64], [])
+    return web.json_response(
+        inbox, dumps=lambda v: orjson.dumps(v, option=orjson.OPT_INDENT_2).decode()
+    )
+
+
+def create_sandbox_app(state: SandboxState | None = None) -> web.Application:
+    """The simulated Bakong as an aiohttp application."""
+    app = web.Application(client_max_size=1024 * 1024)
+    app[STATE_KEY] = state or SandboxState()
+    app.router.add_post("/v1/check_transaction_by_md5", check_md5)
+    app.router.add_post("/v1/check_transaction_by_md5_list", check_md5_list)
+    app.router.add_post("/v1/renew_token", renew_token)
+    app.router.add_post("/control/transactions/{md5}/pay", control_pay)
+    app.router.add_post("/control/transactions/{md5}/fail", control_fail)
+    app.router.add_get("/control/transactions/{md5}", control_get)
+    app.router.add_get("/control/stats", control_stats)
+    app.router.add_post("/control/faults", control_faults)
+    app.router.add_post("/control/token", control_token)
+    app.router.add_post("/control/reset", control_reset)
+    app.router.add_post("/control/inbox/{name}", inbox_receive)
+    app.router.add_get("/control/inbox/{name}", inbox_list)
+    return app

@@ -1,0 +1,159 @@
+"""Command line: `khqr-gateway serve | migrate | sandbox`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+from aiohttp import web
+
+from khqr_gateway import __version__
+from khqr_gateway.config import ConfigError, Settings, load_settings
+from khqr_gateway.logs import setup_logging
+
+log = logging.getLogger("khqr_gateway")
+
+
+@contextlib.asynccontextmanager
+async def _storage(settings: Settings) -> AsyncIterator[tuple[str, str]]:
+    """The configured Postgres and Redis, or private embedded ones for a first run."""
+    if settings.database_url and settings.redis_url:
+        yield settings.database_url, settings.redis_url
+        return
+    from khqr_gateway.embedded import EmbeddedServices
+
+    embedded = EmbeddedServices(
+        settings.data_dir,
+        need_postgres=settings.database_url is None,
+        need_redis=settings.redis_url is None,
+        log=log,
+    )
+    urls = await embedded.start()
+    try:
+        database_url = settings.database_url or urls.database_url
+        redis_url = settings.redis_url or urls.redis_url
+        assert database_url and redis_url
+        yield database_url, redis_url
+    finally:
+        await embedded.stop()
+
+
+def _install_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second signal: exiting at once")
+            os._exit(130)
+        log.info("signal %s: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signum, on_signal, signum)
+
+
+async def serve(settings: Settings) -> None:
+    from khqr_gateway.app import create_app
+
+    stop = asyncio.Event()
+    _install_signals(stop)
+    async with _storage(settings) as (database_url, redis_url):
+        app = create_app(settings, database_url=database_url, redis_url=redis_url)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.shutdown_grace_s)
+        await runner.setup()
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        log.info(
+            "khqr-gateway %s listening on http://%s:%d (%s)",
+            __version__,
+            settings.host,
+            settings.port,
+            settings.app_env.value,
+        )
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+
+async def migrate(settings: Settings) -> None:
+    import asyncpg
+
+    from khqr_gateway.store import db
+
+    async with _storage(settings) as (database_url, _):
+        conn = await asyncpg.connect(database_url)
+        try:
+            applied = await db.migrate(conn)
+        finally:
+            await conn.close()
+    log.info("migrations applied: %s", ", ".join(applied) or "none (up to date)")
+
+
+async def sandbox(settings: Settings, port: int) -> None:
+    from khqr_gateway.bakong.sandbox import create_sandbox_app
+
+    stop = asyncio.Event()
+    _install_signals(stop)
+    runner = web.AppRunner(create_sandbox_app(), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, settings.host, port).start()
+    log.info("simulated Bakong listening on http://%s:%d", settings.host, port)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="khqr-gateway", description=__doc__)
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="run the gateway (API, polling, webhooks)")
+    commands.add_parser("migrate", help="apply database migrations and exit")
+    box = commands.add_parser("sandbox", help="run the simulated Bakong on its own port")
+    box.add_argument("--port", type=int, default=None, help="port (default: PORT or 3001)")
+    return parser
+
+
+def _run(coro: object) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)  # type: ignore[arg-type]
+    except ImportError:
+        asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"khqr-gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+    if args.command == "sandbox":
+        port = args.port or (settings.port if "PORT" in os.environ else 3001)
+        _run(sandbox(replace(settings), port))
+    elif args.command == "migrate":
+        _run(migrate(settings))
+    else:
+        if settings.production and not settings.webhook_secrets:
+            log.warning("WEBHOOK_SECRET is not set: webhooks are sent unsigned")
+        if settings.production and not settings.api_keys:
+            log.warning("API_KEY is not set: the API is open to anyone who can reach it")
+        _run(serve(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Settings: one frozen object built from the environment (and `.env`) at start-up."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+from dotenv import dotenv_values
+
+from khqr_gateway.webhooks.retry import DEFAULT_SCHEDULE, parse_schedule
+from khqr_gateway.webhooks.signing import SecretError, parse_secrets
+
+PRODUCTION_BAKONG_URL = "https://api-bakong.nbc.gov.kh"
+LOG_LEVELS = ("trace", "debug", "info", "warn", "warning", "error", "fatal", "silent")
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A setting that is missing or wrong; the message names the variable."""
+
+
+class AppEnv(StrEnum):
+    DEVELOPMENT = "development"
+    PRODUCTION = "production"
+    TEST = "test"
+    STAGE = "stage"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the service reads from its environment, validated once."""
+
+    app_env: AppEnv = AppEnv.DEVELOPMENT
+    host: str = "0.0.0.0"
+    port: int = 3000
+    database_url: str | None = None
+    redis_url: str | None = None
+    redis_namespace: str = "khqr"
+    api_keys: tuple[str, ...] = ()
+    bakong_base_url: str | None = None
+    bakong_token: str | None = None
+    bakong_email: str | None = None
+    poll_interval_s: float = 3.0
+    poll_timeout_s: int = 300
+    webhook_secrets: tuple[bytes, ...] = field(default=(), repr=False)
+    webhook_retry_schedule: tuple[float, ...] = DEFAULT_SCHEDULE
+    webhook_timeout_s: float = 15.0
+    log_level: str = "info"
+    bakong_renew_before_days: int = 7
+    bakong_max_rps: float = 20.0
+    bakong_grace_s: int = 60
+    bakong_timeout_s: float = 10.0
+    allow_private_webhook_urls: bool = False
+    khqr_account_id: str | None = None
+    khqr_merchant_name: str | None = None
+    khqr_merchant_city: str | None = None
+    data_dir: Path = Path(".khqr-data")
+    shutdown_grace_s: float = 10.0
+    public_url: str | None = None
+
+    @property
+    def sandbox(self) -> bool:
+        """True when the simulated Bakong is mounted in-process (development, nothing set)."""
+        return self.app_env is AppEnv.DEVELOPMENT and not (
+            self.bakong_base_url or self.bakong_token or self.bakong_email
+        )
+
+    @property
+    def production(self) -> bool:
+        return self.app_env is AppEnv.PRODUCTION
+
+    @property
+    def bakong_url(self) -> str:
+        return (self.bakong_base_url or PRODUCTION_BAKONG_URL).rstrip("/")
+
+    def __repr__(self) -> str:  # never print secrets, even by accident
+        return f"Settings(app_env={self.app_env.value!r}, port={self.port}, sandbox={self.sandbox})"
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, env_file: str | Path | None = ".env"
+) -> Settings:
+    """Build settings from `environ` (default os.environ) over the values of `env_file`."""
+    merged: dict[str, str] = {}
+    if env_file is not None and Path(env_file).is_file():
+        merged.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    merged.update(os.environ if environ is None else environ)
+    return _build(_Reader(merged))
+
+
+class _Reader:
+    """Reads typed values from a string mapping; every error names its variable."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def raw(self, name: str) -> str | None:
+        value = self.env.get(name)
+        if value is None:
+            return None
+        value = value.strip()
+        return value or None
+
+    def parse(self, name: str, convert: Callable[[str], T], default: T) -> T:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            return convert(value)
+        except (ValueError, SecretError) as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+
+    def number(self, name: str, default: float, low: float, high: float) -> float:
+        def convert(value: str) -> float:
+            number = float(value)
+            if not low <= number <= high:
+                raise ValueError(f"must be between {low:g} and {high:g}, got {value!r}")
+            return number
+
+        return self.parse(name, convert, default)
+
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        def convert(value: str) -> int:
+            try:
+                number = int(value)
+            except ValueError:
+                raise ValueError(f"must be a whole number, got {value!r}") from None
+            if not low <= number <= high:
+                raise ValueError(f"must be between {low} and {high}, got {value}")
+            return number
+
+        return self.parse(name, convert, default)
+
+    def flag(self, name: str, default: bool) -> bool:
+        def convert(value: str) -> bool:
+            lowered = value.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"must be true or false, got {value!r}")
+
+        return self.parse(name, convert, default)
+
+
+def _url(schemes: tuple[str, ...]) -> Callable[[str], str]:
+    def convert(value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in schemes or not (parts.hostname or parts.path):
+            raise ValueError(f"must be a {' or '.join(schemes)} URL")
+        return value
+
+    return convert
+
+
+def _app_env(value: str) -> AppEnv:
+    try:
+        return AppEnv(value.lower())
+    except ValueError:
+        allowed = ", ".join(e.value for e in AppEnv)
+        raise ValueError(f"must be one of {allowed}, got {value!r}") from None
+
+
+def _log_level(value: str) -> str:
+    if value.lower() not in LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    return value.lower()
+
+
+def _api_keys(value: str) -> tuple[str, ...]:
+    keys = tuple(k.strip() for k in value.split(",") if k.strip())
+    if any(len(k) < 16 for k in keys):
+        raise ValueError("each key must be at least 16 characters")
+    return keys
+
+
+def _namespace(value: str) -> str:
+    if not value.replace("-", "").replace("_", "").isalnum():
+        raise ValueError("may hold only letters, digits, '-' and '_'")
+    return value
+
+
+def _build(r: _Reader) -> Settings:
+    env_name = "APP_ENV" if r.raw("APP_ENV") else "NODE_ENV"
+    pg = ("postgres", "postgresql")
+    return Settings(
+        app_env=r.parse(env_name, _app_env, AppEnv.DEVELOPMENT),
+        host=r.raw("HOST") or "0.0.0.0",
+        port=r.integer("PORT", 3000, 1, 65535),
+        database_url=r.parse("DATABASE_URL", _url(pg), None),
+        redis_url=r.parse("REDIS_URL", _url(("redis", "rediss", "unix")), None),
+        redis_namespace=r.parse("REDIS_NAMESPACE", _namespace, "khqr"),
+        api_keys=r.parse("API_KEY", _api_keys, ()),
+        bakong_base_url=r.parse("BAKONG_BASE_URL", _url(("http", "https")), None),
+        bakong_token=r.raw("BAKONG_TOKEN"),
+        bakong_email=r.raw("BAKONG_EMAIL"),
+        poll_interval_s=r.number("POLL_INTERVAL_S", 3.0, 0.1, 300),
+        poll_timeout_s=r.integer("POLL_TIMEOUT_S", 300, 10, 3600),
+        webhook_secrets=r.parse("WEBHOOK_SECRET", parse_secrets, ()),
+        webhook_retry_schedule=r.parse("WEBHOOK_RETRY_SCHEDULE", parse_schedule, DEFAULT_SCHEDULE),
+        webhook_timeout_s=r.number("WEBHOOK_TIMEOUT_S", 15.0, 0.1, 120),
+        log_level=r.parse("LOG_LEVEL", _log_level, "info"),
+        bakong_renew_before_days=r.integer("BAKONG_RENEW_BEFORE_DAYS", 7, 1, 89),
+        bakong_max_rps=r.number("BAKONG_MAX_RPS", 20.0, 0.1, 10_000),
+        bakong_grace_s=r.integer("BAKONG_GRACE_S", 60, 0, 3600),
+        bakong_timeout_s=r.number("BAKONG_TIMEOUT_S", 10.0, 0.5, 60),
+        allow_private_webhook_urls=r.flag("ALLOW_PRIVATE_WEBHOOK_URLS", False),
+        khqr_account_id=r.raw("KHQR_ACCOUNT_ID"),
+        khqr_merchant_name=r.raw("KHQR_MERCHANT_NAME"),
+        khqr_merchant_city=r.raw("KHQR_MERCHANT_CITY"),
+        data_dir=Path(r.raw("DATA_DIR") or ".khqr-data"),
+        shutdown_grace_s=r.number("SHUTDOWN_GRACE_S", 10.0, 0, 600),
+        public_url=r.parse("PUBLIC_URL", _url(("http", "https")), None),
+    )

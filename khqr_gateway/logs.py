@@ -1,0 +1,70 @@
+"""Pino-compatible JSON log lines: numeric level, epoch-ms time, msg, pid, hostname, context."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+from typing import Any
+
+from pythonjsonlogger.orjson import OrjsonFormatter
+
+TRACE = 5
+PINO_LEVELS = {TRACE: 10, logging.DEBUG: 20, logging.INFO: 30, logging.WARNING: 40}
+PINO_LEVELS.update({logging.ERROR: 50, logging.CRITICAL: 60})
+LEVEL_NAMES = {
+    "trace": TRACE,
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "fatal": logging.CRITICAL,
+    "silent": logging.CRITICAL + 10,
+}
+_HOSTNAME = socket.gethostname()
+
+
+class PinoFilter(logging.Filter):
+    """Adds pino's fields to every record so the formatter can emit them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.pino_level = PINO_LEVELS.get(record.levelno, 30)
+        record.pino_time = int(record.created * 1000)
+        return True
+
+
+class PinoFormatter(OrjsonFormatter):
+    """Emits `{"level","time","pid","hostname","msg",...context}` with pino's key order."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "%(pino_level)s %(pino_time)s %(process)s %(message)s",
+            rename_fields={
+                "pino_level": "level",
+                "pino_time": "time",
+                "process": "pid",
+                "message": "msg",
+            },
+            static_fields={"hostname": _HOSTNAME},
+        )
+
+    def process_log_record(self, log_data: dict[str, Any]) -> dict[str, Any]:
+        log_data.setdefault("name", "khqr-gateway")
+        return log_data
+
+
+def setup_logging(level: str = "info", stream: Any = None) -> None:
+    """Send every log record to `stream` (stdout by default) as one pino JSON line."""
+    logging.addLevelName(TRACE, "TRACE")
+    handler = logging.StreamHandler(stream or sys.stdout)
+    handler.addFilter(PinoFilter())
+    handler.setFormatter(PinoFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(LEVEL_NAMES.get(level, logging.INFO))
+    # Third-party chatter at info would drown the per-request lines.
+    for noisy in ("apscheduler", "aiohttp.access", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(root.level, logging.WARNING))

@@ -1,0 +1,163 @@
+"""The running service: connections, schedules, Bakong, the ticks; started and stopped once."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import asyncpg
+from aiohttp import web
+from redis.asyncio import Redis
+
+from khqr_gateway.bakong.client import BakongClient
+from khqr_gateway.bakong.sandbox import make_token
+from khqr_gateway.config import Settings
+from khqr_gateway.credentials import SANDBOX_TOKEN_EMAIL, Credentials
+from khqr_gateway.scheduler import Ticks
+from khqr_gateway.store import db
+from khqr_gateway.store import deliveries as delivery_store
+from khqr_gateway.store import transactions as tx_store
+from khqr_gateway.store.schedule import Schedule, keys
+from khqr_gateway.tracking import Poller
+from khqr_gateway.webhooks.sender import Deliverer
+
+log = logging.getLogger(__name__)
+
+RECONCILE_INTERVAL_S = 10.0
+RECONCILE_PAGE = 5000
+
+
+@dataclass
+class Service:
+    """Everything one gateway process runs, built from settings."""
+
+    settings: Settings
+    pool: asyncpg.Pool
+    redis: Redis
+    bakong: BakongClient
+    credentials: Credentials
+    polls: Schedule
+    deliveries: Schedule
+    retries: Schedule
+    poller: Poller
+    deliverer: Deliverer
+    ticks: Ticks = field(default_factory=Ticks)
+    started_at: float = field(default_factory=time.time)
+
+    @classmethod
+    async def create(
+        cls, settings: Settings, *, database_url: str, redis_url: str, bakong_url: str
+    ) -> Service:
+        pool = await db.create_pool(database_url)
+        try:
+            async with pool.acquire() as conn:
+                await db.migrate(conn)
+        except BaseException:
+            await pool.close()
+            raise
+        redis = Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+        names = keys(settings.redis_namespace)
+        bakong = BakongClient(bakong_url, timeout_s=settings.bakong_timeout_s)
+        credentials = Credentials(pool, bakong)
+        polls = Schedule(redis, names["poll"])
+        deliveries = Schedule(redis, names["deliver"])
+        retries = Schedule(redis, names["deliver_retry"])
+        service = cls(
+            settings=settings,
+            pool=pool,
+            redis=redis,
+            bakong=bakong,
+            credentials=credentials,
+            polls=polls,
+            deliveries=deliveries,
+            retries=retries,
+            poller=Poller(
+                pool=pool,
+                schedule=polls,
+                deliveries=deliveries,
+                bakong=bakong,
+                credentials=credentials,
+                interval_s=settings.poll_interval_s,
+                grace_s=settings.bakong_grace_s,
+            ),
+            deliverer=Deliverer(
+                pool=pool,
+                first=deliveries,
+                retry=retries,
+                secrets=settings.webhook_secrets,
+                retry_schedule=settings.webhook_retry_schedule,
+                timeout_s=settings.webhook_timeout_s,
+            ),
+        )
+        await service._setup_credentials()
+        return service
+
+    async def _setup_credentials(self) -> None:
+        s = self.settings
+        if s.sandbox:
+            await self.credentials.setup_default(
+                make_token(SANDBOX_TOKEN_EMAIL), SANDBOX_TOKEN_EMAIL
+            )
+        else:
+            await self.credentials.setup_default(s.bakong_token, s.bakong_email)
+
+    def start_ticks(self) -> None:
+        interval = self.settings.poll_interval_s
+        self.ticks.add("poll", min(0.25, interval / 4), self.poller.tick)
+        self.ticks.add("deliver", 0.1, self.deliverer.tick)
+        self.ticks.add("reconcile", RECONCILE_INTERVAL_S, self.reconcile)
+        self.ticks.start()
+
+    async def stop(self) -> None:
+        """Stop claiming, let in-flight deliveries finish within the grace, close pools."""
+        self.ticks.stop()
+        await self.deliverer.drain(self.settings.shutdown_grace_s)
+        await self.deliverer.close()
+        await self.bakong.close()
+        await self.redis.aclose()
+        await self.pool.close()
+
+    async def reconcile(self) -> None:
+        """Put back in Redis whatever Postgres says is pending and Redis lost."""
+        await self._reconcile_polls()
+        await self._reconcile_deliveries()
+        await tx_store.expire_idempotency_keys(self.pool)
+
+    async def _reconcile_polls(self) -> None:
+        now_ms = int(time.time() * 1000)
+        after = None
+        while True:
+            rows = await tx_store.pending_ids(self.pool, after=after, limit=RECONCILE_PAGE)
+            if not rows:
+                break
+            added = await self.polls.add_missing(
+                [(str(r["id"]), min(now_ms, _ms(r["deadline_at"]))) for r in rows]
+            )
+            if added:
+                log.warning("reconcile: %d pending transactions rescheduled", added)
+            after = rows[-1]["id"]
+
+    async def _reconcile_deliveries(self) -> None:
+        after = None
+        while True:
+            rows = await delivery_store.pending_page(self.pool, after=after, limit=RECONCILE_PAGE)
+            if not rows:
+                break
+            first = [
+                (r["id"], _ms(r["next_attempt_at"])) for r in rows if r["series_attempts"] == 0
+            ]
+            later = [(r["id"], _ms(r["next_attempt_at"])) for r in rows if r["series_attempts"] > 0]
+            added = await self.deliveries.add_missing(first, [self.retries])
+            added += await self.retries.add_missing(later, [self.deliveries])
+            if added:
+                log.warning("reconcile: %d pending deliveries rescheduled", added)
+            after = rows[-1]["id"]
+
+
+SERVICE_KEY = web.AppKey("service", Service)
+
+
+def _ms(value: datetime | None) -> int:
+    return int((value or datetime.now(UTC)).timestamp() * 1000)

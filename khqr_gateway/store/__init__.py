@@ -1,0 +1,1 @@
+"""Storage adapters: Postgres queries and Redis schedules."""

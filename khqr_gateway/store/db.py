@@ -1,0 +1,99 @@
+"""Postgres: the asyncpg pool and the numbered migrations of `sql/`, applied under a lock."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import orjson
+
+log = logging.getLogger(__name__)
+
+# Any fixed number works; it only has to be the same in every process of this service.
+MIGRATION_LOCK_ID = 0x6B687172
+_MIGRATION_NAME = re.compile(r"^(\d{3,})_[\w-]+\.sql$")
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def migrations_dir() -> Path:
+    """The `sql/` folder next to the package (source checkout or the container's /app)."""
+    candidates = [Path(__file__).resolve().parents[2] / "sql", Path.cwd() / "sql"]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError("the sql/ migrations folder was not found next to the package")
+
+
+def load_migrations(folder: Path | None = None) -> list[Migration]:
+    folder = folder or migrations_dir()
+    found = []
+    for path in sorted(folder.glob("*.sql")):
+        match = _MIGRATION_NAME.match(path.name)
+        if match:
+            found.append(Migration(int(match.group(1)), path.stem, path.read_text()))
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise RuntimeError(f"two migrations share a number in {folder}")
+    return found
+
+
+async def migrate(conn: asyncpg.Connection, folder: Path | None = None) -> list[str]:
+    """Apply the migrations not yet applied; safe when several processes start at once."""
+    applied_now: list[str] = []
+    await conn.execute("select pg_advisory_lock($1)", MIGRATION_LOCK_ID)
+    try:
+        await conn.execute(
+            "create table if not exists schema_migrations ("
+            " version integer primary key, name text not null,"
+            " applied_at timestamptz not null default now())"
+        )
+        done = {r["version"] for r in await conn.fetch("select version from schema_migrations")}
+        for migration in load_migrations(folder):
+            if migration.version in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(migration.sql)
+                await conn.execute(
+                    "insert into schema_migrations (version, name) values ($1, $2)",
+                    migration.version,
+                    migration.name,
+                )
+            applied_now.append(migration.name)
+            log.info("migration applied", extra={"migration": migration.name})
+    finally:
+        await conn.execute("select pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
+    return applied_now
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # json/jsonb as Python values through orjson; `json` columns keep the text as sent.
+    for kind in ("json", "jsonb"):
+        await conn.set_type_codec(
+            kind,
+            encoder=lambda v: orjson.dumps(v).decode(),
+            decoder=orjson.loads,
+            schema="pg_catalog",
+        )
+
+
+async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
+    """A pool whose connections speak JSON through orjson."""
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        init=_init_connection,
+        command_timeout=30,
+        server_settings={"application_name": "khqr-gateway"},
+    )
+    assert pool is not None
+    return pool

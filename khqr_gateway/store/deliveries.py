@@ -1,0 +1,141 @@
+"""Postgres queries for webhook deliveries and their attempts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import orjson
+
+from khqr_gateway.models import DeliveryStatus
+
+
+@dataclass(frozen=True, slots=True)
+class DueDelivery:
+    id: str
+    transaction_id: UUID
+    md5: str
+    url: str
+    payload: bytes
+    attempt_count: int
+    series_attempts: int
+    next_attempt_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """One attempt's outcome and what it means for its delivery."""
+
+    delivery_id: str
+    attempt: int
+    started_at: datetime
+    duration_ms: int
+    status_code: int | None
+    error_kind: str | None
+    error_message: str | None
+    response_body: str | None
+    response_headers: dict[str, str] | None
+    new_status: DeliveryStatus
+    next_attempt_at: datetime | None
+
+
+async def load_due(pool: asyncpg.Pool, ids: Sequence[str]) -> list[DueDelivery]:
+    rows = await pool.fetch(
+        """
+        select d.id, d.transaction_id, t.md5, d.url, d.payload, d.attempt_count, d.series_attempts,
+               d.next_attempt_at
+        from deliveries d join transactions t on t.id = d.transaction_id
+        where d.id = any($1::text[]) and d.status = 'pending'
+        """,
+        list(ids),
+    )
+    return [DueDelivery(**dict(r)) for r in rows]
+
+
+async def record_attempts(pool: asyncpg.Pool, records: Sequence[AttemptRecord]) -> None:
+    """Store a batch of attempts and their deliveries' new state in one statement."""
+    if not records:
+        return
+    await pool.execute(
+        """
+        with input as (
+            select * from unnest($1::text[], $2::int[], $3::timestamptz[], $4::int[], $5::int[],
+                                 $6::text[], $7::text[], $8::text[], $9::text[], $10::text[],
+                                 $11::timestamptz[])
+                as u(delivery_id, attempt, started_at, duration_ms, status_code, error_kind,
+                     error_message, response_body, response_headers, new_status, next_attempt_at)
+        ), attempts as (
+            insert into delivery_attempts (delivery_id, attempt, started_at, duration_ms,
+                status_code, error_kind, error_message, response_body, response_headers)
+            select delivery_id, attempt, started_at, duration_ms, status_code, error_kind,
+                   error_message, response_body, response_headers::jsonb
+            from input
+        )
+        update deliveries d set
+            status = input.new_status,
+            attempt_count = greatest(d.attempt_count, input.attempt),
+            series_attempts = d.series_attempts + 1,
+            next_attempt_at = input.next_attempt_at,
+            last_attempt_at = input.started_at,
+            last_status_code = input.status_code,
+            last_error = coalesce(input.error_kind, case when input.status_code >= 300
+                                  then 'http_' || input.status_code end),
+            delivered_at = case when input.new_status = 'delivered' then now() end,
+            updated_at = now()
+        from input
+        where d.id = input.delivery_id and d.status = 'pending'
+        """,
+        [r.delivery_id for r in records],
+        [r.attempt for r in records],
+        [r.started_at for r in records],
+        [r.duration_ms for r in records],
+        [r.status_code for r in records],
+        [r.error_kind for r in records],
+        [r.error_message for r in records],
+        [r.response_body for r in records],
+        [
+            orjson.dumps(r.response_headers).decode() if r.response_headers else None
+            for r in records
+        ],
+        [r.new_status.value for r in records],
+        [r.next_attempt_at for r in records],
+    )
+
+
+async def pending_page(
+    pool: asyncpg.Pool, *, after: str | None, limit: int
+) -> list[asyncpg.Record]:
+    """A page of pending deliveries (id, next_attempt_at, attempt_count) for the reconcile tick."""
+    rows: list[asyncpg.Record] = await pool.fetch(
+        """
+        select id, next_attempt_at, series_attempts from deliveries
+        where status = 'pending' and ($1::text is null or id > $1)
+        order by id limit $2
+        """,
+        after,
+        limit,
+    )
+    return rows
+
+
+async def counts_by_status(pool: asyncpg.Pool) -> dict[str, int]:
+    rows = await pool.fetch("select status, count(*) as n from deliveries group by status")
+    return {r["status"]: r["n"] for r in rows}
+
+
+def summary(row: asyncpg.Record | dict[str, Any]) -> dict[str, Any] | None:
+    """The delivery part of a transaction row joined with its delivery."""
+    if row["delivery_id"] is None:
+        return None
+    return {
+        "id": row["delivery_id"],
+        "status": row["delivery_status"],
+        "attempts": row["delivery_attempts"],
+        "lastStatusCode": row["delivery_last_status"],
+        "nextAttemptAt": row["delivery_next_attempt_at"],
+        "deliveredAt": row["delivery_delivered_at"],
+    }

@@ -1,0 +1,156 @@
+"""Redis sorted-set schedules: due members are claimed atomically under a lease.
+
+A member's score is the time (epoch ms) it is next due. Claiming moves the score to the
+end of a lease, so a process killed mid-work loses nothing: the member simply comes due
+again when its lease runs out. Finishing (reschedule or remove) is fenced on the lease
+score, so a process whose lease ran out cannot undo the claim of the process that took
+the member over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from redis.asyncio import Redis
+
+# KEYS[1] schedule; ARGV: now_ms, limit, lease_until_ms, lookahead_ms, batch
+# Takes due members (oldest first); when the last batch would be partly empty it is
+# topped up with members due within the lookahead, so Bakong calls go out full.
+_CLAIM = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local batch = tonumber(ARGV[5])
+local room = tonumber(ARGV[2]) - #due
+local short = (batch - (#due % batch)) % batch
+if short > 0 and room > 0 and tonumber(ARGV[4]) > 0 then
+  local upto = tonumber(ARGV[1]) + tonumber(ARGV[4])
+  local extra = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], upto,
+                           'LIMIT', 0, math.min(short, room))
+  for _, m in ipairs(extra) do due[#due + 1] = m end
+end
+for _, m in ipairs(due) do redis.call('ZADD', KEYS[1], 'XX', ARGV[3], m) end
+return due
+"""
+
+# KEYS[1] schedule; ARGV: lease_until_ms, then member, due_ms pairs (due_ms '' = remove)
+_FINISH = """
+local lease = tonumber(ARGV[1])
+local done = 0
+for i = 2, #ARGV, 2 do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) == lease then
+    if ARGV[i + 1] == '' then
+      redis.call('ZREM', KEYS[1], ARGV[i])
+    else
+      redis.call('ZADD', KEYS[1], ARGV[i + 1], ARGV[i])
+    end
+    done = done + 1
+  end
+end
+return done
+"""
+
+# KEYS: the target schedule, then every schedule a member may already be in;
+# ARGV: member, due_ms pairs. Adds only the members found in none of them.
+_ADD_MISSING = """
+local added = 0
+for i = 1, #ARGV, 2 do
+  local present = false
+  for k = 1, #KEYS do
+    if redis.call('ZSCORE', KEYS[k], ARGV[i]) then present = true; break end
+  end
+  if not present then
+    redis.call('ZADD', KEYS[1], ARGV[i + 1], ARGV[i])
+    added = added + 1
+  end
+end
+return added
+"""
+
+
+class Schedule:
+    """One sorted set of due work, shared by every gateway process."""
+
+    def __init__(self, redis: Redis, key: str) -> None:
+        self.redis = redis
+        self.key = key
+        self._claim: Any = redis.register_script(_CLAIM)
+        self._finish: Any = redis.register_script(_FINISH)
+        self._add_missing: Any = redis.register_script(_ADD_MISSING)
+
+    async def add(self, items: Iterable[tuple[str, int]], *, only_new: bool = False) -> int:
+        """Schedule members at their due times (ms); `only_new` keeps existing scores."""
+        mapping = {member: due for member, due in items}
+        if not mapping:
+            return 0
+        added: int = await self.redis.zadd(self.key, mapping, nx=only_new)  # type: ignore[assignment]
+        return added
+
+    async def add_missing(
+        self, items: Sequence[tuple[str, int]], also_in: Sequence[Schedule] = ()
+    ) -> int:
+        """Add members that are in neither this schedule nor `also_in` (reconcile)."""
+        if not items:
+            return 0
+        args: list[str | int] = []
+        for member, due in items:
+            args += [member, due]
+        keys = [self.key, *(other.key for other in also_in)]
+        return int(await self._add_missing(keys=keys, args=args))
+
+    async def claim(
+        self,
+        now_ms: int,
+        limit: int,
+        lease_ms: int,
+        *,
+        lookahead_ms: int = 0,
+        batch: int = 1,
+    ) -> tuple[list[str], int]:
+        """Claim up to `limit` due members; returns them and the lease score to finish with."""
+        lease_until = now_ms + lease_ms
+        members = await self._claim(
+            keys=[self.key], args=[now_ms, limit, lease_until, lookahead_ms, batch]
+        )
+        return [m.decode() if isinstance(m, bytes) else m for m in members], lease_until
+
+    async def finish(
+        self, lease_until: int, reschedule: Sequence[tuple[str, int]], remove: Sequence[str]
+    ) -> int:
+        """Reschedule and remove members claimed under `lease_until`; others are left alone."""
+        args: list[str | int] = [lease_until]
+        for member, due in reschedule:
+            args += [member, due]
+        for member in remove:
+            args += [member, ""]
+        if len(args) == 1:
+            return 0
+        return int(await self._finish(keys=[self.key], args=args))
+
+    async def remove(self, members: Sequence[str]) -> int:
+        if not members:
+            return 0
+        return int(await self.redis.zrem(self.key, *members))
+
+    async def size(self) -> int:
+        return int(await self.redis.zcard(self.key))
+
+    async def oldest_due_ms(self) -> int | None:
+        first = await self.redis.zrange(self.key, 0, 0, withscores=True)
+        return int(first[0][1]) if first else None
+
+    async def scores(self, members: Sequence[str]) -> list[float | None]:
+        if not members:
+            return []
+        return list(await self.redis.zmscore(self.key, list(members)))
+
+
+def keys(namespace: str) -> dict[str, str]:
+    """Every Redis key of the service, in one place, sharing one hash tag (Redis Cluster)."""
+    tag = "{" + namespace + "}"
+    return {
+        "poll": f"{tag}:poll",
+        "deliver": f"{tag}:deliver",
+        "deliver_retry": f"{tag}:deliver:retry",
+        "events": f"{tag}:events",
+    }

@@ -1,0 +1,339 @@
+"""Postgres queries for transactions, their terminal transitions, credentials and idempotency."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import orjson
+
+from khqr_gateway.models import Expected, PollItem, Status, Transition
+
+TRANSACTION_COLUMNS = """
+    t.id, t.md5, t.status, t.reason, t.webhook_url, t.expected, t.metadata, t.bakong_data,
+    t.created_at, t.updated_at, t.deadline_at, t.completed_at,
+    d.id as delivery_id, d.status as delivery_status, d.attempt_count as delivery_attempts,
+    d.last_status_code as delivery_last_status, d.next_attempt_at as delivery_next_attempt_at,
+    d.delivered_at as delivery_delivered_at
+"""
+_FROM = "transactions t left join deliveries d on d.transaction_id = t.id"
+
+
+@dataclass(frozen=True, slots=True)
+class NewTransaction:
+    id: UUID
+    md5: str
+    webhook_url: str
+    credential_id: int | None
+    expected: Expected | None
+    metadata: Any
+    qr: str | None
+    deadline_at: datetime
+
+
+def fingerprint(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+async def insert_or_get_pending(
+    pool: asyncpg.Pool, new: NewTransaction
+) -> tuple[asyncpg.Record, bool]:
+    """Insert a pending transaction, or return the one already pending for its md5."""
+    for _ in range(3):
+        async with pool.acquire() as conn:
+            inserted = await conn.fetchval(
+                """
+                insert into transactions
+                    (id, md5, webhook_url, credential_id, expected, metadata, qr, deadline_at)
+                values ($1, $2, $3, $4, $5, $6, $7, $8)
+                on conflict (md5) where status = 'pending' do nothing
+                returning id
+                """,
+                new.id,
+                new.md5,
+                new.webhook_url,
+                new.credential_id,
+                new.expected.to_json() if new.expected else None,
+                new.metadata,
+                new.qr,
+                new.deadline_at,
+            )
+            row = await conn.fetchrow(
+                f"select {TRANSACTION_COLUMNS} from {_FROM} where "
+                + ("t.id = $1" if inserted else "t.md5 = $1 and t.status = 'pending'"),
+                inserted or new.md5,
+            )
+        if row is not None:
+            return row, inserted is not None
+        # The pending one turned terminal between the two statements: try again.
+    raise RuntimeError("could not insert or find a pending transaction")
+
+
+async def get(pool: asyncpg.Pool, job_id: UUID) -> asyncpg.Record | None:
+    return await pool.fetchrow(f"select {TRANSACTION_COLUMNS} from {_FROM} where t.id = $1", job_id)
+
+
+async def list_page(
+    pool: asyncpg.Pool,
+    *,
+    md5: str | None,
+    status: Status | None,
+    limit: int,
+    before: tuple[datetime, UUID] | None,
+) -> list[asyncpg.Record]:
+    """Newest first; `before` is the (created_at, id) of the last row of the previous page."""
+    where: list[str] = []
+    args: list[Any] = []
+    if md5:
+        args.append(md5)
+        where.append(f"t.md5 = ${len(args)}")
+    if status:
+        args.append(status.value)
+        where.append(f"t.status = ${len(args)}")
+    if before:
+        args += [before[0], before[1]]
+        where.append(f"(t.created_at, t.id) < (${len(args) - 1}, ${len(args)})")
+    args.append(limit)
+    clause = ("where " + " and ".join(where)) if where else ""
+    rows: list[asyncpg.Record] = await pool.fetch(
+        f"select {TRANSACTION_COLUMNS} from {_FROM} {clause}"
+        f" order by t.created_at desc, t.id desc limit ${len(args)}",
+        *args,
+    )
+    return rows
+
+
+async def cancel(pool: asyncpg.Pool, job_id: UUID) -> asyncpg.Record | None:
+    """Cancel if pending; returns the updated row, or None when it was not pending."""
+    return await pool.fetchrow(
+        """
+        update transactions set status = 'cancelled', reason = 'cancelled_by_request',
+            completed_at = now(), updated_at = now()
+        where id = $1 and status = 'pending' returning id
+        """,
+        job_id,
+    )
+
+
+async def load_pending(pool: asyncpg.Pool, ids: Sequence[UUID]) -> list[PollItem]:
+    """The still-pending transactions among `ids`, as the poll tick needs them."""
+    rows = await pool.fetch(
+        """
+        select id, md5, deadline_at, credential_id, expected, metadata
+        from transactions where id = any($1::uuid[]) and status = 'pending'
+        """,
+        list(ids),
+    )
+    return [
+        PollItem(
+            id=r["id"],
+            md5=r["md5"],
+            deadline_at=r["deadline_at"],
+            credential_id=r["credential_id"],
+            expected=Expected.from_json(r["expected"]),
+            metadata=r["metadata"],
+        )
+        for r in rows
+    ]
+
+
+async def record_transitions(
+    pool: asyncpg.Pool,
+    transitions: Sequence[Transition],
+    webhook_urls: dict[UUID, str] | None = None,
+) -> list[tuple[UUID, str | None]]:
+    """Apply terminal transitions that are still allowed, with their deliveries, atomically.
+
+    One statement: the conditional UPDATE decides which transitions happen (a transaction
+    leaves `pending` once), and only those get their delivery row. Returns the
+    (transaction id, delivery id) of each transition that happened.
+    """
+    if not transitions:
+        return []
+    rows = await pool.fetch(
+        """
+        with input as (
+            select * from unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                 $6::bytea[])
+                as u(id, status, reason, data, delivery_id, payload)
+        ), done as (
+            update transactions t
+            set status = input.status, reason = input.reason, bakong_data = input.data::json,
+                completed_at = now(), updated_at = now()
+            from input
+            where t.id = input.id and t.status = 'pending'
+            returning t.id, t.webhook_url
+        ), delivered as (
+            insert into deliveries (id, transaction_id, url, payload, next_attempt_at)
+            select input.delivery_id, done.id, done.webhook_url, input.payload, now()
+            from done join input on input.id = done.id
+            where input.delivery_id is not null
+            returning id, transaction_id
+        )
+        select done.id, delivered.id as delivery_id
+        from done left join delivered on delivered.transaction_id = done.id
+        """,
+        [t.id for t in transitions],
+        [t.status.value for t in transitions],
+        [t.reason for t in transitions],
+        [_json_text(t.data) for t in transitions],
+        [t.delivery_id for t in transitions],
+        [t.payload for t in transitions],
+    )
+    return [(r["id"], r["delivery_id"]) for r in rows]
+
+
+def _json_text(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
+
+
+async def pending_ids(
+    pool: asyncpg.Pool, *, after: UUID | None, limit: int
+) -> list[asyncpg.Record]:
+    """A page of pending transactions (id, deadline) in id order, for the reconcile tick."""
+    rows: list[asyncpg.Record] = await pool.fetch(
+        """
+        select id, deadline_at from transactions
+        where status = 'pending' and ($1::uuid is null or id > $1)
+        order by id limit $2
+        """,
+        after,
+        limit,
+    )
+    return rows
+
+
+async def counts_by_status(pool: asyncpg.Pool) -> dict[str, int]:
+    rows = await pool.fetch("select status, count(*) as n from transactions group by status")
+    return {r["status"]: r["n"] for r in rows}
+
+
+# Credentials ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    id: int
+    token: str | None
+    email: str | None
+    expires_at: datetime | None
+    status: str
+
+
+def _credential(row: asyncpg.Record) -> Credential:
+    return Credential(row["id"], row["token"], row["email"], row["expires_at"], row["status"])
+
+
+async def upsert_credential(
+    pool: asyncpg.Pool,
+    *,
+    token: str | None,
+    email: str | None,
+    expires_at: datetime | None,
+    is_default: bool = False,
+) -> Credential:
+    """One row per token (or per email): the same credential sent twice is stored once."""
+    key = fingerprint(("email:" + email.lower()) if email else ("token:" + (token or "")))
+    async with pool.acquire() as conn, conn.transaction():
+        if is_default:
+            await conn.execute(
+                "update credentials set is_default = false where is_default and fingerprint <> $1",
+                key,
+            )
+        row = await conn.fetchrow(
+            """
+            insert into credentials (fingerprint, email, token, expires_at, is_default)
+            values ($1, $2, $3, $4, $5)
+            on conflict (fingerprint) do update set
+                token = coalesce(excluded.token, credentials.token),
+                expires_at = case when excluded.token is null then credentials.expires_at
+                                  else excluded.expires_at end,
+                is_default = credentials.is_default or excluded.is_default,
+                status = case when excluded.token is null then credentials.status
+                              else 'active' end,
+                updated_at = now()
+            returning id, token, email, expires_at, status
+            """,
+            key,
+            email,
+            token,
+            expires_at,
+            is_default,
+        )
+    return _credential(row)
+
+
+async def credentials_by_id(pool: asyncpg.Pool, ids: Sequence[int]) -> dict[int, Credential]:
+    rows = await pool.fetch(
+        "select id, token, email, expires_at, status from credentials where id = any($1::bigint[])",
+        list(ids),
+    )
+    return {r["id"]: _credential(r) for r in rows}
+
+
+async def save_token(
+    pool: asyncpg.Pool, credential_id: int, token: str, expires_at: datetime | None
+) -> None:
+    await pool.execute(
+        """
+        update credentials set token = $2, expires_at = $3, status = 'active',
+            last_error = null, updated_at = now()
+        where id = $1
+        """,
+        credential_id,
+        token,
+        expires_at,
+    )
+
+
+# Idempotency keys ---------------------------------------------------------------------
+
+
+async def claim_idempotency_key(
+    pool: asyncpg.Pool, key_hash: str, request_hash: str
+) -> asyncpg.Record | None:
+    """Reserve a key; returns None when reserved now, else the existing row."""
+    inserted = await pool.fetchval(
+        """
+        insert into idempotency_keys (key_hash, request_hash) values ($1, $2)
+        on conflict (key_hash) do nothing returning key_hash
+        """,
+        key_hash,
+        request_hash,
+    )
+    if inserted:
+        return None
+    return await pool.fetchrow(
+        "select request_hash, status_code, response from idempotency_keys where key_hash = $1",
+        key_hash,
+    )
+
+
+async def complete_idempotency_key(
+    pool: asyncpg.Pool, key_hash: str, status_code: int, response: bytes
+) -> None:
+    await pool.execute(
+        "update idempotency_keys set status_code = $2, response = $3 where key_hash = $1",
+        key_hash,
+        status_code,
+        response,
+    )
+
+
+async def release_idempotency_key(pool: asyncpg.Pool, key_hash: str) -> None:
+    await pool.execute(
+        "delete from idempotency_keys where key_hash = $1 and status_code is null", key_hash
+    )
+
+
+async def expire_idempotency_keys(pool: asyncpg.Pool, older_than_s: int = 86400) -> int:
+    result = await pool.execute(
+        "delete from idempotency_keys where created_at < now() - make_interval(secs => $1)",
+        float(older_than_s),
+    )
+    return int(result.split()[-1])

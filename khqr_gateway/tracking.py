@@ -1,0 +1,325 @@
+"""Payment tracking: the state machine (pure) and the poll tick that drives it."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import orjson
+
+from khqr_gateway.bakong.client import MAX_BATCH, BakongClient, BakongError, gather_limited
+from khqr_gateway.credentials import Credentials, NoToken
+from khqr_gateway.models import CheckKind, CheckResult, Expected, PollItem, Status, Transition
+from khqr_gateway.store import transactions as store
+from khqr_gateway.store.schedule import Schedule
+
+log = logging.getLogger(__name__)
+
+LIST_FALLBACK_S = 600.0
+
+
+# The state machine ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one check means for a pending transaction: a terminal state, or stay pending."""
+
+    status: Status
+    reason: str | None = None
+    data: dict[str, Any] | None = None
+
+
+PENDING = Outcome(Status.PENDING)
+
+
+def mismatches(expected: Expected | None, data: dict[str, Any]) -> list[str]:
+    """Each field where a paid transaction differs from what the merchant expected."""
+    if expected is None:
+        return []
+    found: list[str] = []
+    if expected.amount is not None:
+        try:
+            paid = Decimal(str(data.get("amount")))
+        except InvalidOperation:
+            paid = None
+        if paid is None or paid != expected.amount:
+            found.append(f"amount: expected {expected.amount}, got {data.get('amount')}")
+    if expected.currency is not None:
+        paid_currency = str(data.get("currency") or "")
+        if paid_currency.upper() != expected.currency.upper():
+            found.append(f"currency: expected {expected.currency}, got {paid_currency or None}")
+    if expected.to_account_id is not None:
+        paid_to = str(data.get("toAccountId") or "")
+        if paid_to.lower() != expected.to_account_id.lower():
+            found.append(f"toAccountId: expected {expected.to_account_id}, got {paid_to or None}")
+    return found
+
+
+def decide(item: PollItem, result: CheckResult, now: datetime, *, grace_s: float) -> Outcome:
+    """The state machine of DESIGN.md for one check of one pending transaction.
+
+    A check made at or after the deadline is the final check: only a not-found there
+    times the transaction out. No answer is never evidence: past the deadline it is
+    tried for `grace_s` more, then times out saying why.
+    """
+    if result.kind is CheckKind.PAID:
+        data = result.data or {}
+        differs = mismatches(item.expected, data)
+        if differs:
+            return Outcome(Status.MISMATCH, "; ".join(differs), data)
+        return Outcome(Status.SUCCESS, None, data)
+    if result.kind is CheckKind.FAILED:
+        return Outcome(Status.FAILED, result.error or "transaction_failed")
+    if now < item.deadline_at:
+        return PENDING
+    if result.kind is CheckKind.NOT_FOUND:
+        return Outcome(Status.TIMEOUT, "not_paid")
+    if now >= item.deadline_at + timedelta(seconds=grace_s):
+        unauthorized = result.error in ("unauthorized", "no_token")
+        return Outcome(
+            Status.TIMEOUT, "bakong_unauthorized" if unauthorized else "bakong_unreachable"
+        )
+    return PENDING
+
+
+def new_delivery_id() -> str:
+    """A webhook id in the style of Svix: `msg_` and 26 random url-safe characters."""
+    return "msg_" + secrets.token_urlsafe(20)[:26]
+
+
+def webhook_body(*, job_id: UUID, md5: str, outcome: Outcome, metadata: Any = None) -> bytes:
+    """The webhook body of rachhen/khqr-webhook, plus `reason` and `metadata` when present."""
+    body: dict[str, Any] = {
+        "status": outcome.status.value,
+        "data": outcome.data,
+        "md5": md5,
+        "jobId": str(job_id),
+    }
+    if outcome.reason is not None:
+        body["reason"] = outcome.reason
+    if metadata is not None:
+        body["metadata"] = metadata
+    return orjson.dumps(body)
+
+
+def transition(item: PollItem, outcome: Outcome) -> Transition:
+    delivery_id = new_delivery_id() if outcome.status.notifies else None
+    payload = (
+        webhook_body(job_id=item.id, md5=item.md5, outcome=outcome, metadata=item.metadata)
+        if delivery_id
+        else None
+    )
+    return Transition(item.id, outcome.status, outcome.reason, outcome.data, delivery_id, payload)
+
+
+def chunks(items: Sequence[PollItem], size: int = MAX_BATCH) -> Iterable[Sequence[PollItem]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+# The poll tick ------------------------------------------------------------------------
+
+
+class Poller:
+    """Claims due md5s, checks them with Bakong in batches, records what changed."""
+
+    def __init__(
+        self,
+        *,
+        pool: asyncpg.Pool,
+        schedule: Schedule,
+        deliveries: Schedule,
+        bakong: BakongClient,
+        credentials: Credentials,
+        interval_s: float,
+        grace_s: float,
+        claim_limit: int = 2000,
+        max_in_flight: int = 8,
+    ) -> None:
+        self.pool = pool
+        self.schedule = schedule
+        self.deliveries = deliveries
+        self.bakong = bakong
+        self.credentials = credentials
+        self.interval_ms = int(interval_s * 1000)
+        self.grace_s = grace_s
+        self.claim_limit = claim_limit
+        self.max_in_flight = max_in_flight
+        self.lease_ms = 60_000
+        self._list_disabled_until: dict[int | None, float] = {}
+        self.last_tick: float | None = None
+
+    async def tick(self) -> int:
+        """One pass over what is due now; returns how many transactions were checked."""
+        self.last_tick = time.time()
+        now_ms = int(self.last_tick * 1000)
+        members, lease = await self.schedule.claim(
+            now_ms,
+            self.claim_limit,
+            self.lease_ms,
+            lookahead_ms=min(1000, self.interval_ms // 5),
+            batch=MAX_BATCH,
+        )
+        if not members:
+            return 0
+        ids = _uuids(members)
+        items = await store.load_pending(self.pool, list(ids.values()))
+        found = {str(i.id) for i in items}
+        gone = [m for m in members if m not in found]
+        now = datetime.now(UTC)
+        results = await self.check(items, now)
+        reschedule, finished = await self._apply(items, results, now)
+        await self.schedule.finish(lease, reschedule, gone + finished)
+        return len(items)
+
+    async def _apply(
+        self, items: Sequence[PollItem], results: dict[UUID, CheckResult], now: datetime
+    ) -> tuple[list[tuple[str, int]], list[str]]:
+        reschedule: list[tuple[str, int]] = []
+        transitions: list[Transition] = []
+        for item in items:
+            result = results.get(item.id, CheckResult(CheckKind.ERROR, error="no_result"))
+            outcome = decide(item, result, now, grace_s=self.grace_s)
+            if outcome.status is Status.PENDING:
+                reschedule.append((str(item.id), self._next_due(item, result, now)))
+            else:
+                transitions.append(transition(item, outcome))
+        happened = await store.record_transitions(self.pool, transitions)
+        now_ms = int(now.timestamp() * 1000)
+        await self.deliveries.add((d, now_ms) for _, d in happened if d is not None)
+        done = {job for job, _ in happened}
+        for t in transitions:
+            if t.id in done:
+                log.info(
+                    "transaction %s",
+                    t.status.value,
+                    extra={
+                        "jobId": str(t.id),
+                        "status": t.status.value,
+                        "deliveryId": t.delivery_id,
+                    },
+                )
+        return reschedule, [str(t.id) for t in transitions]
+
+    def _next_due(self, item: PollItem, result: CheckResult, now: datetime) -> int:
+        now_ms = int(now.timestamp() * 1000)
+        deadline_ms = int(item.deadline_at.timestamp() * 1000)
+        due = now_ms + self.interval_ms
+        if now_ms < deadline_ms:
+            return min(due, deadline_ms)
+        return due
+
+    async def check(self, items: Sequence[PollItem], now: datetime) -> dict[UUID, CheckResult]:
+        """Ask Bakong about every item: batched by credential, final checks one by one."""
+        groups: dict[int | None, list[PollItem]] = defaultdict(list)
+        for item in items:
+            groups[item.credential_id].append(item)
+        jobs = []
+        for credential_id, group in groups.items():
+            jobs.append(self._check_group(credential_id, group, now))
+        results: dict[UUID, CheckResult] = {}
+        for part in await gather_limited(self.max_in_flight, *jobs):
+            results.update(part)
+        return results
+
+    async def _check_group(
+        self, credential_id: int | None, group: list[PollItem], now: datetime
+    ) -> dict[UUID, CheckResult]:
+        try:
+            token = await self.credentials.token(credential_id)
+        except NoToken:
+            return {i.id: CheckResult(CheckKind.ERROR, error="no_token") for i in group}
+        final = [i for i in group if now >= i.deadline_at]
+        regular = [i for i in group if now < i.deadline_at]
+        use_list = self._list_disabled_until.get(credential_id, 0.0) <= time.monotonic()
+        jobs: list[Any] = []
+        if use_list:
+            jobs += [self._check_list(credential_id, token, chunk) for chunk in chunks(regular)]
+        else:
+            final += regular
+        jobs += [self._check_single(credential_id, token, item) for item in final]
+        results: dict[UUID, CheckResult] = {}
+        for part in await gather_limited(self.max_in_flight, *jobs):
+            results.update(part)
+        return results
+
+    async def _check_list(
+        self, credential_id: int | None, token: str | None, chunk: Sequence[PollItem]
+    ) -> dict[UUID, CheckResult]:
+        try:
+            by_md5 = await self._with_renewal(
+                credential_id,
+                token,
+                lambda t: self.bakong.check_md5_list(t, [i.md5 for i in chunk]),
+            )
+        except BakongError as exc:
+            if exc.list_unsupported:
+                log.warning(
+                    "bakong list endpoint refused; checking md5s one by one",
+                    extra={"status": exc.status, "credentialId": credential_id},
+                )
+                self._list_disabled_until[credential_id] = time.monotonic() + LIST_FALLBACK_S
+                return await self._singles(credential_id, token, chunk)
+            return {i.id: CheckResult(CheckKind.ERROR, error=exc.kind) for i in chunk}
+        except NoToken:
+            return {i.id: CheckResult(CheckKind.ERROR, error="no_token") for i in chunk}
+        unclear = [i for i in chunk if by_md5.get(i.md5) is None]
+        results = {i.id: r for i in chunk if (r := by_md5.get(i.md5)) is not None}
+        results.update(await self._singles(credential_id, token, unclear))
+        return results
+
+    async def _singles(
+        self, credential_id: int | None, token: str | None, items: Sequence[PollItem]
+    ) -> dict[UUID, CheckResult]:
+        results: dict[UUID, CheckResult] = {}
+        for part in await gather_limited(
+            self.max_in_flight, *(self._check_single(credential_id, token, i) for i in items)
+        ):
+            results.update(part)
+        return results
+
+    async def _check_single(
+        self, credential_id: int | None, token: str | None, item: PollItem
+    ) -> dict[UUID, CheckResult]:
+        result = await self.bakong.check_md5(token, item.md5)
+        if result.error == "unauthorized":
+            try:
+                fresh = await self._renewed(credential_id, token)
+            except NoToken:
+                return {item.id: result}
+            result = await self.bakong.check_md5(fresh, item.md5)
+        return {item.id: result}
+
+    async def _with_renewal(self, credential_id: int | None, token: str | None, call: Any) -> Any:
+        try:
+            return await call(token)
+        except BakongError as exc:
+            if not exc.unauthorized:
+                raise
+            return await call(await self._renewed(credential_id, token))
+
+    async def _renewed(self, credential_id: int | None, token: str | None) -> str:
+        cred_id = credential_id if credential_id is not None else self.credentials.default_id
+        if cred_id is None:
+            raise NoToken("no credential to renew")
+        return await self.credentials.renew(cred_id, stale=token)
+
+
+def _uuids(members: Sequence[str]) -> dict[str, UUID]:
+    out: dict[str, UUID] = {}
+    for member in members:
+        try:
+            out[member] = UUID(member)
+        except ValueError:
+            continue
+    return out

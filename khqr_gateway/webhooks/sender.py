@@ -1,0 +1,336 @@
+"""Webhook delivery: claims due deliveries, sends them signed, stores every attempt."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import asyncpg
+
+from khqr_gateway import __version__
+from khqr_gateway.models import DeliveryStatus
+from khqr_gateway.store import deliveries as store
+from khqr_gateway.store.deliveries import AttemptRecord, DueDelivery
+from khqr_gateway.store.schedule import Schedule
+from khqr_gateway.webhooks.retry import Outcome, decide, parse_retry_after
+from khqr_gateway.webhooks.signing import sign_headers
+
+log = logging.getLogger(__name__)
+
+RESPONSE_BODY_LIMIT = 4096
+KEPT_RESPONSE_HEADERS = ("retry-after", "content-type")
+# A host already at its cap gets its further deliveries back this much later.
+HOST_BUSY_DELAY_MS = 250
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    status: int | None
+    error_kind: str | None
+    error_message: str | None
+    body: str | None
+    headers: dict[str, str] | None
+    started_at: datetime
+    duration_ms: int
+
+
+@dataclass(slots=True)
+class _Claimed:
+    delivery: DueDelivery
+    lane: Schedule
+    lease: int
+
+
+class Blocked(Exception):
+    """The address a webhook would go to is not allowed (SSRF guard)."""
+
+
+def error_kind(exc: BaseException) -> str:
+    """A short word for why an attempt got no HTTP answer."""
+    if isinstance(exc, Blocked):
+        return "ssrf-blocked"
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        return "timeout"
+    if isinstance(
+        exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError | ssl.SSLError
+    ):
+        return "tls"
+    dns_error = getattr(aiohttp, "ClientConnectorDNSError", None)
+    if dns_error is not None and isinstance(exc, dns_error):
+        return "dns"
+    if isinstance(
+        exc, aiohttp.ClientConnectorError | aiohttp.ServerDisconnectedError | ConnectionError
+    ):
+        return "connect"
+    if isinstance(exc, aiohttp.InvalidURL):
+        return "invalid-url"
+    return "network"
+
+
+async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await resp.content.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+class Deliverer:
+    """The delivery tick: first attempts before retries, a cap per receiver host."""
+
+    def __init__(
+        self,
+        *,
+        pool: asyncpg.Pool,
+        first: Schedule,
+        retry: Schedule,
+        secrets: Sequence[bytes],
+        retry_schedule: Sequence[float],
+        timeout_s: float,
+        max_in_flight: int = 256,
+        per_host: int = 16,
+        connector_factory: Callable[[], aiohttp.BaseConnector] | None = None,
+    ) -> None:
+        self.pool = pool
+        self.first = first
+        self.retry = retry
+        self.secrets = tuple(secrets)
+        self.retry_schedule = tuple(retry_schedule)
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.lease_ms = int(timeout_s * 1000) + 30_000
+        self.max_in_flight = max_in_flight
+        self.per_host = per_host
+        self._connector_factory = connector_factory
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._host_load: Counter[str] = Counter()
+        self._done: list[tuple[_Claimed, AttemptRecord]] = []
+        self._flushing: asyncio.Task[None] | None = None
+        self.last_tick: float | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = (
+                self._connector_factory()
+                if self._connector_factory
+                else aiohttp.TCPConnector(limit=self.max_in_flight, keepalive_timeout=30)
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=self.timeout,
+                headers={"User-Agent": f"khqr-gateway/{__version__}"},
+                auto_decompress=False,
+            )
+        return self._session
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    async def tick(self) -> int:
+        """Start sending what is due, within capacity; returns how many sends started."""
+        self.last_tick = time.time()
+        room = self.max_in_flight - len(self._tasks)
+        if room <= 0:
+            return 0
+        now_ms = int(self.last_tick * 1000)
+        claimed: list[_Claimed] = []
+        for lane in (self.first, self.retry):
+            if room <= 0:
+                break
+            members, lease = await lane.claim(now_ms, room, self.lease_ms)
+            rows = await store.load_due(self.pool, members) if members else []
+            rows = await self._hold_early(rows, lane, lease, now_ms)
+            found = {r.id for r in rows}
+            await lane.finish(lease, [], [m for m in members if m not in found])
+            claimed += [_Claimed(r, lane, lease) for r in rows]
+            room -= len(members)
+        return await self._start(claimed, now_ms)
+
+    async def _hold_early(
+        self, rows: list[DueDelivery], lane: Schedule, lease: int, now_ms: int
+    ) -> list[DueDelivery]:
+        """Postgres says when a delivery is due: one found early in a lane waits its turn."""
+        due: list[tuple[DueDelivery, int]] = []
+        early: list[tuple[DueDelivery, int]] = []
+        for row in rows:
+            at_ms = int(row.next_attempt_at.timestamp() * 1000) if row.next_attempt_at else 0
+            (early if at_ms > now_ms + 1000 else due).append((row, at_ms))
+        if early:
+            await lane.finish(lease, [], [row.id for row, _ in early])
+            await self.retry.add((row.id, at_ms) for row, at_ms in early)
+        return [row for row, _ in due]
+
+    async def _start(self, claimed: list[_Claimed], now_ms: int) -> int:
+        started = 0
+        for item in claimed:
+            host = _origin(item.delivery.url)
+            if self._host_load[host] >= self.per_host:
+                await item.lane.finish(
+                    item.lease, [(item.delivery.id, now_ms + HOST_BUSY_DELAY_MS)], []
+                )
+                continue
+            self._host_load[host] += 1
+            task = asyncio.create_task(self._deliver(item, host))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            started += 1
+        return started
+
+    async def _deliver(self, item: _Claimed, host: str) -> None:
+        try:
+            result = await self.send(item.delivery)
+        finally:
+            self._host_load[host] -= 1
+            if self._host_load[host] <= 0:
+                del self._host_load[host]
+        self._done.append((item, self._record(item.delivery, result)))
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.create_task(self._flush())
+
+    async def send(self, delivery: DueDelivery) -> SendResult:
+        """One attempt: POST the stored bytes, signed now, never following redirects."""
+        timestamp = int(time.time())
+        headers = {"Content-Type": "application/json"}
+        headers.update(sign_headers(self.secrets, delivery.id, timestamp, delivery.payload))
+        started_at = datetime.now(UTC)
+        start = time.perf_counter()
+        try:
+            async with self.session.post(
+                delivery.url, data=delivery.payload, headers=headers, allow_redirects=False
+            ) as resp:
+                body = await _read_limited(resp, RESPONSE_BODY_LIMIT)
+                kept = {k: resp.headers[k] for k in KEPT_RESPONSE_HEADERS if k in resp.headers}
+                return SendResult(
+                    resp.status,
+                    None,
+                    None,
+                    body.decode("utf-8", "replace"),
+                    kept or None,
+                    started_at,
+                    _ms_since(start),
+                )
+        except Exception as exc:  # every failure is an attempt to record, never a crash
+            return SendResult(
+                None,
+                error_kind(exc),
+                str(exc)[:500] or type(exc).__name__,
+                None,
+                None,
+                started_at,
+                _ms_since(start),
+            )
+
+    def _record(self, delivery: DueDelivery, result: SendResult) -> AttemptRecord:
+        retry_after = None
+        if result.headers and "retry-after" in result.headers:
+            retry_after = parse_retry_after(result.headers["retry-after"], time.time())
+        decision = decide(
+            attempt=delivery.series_attempts + 1,
+            status=result.status,
+            retry_after_s=retry_after,
+            schedule=self.retry_schedule,
+            rand=random.random(),
+        )
+        new_status = {
+            Outcome.DELIVERED: DeliveryStatus.DELIVERED,
+            Outcome.RETRY: DeliveryStatus.PENDING,
+            Outcome.GIVE_UP: DeliveryStatus.FAILED,
+        }[decision.outcome]
+        next_at = None
+        if decision.outcome is Outcome.RETRY and decision.delay_s is not None:
+            next_at = datetime.now(UTC) + timedelta(seconds=decision.delay_s)
+        return AttemptRecord(
+            delivery_id=delivery.id,
+            attempt=delivery.attempt_count + 1,
+            started_at=result.started_at,
+            duration_ms=result.duration_ms,
+            status_code=result.status,
+            error_kind=result.error_kind,
+            error_message=result.error_message,
+            response_body=result.body,
+            response_headers=result.headers,
+            new_status=new_status,
+            next_attempt_at=next_at,
+        )
+
+    async def _flush(self) -> None:
+        """Group commit: store every finished attempt so far in one statement, then repeat."""
+        while self._done:
+            batch, self._done = self._done, []
+            try:
+                await store.record_attempts(self.pool, [record for _, record in batch])
+                await self._reschedule(batch)
+            except Exception:
+                # The leases run out and the deliveries come due again: nothing is lost.
+                log.exception("could not record delivery attempts", extra={"count": len(batch)})
+                continue
+            for item, record in batch:
+                _log_attempt(item.delivery, record)
+
+    async def _reschedule(self, batch: list[tuple[_Claimed, AttemptRecord]]) -> None:
+        by_lane: dict[tuple[int, int], tuple[Schedule, list[str]]] = {}
+        retries: list[tuple[str, int]] = []
+        for item, record in batch:
+            key = (id(item.lane), item.lease)
+            by_lane.setdefault(key, (item.lane, []))[1].append(item.delivery.id)
+            if record.next_attempt_at is not None:
+                retries.append((item.delivery.id, int(record.next_attempt_at.timestamp() * 1000)))
+        for (_, lease), (lane, members) in by_lane.items():
+            await lane.finish(lease, [], members)
+        await self.retry.add(retries)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Wait for in-flight sends (up to `timeout_s`) and store their attempts."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout_s)
+        if self._flushing is not None:
+            await asyncio.wait([self._flushing], timeout=timeout_s)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def _origin(url: str) -> str:
+    """The receiver a per-host cap counts against: scheme, host and port."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return f"{parts.scheme}://{parts.hostname}:{port or ''}"
+
+
+def _ms_since(start: float) -> int:
+    return int((time.perf_counter() - start) * 1000)
+
+
+def _log_attempt(delivery: DueDelivery, record: AttemptRecord) -> None:
+    fields: dict[str, Any] = {
+        "deliveryId": delivery.id,
+        "jobId": str(delivery.transaction_id),
+        "md5": delivery.md5,
+        "attempt": record.attempt,
+        "statusCode": record.status_code,
+        "errorKind": record.error_kind,
+        "durationMs": record.duration_ms,
+        "deliveryStatus": record.new_status.value,
+    }
+    level = logging.INFO if record.new_status is not DeliveryStatus.PENDING else logging.WARNING
+    log.log(level, "webhook attempt", extra=fields)

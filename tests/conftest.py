@@ -1,0 +1,254 @@
+"""Fixtures: a real Postgres database and Redis namespace per test, the simulated Bakong,
+a real webhook receiver socket, and a gateway factory."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from redis.asyncio import Redis
+
+from khqr_gateway.app import create_app
+from khqr_gateway.bakong.sandbox import STATE_KEY, SandboxState, create_sandbox_app, make_token
+from khqr_gateway.config import AppEnv, Settings
+from khqr_gateway.service import SERVICE_KEY, Service
+from khqr_gateway.store import db
+
+ADMIN_DSN = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+TABLES = "delivery_attempts, deliveries, transactions, credentials, idempotency_keys"
+
+
+def _dsn_for(database: str) -> str:
+    base, _, _ = ADMIN_DSN.rpartition("/")
+    return f"{base}/{database}"
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Any:
+    """A database of its own for this test session, migrated once, dropped at the end."""
+    name = f"khqr_test_{secrets.token_hex(4)}"
+
+    async def create() -> None:
+        admin = await asyncpg.connect(ADMIN_DSN)
+        try:
+            await admin.execute(f'create database "{name}"')
+        finally:
+            await admin.close()
+        conn = await asyncpg.connect(_dsn_for(name))
+        try:
+            await db.migrate(conn)
+        finally:
+            await conn.close()
+
+    async def drop() -> None:
+        admin = await asyncpg.connect(ADMIN_DSN)
+        try:
+            await admin.execute(f'drop database if exists "{name}" with (force)')
+        finally:
+            await admin.close()
+
+    asyncio.run(create())
+    yield _dsn_for(name)
+    asyncio.run(drop())
+
+
+@pytest.fixture
+async def pg(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to a database emptied for this test."""
+    conn = await asyncpg.connect(database_url)
+    await conn.execute(f"truncate {TABLES} restart identity cascade")
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[Redis]:
+    client = Redis.from_url(REDIS_URL)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def namespace() -> AsyncIterator[str]:
+    """A Redis key namespace of this test's own, so tests never see each other's keys."""
+    name = f"test-{secrets.token_hex(6)}"
+    yield name
+    client = Redis.from_url(REDIS_URL)
+    stale = [k async for k in client.scan_iter(match="{" + name + "}*")]
+    if stale:
+        await client.delete(*stale)
+    await client.aclose()
+
+
+@pytest.fixture
+async def bakong(aiohttp_server: Any) -> AsyncIterator[SimulatedBakong]:
+    app = create_sandbox_app()
+    server = await aiohttp_server(app)
+    yield SimulatedBakong(str(server.make_url("")).rstrip("/"), app)
+
+
+@dataclass
+class SimulatedBakong:
+    url: str
+    app: web.Application
+    token: str = field(default_factory=make_token)
+
+    @property
+    def state(self) -> SandboxState:
+        return self.app[STATE_KEY]
+
+    def pay(self, md5: str, **data: Any) -> None:
+        from khqr_gateway.bakong.sandbox import Payment, _payment_data
+
+        self.state.payments[md5] = Payment("paid", _payment_data(md5, data))
+
+    def fail(self, md5: str) -> None:
+        from khqr_gateway.bakong.sandbox import Payment
+
+        self.state.payments[md5] = Payment("failed")
+
+
+@dataclass
+class Received:
+    headers: dict[str, str]
+    body: bytes
+    at: float
+
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+@dataclass
+class Receiver:
+    """A real HTTP server that records webhooks and answers with scripted statuses."""
+
+    url: str = ""
+    received: list[Received] = field(default_factory=list)
+    statuses: list[int] = field(default_factory=list)
+    delay_s: float = 0.0
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.received.append(Received(dict(request.headers), await request.read(), time.time()))
+        self.event.set()
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        status = self.statuses.pop(0) if self.statuses else 200
+        return web.Response(status=status, text="ok")
+
+    async def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
+        deadline = time.monotonic() + timeout
+        while len(self.received) < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"expected {count} webhooks, got {len(self.received)}")
+            self.event.clear()
+            try:
+                await asyncio.wait_for(self.event.wait(), remaining)
+            except TimeoutError:
+                pass
+        return self.received
+
+
+@pytest.fixture
+async def receiver(aiohttp_server: Any) -> Receiver:
+    recv = Receiver()
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", recv.handle)
+    server = await aiohttp_server(app)
+    recv.url = str(server.make_url("/hook"))
+    return recv
+
+
+@pytest.fixture
+def settings(bakong: SimulatedBakong, namespace: str) -> Settings:
+    return Settings(
+        app_env=AppEnv.TEST,
+        redis_namespace=namespace,
+        bakong_base_url=bakong.url,
+        bakong_token=bakong.token,
+        poll_interval_s=0.2,
+        webhook_retry_schedule=(0.2, 0.4, 0.6),
+        webhook_timeout_s=2.0,
+        bakong_grace_s=1,
+        bakong_timeout_s=2.0,
+        shutdown_grace_s=2.0,
+        allow_private_webhook_urls=True,
+    )
+
+
+@dataclass
+class Gateway:
+    client: TestClient
+    headers: dict[str, str]
+
+    @property
+    def service(self) -> Service:
+        return self.client.server.app[SERVICE_KEY]
+
+    async def post(self, path: str, body: Any, **headers: str) -> tuple[int, Any]:
+        resp = await self.client.post(path, json=body, headers={**self.headers, **headers})
+        return resp.status, await resp.json()
+
+    async def get(self, path: str) -> tuple[int, Any]:
+        resp = await self.client.get(path, headers=self.headers)
+        return resp.status, await resp.json()
+
+    async def wait_status(self, job_id: str, status: str, timeout: float = 10.0) -> Any:
+        deadline = time.monotonic() + timeout
+        body: Any = None
+        while time.monotonic() < deadline:
+            _, body = await self.get(f"/api/v1/transactions/{job_id}")
+            if body.get("status") == status:
+                return body
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{job_id} never became {status}: {body}")
+
+    async def stop(self) -> None:
+        await self.client.close()
+
+
+GatewayFactory = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture
+async def make_gateway(
+    settings: Settings, database_url: str, pg: asyncpg.Connection
+) -> AsyncIterator[GatewayFactory]:
+    """Start gateways (each a real aiohttp server) on this test's database and Redis."""
+    started: list[Gateway] = []
+
+    async def make(**overrides: Any) -> Gateway:
+        run_ticks = overrides.pop("run_ticks", True)
+        these = replace(settings, **overrides)
+        app = create_app(these, database_url=database_url, redis_url=REDIS_URL, run_ticks=run_ticks)
+        client = TestClient(TestServer(app))
+        await client.start_server()
+        key = these.api_keys[0] if these.api_keys else None
+        gateway = Gateway(client, {"Authorization": f"Bearer {key}"} if key else {})
+        started.append(gateway)
+        return gateway
+
+    yield make
+    for gateway in started:
+        await gateway.stop()
+
+
+@pytest.fixture
+async def gateway(make_gateway: GatewayFactory) -> Gateway:
+    return await make_gateway()
+
+
+def random_md5() -> str:
+    return secrets.token_hex(16)

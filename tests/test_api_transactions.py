@@ -1,0 +1,231 @@
+"""End to end: POST an md5, the simulated Bakong reports it, the webhook reaches a real socket."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+
+from tests.conftest import Gateway, GatewayFactory, Receiver, SimulatedBakong, random_md5
+
+
+async def create(gw: Gateway, receiver: Receiver, **extra: Any) -> dict[str, Any]:
+    status, body = await gw.post(
+        "/api/v1/transactions",
+        {"md5": extra.pop("md5", random_md5()), "webhookUrl": receiver.url, **extra},
+    )
+    assert status == 201, body
+    return body
+
+
+async def test_paid_transaction_sends_success_webhook(
+    gateway: Gateway, bakong: SimulatedBakong, receiver: Receiver
+) -> None:
+    created = await create(gateway, receiver, metadata={"orderId": "A-1"})
+    assert created["status"] == "pending"
+    bakong.pay(created["md5"], amount=10, currency="USD", toAccountId="shop@aclb")
+
+    [hook] = await receiver.wait_for(1)
+    body = hook.json()
+    assert body["status"] == "success"
+    assert body["md5"] == created["md5"]
+    assert body["jobId"] == created["jobId"]
+    assert body["data"]["amount"] == 10
+    assert body["data"]["toAccountId"] == "shop@aclb"
+    assert body["metadata"] == {"orderId": "A-1"}
+    assert hook.headers["Content-Type"] == "application/json"
+    assert hook.headers["webhook-id"].startswith("msg_")
+
+    done = await gateway.wait_status(created["jobId"], "success")
+    assert done["data"]["currency"] == "USD"
+    assert done["delivery"]["id"] == hook.headers["webhook-id"]
+
+
+async def test_failed_payment_sends_failed_webhook(
+    gateway: Gateway, bakong: SimulatedBakong, receiver: Receiver
+) -> None:
+    created = await create(gateway, receiver)
+    bakong.fail(created["md5"])
+    [hook] = await receiver.wait_for(1)
+    assert hook.json()["status"] == "failed"
+    assert hook.json()["data"] is None
+    # The list endpoint cannot say "failed": the per-md5 endpoint was asked for the truth.
+    assert bakong.state.single_checks[created["md5"]] >= 1
+
+
+async def test_unpaid_transaction_times_out_after_a_final_check(
+    gateway: Gateway, bakong: SimulatedBakong, receiver: Receiver, pg: asyncpg.Connection
+) -> None:
+    created = await create(gateway, receiver, timeoutSeconds=10)
+    # Shorten the window rather than wait 10 s: the deadline logic is what is under test.
+    await pg.execute(
+        "update transactions set deadline_at = now() + interval '300 milliseconds' where id = $1",
+        created["jobId"],
+    )
+    [hook] = await receiver.wait_for(1)
+    body = hook.json()
+    assert body["status"] == "timeout"
+    assert body["reason"] == "not_paid"
+    assert body["data"] is None
+    assert bakong.state.single_checks[created["md5"]] == 1, "exactly one final check"
+
+
+async def test_paid_at_the_final_check_is_success_not_timeout(
+    gateway: Gateway, bakong: SimulatedBakong, receiver: Receiver, pg: asyncpg.Connection
+) -> None:
+    created = await create(gateway, receiver, timeoutSeconds=10)
+    await pg.execute(
+        "update transactions set deadline_at = now() - interval '1 second' where id = $1",
+        created["jobId"],
+    )
+    bakong.pay(created["md5"])
+    [hook] = await receiver.wait_for(1)
+    assert hook.json()["status"] == "success"
+
+
+async def test_bakong_down_at_deadline_is_not_a_timeout_until_grace_ends(
+    gateway: Gateway, bakong: SimulatedBakong, receiver: Receiver, pg: asyncpg.Connection
+) -> None:
+    created = await create(gateway, receiver, timeoutSeconds=10)
+    bakong.state.faults.status = 500
+    await pg.execute("update transactions set deadline_at = now() where id = $1", created["jobId"])
+    await asyncio.sleep(0.5)  # within the 1 s grace of these tests: still pending
+    _, body = await gateway.get(f"/api/v1/transactions/{created['jobId']}")
+    assert body["status"] == "pending"
+    [hook] = await receiver.wait_for(1, timeout=5)
+    assert hook.json()["status"] == "timeout"
+    assert hook.json()["reason"] == "bakong_unreachable"
+
+
+async def test_bakong_recovering_within_grace_finds_the_payment(
+    gateway: Gateway, bakong: SimulatedBakong, receiver: Receiver, pg: asyncpg.Connection
+) -> None:
+    created = await create(gateway, receiver, timeoutSeconds=10)
+    bakong.state.faults.status = 503
+    await pg.execute("update transactions set deadline_at = now() where id = $1", created["jobId"])
+    await asyncio.sleep(0.3)
+    bakong.pay(created["md5"])
+    bakong.state.faults.status = None
+    [hook] = await receiver.wait_for(1)
+    assert hook.json()["status"] == "success"
+
+
+async def test_same_md5_while_pending_returns_the_first(
+    gateway: Gateway, receiver: Receiver
+) -> None:
+    md5 = random_md5()
+    first = await create(gateway, receiver, md5=md5)
+    status, again = await gateway.post(
+        "/api/v1/transactions", {"md5": md5.upper(), "webhookUrl": receiver.url}
+    )
+    assert status == 200
+    assert again["jobId"] == first["jobId"]
+    _, page = await gateway.get(f"/api/v1/transactions?md5={md5}")
+    assert len(page["data"]) == 1
+
+
+async def test_same_md5_concurrently_creates_one_transaction(
+    gateway: Gateway, receiver: Receiver
+) -> None:
+    md5 = random_md5()
+    results = await asyncio.gather(
+        *(
+            gateway.post("/api/v1/transactions", {"md5": md5, "webhookUrl": receiver.url})
+            for _ in range(10)
+        )
+    )
+    assert sorted(s for s, _ in results) == [200] * 9 + [201]
+    assert len({b["jobId"] for _, b in results}) == 1
+
+
+async def test_idempotency_key_replays_the_first_response(
+    gateway: Gateway, receiver: Receiver
+) -> None:
+    body = {"md5": random_md5(), "webhookUrl": receiver.url}
+    first = await gateway.client.post(
+        "/api/v1/transactions", json=body, headers={"Idempotency-Key": "order-42"}
+    )
+    second = await gateway.client.post(
+        "/api/v1/transactions", json=body, headers={"Idempotency-Key": "order-42"}
+    )
+    assert first.status == second.status == 201
+    assert await first.read() == await second.read()
+    assert second.headers["Idempotent-Replayed"] == "true"
+
+    other = await gateway.client.post(
+        "/api/v1/transactions",
+        json={"md5": random_md5(), "webhookUrl": receiver.url},
+        headers={"Idempotency-Key": "order-42"},
+    )
+    assert other.status == 422
+    assert (await other.json())["error"]["code"] == "idempotency_key_reused"
+
+
+async def test_cancel_stops_tracking_and_sends_no_webhook(
+    gateway: Gateway, bakong: SimulatedBakong, receiver: Receiver
+) -> None:
+    created = await create(gateway, receiver)
+    resp = await gateway.client.delete(f"/api/v1/transactions/{created['jobId']}")
+    assert resp.status == 200
+    assert (await resp.json())["status"] == "cancelled"
+    bakong.pay(created["md5"])
+    await asyncio.sleep(0.6)
+    assert receiver.received == []
+    again = await gateway.client.delete(f"/api/v1/transactions/{created['jobId']}")
+    assert again.status == 409
+    missing = await gateway.client.delete(
+        "/api/v1/transactions/7b0e3f0e-0000-4000-8000-000000000000"
+    )
+    assert missing.status == 404
+
+
+async def test_unknown_or_malformed_job_id_is_404(gateway: Gateway) -> None:
+    for job_id in ("7b0e3f0e-0000-4000-8000-000000000000", "not-a-uuid"):
+        status, body = await gateway.get(f"/api/v1/transactions/{job_id}")
+        assert status == 404
+        assert body["error"]["code"] == "not_found"
+
+
+async def test_list_filters_and_paginates(gateway: Gateway, receiver: Receiver) -> None:
+    made = [await create(gateway, receiver) for _ in range(5)]
+    await gateway.client.delete(f"/api/v1/transactions/{made[0]['jobId']}")
+    seen: list[str] = []
+    cursor = None
+    while True:
+        query = "limit=2" + (f"&cursor={cursor}" if cursor else "")
+        status, page = await gateway.get(f"/api/v1/transactions?{query}")
+        assert status == 200
+        seen += [t["jobId"] for t in page["data"]]
+        cursor = page["nextCursor"]
+        if not page["hasMore"]:
+            break
+    assert seen == [m["jobId"] for m in reversed(made)]
+    _, cancelled = await gateway.get("/api/v1/transactions?status=cancelled")
+    assert [t["jobId"] for t in cancelled["data"]] == [made[0]["jobId"]]
+
+
+async def test_restart_loses_nothing(
+    make_gateway: GatewayFactory, bakong: SimulatedBakong, receiver: Receiver
+) -> None:
+    first = await make_gateway()
+    made = [await create(first, receiver) for _ in range(20)]
+    await first.stop()
+    for item in made:
+        bakong.pay(item["md5"])
+    second = await make_gateway()
+    hooks = await receiver.wait_for(20)
+    assert sorted(h.json()["jobId"] for h in hooks) == sorted(m["jobId"] for m in made)
+    assert all(h.json()["status"] == "success" for h in hooks)
+    await second.stop()
+
+
+async def test_lost_redis_schedule_is_rebuilt_from_postgres(
+    gateway: Gateway, bakong: SimulatedBakong, receiver: Receiver, redis: Any
+) -> None:
+    created = await create(gateway, receiver)
+    await redis.delete(gateway.service.polls.key)
+    bakong.pay(created["md5"])
+    await gateway.service.reconcile()
+    [hook] = await receiver.wait_for(1)
+    assert hook.json()["jobId"] == created["jobId"]

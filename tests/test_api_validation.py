@@ -1,0 +1,173 @@
+"""Bad input gets a clear 4xx in the error shape, never a 500; API keys guard /api/."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.conftest import Gateway, GatewayFactory, random_md5
+
+HOOK = "https://merchant.example.com/hooks/khqr"
+
+
+async def post_raw(
+    gw: Gateway, data: bytes, content_type: str = "application/json"
+) -> tuple[int, Any]:
+    resp = await gw.client.post(
+        "/api/v1/transactions", data=data, headers={**gw.headers, "Content-Type": content_type}
+    )
+    return resp.status, await resp.json()
+
+
+def fields_of(body: Any) -> set[str]:
+    return {d["field"] for d in body["error"]["details"]}
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"webhookUrl": HOOK}, "md5"),
+        ({"md5": "xyz", "webhookUrl": HOOK}, "md5"),
+        ({"md5": "a" * 31, "webhookUrl": HOOK}, "md5"),
+        ({"md5": random_md5()}, "webhookUrl"),
+        ({"md5": random_md5(), "webhookUrl": "ftp://x.example/a"}, "webhookUrl"),
+        ({"md5": random_md5(), "webhookUrl": "/relative/path"}, "webhookUrl"),
+        ({"md5": random_md5(), "webhookUrl": "http://exa mple.com/"}, "webhookUrl"),
+        ({"md5": random_md5(), "webhookUrl": "http://example.com:99999/"}, "webhookUrl"),
+        ({"md5": random_md5(), "webhookUrl": HOOK, "timeoutSeconds": 5}, "timeoutSeconds"),
+        ({"md5": random_md5(), "webhookUrl": HOOK, "timeoutSeconds": 3601}, "timeoutSeconds"),
+        ({"md5": random_md5(), "webhookUrl": HOOK, "timeoutSeconds": "60"}, "timeoutSeconds"),
+        ({"md5": random_md5(), "webhookUrl": HOOK, "metadata": [1, 2]}, "metadata"),
+        ({"md5": random_md5(), "webhookUrl": HOOK, "metadata": {"x": "y" * 5000}}, "metadata"),
+        ({"md5": random_md5(), "webhookUrl": HOOK, "expected": {"amount": -1}}, "expected.amount"),
+        (
+            {"md5": random_md5(), "webhookUrl": HOOK, "expected": {"currency": "EUR"}},
+            "expected.currency",
+        ),
+        ({"md5": random_md5(), "webhookUrl": HOOK, "expected": {}}, "expected"),
+        ({"md5": random_md5(), "webhookUrl": HOOK, "email": "not-an-email"}, "email"),
+        ({"md5": random_md5(), "webhookUrl": HOOK, "colour": "red"}, "colour"),
+        ({"qr": "00020101021229180014abc@aclb5303840630412AB", "webhookUrl": HOOK}, "qr"),
+    ],
+)
+async def test_field_errors_are_422_naming_the_field(
+    gateway: Gateway, payload: dict[str, Any], field: str
+) -> None:
+    status, body = await gateway.post("/api/v1/transactions", payload)
+    assert status == 422, body
+    assert body["error"]["code"] == "validation_error"
+    assert field in fields_of(body)
+
+
+async def test_every_bad_field_is_listed_at_once(gateway: Gateway) -> None:
+    status, body = await gateway.post(
+        "/api/v1/transactions", {"md5": "nope", "webhookUrl": "nope", "timeoutSeconds": 1}
+    )
+    assert status == 422
+    assert fields_of(body) == {"md5", "webhookUrl", "timeoutSeconds"}
+
+
+async def test_bad_json_is_400(gateway: Gateway) -> None:
+    status, body = await post_raw(gateway, b'{"md5": ')
+    assert status == 400
+    assert body["error"]["code"] == "invalid_json"
+
+
+async def test_non_object_json_is_422(gateway: Gateway) -> None:
+    status, body = await post_raw(gateway, b"[1, 2, 3]")
+    assert status == 422
+    assert body["error"]["code"] == "validation_error"
+
+
+async def test_other_content_type_is_415(gateway: Gateway) -> None:
+    status, body = await post_raw(gateway, b"md5=abc", "application/x-www-form-urlencoded")
+    assert status == 415
+    assert body["error"]["code"] == "unsupported_media_type"
+
+
+async def test_body_over_64kb_is_413(gateway: Gateway) -> None:
+    status, body = await post_raw(gateway, b'{"md5": "' + b"a" * 70_000 + b'"}')
+    assert status == 413
+    assert body["error"]["code"] == "payload_too_large"
+
+
+async def test_unknown_route_and_method_answer_in_the_error_shape(gateway: Gateway) -> None:
+    status, body = await gateway.get("/api/v1/nothing-here")
+    assert status == 404 and body["error"]["code"] == "not_found"
+    resp = await gateway.client.put("/api/v1/transactions")
+    assert resp.status == 405
+    assert (await resp.json())["error"]["code"] == "method_not_allowed"
+
+
+async def test_list_query_is_validated(gateway: Gateway) -> None:
+    for query, field in (
+        ("status=paid", "status"),
+        ("limit=0", "limit"),
+        ("md5=zz", "md5"),
+        ("cursor=%%%", "cursor"),
+    ):
+        status, body = await gateway.get(f"/api/v1/transactions?{query}")
+        assert status == 422, query
+        assert field in fields_of(body)
+
+
+async def test_api_key_required_when_configured(make_gateway: GatewayFactory) -> None:
+    key = "k" * 32
+    gw = await make_gateway(api_keys=(key, "second-key-for-rotation"))
+    for headers in ({}, {"Authorization": "Bearer wrong-key-wrong-key"}, {"x-api-key": "k" * 31}):
+        resp = await gw.client.get("/api/v1/transactions", headers=headers)
+        assert resp.status == 401
+        assert (await resp.json())["error"]["code"] == "unauthorized"
+    for headers in (
+        {"Authorization": f"Bearer {key}"},
+        {"x-api-key": key},
+        {"Authorization": "Bearer second-key-for-rotation"},
+    ):
+        resp = await gw.client.get("/api/v1/transactions", headers=headers)
+        assert resp.status == 200
+    # Health stays open for the platform's checks.
+    assert (await gw.client.get("/health")).status == 200
+
+
+async def test_every_api_route_is_guarded(make_gateway: GatewayFactory) -> None:
+    gw = await make_gateway(api_keys=("k" * 32,))
+    app = gw.client.server.app
+    checked = 0
+    for resource in app.router.resources():
+        info = resource.get_info()
+        path = info.get("path") or info.get("formatter", "")
+        if not path.startswith("/api/"):
+            continue
+        url = path.replace("{job_id}", "7b0e3f0e-0000-4000-8000-000000000000")
+        for route in resource:
+            if route.method == "HEAD":
+                continue
+            resp = await gw.client.request(route.method, url)
+            assert resp.status == 401, f"{route.method} {path} answered {resp.status}"
+            checked += 1
+    assert checked >= 4
+
+
+async def test_api_open_without_api_key(gateway: Gateway) -> None:
+    status, _ = await gateway.get("/api/v1/transactions")
+    assert status == 200
+
+
+async def test_request_id_is_echoed(gateway: Gateway) -> None:
+    resp = await gateway.client.get("/health", headers={"x-request-id": "abc-123"})
+    assert resp.headers["x-request-id"] == "abc-123"
+    resp = await gateway.client.get("/health")
+    assert len(resp.headers["x-request-id"]) == 16
+
+
+async def test_expired_token_is_refused(gateway: Gateway) -> None:
+    from khqr_gateway.bakong.sandbox import make_token
+
+    status, body = await gateway.post(
+        "/api/v1/transactions",
+        {"md5": random_md5(), "webhookUrl": HOOK, "token": make_token(exp=1_000_000)},
+    )
+    assert status == 401
+    assert body["error"]["code"] == "token_expired"
+    assert "ey" not in body["error"]["message"], "the token is never echoed"

@@ -1,0 +1,90 @@
+"""Settings from the environment: defaults, aliases, and one clear line per bad value."""
+
+from __future__ import annotations
+
+import pytest
+
+from khqr_gateway.config import AppEnv, ConfigError, load_settings
+
+
+def load(**env: str):  # type: ignore[no-untyped-def]
+    return load_settings(env, env_file=None)
+
+
+def test_defaults_need_nothing_configured() -> None:
+    s = load()
+    assert s.app_env is AppEnv.DEVELOPMENT
+    assert s.port == 3000
+    assert s.poll_interval_s == 3.0
+    assert s.poll_timeout_s == 300
+    assert s.webhook_timeout_s == 15.0
+    assert s.webhook_retry_schedule == (5, 30, 120, 600, 3600)
+    assert s.sandbox, "development with no Bakong configured runs the simulated Bakong"
+
+
+def test_any_bakong_setting_turns_sandbox_off() -> None:
+    assert not load(BAKONG_TOKEN="t").sandbox
+    assert not load(BAKONG_EMAIL="a@b.kh").sandbox
+    assert not load(BAKONG_BASE_URL="http://127.0.0.1:9").sandbox
+    assert not load(APP_ENV="production").sandbox
+
+
+def test_node_env_is_an_alias_and_app_env_wins() -> None:
+    assert load(NODE_ENV="production").app_env is AppEnv.PRODUCTION
+    assert load(NODE_ENV="production", APP_ENV="stage").app_env is AppEnv.STAGE
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("PORT", "eighty"),
+        ("PORT", "70000"),
+        ("APP_ENV", "prod"),
+        ("POLL_INTERVAL_S", "0"),
+        ("POLL_TIMEOUT_S", "5"),
+        ("DATABASE_URL", "mysql://x"),
+        ("REDIS_URL", "http://x"),
+        ("WEBHOOK_SECRET", "whsec_short"),
+        ("WEBHOOK_SECRET", "not-a-secret"),
+        ("WEBHOOK_RETRY_SCHEDULE", "5,abc"),
+        ("WEBHOOK_TIMEOUT_S", "-1"),
+        ("API_KEY", "short"),
+        ("ALLOW_PRIVATE_WEBHOOK_URLS", "maybe"),
+        ("LOG_LEVEL", "loud"),
+    ],
+)
+def test_bad_value_names_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(**{name: value})
+    message = str(info.value)
+    assert message.startswith(f"{name}:")
+    assert "\n" not in message
+    if name == "WEBHOOK_SECRET":
+        assert value not in message, "a secret is never echoed"
+
+
+def test_secrets_are_not_in_repr() -> None:
+    s = load(
+        API_KEY="a" * 32, BAKONG_TOKEN="tok-secret-value", WEBHOOK_SECRET="whsec_" + "QUFB" * 8
+    )
+    assert "a" * 32 not in repr(s) and "tok-secret-value" not in repr(s)
+    assert len(s.webhook_secrets) == 1 and len(s.webhook_secrets[0]) == 24
+
+
+def test_env_file_is_read_and_environment_wins(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    env_file = tmp_path / ".env"
+    env_file.write_text("PORT=4000\nPOLL_INTERVAL_S=2\n")
+    s = load_settings({"PORT": "5000"}, env_file=env_file)
+    assert s.port == 5000
+    assert s.poll_interval_s == 2.0
+
+
+def test_cli_stops_with_one_line_on_bad_config(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    from khqr_gateway.cli import main
+
+    monkeypatch.setenv("PORT", "nope")
+    monkeypatch.chdir("/")
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert "PORT" in err
