@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from khqr_gateway.api import API_KEY_ID, REQUEST_ID, transactions
-from khqr_gateway.api.errors import ApiError, error_response, json_response
+from khqr_gateway.api import API_KEY_ID, REQUEST_ID, ops, transactions
+from khqr_gateway.api.errors import ApiError, error_response
 from khqr_gateway.bakong.sandbox import create_sandbox_app
 from khqr_gateway.config import Settings
 from khqr_gateway.service import SERVICE_KEY, Service
@@ -129,36 +129,6 @@ def _presented_key(request: web.Request) -> str:
     return request.headers.get("x-api-key", "").strip()
 
 
-async def health(request: web.Request) -> web.Response:
-    """GET /health: the process is alive."""
-    return json_response({"status": "ok"})
-
-
-async def ready(request: web.Request) -> web.Response:
-    """GET /ready: Postgres, Redis and the ticks; 503 with details when any is down."""
-    service = request.app[SERVICE_KEY]
-    checks = {
-        "postgres": await _check(service.pool.fetchval("select 1")),
-        "redis": await _check(service.redis.ping()),
-        "scheduler": "ok"
-        if service.ticks.running and not service.ticks.health.stale()
-        else "stale",
-    }
-    ok = all(v == "ok" for v in checks.values())
-    details = {"status": "ok" if ok else "unavailable", "checks": checks}
-    if service.ticks.health.last_error:
-        details["tickErrors"] = dict(service.ticks.health.last_error)
-    return json_response(details, 200 if ok else 503)
-
-
-async def _check(aw: Awaitable[object]) -> str:
-    try:
-        await asyncio.wait_for(aw, timeout=2)
-    except Exception as exc:
-        return f"error: {type(exc).__name__}"
-    return "ok"
-
-
 def create_app(
     settings: Settings,
     *,
@@ -194,8 +164,7 @@ def create_app(
         await service.stop()
 
     app.cleanup_ctx.append(lifecycle)
-    app.router.add_get("/health", health)
-    app.router.add_get("/ready", ready)
+    ops.add_routes(app)
     transactions.add_routes(app)
     return app
 

@@ -11,6 +11,8 @@ from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from khqr_gateway.metrics import TICK_ERRORS
+
 log = logging.getLogger(__name__)
 
 
@@ -52,6 +54,7 @@ class Ticks:
             try:
                 await tick()
             except Exception as exc:
+                TICK_ERRORS.labels(name).inc()
                 if self.health.last_error.get(name) != repr(exc):
                     log.error("%s tick failed: %s", name, exc, exc_info=exc)
                 self.health.last_error[name] = repr(exc)

@@ -18,6 +18,7 @@ import orjson
 
 from khqr_gateway.bakong.client import MAX_BATCH, BakongClient, BakongError, gather_limited
 from khqr_gateway.credentials import Credentials, NoToken
+from khqr_gateway.metrics import MD5_CHECKS, TRANSITIONS
 from khqr_gateway.models import CheckKind, CheckResult, Expected, PollItem, Status, Transition
 from khqr_gateway.store import transactions as store
 from khqr_gateway.store.schedule import Schedule
@@ -189,6 +190,7 @@ class Poller:
         transitions: list[Transition] = []
         for item in items:
             result = results.get(item.id, CheckResult(CheckKind.ERROR, error="no_result"))
+            MD5_CHECKS.labels(result.kind.value).inc()
             outcome = decide(item, result, now, grace_s=self.grace_s)
             if outcome.status is Status.PENDING:
                 reschedule.append((str(item.id), self._next_due(item, result, now)))
@@ -200,6 +202,7 @@ class Poller:
         done = {job for job, _ in happened}
         for t in transitions:
             if t.id in done:
+                TRANSITIONS.labels(t.status.value).inc()
                 log.info(
                     "transaction %s",
                     t.status.value,

@@ -171,3 +171,27 @@ async def test_expired_token_is_refused(gateway: Gateway) -> None:
     assert status == 401
     assert body["error"]["code"] == "token_expired"
     assert "ey" not in body["error"]["message"], "the token is never echoed"
+
+
+async def test_metrics_and_stats_report_queues(gateway: Gateway) -> None:
+    status, _ = await gateway.post(
+        "/api/v1/transactions", {"md5": random_md5(), "webhookUrl": HOOK}
+    )
+    assert status == 201
+    resp = await gateway.client.get("/metrics")
+    text = await resp.text()
+    assert resp.status == 200
+    assert 'khqr_queue_depth{queue="poll"} 1.0' in text
+    assert "khqr_pending_transactions 1.0" in text
+    status, stats = await gateway.get("/api/v1/stats")
+    assert status == 200
+    assert stats["transactions"] == {"pending": 1}
+    assert stats["queues"]["poll"] == 1
+    assert stats["pollLagSeconds"] >= 0
+    assert stats["bakong"]["windowMinutes"] == 5
+
+
+async def test_ready_reports_each_dependency(gateway: Gateway) -> None:
+    status, body = await gateway.get("/ready")
+    assert status == 200
+    assert body["checks"] == {"postgres": "ok", "redis": "ok", "scheduler": "ok"}

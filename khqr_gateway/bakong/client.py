@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
 import orjson
 
+from khqr_gateway.metrics import BAKONG_CALLS, BAKONG_LATENCY
 from khqr_gateway.models import CheckKind, CheckResult
 
 log = logging.getLogger(__name__)
@@ -133,6 +136,36 @@ def _list_item_result(item: dict[str, Any]) -> CheckResult | None:
     return None
 
 
+class RecentCalls:
+    """Bakong call outcomes of the last few minutes, per minute, for /api/v1/stats."""
+
+    def __init__(self, minutes: int = 5) -> None:
+        self.minutes = minutes
+        self._buckets: dict[int, Counter[str]] = {}
+
+    def add(self, outcome: str, now: float | None = None) -> None:
+        minute = int((time.time() if now is None else now) // 60)
+        self._buckets.setdefault(minute, Counter())[outcome] += 1
+        for old in [m for m in self._buckets if m <= minute - self.minutes]:
+            del self._buckets[old]
+
+    def summary(self, now: float | None = None) -> dict[str, Any]:
+        minute = int((time.time() if now is None else now) // 60)
+        total: Counter[str] = Counter()
+        for m, bucket in self._buckets.items():
+            if m > minute - self.minutes:
+                total.update(bucket)
+        calls = sum(total.values())
+        errors = calls - total["ok"]
+        return {
+            "windowMinutes": self.minutes,
+            "calls": calls,
+            "errors": errors,
+            "errorRate": round(errors / calls, 4) if calls else 0.0,
+            "byError": {k: v for k, v in total.items() if k != "ok"},
+        }
+
+
 class BakongClient:
     """One per process: a keep-alive session with explicit timeouts."""
 
@@ -144,6 +177,7 @@ class BakongClient:
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
         self.calls = 0
+        self.recent = RecentCalls()
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -166,6 +200,20 @@ class BakongClient:
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self.calls += 1
+        start = time.perf_counter()
+        try:
+            reply = await self._send(name, body, headers)
+        except BakongError as exc:
+            BAKONG_CALLS.labels(name, exc.kind).inc()
+            self.recent.add(exc.kind)
+            raise
+        finally:
+            BAKONG_LATENCY.labels(name).observe(time.perf_counter() - start)
+        BAKONG_CALLS.labels(name, "ok").inc()
+        self.recent.add("ok")
+        return reply
+
+    async def _send(self, name: str, body: Any, headers: dict[str, str]) -> Any:
         try:
             async with self.session.post(
                 f"{self.base_url}/v1/{name}", data=orjson.dumps(body), headers=headers

@@ -18,6 +18,7 @@ import aiohttp
 import asyncpg
 
 from khqr_gateway import __version__
+from khqr_gateway.metrics import DELIVERY_ATTEMPTS, DELIVERY_LATENCY
 from khqr_gateway.models import DeliveryStatus
 from khqr_gateway.store import deliveries as store
 from khqr_gateway.store.deliveries import AttemptRecord, DueDelivery
@@ -332,5 +333,8 @@ def _log_attempt(delivery: DueDelivery, record: AttemptRecord) -> None:
         "durationMs": record.duration_ms,
         "deliveryStatus": record.new_status.value,
     }
+    outcome = {"pending": "retry"}.get(record.new_status.value, record.new_status.value)
+    DELIVERY_ATTEMPTS.labels(outcome).inc()
+    DELIVERY_LATENCY.observe(record.duration_ms / 1000)
     level = logging.INFO if record.new_status is not DeliveryStatus.PENDING else logging.WARNING
     log.log(level, "webhook attempt", extra=fields)

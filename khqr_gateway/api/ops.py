@@ -1,0 +1,102 @@
+"""Operations routes: /health, /ready, /metrics and /api/v1/stats."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from khqr_gateway.api.errors import json_response
+from khqr_gateway.metrics import PENDING, POLL_LAG, QUEUE_DEPTH, REGISTRY
+from khqr_gateway.service import SERVICE_KEY, Service
+from khqr_gateway.store import deliveries as delivery_store
+from khqr_gateway.store import transactions as tx_store
+
+
+async def health(request: web.Request) -> web.Response:
+    """GET /health: the process is alive."""
+    return json_response({"status": "ok"})
+
+
+async def _check(aw: Awaitable[object]) -> str:
+    try:
+        await asyncio.wait_for(aw, timeout=2)
+    except Exception as exc:
+        return f"error: {type(exc).__name__}"
+    return "ok"
+
+
+async def ready(request: web.Request) -> web.Response:
+    """GET /ready: Postgres, Redis and the ticks; 503 with details when any is down."""
+    service = request.app[SERVICE_KEY]
+    checks = {
+        "postgres": await _check(service.pool.fetchval("select 1")),
+        "redis": await _check(service.redis.ping()),
+        "scheduler": "ok"
+        if service.ticks.running and not service.ticks.health.stale()
+        else "stale",
+    }
+    ok = all(v == "ok" for v in checks.values())
+    details: dict[str, Any] = {"status": "ok" if ok else "unavailable", "checks": checks}
+    if service.ticks.health.last_error:
+        details["tickErrors"] = dict(service.ticks.health.last_error)
+    return json_response(details, 200 if ok else 503)
+
+
+async def queue_figures(service: Service) -> dict[str, Any]:
+    """Queue depths and poll lag from Redis."""
+    now_ms = time.time() * 1000
+    depths = {
+        "poll": await service.polls.size(),
+        "deliver": await service.deliveries.size(),
+        "deliver_retry": await service.retries.size(),
+    }
+    oldest = await service.polls.oldest_due_ms()
+    lag_s = max(0.0, (now_ms - oldest) / 1000) if oldest is not None else 0.0
+    return {"queues": depths, "pollLagSeconds": round(lag_s, 3)}
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus text; gauges read from Redis and Postgres at scrape time."""
+    service = request.app[SERVICE_KEY]
+    try:
+        figures = await asyncio.wait_for(queue_figures(service), timeout=2)
+        for name, depth in figures["queues"].items():
+            QUEUE_DEPTH.labels(name).set(depth)
+        POLL_LAG.set(figures["pollLagSeconds"])
+        counts = await asyncio.wait_for(tx_store.counts_by_status(service.pool), timeout=2)
+        PENDING.set(counts.get("pending", 0))
+    except Exception:  # a scrape still answers with what the process knows
+        pass
+    return web.Response(
+        body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
+
+
+async def stats(request: web.Request) -> web.Response:
+    """GET /api/v1/stats: transactions and deliveries by status, queues, lag, Bakong errors."""
+    service = request.app[SERVICE_KEY]
+    oldest_pending = await service.pool.fetchval(
+        "select extract(epoch from now() - min(created_at)) from transactions"
+        " where status = 'pending'"
+    )
+    body = {
+        "transactions": await tx_store.counts_by_status(service.pool),
+        "deliveries": await delivery_store.counts_by_status(service.pool),
+        **(await queue_figures(service)),
+        "oldestPendingSeconds": round(float(oldest_pending), 3) if oldest_pending else None,
+        "bakong": service.bakong.recent.summary(),
+        "inFlightDeliveries": service.deliverer.in_flight,
+    }
+    return json_response(body)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/v1/stats", stats)

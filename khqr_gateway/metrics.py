@@ -1,0 +1,79 @@
+"""Prometheus metrics: one registry per process, every metric named once here."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+BAKONG_CALLS = Counter(
+    "khqr_bakong_calls_total",
+    "Bakong API calls by endpoint and outcome (ok, or the error kind)",
+    ["endpoint", "outcome"],
+    registry=REGISTRY,
+)
+BAKONG_LATENCY = Histogram(
+    "khqr_bakong_call_seconds",
+    "Bakong API call latency",
+    ["endpoint"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
+MD5_CHECKS = Counter(
+    "khqr_md5_checks_total",
+    "md5 checks by what Bakong said (paid, failed, not_found, error)",
+    ["result"],
+    registry=REGISTRY,
+)
+TRANSITIONS = Counter(
+    "khqr_transitions_total",
+    "Terminal transitions recorded, by status",
+    ["status"],
+    registry=REGISTRY,
+)
+DELIVERY_ATTEMPTS = Counter(
+    "khqr_webhook_attempts_total",
+    "Webhook attempts by outcome (delivered, retry, failed)",
+    ["outcome"],
+    registry=REGISTRY,
+)
+DELIVERY_LATENCY = Histogram(
+    "khqr_webhook_attempt_seconds",
+    "Webhook attempt duration",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30),
+    registry=REGISTRY,
+)
+TRANSITION_TO_DELIVERY = Histogram(
+    "khqr_transition_to_delivered_seconds",
+    "Time from a terminal transition to its webhook being delivered",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
+    registry=REGISTRY,
+)
+QUEUE_DEPTH = Gauge(
+    "khqr_queue_depth",
+    "Members of each Redis schedule (poll, deliver, deliver_retry)",
+    ["queue"],
+    registry=REGISTRY,
+)
+POLL_LAG = Gauge(
+    "khqr_poll_lag_seconds",
+    "Now minus the oldest due time in the poll schedule (0 when nothing is overdue)",
+    registry=REGISTRY,
+)
+PENDING = Gauge(
+    "khqr_pending_transactions",
+    "Transactions waiting for a payment, from Postgres",
+    registry=REGISTRY,
+)
+TOKEN_EXPIRY = Gauge(
+    "khqr_bakong_token_expiry_seconds",
+    "Seconds until each Bakong credential's token expires (negative: expired)",
+    ["credential"],
+    registry=REGISTRY,
+)
+TICK_ERRORS = Counter(
+    "khqr_tick_errors_total",
+    "Periodic ticks that raised, by tick",
+    ["tick"],
+    registry=REGISTRY,
+)
