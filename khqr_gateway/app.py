@@ -14,6 +14,7 @@ from aiohttp import web
 
 from khqr_gateway.api import API_KEY_ID, REQUEST_ID, ops, transactions
 from khqr_gateway.api.errors import ApiError, error_response
+from khqr_gateway.api.openapi import setup_openapi
 from khqr_gateway.bakong.sandbox import create_sandbox_app
 from khqr_gateway.config import Settings
 from khqr_gateway.service import SERVICE_KEY, Service
@@ -166,6 +167,7 @@ def create_app(
     app.cleanup_ctx.append(lifecycle)
     ops.add_routes(app)
     transactions.add_routes(app)
+    setup_openapi(app)
     return app
 
 

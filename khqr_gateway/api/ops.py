@@ -8,15 +8,20 @@ from collections.abc import Awaitable
 from typing import Any
 
 from aiohttp import web
+from aiohttp_apigami import docs, response_schema
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from khqr_gateway.api.errors import json_response
+from khqr_gateway.api.openapi import errors
+from khqr_gateway.api.schemas import HealthSchema, ReadySchema, StatsSchema
 from khqr_gateway.metrics import PENDING, POLL_LAG, QUEUE_DEPTH, REGISTRY
 from khqr_gateway.service import SERVICE_KEY, Service
 from khqr_gateway.store import deliveries as delivery_store
 from khqr_gateway.store import transactions as tx_store
 
 
+@docs(tags=["operations"], summary="The process is alive")
+@response_schema(HealthSchema, 200)
 async def health(request: web.Request) -> web.Response:
     """GET /health: the process is alive."""
     return json_response({"status": "ok"})
@@ -30,6 +35,12 @@ async def _check(aw: Awaitable[object]) -> str:
     return "ok"
 
 
+@docs(
+    tags=["operations"],
+    summary="Ready: Postgres, Redis and the scheduler",
+    responses={503: {"description": "Not ready", "schema": ReadySchema}},
+)
+@response_schema(ReadySchema, 200)
 async def ready(request: web.Request) -> web.Response:
     """GET /ready: Postgres, Redis and the ticks; 503 with details when any is down."""
     service = request.app[SERVICE_KEY]
@@ -60,6 +71,11 @@ async def queue_figures(service: Service) -> dict[str, Any]:
     return {"queues": depths, "pollLagSeconds": round(lag_s, 3)}
 
 
+@docs(
+    tags=["operations"],
+    summary="Prometheus metrics",
+    responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}},
+)
 async def metrics(request: web.Request) -> web.Response:
     """GET /metrics: Prometheus text; gauges read from Redis and Postgres at scrape time."""
     service = request.app[SERVICE_KEY]
@@ -77,6 +93,8 @@ async def metrics(request: web.Request) -> web.Response:
     )
 
 
+@docs(tags=["operations"], summary="Queue and status figures", responses=errors(401))
+@response_schema(StatsSchema, 200)
 async def stats(request: web.Request) -> web.Response:
     """GET /api/v1/stats: transactions and deliveries by status, queues, lag, Bakong errors."""
     service = request.app[SERVICE_KEY]

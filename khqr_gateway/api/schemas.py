@@ -199,3 +199,23 @@ class ErrorDetailSchema(Schema):
 
 class ErrorSchema(Schema):
     error = fields.Nested(ErrorDetailSchema, required=True)
+
+
+class HealthSchema(Schema):
+    status = fields.String(required=True)
+
+
+class ReadySchema(Schema):
+    status = fields.String(required=True, metadata={"description": "ok or unavailable"})
+    checks = fields.Dict(keys=fields.String(), values=fields.String())
+    tickErrors = fields.Dict(keys=fields.String(), values=fields.String())
+
+
+class StatsSchema(Schema):
+    transactions = fields.Dict(keys=fields.String(), values=fields.Integer())
+    deliveries = fields.Dict(keys=fields.String(), values=fields.Integer())
+    queues = fields.Dict(keys=fields.String(), values=fields.Integer())
+    pollLagSeconds = fields.Float()
+    oldestPendingSeconds = fields.Float(allow_none=True)
+    bakong = fields.Dict()
+    inFlightDeliveries = fields.Integer()

@@ -14,13 +14,18 @@ from uuid import UUID
 import asyncpg
 import orjson
 from aiohttp import web
+from aiohttp_apigami import docs, request_schema, response_schema
 from marshmallow import Schema, ValidationError
 
 from khqr_gateway.api import API_KEY_ID
 from khqr_gateway.api.errors import ApiError, error_response, field_errors, iso, json_response
+from khqr_gateway.api.openapi import errors
 from khqr_gateway.api.schemas import (
+    TransactionCreatedSchema,
     TransactionCreateSchema,
     TransactionListQuerySchema,
+    TransactionPageSchema,
+    TransactionSchema,
 )
 from khqr_gateway.bakong import khqr
 from khqr_gateway.credentials import token_expired
@@ -178,6 +183,20 @@ async def _schedule_first_poll(service: Service, row: asyncpg.Record) -> None:
         log.warning("could not schedule the first poll: %s", exc, extra={"jobId": str(row["id"])})
 
 
+@docs(
+    tags=["transactions"],
+    summary="Track a KHQR payment",
+    description="Starts polling Bakong for the md5 (or the md5 of `qr`) and sends the webhook "
+    "when it is paid, failed, mismatched or timed out. 200 with the existing transaction when "
+    "the same md5 is already pending. A repeated `Idempotency-Key` replays the first response.",
+    parameters=[{"in": "header", "name": "Idempotency-Key", "schema": {"type": "string"}}],
+    responses={
+        200: {"description": "This md5 is already pending: the existing transaction"},
+        **errors(400, 401, 409, 413, 415, 422),
+    },
+)
+@request_schema(TransactionCreateSchema)
+@response_schema(TransactionCreatedSchema, 201, description="Tracking started")
 async def post_transaction(request: web.Request) -> web.Response:
     """POST /api/v1/transactions."""
     service = request.app[SERVICE_KEY]
@@ -251,6 +270,8 @@ def _job_id(request: web.Request) -> UUID:
         raise ApiError(404, "not_found", "no transaction with this jobId") from None
 
 
+@docs(tags=["transactions"], summary="Get a transaction", responses=errors(401, 404))
+@response_schema(TransactionSchema, 200)
 async def get_transaction(request: web.Request) -> web.Response:
     """GET /api/v1/transactions/{jobId}."""
     row = await store.get(request.app[SERVICE_KEY].pool, _job_id(request))
@@ -273,6 +294,9 @@ def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
         raise _invalid("cursor", "is not a cursor this API gave") from None
 
 
+@docs(tags=["transactions"], summary="List transactions, newest first", responses=errors(401, 422))
+@request_schema(TransactionListQuerySchema, location="querystring")
+@response_schema(TransactionPageSchema, 200)
 async def list_transactions(request: web.Request) -> web.Response:
     """GET /api/v1/transactions?md5=&status=&limit=&cursor=."""
     query = load(TransactionListQuerySchema(), dict(request.query))
@@ -293,6 +317,12 @@ async def list_transactions(request: web.Request) -> web.Response:
     )
 
 
+@docs(
+    tags=["transactions"],
+    summary="Cancel a pending transaction (no webhook)",
+    responses=errors(401, 404, 409),
+)
+@response_schema(TransactionSchema, 200)
 async def delete_transaction(request: web.Request) -> web.Response:
     """DELETE /api/v1/transactions/{jobId}: cancel a pending transaction; no webhook."""
     service = request.app[SERVICE_KEY]
