@@ -10,9 +10,23 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import asyncpg
 from aiohttp import web
+from redis.exceptions import RedisError
 
-from khqr_gateway.api import API_KEY_ID, REQUEST_ID, ops, transactions
+from khqr_gateway.api import (
+    API_KEY_ID,
+    REQUEST_ID,
+    compat,
+    credentials,
+    dashboard,
+    deliveries,
+    khqr,
+    live,
+    ops,
+    pay,
+    transactions,
+)
 from khqr_gateway.api.errors import ApiError, error_response
 from khqr_gateway.api.openapi import setup_openapi
 from khqr_gateway.bakong.sandbox import create_sandbox_app
@@ -84,11 +98,40 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(exc.status, code, message, headers=_kept_headers(exc))
     except (asyncio.CancelledError, KeyboardInterrupt):
         raise
-    except Exception:
+    except Exception as exc:
+        dependency = unavailable_dependency(exc)
+        if dependency is not None:
+            name = type(exc).__name__
+            log.warning("%s unavailable: %s", dependency, name, extra={"path": request.path})
+            return error_response(
+                503,
+                f"{dependency}_unavailable",
+                f"{dependency.capitalize()} is unavailable; nothing was lost, retry shortly",
+                headers={"Retry-After": "5"},
+            )
         log.exception(
             "unhandled error", extra={"path": request.path, "requestId": request.get(REQUEST_ID)}
         )
         return error_response(500, "internal_error", "something went wrong on our side")
+
+
+def unavailable_dependency(exc: BaseException) -> str | None:
+    """'postgres' or 'redis' when `exc` means that dependency cannot be reached."""
+    if isinstance(exc, RedisError):
+        return "redis"
+    if isinstance(
+        exc,
+        asyncpg.exceptions.ConnectionDoesNotExistError
+        | asyncpg.exceptions.CannotConnectNowError
+        | asyncpg.exceptions.TooManyConnectionsError
+        | asyncpg.exceptions.AdminShutdownError
+        | asyncpg.exceptions.InterfaceError
+        | ConnectionError
+        | OSError
+        | TimeoutError,
+    ):
+        return "postgres"
+    return None
 
 
 def _kept_headers(exc: web.HTTPException) -> dict[str, str]:
@@ -167,6 +210,13 @@ def create_app(
     app.cleanup_ctx.append(lifecycle)
     ops.add_routes(app)
     transactions.add_routes(app)
+    credentials.add_routes(app)
+    live.add_routes(app)
+    compat.add_routes(app)
+    khqr.add_routes(app)
+    pay.add_routes(app)
+    deliveries.add_routes(app)
+    dashboard.add_routes(app, settings)
     setup_openapi(app)
     return app
 

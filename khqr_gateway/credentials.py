@@ -1,25 +1,44 @@
-"""Bakong credentials: which token each transaction's checks use, and renewal through email."""
+"""Bakong credentials: which token each transaction's checks use, and their renewal by email.
+
+A credential is a token, an email, or both. A token's expiry is its JWT `exp` claim (read, not
+verified). Credentials with an email are renewed through `renew_token`: by the token tick
+before they expire, and at once when Bakong rejects their token (401). One renewal per
+credential happens at a time across every gateway process (a Redis lock). A credential whose
+token is unusable and cannot be renewed is marked `expired` with why, logged at error level,
+and left alone by the poll tick (its transactions time out as `bakong_unauthorized`); the
+token tick keeps retrying email credentials, and adding the credential again revives it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import time
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import orjson
 
 from khqr_gateway.bakong.client import BakongClient, BakongError
+from khqr_gateway.metrics import TOKEN_EXPIRY, TOKEN_RENEWALS
 from khqr_gateway.store import transactions as store
+from khqr_gateway.store.locks import Locks, LockTimeout
 from khqr_gateway.store.transactions import Credential
 
 log = logging.getLogger(__name__)
 
 SANDBOX_TOKEN_EMAIL = "sandbox@khqr-gateway.local"
+ACTIVE = "active"
+EXPIRED = "expired"
 _CACHE_TTL_S = 30.0
+# Longer than a renew_token call can take, so a live holder never loses the lock.
+RENEW_LOCK_TTL_MS = 30_000
+# Renewal failures that no retry will fix.
+PERMANENT_RENEWAL_ERRORS = frozenset({"not_registered", "renew_failed"})
 
 
 def jwt_expiry(token: str) -> datetime | None:
@@ -40,6 +59,24 @@ def token_expired(token: str, now: float | None = None) -> bool:
     return exp is not None and exp.timestamp() <= (time.time() if now is None else now)
 
 
+def expiry_seconds(credential: Credential, now: float | None = None) -> float | None:
+    """Seconds the credential's token has left; 0 or less when it cannot be used."""
+    now = time.time() if now is None else now
+    left = credential.expires_at.timestamp() - now if credential.expires_at else None
+    if credential.status == EXPIRED or credential.token is None:
+        return min(left, 0.0) if left is not None else 0.0
+    return left
+
+
+def _usable(credential: Credential | None, stale: str | None) -> str | None:
+    """The credential's token if it is active, unexpired and not the one found wanting."""
+    if credential is None or credential.status != ACTIVE or not credential.token:
+        return None
+    if credential.token == stale or token_expired(credential.token):
+        return None
+    return credential.token
+
+
 class NoToken(Exception):
     """A credential that has no usable token (expired, or its email cannot be renewed)."""
 
@@ -47,9 +84,20 @@ class NoToken(Exception):
 class Credentials:
     """Tokens by credential id, cached briefly; renews email credentials once at a time."""
 
-    def __init__(self, pool: asyncpg.Pool, bakong: BakongClient) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        bakong: BakongClient,
+        locks: Locks | None = None,
+        *,
+        renew_before_days: int = 7,
+        lock_wait_s: float = RENEW_LOCK_TTL_MS / 1000,
+    ) -> None:
         self.pool = pool
         self.bakong = bakong
+        self.locks = locks
+        self.renew_before = timedelta(days=renew_before_days)
+        self.lock_wait_s = lock_wait_s
         self.default_id: int | None = None
         self._cache: dict[int, tuple[float, Credential]] = {}
         self._locks: dict[int, asyncio.Lock] = {}
@@ -74,10 +122,29 @@ class Credentials:
         self._cache.pop(cred.id, None)
         return cred.id
 
+    async def save(self, *, token: str | None, email: str | None) -> tuple[Credential, bool]:
+        """Add or replace a credential (POST /api/v1/credentials); returns it and whether new.
+
+        An email credential without a usable token is renewed at once, so that the answer
+        says whether the email works.
+        """
+        cred, created = await store.save_credential(
+            self.pool, token=token, email=email, expires_at=jwt_expiry(token) if token else None
+        )
+        self._cache.pop(cred.id, None)
+        if cred.email and _usable(cred, None) is None:
+            with contextlib.suppress(NoToken):
+                await self.renew(cred.id, stale=cred.token, rejected=False)
+            cred = await self._fresh(cred.id) or cred
+        return cred, created
+
     async def get(self, credential_id: int) -> Credential | None:
         hit = self._cache.get(credential_id)
         if hit and hit[0] > time.monotonic():
             return hit[1]
+        return await self._fresh(credential_id)
+
+    async def _fresh(self, credential_id: int) -> Credential | None:
         found = await store.credentials_by_id(self.pool, [credential_id])
         cred = found.get(credential_id)
         if cred:
@@ -93,31 +160,113 @@ class Credentials:
         cred = await self.get(credential_id)
         if cred is None:
             raise NoToken(f"credential {credential_id} not found")
-        if cred.token and not token_expired(cred.token):
-            return cred.token
-        if cred.email:
-            return await self.renew(credential_id, stale=cred.token)
-        raise NoToken(f"credential {credential_id} has an expired token and no email")
-
-    async def renew(self, credential_id: int, *, stale: str | None) -> str:
-        """Renew through the credential's email, once even when many callers ask at once."""
-        lock = self._locks.setdefault(credential_id, asyncio.Lock())
-        async with lock:
-            self._cache.pop(credential_id, None)
-            cred = await self.get(credential_id)
-            if cred is None or not cred.email:
-                raise NoToken(f"credential {credential_id} cannot be renewed")
-            if cred.token and cred.token != stale and not token_expired(cred.token):
-                return cred.token  # another caller renewed it while we waited
-            try:
-                token = await self.bakong.renew_token(cred.email)
-            except BakongError as exc:
-                log.error(
-                    "bakong token renewal failed",
-                    extra={"credentialId": credential_id, "error": exc.kind},
-                )
-                raise NoToken(f"credential {credential_id}: renewal failed ({exc.kind})") from None
-            await store.save_token(self.pool, credential_id, token, jwt_expiry(token))
-            self._cache.pop(credential_id, None)
-            log.info("bakong token renewed", extra={"credentialId": credential_id})
+        if cred.status == EXPIRED:
+            raise NoToken(f"credential {credential_id} is expired")
+        if token := _usable(cred, None):
             return token
+        return await self.renew(credential_id, stale=cred.token, rejected=False)
+
+    async def renew(self, credential_id: int, *, stale: str | None, rejected: bool = True) -> str:
+        """A fresh token, renewed by email once however many callers (and processes) ask.
+
+        `stale` is the token the caller found wanting; `rejected` says Bakong refused it
+        (401), so it is unusable even if its `exp` is still ahead. When another caller has
+        replaced it already, the replacement is returned without calling Bakong.
+        """
+        async with self._locks.setdefault(credential_id, asyncio.Lock()):
+            cred = await self._fresh(credential_id)
+            if token := _usable(cred, stale):
+                return token
+            if cred is None:
+                raise NoToken(f"credential {credential_id} not found")
+            if not cred.email:
+                why = "Bakong rejected the token" if rejected else "the token has expired"
+                await self._expire(cred, f"{why} and there is no email to renew it")
+                raise NoToken(f"credential {credential_id} cannot be renewed")
+            try:
+                async with self._shared_lock(credential_id):
+                    cred = await self._fresh(credential_id)
+                    if token := _usable(cred, stale):
+                        return token
+                    assert cred is not None and cred.email
+                    return await self._renew_now(cred, rejected=rejected and cred.token == stale)
+            except LockTimeout:
+                raise NoToken(f"credential {credential_id}: renewal elsewhere is stuck") from None
+
+    @contextlib.asynccontextmanager
+    async def _shared_lock(self, credential_id: int) -> AsyncIterator[None]:
+        if self.locks is None:
+            yield
+            return
+        async with self.locks.hold(
+            str(credential_id), ttl_ms=RENEW_LOCK_TTL_MS, wait_s=self.lock_wait_s
+        ):
+            yield
+
+    async def _renew_now(self, cred: Credential, *, rejected: bool) -> str:
+        assert cred.email is not None
+        try:
+            token = await self.bakong.renew_token(cred.email)
+        except BakongError as exc:
+            TOKEN_RENEWALS.labels(exc.kind).inc()
+            await self._renewal_failed(cred, exc.kind, rejected=rejected)
+            raise NoToken(f"credential {cred.id}: renewal failed ({exc.kind})") from None
+        TOKEN_RENEWALS.labels("ok").inc()
+        expires_at = jwt_expiry(token)
+        await store.save_token(self.pool, cred.id, token, expires_at)
+        self._cache.pop(cred.id, None)
+        log.info(
+            "bakong token renewed",
+            extra={"credentialId": cred.id, "expiresAt": expires_at and expires_at.isoformat()},
+        )
+        return token
+
+    async def _renewal_failed(self, cred: Credential, kind: str, *, rejected: bool) -> None:
+        error = f"token renewal failed: {kind}"
+        if rejected or _usable(cred, None) is None:
+            await self._expire(cred, error)
+            return
+        # The current token still works for a while: keep using it, say why renewal failed.
+        await store.set_credential_error(self.pool, cred.id, error)
+        self._cache.pop(cred.id, None)
+        permanent = kind in PERMANENT_RENEWAL_ERRORS
+        log.log(
+            logging.ERROR if permanent and cred.last_error != error else logging.WARNING,
+            "bakong token renewal failed; the current token works until it expires",
+            extra={"credentialId": cred.id, "error": kind, "expiresAt": _iso(cred.expires_at)},
+        )
+
+    async def _expire(self, cred: Credential, error: str) -> None:
+        changed = await store.mark_credential_expired(self.pool, cred.id, error)
+        self._cache.pop(cred.id, None)
+        log.log(
+            logging.ERROR if changed or cred.last_error != error else logging.WARNING,
+            "bakong credential expired: its transactions will time out as bakong_unauthorized",
+            extra={"credentialId": cred.id, "error": error, "isDefault": cred.is_default},
+        )
+
+    async def tick(self) -> None:
+        """The token tick: renew what expires soon, mark what cannot be used, export expiries."""
+        renew_before = datetime.now(UTC) + self.renew_before
+        for cred in await store.credentials_needing_care(self.pool, renew_before):
+            if cred.email:
+                with contextlib.suppress(NoToken):
+                    await self.renew(cred.id, stale=cred.token, rejected=False)
+            else:
+                await self._expire(cred, "the token has expired and there is no email to renew it")
+        await self.export_expiries()
+
+    async def export_expiries(self) -> None:
+        """khqr_bakong_token_expiry_seconds{credential="<id>"} for every credential."""
+        after: int | None = None
+        now = time.time()
+        while page := await store.list_credentials(self.pool, after=after, limit=1000):
+            for cred in page:
+                seconds = expiry_seconds(cred, now)
+                if seconds is not None:
+                    TOKEN_EXPIRY.labels(str(cred.id)).set(seconds)
+            after = page[-1].id
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None

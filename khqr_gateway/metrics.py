@@ -77,3 +77,20 @@ TICK_ERRORS = Counter(
     ["tick"],
     registry=REGISTRY,
 )
+BAKONG_THROTTLED = Counter(
+    "khqr_bakong_throttled_total",
+    "Bakong calls put off because the shared rate limit (BAKONG_MAX_RPS) had no room",
+    registry=REGISTRY,
+)
+BAKONG_CIRCUIT = Gauge(
+    "khqr_bakong_circuit_open",
+    "Per credential id: 1 while its circuit breaker is open (calls stopped), else 0",
+    ["credential"],
+    registry=REGISTRY,
+)
+TOKEN_RENEWALS = Counter(
+    "khqr_bakong_token_renewals_total",
+    "Bakong token renewals by outcome (ok, or the error kind)",
+    ["outcome"],
+    registry=REGISTRY,
+)

@@ -50,6 +50,8 @@ class CheckResult:
     data: dict[str, Any] | None = None
     # Why there was no answer (ERROR) or why Bakong refused (FAILED); short snake_case words.
     error: str | None = None
+    # No answer yet and not worth asking again for this many seconds (429, open circuit).
+    retry_after: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -44,6 +45,7 @@ class Ticks:
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None}
         )
         self.health = TickHealth()
+        self._running: set[asyncio.Task[Any]] = set()
         self._started_at = time.time()
 
     def add(self, name: str, interval_s: float, tick: Callable[[], Awaitable[Any]]) -> None:
@@ -51,6 +53,9 @@ class Ticks:
         self.health.last_ok[name] = time.time()
 
         async def run() -> None:
+            task = asyncio.current_task()
+            if task is not None:
+                self._running.add(task)
             try:
                 await tick()
             except Exception as exc:
@@ -59,6 +64,9 @@ class Ticks:
                     log.error("%s tick failed: %s", name, exc, exc_info=exc)
                 self.health.last_error[name] = repr(exc)
                 return
+            finally:
+                if task is not None:
+                    self._running.discard(task)
             self.health.last_ok[name] = time.time()
             self.health.last_error.pop(name, None)
 
@@ -74,6 +82,9 @@ class Ticks:
     def running(self) -> bool:
         return bool(self.scheduler.running)
 
-    def stop(self) -> None:
+    async def stop(self, grace_s: float) -> None:
+        """Start no new tick; let running ones finish within `grace_s`."""
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
+        if self._running:
+            await asyncio.wait(list(self._running), timeout=grace_s)

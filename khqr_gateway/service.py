@@ -15,17 +15,22 @@ from khqr_gateway.bakong.client import BakongClient
 from khqr_gateway.bakong.sandbox import make_token
 from khqr_gateway.config import Settings
 from khqr_gateway.credentials import SANDBOX_TOKEN_EMAIL, Credentials
+from khqr_gateway.events import EventHub
 from khqr_gateway.scheduler import Ticks
 from khqr_gateway.store import db
 from khqr_gateway.store import deliveries as delivery_store
 from khqr_gateway.store import transactions as tx_store
+from khqr_gateway.store.locks import Locks
+from khqr_gateway.store.ratelimit import RateLimit
 from khqr_gateway.store.schedule import Schedule, keys
 from khqr_gateway.tracking import Poller
-from khqr_gateway.webhooks.sender import Deliverer
+from khqr_gateway.webhooks.sender import KEEPALIVE_S, MAX_IN_FLIGHT, Deliverer
+from khqr_gateway.webhooks.ssrf import AddressPolicy, GuardedConnector
 
 log = logging.getLogger(__name__)
 
 RECONCILE_INTERVAL_S = 10.0
+TOKEN_INTERVAL_S = 60.0
 RECONCILE_PAGE = 5000
 
 
@@ -43,6 +48,7 @@ class Service:
     retries: Schedule
     poller: Poller
     deliverer: Deliverer
+    events: EventHub
     ticks: Ticks = field(default_factory=Ticks)
     started_at: float = field(default_factory=time.time)
 
@@ -60,10 +66,23 @@ class Service:
         redis = Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
         names = keys(settings.redis_namespace)
         bakong = BakongClient(bakong_url, timeout_s=settings.bakong_timeout_s)
-        credentials = Credentials(pool, bakong)
+        credentials = Credentials(
+            pool,
+            bakong,
+            Locks(redis, names["bakong_renew"]),
+            renew_before_days=settings.bakong_renew_before_days,
+        )
+        limits = RateLimit(
+            redis,
+            bucket_key=names["bakong_rate"],
+            pause_prefix=names["bakong_pause"],
+            rate=settings.bakong_max_rps,
+        )
         polls = Schedule(redis, names["poll"])
         deliveries = Schedule(redis, names["deliver"])
         retries = Schedule(redis, names["deliver_retry"])
+        events = EventHub(redis, names["events"])
+        policy = AddressPolicy.for_settings(settings)
         service = cls(
             settings=settings,
             pool=pool,
@@ -81,6 +100,8 @@ class Service:
                 credentials=credentials,
                 interval_s=settings.poll_interval_s,
                 grace_s=settings.bakong_grace_s,
+                events=events,
+                limits=limits,
             ),
             deliverer=Deliverer(
                 pool=pool,
@@ -89,7 +110,11 @@ class Service:
                 secrets=settings.webhook_secrets,
                 retry_schedule=settings.webhook_retry_schedule,
                 timeout_s=settings.webhook_timeout_s,
+                connector_factory=lambda: GuardedConnector(
+                    policy, limit=MAX_IN_FLIGHT, keepalive_timeout=KEEPALIVE_S
+                ),
             ),
+            events=events,
         )
         await service._setup_credentials()
         return service
@@ -108,14 +133,18 @@ class Service:
         self.ticks.add("poll", min(0.25, interval / 4), self.poller.tick)
         self.ticks.add("deliver", 0.1, self.deliverer.tick)
         self.ticks.add("reconcile", RECONCILE_INTERVAL_S, self.reconcile)
+        self.ticks.add("token", TOKEN_INTERVAL_S, self.credentials.tick)
         self.ticks.start()
 
     async def stop(self) -> None:
         """Stop claiming, let in-flight deliveries finish within the grace, close pools."""
-        self.ticks.stop()
-        await self.deliverer.drain(self.settings.shutdown_grace_s)
+        grace = self.settings.shutdown_grace_s
+        await self.ticks.stop(grace)
+        await self.poller.hand_back()
+        await self.deliverer.drain(grace)
         await self.deliverer.close()
         await self.bakong.close()
+        await self.events.stop()
         await self.redis.aclose()
         await self.pool.close()
 

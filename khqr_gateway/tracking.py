@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
-from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -16,16 +16,17 @@ from uuid import UUID
 import asyncpg
 import orjson
 
-from khqr_gateway.bakong.client import MAX_BATCH, BakongClient, BakongError, gather_limited
-from khqr_gateway.credentials import Credentials, NoToken
+from khqr_gateway.bakong.checker import THROTTLED, Checker
+from khqr_gateway.bakong.client import MAX_BATCH, BakongClient
+from khqr_gateway.credentials import Credentials
+from khqr_gateway.events import EventHub
 from khqr_gateway.metrics import MD5_CHECKS, TRANSITIONS
 from khqr_gateway.models import CheckKind, CheckResult, Expected, PollItem, Status, Transition
 from khqr_gateway.store import transactions as store
-from khqr_gateway.store.schedule import Schedule
+from khqr_gateway.store.ratelimit import RateLimit
+from khqr_gateway.store.schedule import Lease, Schedule
 
 log = logging.getLogger(__name__)
-
-LIST_FALLBACK_S = 600.0
 
 
 # The state machine ----------------------------------------------------------------------
@@ -123,10 +124,6 @@ def transition(item: PollItem, outcome: Outcome) -> Transition:
     return Transition(item.id, outcome.status, outcome.reason, outcome.data, delivery_id, payload)
 
 
-def chunks(items: Sequence[PollItem], size: int = MAX_BATCH) -> Iterable[Sequence[PollItem]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
 
 # The poll tick ------------------------------------------------------------------------
 
@@ -146,6 +143,8 @@ class Poller:
         grace_s: float,
         claim_limit: int = 2000,
         max_in_flight: int = 8,
+        events: EventHub | None = None,
+        limits: RateLimit | None = None,
     ) -> None:
         self.pool = pool
         self.schedule = schedule
@@ -156,9 +155,23 @@ class Poller:
         self.grace_s = grace_s
         self.claim_limit = claim_limit
         self.max_in_flight = max_in_flight
-        self.lease_ms = 60_000
-        self._list_disabled_until: dict[int | None, float] = {}
+        self.events = events
+        # Kept alive while a tick works on them: a killed process's md5s are due in seconds.
+        self.lease_ms = 5_000
+        self.checker = Checker(
+            bakong=bakong,
+            credentials=credentials,
+            limits=limits,
+            interval_s=interval_s,
+            max_in_flight=max_in_flight,
+        )
         self.last_tick: float | None = None
+        self._claimed: Lease | None = None
+
+    async def hand_back(self) -> None:
+        """On shutdown: make what this process claimed due again at once for the others."""
+        if self._claimed is not None:
+            await self._give_back(self._claimed, 0)
 
     async def tick(self) -> int:
         """One pass over what is due now; returns how many transactions were checked."""
@@ -173,6 +186,24 @@ class Poller:
         )
         if not members:
             return 0
+        claim = Lease(self.schedule, members, lease, self.lease_ms)
+        self._claimed = claim
+        try:
+            with claim:
+                return await self._process(members, claim)
+        except Exception:
+            # Postgres or Bakong trouble: try these again in one interval, not at lease end.
+            await self._give_back(claim, self.interval_ms)
+            raise
+        finally:
+            self._claimed = None
+
+    async def _give_back(self, claim: Lease, delay_ms: int) -> None:
+        due = int(time.time() * 1000) + delay_ms
+        with contextlib.suppress(Exception):  # Redis down too: the lease runs out instead
+            await claim.finish([(m, due) for m in claim.members], [])
+
+    async def _process(self, members: list[str], lease: Lease) -> int:
         ids = _uuids(members)
         items = await store.load_pending(self.pool, list(ids.values()))
         found = {str(i.id) for i in items}
@@ -180,7 +211,7 @@ class Poller:
         now = datetime.now(UTC)
         results = await self.check(items, now)
         reschedule, finished = await self._apply(items, results, now)
-        await self.schedule.finish(lease, reschedule, gone + finished)
+        await lease.finish(reschedule, gone + finished)
         return len(items)
 
     async def _apply(
@@ -190,6 +221,9 @@ class Poller:
         transitions: list[Transition] = []
         for item in items:
             result = results.get(item.id, CheckResult(CheckKind.ERROR, error="no_result"))
+            if result.error == THROTTLED:  # not asked at all: nothing to decide yet
+                reschedule.append((str(item.id), self._next_due(item, result, now)))
+                continue
             MD5_CHECKS.labels(result.kind.value).inc()
             outcome = decide(item, result, now, grace_s=self.grace_s)
             if outcome.status is Status.PENDING:
@@ -197,6 +231,8 @@ class Poller:
             else:
                 transitions.append(transition(item, outcome))
         happened = await store.record_transitions(self.pool, transitions)
+        if self.events is not None:
+            await self.events.publish_transitions(transitions, happened)
         now_ms = int(now.timestamp() * 1000)
         await self.deliveries.add((d, now_ms) for _, d in happened if d is not None)
         done = {job for job, _ in happened}
@@ -217,105 +253,19 @@ class Poller:
     def _next_due(self, item: PollItem, result: CheckResult, now: datetime) -> int:
         now_ms = int(now.timestamp() * 1000)
         deadline_ms = int(item.deadline_at.timestamp() * 1000)
-        due = now_ms + self.interval_ms
+        wait_ms = self.interval_ms
+        if result.retry_after is not None:
+            # Throttled: again as soon as the rate limit has room; 429 / open circuit: later.
+            hint = int(result.retry_after * 1000)
+            wait_ms = hint if result.error == THROTTLED else max(wait_ms, hint)
+        due = now_ms + wait_ms
         if now_ms < deadline_ms:
             return min(due, deadline_ms)
         return due
 
     async def check(self, items: Sequence[PollItem], now: datetime) -> dict[UUID, CheckResult]:
-        """Ask Bakong about every item: batched by credential, final checks one by one."""
-        groups: dict[int | None, list[PollItem]] = defaultdict(list)
-        for item in items:
-            groups[item.credential_id].append(item)
-        jobs = []
-        for credential_id, group in groups.items():
-            jobs.append(self._check_group(credential_id, group, now))
-        results: dict[UUID, CheckResult] = {}
-        for part in await gather_limited(self.max_in_flight, *jobs):
-            results.update(part)
-        return results
-
-    async def _check_group(
-        self, credential_id: int | None, group: list[PollItem], now: datetime
-    ) -> dict[UUID, CheckResult]:
-        try:
-            token = await self.credentials.token(credential_id)
-        except NoToken:
-            return {i.id: CheckResult(CheckKind.ERROR, error="no_token") for i in group}
-        final = [i for i in group if now >= i.deadline_at]
-        regular = [i for i in group if now < i.deadline_at]
-        use_list = self._list_disabled_until.get(credential_id, 0.0) <= time.monotonic()
-        jobs: list[Any] = []
-        if use_list:
-            jobs += [self._check_list(credential_id, token, chunk) for chunk in chunks(regular)]
-        else:
-            final += regular
-        jobs += [self._check_single(credential_id, token, item) for item in final]
-        results: dict[UUID, CheckResult] = {}
-        for part in await gather_limited(self.max_in_flight, *jobs):
-            results.update(part)
-        return results
-
-    async def _check_list(
-        self, credential_id: int | None, token: str | None, chunk: Sequence[PollItem]
-    ) -> dict[UUID, CheckResult]:
-        try:
-            by_md5 = await self._with_renewal(
-                credential_id,
-                token,
-                lambda t: self.bakong.check_md5_list(t, [i.md5 for i in chunk]),
-            )
-        except BakongError as exc:
-            if exc.list_unsupported:
-                log.warning(
-                    "bakong list endpoint refused; checking md5s one by one",
-                    extra={"status": exc.status, "credentialId": credential_id},
-                )
-                self._list_disabled_until[credential_id] = time.monotonic() + LIST_FALLBACK_S
-                return await self._singles(credential_id, token, chunk)
-            return {i.id: CheckResult(CheckKind.ERROR, error=exc.kind) for i in chunk}
-        except NoToken:
-            return {i.id: CheckResult(CheckKind.ERROR, error="no_token") for i in chunk}
-        unclear = [i for i in chunk if by_md5.get(i.md5) is None]
-        results = {i.id: r for i in chunk if (r := by_md5.get(i.md5)) is not None}
-        results.update(await self._singles(credential_id, token, unclear))
-        return results
-
-    async def _singles(
-        self, credential_id: int | None, token: str | None, items: Sequence[PollItem]
-    ) -> dict[UUID, CheckResult]:
-        results: dict[UUID, CheckResult] = {}
-        for part in await gather_limited(
-            self.max_in_flight, *(self._check_single(credential_id, token, i) for i in items)
-        ):
-            results.update(part)
-        return results
-
-    async def _check_single(
-        self, credential_id: int | None, token: str | None, item: PollItem
-    ) -> dict[UUID, CheckResult]:
-        result = await self.bakong.check_md5(token, item.md5)
-        if result.error == "unauthorized":
-            try:
-                fresh = await self._renewed(credential_id, token)
-            except NoToken:
-                return {item.id: result}
-            result = await self.bakong.check_md5(fresh, item.md5)
-        return {item.id: result}
-
-    async def _with_renewal(self, credential_id: int | None, token: str | None, call: Any) -> Any:
-        try:
-            return await call(token)
-        except BakongError as exc:
-            if not exc.unauthorized:
-                raise
-            return await call(await self._renewed(credential_id, token))
-
-    async def _renewed(self, credential_id: int | None, token: str | None) -> str:
-        cred_id = credential_id if credential_id is not None else self.credentials.default_id
-        if cred_id is None:
-            raise NoToken("no credential to renew")
-        return await self.credentials.renew(cred_id, stale=token)
+        """Ask Bakong about every item (see bakong/checker.py for how politely)."""
+        return await self.checker.check(items, now)
 
 
 def _uuids(members: Sequence[str]) -> dict[str, UUID]:

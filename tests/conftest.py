@@ -4,10 +4,13 @@ a real webhook receiver socket, and a gateway factory."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
+import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -21,12 +24,48 @@ from redis.asyncio import Redis
 from khqr_gateway.app import create_app
 from khqr_gateway.bakong.sandbox import STATE_KEY, SandboxState, create_sandbox_app, make_token
 from khqr_gateway.config import AppEnv, Settings
+from khqr_gateway.logs import PinoFilter, PinoFormatter
 from khqr_gateway.service import SERVICE_KEY, Service
 from khqr_gateway.store import db
 
 ADMIN_DSN = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 TABLES = "delivery_attempts, deliveries, transactions, credentials, idempotency_keys"
+
+
+# Every secret a test configures; none may reach a log line or an API response.
+SECRETS: set[str] = set()
+
+
+def secret(value: str) -> str:
+    SECRETS.add(value)
+    return value
+
+
+@pytest.fixture(autouse=True)
+def no_secrets_leak() -> Iterator[None]:
+    """Every log line of every test, formatted as in production, is scanned for secrets."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(PinoFilter())
+    handler.setFormatter(PinoFormatter())
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    text = stream.getvalue()
+    leaked = [s[:6] + "…" for s in SECRETS if s and s in text]
+    assert not leaked, f"secrets in the logs: {leaked}"
+
+
+def assert_no_secret(text: str) -> None:
+    leaked = [s[:6] + "…" for s in SECRETS if s and s in text]
+    assert not leaked, f"secrets in a response: {leaked}"
 
 
 def _dsn_for(database: str) -> str:
@@ -173,6 +212,7 @@ async def receiver(aiohttp_server: Any) -> Receiver:
 
 @pytest.fixture
 def settings(bakong: SimulatedBakong, namespace: str) -> Settings:
+    secret(bakong.token)
     return Settings(
         app_env=AppEnv.TEST,
         redis_namespace=namespace,
@@ -199,10 +239,12 @@ class Gateway:
 
     async def post(self, path: str, body: Any, **headers: str) -> tuple[int, Any]:
         resp = await self.client.post(path, json=body, headers={**self.headers, **headers})
+        assert_no_secret(await resp.text())
         return resp.status, await resp.json()
 
     async def get(self, path: str) -> tuple[int, Any]:
         resp = await self.client.get(path, headers=self.headers)
+        assert_no_secret(await resp.text())
         return resp.status, await resp.json()
 
     async def wait_status(self, job_id: str, status: str, timeout: float = 10.0) -> Any:
@@ -235,6 +277,10 @@ async def make_gateway(
         app = create_app(these, database_url=database_url, redis_url=REDIS_URL, run_ticks=run_ticks)
         client = TestClient(TestServer(app))
         await client.start_server()
+        for value in these.api_keys:
+            secret(value)
+        for raw in these.webhook_secrets:
+            secret(base64.b64encode(raw).decode())
         key = these.api_keys[0] if these.api_keys else None
         gateway = Gateway(client, {"Authorization": f"Bearer {key}"} if key else {})
         started.append(gateway)

@@ -195,3 +195,26 @@ async def test_ready_reports_each_dependency(gateway: Gateway) -> None:
     status, body = await gateway.get("/ready")
     assert status == 200
     assert body["checks"] == {"postgres": "ok", "redis": "ok", "scheduler": "ok"}
+
+
+async def test_a_client_trickling_its_body_gets_408(gateway: Gateway, monkeypatch: Any) -> None:
+    import asyncio
+
+    from khqr_gateway.api import transactions
+
+    monkeypatch.setattr(transactions, "BODY_READ_TIMEOUT_S", 0.5)
+    host, port = gateway.client.server.host, gateway.client.server.port
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(
+        b"POST /api/v1/transactions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100\r\n\r\n{\"md5\":"
+    )
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readline(), timeout=5)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 408"), head
+
+
+async def test_oversized_headers_are_refused_not_crashed(gateway: Gateway) -> None:
+    resp = await gateway.client.get("/api/v1/transactions", headers={"X-Big": "a" * 20_000})
+    assert resp.status in (400, 431)

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import itertools
 import time
 from typing import Any
 
 import asyncpg
+import pytest
 from aiohttp import web
+from standardwebhooks import Webhook
+from standardwebhooks import WebhookVerificationError as StandardVerificationError
 
+from khqr_gateway.webhooks import verify
 from tests.conftest import Gateway, GatewayFactory, Receiver, SimulatedBakong, random_md5
 
 
@@ -171,3 +178,142 @@ async def test_a_hanging_receiver_does_not_delay_a_healthy_one(
     await paid(gw, bakong, receiver.url)
     [hook] = await receiver.wait_for(1, timeout=2.5)
     assert hook.at - start < 1.5
+
+
+# Signatures on the real request, and replays
+
+
+SECRET_KEY = bytes(range(7, 39))
+OLD_SECRET_KEY = bytes(range(50, 82))
+
+
+def whsec(key: bytes) -> str:
+    return "whsec_" + base64.b64encode(key).decode()
+
+
+async def test_sent_webhook_verifies_with_standardwebhooks_and_plain_hmac(
+    make_gateway: GatewayFactory, bakong: SimulatedBakong, receiver: Receiver
+) -> None:
+    gw = await make_gateway(webhook_secrets=(SECRET_KEY, OLD_SECRET_KEY))
+    created = await paid(gw, bakong, receiver.url)
+    [hook] = await receiver.wait_for(1)
+    # Either secret verifies: receivers keep working while the secret is rotated.
+    for key in (SECRET_KEY, OLD_SECRET_KEY):
+        body = Webhook(whsec(key)).verify(hook.body, hook.headers)
+        assert body["jobId"] == created["jobId"] and body["status"] == "success"
+        assert verify(whsec(key), hook.headers, hook.body)["md5"] == created["md5"]
+    simple = hook.headers["x-webhook-signature"].split(", ")
+    assert "sha256=" + hmac.new(SECRET_KEY, hook.body, hashlib.sha256).hexdigest() in simple
+    assert hook.headers["Content-Type"] == "application/json"
+    with pytest.raises(StandardVerificationError):
+        Webhook(whsec(bytes(32))).verify(hook.body, hook.headers)
+    with pytest.raises(StandardVerificationError):
+        Webhook(whsec(SECRET_KEY)).verify(hook.body.replace(b"success", b"failed!"), hook.headers)
+
+
+async def delivery_of(gw: Gateway, job_id: str) -> dict[str, Any]:
+    """The delivery of a transaction with its attempts, as the API reports it ({} if none)."""
+    _, page = await gw.get(f"/api/v1/deliveries?jobId={job_id}")
+    if not page["data"]:
+        return {}
+    _, delivery = await gw.get(f"/api/v1/deliveries/{page['data'][0]['id']}")
+    return delivery
+
+
+async def wait_delivery(
+    gw: Gateway, job_id: str, status: str, attempts: int, timeout: float = 10.0
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    delivery: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        delivery = await delivery_of(gw, job_id)
+        if delivery.get("status") == status and len(delivery["attempts"]) == attempts:
+            return delivery
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"delivery never {status} after {attempts} attempts: {delivery}")
+
+
+async def test_manual_retry_sends_again_with_the_same_webhook_id(
+    make_gateway: GatewayFactory, bakong: SimulatedBakong, receiver: Receiver
+) -> None:
+    gw = await make_gateway(webhook_secrets=(SECRET_KEY,))
+    receiver.statuses = [410]
+    created = await paid(gw, bakong, receiver.url)
+    failed = await wait_delivery(gw, created["jobId"], "failed", 1)
+    receiver.statuses = [500, 200]  # the new series has the whole retry schedule again
+    status, queued = await gw.post(f"/api/v1/deliveries/{failed['id']}/retry", None)
+    assert status == 202, queued
+    assert queued["id"] == failed["id"] and queued["status"] == "pending"
+    hooks = await receiver.wait_for(3)
+    done = await wait_delivery(gw, created["jobId"], "delivered", 3)
+    assert {h.headers["webhook-id"] for h in hooks} == {failed["id"]}
+    assert len({h.body for h in hooks}) == 1
+    assert int(hooks[2].headers["webhook-timestamp"]) >= int(hooks[0].headers["webhook-timestamp"])
+    for hook in hooks:  # each attempt is signed anew, and verifies
+        Webhook(whsec(SECRET_KEY)).verify(hook.body, hook.headers)
+    assert [a["statusCode"] for a in done["attempts"]] == [410, 500, 200]
+    assert [a["attempt"] for a in done["attempts"]] == [1, 2, 3]
+    assert done["attemptCount"] == 3 and done["deliveredAt"] is not None
+
+
+async def test_manual_retry_replays_a_delivered_webhook(
+    gateway: Gateway, bakong: SimulatedBakong, receiver: Receiver
+) -> None:
+    created = await paid(gateway, bakong, receiver.url)
+    first = await wait_delivery(gateway, created["jobId"], "delivered", 1)
+    status, _ = await gateway.post(f"/api/v1/deliveries/{first['id']}/retry", None)
+    assert status == 202
+    hooks = await receiver.wait_for(2)
+    assert hooks[0].headers["webhook-id"] == hooks[1].headers["webhook-id"] == first["id"]
+    assert hooks[0].body == hooks[1].body
+    replayed = await wait_delivery(gateway, created["jobId"], "delivered", 2)
+    assert replayed["deliveredAt"] >= first["deliveredAt"]
+
+
+async def test_manual_retry_of_an_unknown_delivery_is_404(gateway: Gateway) -> None:
+    status, body = await gateway.post("/api/v1/deliveries/msg_nope/retry", None)
+    assert status == 404 and body["error"]["code"] == "not_found"
+
+
+async def test_bulk_retry_sends_the_failed_ones_again(
+    gateway: Gateway, bakong: SimulatedBakong, receiver: Receiver
+) -> None:
+    receiver.statuses = [410, 410, 410]
+    failed = [await paid(gateway, bakong, receiver.url) for _ in range(3)]
+    ids = {(await wait_delivery(gateway, c["jobId"], "failed", 1))["id"] for c in failed}
+    ok = await paid(gateway, bakong, receiver.url)
+    delivered = await wait_delivery(gateway, ok["jobId"], "delivered", 1)
+
+    status, body = await gateway.post("/api/v1/deliveries/retry", {"limit": 2})
+    assert status == 202, body
+    assert body["retried"] == 2 and body["hasMore"] is True
+    assert set(body["ids"]) < ids
+    status, rest = await gateway.post("/api/v1/deliveries/retry", {"status": "failed"})
+    assert (rest["retried"], rest["hasMore"]) == (1, False)
+    assert set(body["ids"]) | set(rest["ids"]) == ids
+
+    hooks = await receiver.wait_for(7)  # 3 failed + 1 delivered + 3 replays
+    await asyncio.sleep(0.3)
+    replays = [h.headers["webhook-id"] for h in hooks[4:]]
+    assert len(hooks) == 7 and sorted(replays) == sorted(ids)
+    assert delivered["id"] not in replays, "only failed deliveries were retried"
+    for created in failed:
+        await wait_delivery(gateway, created["jobId"], "delivered", 2)
+
+
+async def test_bulk_retry_filters_by_time_and_checks_its_body(gateway: Gateway) -> None:
+    status, body = await gateway.post("/api/v1/deliveries/retry", {"since": "2999-01-01T00:00Z"})
+    assert (status, body["retried"], body["ids"]) == (202, 0, [])
+    resp = await gateway.client.post("/api/v1/deliveries/retry", headers=gateway.headers)
+    assert resp.status == 202, "no body means: every failed delivery"
+    for bad in (
+        {"limit": 1001},
+        {"limit": 0},
+        {"status": "lost"},
+        {"since": "yesterday"},
+        {"since": "2024-02-01T00:00:00Z", "until": "2024-01-01T00:00:00Z"},
+        {"olderThan": 5},
+    ):
+        status, body = await gateway.post("/api/v1/deliveries/retry", bad)
+        assert status == 422, (bad, body)
+        assert body["error"]["code"] == "validation_error"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from khqr_gateway.store.schedule import Schedule, keys
+from khqr_gateway.store.schedule import Lease, Schedule, keys
 
 
 def schedule(redis: Any, namespace: str, name: str = "poll") -> Schedule:
@@ -63,3 +63,18 @@ async def test_add_missing_skips_members_in_any_lane(redis: Any, namespace: str)
     added = await first.add_missing([("d1", 1000), ("d2", 1000)], [retry])
     assert added == 1
     assert await first.scores(["d1", "d2"]) == [None, 1000.0]
+
+
+async def test_a_kept_lease_outlives_its_length_and_finishes(redis: Any, namespace: str) -> None:
+    import time
+
+    s = schedule(redis, namespace)
+    now = int(time.time() * 1000)
+    await s.add([("job", now)])
+    members, until = await s.claim(now, 10, lease_ms=300)
+    lease = Lease(s, members, until, 300)
+    with lease:
+        await asyncio.sleep(0.7)  # two lease lengths: the keeper renewed it
+        assert (await s.claim(int(time.time() * 1000), 10, 300))[0] == []
+        assert await lease.finish([("job", 42)], []) == 1
+    assert await s.scores(["job"]) == [42.0]

@@ -11,7 +11,7 @@ from aiohttp import web
 from aiohttp_apigami import docs, response_schema
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from khqr_gateway.api.errors import json_response
+from khqr_gateway.api.errors import iso, json_response
 from khqr_gateway.api.openapi import errors
 from khqr_gateway.api.schemas import HealthSchema, ReadySchema, StatsSchema
 from khqr_gateway.metrics import PENDING, POLL_LAG, QUEUE_DEPTH, REGISTRY
@@ -38,6 +38,9 @@ async def _check(aw: Awaitable[object]) -> str:
 @docs(
     tags=["operations"],
     summary="Ready: Postgres, Redis and the scheduler",
+    description="503 when Postgres, Redis or the ticks are down. An expired default Bakong "
+    "credential makes `status` `degraded` (still 200: restarting or rerouting cannot fix a "
+    "token, and everything else still works); `bakong` says which credentials are expired.",
     responses={503: {"description": "Not ready", "schema": ReadySchema}},
 )
 @response_schema(ReadySchema, 200)
@@ -55,7 +58,45 @@ async def ready(request: web.Request) -> web.Response:
     details: dict[str, Any] = {"status": "ok" if ok else "unavailable", "checks": checks}
     if service.ticks.health.last_error:
         details["tickErrors"] = dict(service.ticks.health.last_error)
+    if checks["postgres"] == "ok":
+        details["bakong"] = await bakong_health(service)
+        if ok and details["bakong"].get("problem"):
+            details["status"] = "degraded"
     return json_response(details, 200 if ok else 503)
+
+
+EXPIRED_SHOWN = 20
+
+
+async def bakong_health(service: Service) -> dict[str, Any]:
+    """The default credential, expired ones and open circuits; `problem` if the default is
+    expired (readiness stays 200: only an operator with a fresh token can fix it)."""
+    default_id = service.credentials.default_id
+    found = await tx_store.credentials_by_id(service.pool, [default_id] if default_id else [])
+    default = found.get(default_id) if default_id else None
+    expired = await tx_store.list_credentials(
+        service.pool, status="expired", limit=EXPIRED_SHOWN + 1
+    )
+    health: dict[str, Any] = {
+        "defaultCredential": None
+        if default is None
+        else {
+            "id": default.id,
+            "status": default.status,
+            "expiresAt": iso(default.expires_at),
+            "lastError": default.last_error,
+        },
+        "expiredCredentials": [c.id for c in expired[:EXPIRED_SHOWN]],
+        "moreExpired": len(expired) > EXPIRED_SHOWN,
+        "circuits": service.poller.checker.circuits(),
+    }
+    if default is not None and default.status == "expired":
+        health["problem"] = (
+            f"the default Bakong credential ({default.id}) has no usable token "
+            f"({default.last_error}); transactions that use it will time out as "
+            "bakong_unauthorized. POST /api/v1/credentials a fresh token or a registered email."
+        )
+    return health
 
 
 async def queue_figures(service: Service) -> dict[str, Any]:
@@ -107,7 +148,10 @@ async def stats(request: web.Request) -> web.Response:
         "deliveries": await delivery_store.counts_by_status(service.pool),
         **(await queue_figures(service)),
         "oldestPendingSeconds": round(float(oldest_pending), 3) if oldest_pending else None,
-        "bakong": service.bakong.recent.summary(),
+        "bakong": {
+            **service.bakong.recent.summary(),
+            "circuits": service.poller.checker.circuits(),
+        },
         "inFlightDeliveries": service.deliverer.in_flight,
     }
     return json_response(body)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import logging
@@ -16,6 +17,7 @@ import orjson
 from aiohttp import web
 from aiohttp_apigami import docs, request_schema, response_schema
 from marshmallow import Schema, ValidationError
+from redis.exceptions import RedisError
 
 from khqr_gateway.api import API_KEY_ID
 from khqr_gateway.api.errors import ApiError, error_response, field_errors, iso, json_response
@@ -29,23 +31,31 @@ from khqr_gateway.api.schemas import (
 )
 from khqr_gateway.bakong import khqr
 from khqr_gateway.credentials import token_expired
+from khqr_gateway.events import Change
 from khqr_gateway.models import Expected, Status
 from khqr_gateway.service import SERVICE_KEY, Service
 from khqr_gateway.store import deliveries as delivery_store
 from khqr_gateway.store import transactions as store
 from khqr_gateway.store.transactions import NewTransaction
+from khqr_gateway.webhooks.ssrf import AddressPolicy
 
 log = logging.getLogger(__name__)
 
 JSON_TYPES = ("application/json",)
 IDEMPOTENCY_KEY_MAX = 255
+BODY_READ_TIMEOUT_S = 10.0
 
 
 async def read_json(request: web.Request) -> tuple[bytes, Any]:
     """The raw body and its JSON; 415 for another content type, 400 for bad JSON."""
     if request.content_type not in JSON_TYPES and not request.content_type.endswith("+json"):
         raise ApiError(415, "unsupported_media_type", "send the body as application/json")
-    raw = await request.read()
+    try:
+        async with asyncio.timeout(BODY_READ_TIMEOUT_S):
+            raw = await request.read()
+    except TimeoutError:
+        # A client that trickles its body would hold a connection forever.
+        raise ApiError(408, "request_timeout", "the body took too long to arrive") from None
     try:
         return raw, orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -145,6 +155,9 @@ async def _credential_id(service: Service, data: dict[str, Any]) -> int | None:
 
 async def create(service: Service, data: dict[str, Any]) -> tuple[asyncpg.Record, bool]:
     """Track a validated request; returns the row and whether it is new."""
+    refused = AddressPolicy.for_settings(service.settings).check_url(data["webhookUrl"])
+    if refused:
+        raise _invalid("webhookUrl", refused)
     if "qr" in data:
         _from_qr(data)
     credential_id = await _credential_id(service, data)
@@ -178,9 +191,11 @@ async def _schedule_first_poll(service: Service, row: asyncpg.Record) -> None:
     due = min(due, row["deadline_at"].timestamp() * 1000)
     try:
         await service.polls.add([(str(row["id"]), int(due))])
-    except Exception as exc:
-        # Postgres has it: the reconcile tick will schedule it when Redis is back.
-        log.warning("could not schedule the first poll: %s", exc, extra={"jobId": str(row["id"])})
+    except RedisError:
+        # Postgres has it and the reconcile tick schedules it when Redis is back; the client
+        # still hears 503, and its retry gets this same transaction (200).
+        log.warning("redis down: first poll left to reconcile", extra={"jobId": str(row["id"])})
+        raise
 
 
 @docs(
@@ -342,6 +357,7 @@ async def delete_transaction(request: web.Request) -> web.Response:
         await service.polls.remove([str(job_id)])
     except Exception as exc:  # the poll tick drops it anyway: it is no longer pending
         log.warning("could not unschedule a cancelled transaction: %s", exc)
+    await service.events.publish([Change(job_id, Status.CANCELLED, row["reason"])])
     log.info("transaction cancelled", extra={"jobId": str(job_id), "md5": row["md5"]})
     return json_response(transaction_json(row))
 

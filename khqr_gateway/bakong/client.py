@@ -7,6 +7,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
@@ -51,12 +52,25 @@ class BakongError(Exception):
         return self.status in (403, 404)
 
 
-def _retry_after(headers: Any) -> float | None:
-    value = headers.get("Retry-After")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After value (delta-seconds or HTTP-date); None if unusable."""
+    if value is None:
         return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _retry_after(headers: Any) -> float | None:
+    return parse_retry_after(headers.get("Retry-After"))
 
 
 def _error_for_status(status: int, headers: Any) -> BakongError:
@@ -244,7 +258,7 @@ class BakongClient:
         try:
             body = await self._post("check_transaction_by_md5", {"md5": md5}, token)
         except BakongError as exc:
-            return CheckResult(CheckKind.ERROR, error=exc.kind)
+            return CheckResult(CheckKind.ERROR, error=exc.kind, retry_after=exc.retry_after)
         return result_from_envelope(body)
 
     async def renew_token(self, email: str) -> str:

@@ -1,8 +1,35 @@
 """Simulated Bakong: the Open API endpoints of bakong-api.md plus control routes for tests.
 
 Served on its own port by `khqr-gateway sandbox`, or mounted in-process under `/sandbox`
-in development when no Bakong is configured. Control routes (under `/control`) let a
-developer mark an md5 paid or failed and inject faults.
+in development when no Bakong is configured.
+
+Bakong endpoints (`POST /v1/<name>`, bearer token required except for renew_token):
+`check_transaction_by_md5`, `check_transaction_by_md5_list` (a bare array of at most 50
+md5s, or `{"md5List": [...]}`) and `renew_token` (`{"email"}`). A token is refused with
+401 / errorCode 6 once its JWT `exp` has passed or after it was revoked.
+
+Control routes (under `/control`, JSON in and out):
+- `POST /control/transactions/{md5}/pay` `{amount?, currency?, toAccountId?, ...}`: paid.
+- `POST /control/transactions/{md5}/fail`: failed (errorCode 3).
+- `GET /control/transactions/{md5}`: its status and how often it was checked.
+- `GET /control/stats`: calls per endpoint, md5s checked (distinct, and checks in all),
+  the most calls that were in flight at once.
+- `POST /control/faults`: replaces the injected faults (`{}` clears them). Fields:
+  `status` (HTTP status for every Bakong call, e.g. 500, 429, 401, 403),
+  `listStatus` (status for the list endpoint only, e.g. 403; wins over `status` there),
+  `retryAfter` (Retry-After header sent with those statuses, e.g. "2"),
+  `delayS` (seconds to wait before answering: slow replies, client timeouts),
+  `malformed` (`true` or `"html"`: a 200 that is not JSON; `"shape"`: JSON that is not
+  a Bakong envelope), `endpoints` (names the faults apply to; default all three),
+  `count` (how many calls the faults last; default until replaced).
+- `POST /control/token` `{email?, exp?}`: a token the sandbox accepts (expired if `exp`
+  is past).
+- `POST /control/tokens/revoke` `{token}`: refuse that token from now on (401).
+- `POST /control/emails` `{registered: [..] | null}`: only these emails can renew a
+  token (errorCode 10 "Not registered yet" for others); null: every email can.
+- `POST /control/reset`: forget payments, calls, faults, revocations.
+- `POST /control/inbox/{name}`, `GET /control/inbox/{name}`: a webhook receiver for trying
+  the gateway out, and what it received.
 """
 
 from __future__ import annotations
@@ -12,7 +39,8 @@ import base64
 import hashlib
 import secrets
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -61,8 +89,12 @@ class Faults:
     list_status: int | None = None
     retry_after: str | None = None
     delay_s: float = 0.0
-    malformed: bool = False
+    malformed: str | None = None  # "html" or "shape"
+    endpoints: frozenset[str] | None = None  # None = every Bakong endpoint
     remaining: int | None = None
+
+    def applies(self, endpoint: str) -> bool:
+        return self.endpoints is None or endpoint in self.endpoints
 
     def take(self) -> bool:
         if self.remaining is None:
@@ -83,6 +115,10 @@ class SandboxState:
     revoked: set[str] = field(default_factory=set)
     registered_emails: set[str] | None = None  # None = every email is registered
     inboxes: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # (time.monotonic(), endpoint) of recent Bakong calls, for rate assertions in tests.
+    call_log: deque[tuple[float, str]] = field(default_factory=lambda: deque(maxlen=100_000))
+    in_flight: int = 0
+    peak_in_flight: int = 0
 
 
 STATE_KEY = web.AppKey("sandbox_state", SandboxState)
@@ -113,9 +149,16 @@ def _authorized(request: web.Request, state: SandboxState) -> bool:
     return exp is None or exp > time.time()
 
 
-async def _fault_response(state: SandboxState, *, is_list: bool) -> web.Response | None:
+LIST_ENDPOINT = "check_transaction_by_md5_list"
+ENDPOINTS = frozenset({"check_transaction_by_md5", LIST_ENDPOINT, "renew_token"})
+
+
+async def _fault_response(state: SandboxState, endpoint: str) -> web.Response | None:
     faults = state.faults
-    status = faults.list_status if is_list and faults.list_status else faults.status
+    if not faults.applies(endpoint):
+        return None
+    status = faults.list_status if endpoint == LIST_ENDPOINT and faults.list_status else None
+    status = status or faults.status
     if not (status or faults.delay_s or faults.malformed):
         return None
     if not faults.take():
@@ -125,6 +168,8 @@ async def _fault_response(state: SandboxState, *, is_list: bool) -> web.Response
     if status:
         headers = {"Retry-After": faults.retry_after} if faults.retry_after else None
         return web.Response(status=status, text="simulated fault", headers=headers)
+    if faults.malformed == "shape":
+        return web.json_response({"responseCode": 0, "data": "not what you expect"})
     if faults.malformed:
         return web.Response(text="<html>not json", content_type="text/html")
     return None
@@ -151,7 +196,7 @@ def _check_one(state: SandboxState, md5: str) -> web.Response:
 async def check_md5(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     state.calls["check_transaction_by_md5"] += 1
-    if fault := await _fault_response(state, is_list=False):
+    if fault := await _fault_response(state, "check_transaction_by_md5"):
         return fault
     if not _authorized(request, state):
         return _unauthorized()
@@ -182,7 +227,7 @@ def _list_item(state: SandboxState, md5: str) -> dict[str, Any]:
 async def check_md5_list(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     state.calls["check_transaction_by_md5_list"] += 1
-    if fault := await _fault_response(state, is_list=True):
+    if fault := await _fault_response(state, LIST_ENDPOINT):
         return fault
     if not _authorized(request, state):
         return _unauthorized()
@@ -200,7 +245,7 @@ async def check_md5_list(request: web.Request) -> web.Response:
 async def renew_token(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     state.calls["renew_token"] += 1
-    if fault := await _fault_response(state, is_list=False):
+    if fault := await _fault_response(state, "renew_token"):
         return fault
     body = await _json(request)
     email = body.get("email") if isinstance(body, dict) else None
@@ -275,21 +320,99 @@ async def control_get(request: web.Request) -> web.Response:
 
 async def control_stats(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
-    return web.json_response({"calls": dict(state.calls), "md5sChecked": len(state.checks)})
+    return web.json_response(
+        {
+            "calls": dict(state.calls),
+            "md5sChecked": len(state.checks),
+            "md5Checks": sum(state.checks.values()),
+            "peakInFlight": state.peak_in_flight,
+        }
+    )
+
+
+def _bad_request(message: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(
+        text=orjson.dumps({"error": message}).decode(), content_type="application/json"
+    )
+
+
+def parse_faults(body: Any) -> Faults:
+    """The body of POST /control/faults as Faults; ValueError names what is wrong."""
+    if not isinstance(body, dict):
+        raise ValueError("body must be a JSON object")
+    unknown = set(body) - {
+        "status",
+        "listStatus",
+        "retryAfter",
+        "delayS",
+        "malformed",
+        "endpoints",
+        "count",
+    }
+    if unknown:
+        raise ValueError(f"unknown fields: {', '.join(sorted(unknown))}")
+
+    def status(name: str) -> int | None:
+        value = body.get(name)
+        if value is not None and (not isinstance(value, int) or not 100 <= value <= 599):
+            raise ValueError(f"{name} must be an HTTP status")
+        return value
+
+    retry_after = body.get("retryAfter")
+    delay = body.get("delayS", 0)
+    if isinstance(delay, bool) or not isinstance(delay, int | float) or not 0 <= delay <= 120:
+        raise ValueError("delayS must be a number of seconds (0-120)")
+    malformed = body.get("malformed", False)
+    if malformed not in (True, False, None, "html", "shape"):
+        raise ValueError('malformed must be true, "html" or "shape"')
+    endpoints = body.get("endpoints")
+    if endpoints is not None and (
+        not isinstance(endpoints, list) or not set(endpoints) <= ENDPOINTS
+    ):
+        raise ValueError(f"endpoints must be a list of {', '.join(sorted(ENDPOINTS))}")
+    count = body.get("count")
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
+        raise ValueError("count must be a whole number")
+    return Faults(
+        status=status("status"),
+        list_status=status("listStatus"),
+        retry_after=str(retry_after) if retry_after is not None else None,
+        delay_s=float(delay),
+        malformed="html" if malformed is True else (malformed or None),
+        endpoints=frozenset(endpoints) if endpoints is not None else None,
+        remaining=count,
+    )
 
 
 async def control_faults(request: web.Request) -> web.Response:
+    try:
+        faults = parse_faults(await _json(request))
+    except ValueError as exc:
+        raise _bad_request(str(exc)) from None
+    request.app[STATE_KEY].faults = faults
+    return web.json_response({"ok": True})
+
+
+async def control_revoke(request: web.Request) -> web.Response:
     body = await _json(request)
-    if not isinstance(body, dict):
-        raise web.HTTPBadRequest(text='{"error":"body must be a JSON object"}')
-    state = request.app[STATE_KEY]
-    state.faults = Faults(
-        status=body.get("status"),
-        list_status=body.get("listStatus"),
-        retry_after=body.get("retryAfter"),
-        delay_s=float(body.get("delayS", 0)),
-        malformed=bool(body.get("malformed", False)),
-        remaining=body.get("count"),
+    token = body.get("token") if isinstance(body, dict) else None
+    if not isinstance(token, str) or not token:
+        raise _bad_request("give the token to revoke")
+    request.app[STATE_KEY].revoked.add(token)
+    return web.json_response({"ok": True})
+
+
+async def control_emails(request: web.Request) -> web.Response:
+    body = await _json(request)
+    if not isinstance(body, dict) or "registered" not in body:
+        raise _bad_request("give registered: a list of emails, or null for every email")
+    registered = body["registered"]
+    if registered is not None and (
+        not isinstance(registered, list) or not all(isinstance(e, str) for e in registered)
+    ):
+        raise _bad_request("registered must be a list of emails or null")
+    request.app[STATE_KEY].registered_emails = (
+        None if registered is None else {e.lower() for e in registered}
     )
     return web.json_response({"ok": True})
 
@@ -335,9 +458,26 @@ async def inbox_list(request: web.Request) -> web.Response:
     )
 
 
+@web.middleware
+async def _count_calls(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Log each Bakong call and how many are in flight at once."""
+    if "/v1/" not in request.path:
+        return await handler(request)
+    state = request.app[STATE_KEY]
+    state.call_log.append((time.monotonic(), request.path.rsplit("/", 1)[-1]))
+    state.in_flight += 1
+    state.peak_in_flight = max(state.peak_in_flight, state.in_flight)
+    try:
+        return await handler(request)
+    finally:
+        state.in_flight -= 1
+
+
 def create_sandbox_app(state: SandboxState | None = None) -> web.Application:
     """The simulated Bakong as an aiohttp application."""
-    app = web.Application(client_max_size=1024 * 1024)
+    app = web.Application(client_max_size=1024 * 1024, middlewares=[_count_calls])
     app[STATE_KEY] = state or SandboxState()
     app.router.add_post("/v1/check_transaction_by_md5", check_md5)
     app.router.add_post("/v1/check_transaction_by_md5_list", check_md5_list)
@@ -348,6 +488,8 @@ def create_sandbox_app(state: SandboxState | None = None) -> web.Application:
     app.router.add_get("/control/stats", control_stats)
     app.router.add_post("/control/faults", control_faults)
     app.router.add_post("/control/token", control_token)
+    app.router.add_post("/control/tokens/revoke", control_revoke)
+    app.router.add_post("/control/emails", control_emails)
     app.router.add_post("/control/reset", control_reset)
     app.router.add_post("/control/inbox/{name}", inbox_receive)
     app.router.add_get("/control/inbox/{name}", inbox_list)

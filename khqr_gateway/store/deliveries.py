@@ -84,7 +84,9 @@ async def record_attempts(pool: asyncpg.Pool, records: Sequence[AttemptRecord]) 
             last_status_code = input.status_code,
             last_error = coalesce(input.error_kind, case when input.status_code >= 300
                                   then 'http_' || input.status_code end),
-            delivered_at = case when input.new_status = 'delivered' then now() end,
+            -- a replay that fails keeps the time the delivery last got through
+            delivered_at = case when input.new_status = 'delivered' then now()
+                                else d.delivered_at end,
             updated_at = now()
         from input
         where d.id = input.delivery_id and d.status = 'pending'
@@ -139,3 +141,120 @@ def summary(row: asyncpg.Record | dict[str, Any]) -> dict[str, Any] | None:
         "nextAttemptAt": row["delivery_next_attempt_at"],
         "deliveredAt": row["delivery_delivered_at"],
     }
+
+
+DELIVERY_COLUMNS = """
+    d.id, d.transaction_id, t.md5, d.url, d.status, d.attempt_count, d.next_attempt_at,
+    d.last_attempt_at, d.last_status_code, d.last_error, d.created_at, d.updated_at,
+    d.delivered_at
+"""
+_FROM = "deliveries d join transactions t on t.id = d.transaction_id"
+# A new attempt series, due now; the webhook-id (the delivery id) stays.
+_RESTART = """
+    status = 'pending', series_attempts = 0, next_attempt_at = now(), updated_at = now()
+"""
+
+
+async def list_page(
+    pool: asyncpg.Pool,
+    *,
+    status: DeliveryStatus | None,
+    transaction_id: UUID | None,
+    since: datetime | None,
+    limit: int,
+    before: tuple[datetime, str] | None,
+) -> list[asyncpg.Record]:
+    """Newest first; `before` is the (created_at, id) of the last row of the previous page."""
+    where: list[str] = []
+    args: list[Any] = []
+    for column, value in (
+        ("d.status =", status.value if status else None),
+        ("d.transaction_id =", transaction_id),
+        ("d.created_at >=", since),
+    ):
+        if value is not None:
+            args.append(value)
+            where.append(f"{column} ${len(args)}")
+    if before:
+        args += [before[0], before[1]]
+        where.append(f"(d.created_at, d.id) < (${len(args) - 1}, ${len(args)})")
+    args.append(limit)
+    clause = ("where " + " and ".join(where)) if where else ""
+    rows: list[asyncpg.Record] = await pool.fetch(
+        f"select {DELIVERY_COLUMNS} from {_FROM} {clause}"
+        f" order by d.created_at desc, d.id desc limit ${len(args)}",
+        *args,
+    )
+    return rows
+
+
+async def get(pool: asyncpg.Pool, delivery_id: str) -> asyncpg.Record | None:
+    """One delivery with the webhook body it sends."""
+    return await pool.fetchrow(
+        f"select {DELIVERY_COLUMNS}, d.payload from {_FROM} where d.id = $1", delivery_id
+    )
+
+
+async def attempts_of(pool: asyncpg.Pool, delivery_id: str) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await pool.fetch(
+        """
+        select attempt, started_at, duration_ms, status_code, error_kind, error_message,
+               response_body, response_headers
+        from delivery_attempts where delivery_id = $1 order by attempt, id
+        """,
+        delivery_id,
+    )
+    return rows
+
+
+async def restart(pool: asyncpg.Pool, delivery_id: str) -> asyncpg.Record | None:
+    """Start a new attempt series now, whatever the status; None if there is no such delivery."""
+    return await pool.fetchrow(
+        f"""
+        update deliveries d set {_RESTART}
+        from transactions t where d.id = $1 and t.id = d.transaction_id
+        returning {DELIVERY_COLUMNS}
+        """,
+        delivery_id,
+    )
+
+
+async def restart_matching(
+    pool: asyncpg.Pool,
+    *,
+    status: DeliveryStatus,
+    since: datetime | None,
+    until: datetime | None,
+    limit: int,
+) -> tuple[list[str], bool]:
+    """Restart up to `limit` deliveries with `status` created in [since, until), oldest first.
+
+    Returns the restarted ids and whether more deliveries match. One statement.
+    """
+    row = await pool.fetchrow(
+        f"""
+        with picked as (
+            select id from deliveries
+            where status = $1 and ($2::timestamptz is null or created_at >= $2)
+              and ($3::timestamptz is null or created_at < $3)
+            order by created_at, id
+            limit $4
+            for update skip locked
+        ), restarted as (
+            update deliveries d set {_RESTART}
+            from picked where d.id = picked.id
+            returning d.id
+        )
+        select array(select id from restarted) as ids, exists(
+            select 1 from deliveries
+            where status = $1 and ($2::timestamptz is null or created_at >= $2)
+              and ($3::timestamptz is null or created_at < $3)
+              and id not in (select id from picked)
+        ) as more
+        """,
+        status.value,
+        since,
+        until,
+        limit,
+    )
+    return list(row["ids"]), bool(row["more"])

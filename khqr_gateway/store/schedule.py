@@ -9,10 +9,13 @@ the member over.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 # KEYS[1] schedule; ARGV: now_ms, limit, lease_until_ms, lookahead_ms, batch
 # Takes due members (oldest first); when the last batch would be partly empty it is
@@ -50,6 +53,19 @@ end
 return done
 """
 
+# KEYS[1] schedule; ARGV: old lease, new lease, members; extends those still under the old one.
+_EXTEND = """
+local kept = 0
+for i = 3, #ARGV do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) == tonumber(ARGV[1]) then
+    redis.call('ZADD', KEYS[1], ARGV[2], ARGV[i])
+    kept = kept + 1
+  end
+end
+return kept
+"""
+
 # KEYS: the target schedule, then every schedule a member may already be in;
 # ARGV: member, due_ms pairs. Adds only the members found in none of them.
 _ADD_MISSING = """
@@ -77,6 +93,7 @@ class Schedule:
         self._claim: Any = redis.register_script(_CLAIM)
         self._finish: Any = redis.register_script(_FINISH)
         self._add_missing: Any = redis.register_script(_ADD_MISSING)
+        self._extend: Any = redis.register_script(_EXTEND)
 
     async def add(self, items: Iterable[tuple[str, int]], *, only_new: bool = False) -> int:
         """Schedule members at their due times (ms); `only_new` keeps existing scores."""
@@ -127,6 +144,12 @@ class Schedule:
             return 0
         return int(await self._finish(keys=[self.key], args=args))
 
+    async def extend(self, lease_until: int, new_until: int, members: Sequence[str]) -> int:
+        """Push the lease of `members` still held under `lease_until` out to `new_until`."""
+        if not members:
+            return 0
+        return int(await self._extend(keys=[self.key], args=[lease_until, new_until, *members]))
+
     async def remove(self, members: Sequence[str]) -> int:
         if not members:
             return 0
@@ -145,6 +168,51 @@ class Schedule:
         return list(await self.redis.zmscore(self.key, list(members)))
 
 
+class Lease:
+    """Members claimed together, kept alive while work on them goes on.
+
+    Short leases make a killed process's work come due again within seconds; the keeper
+    renews them while this process is alive. Renewing and finishing share one lock, so a
+    finish always fences on the current lease.
+    """
+
+    def __init__(
+        self, schedule: Schedule, members: Sequence[str], until: int, length_ms: int
+    ) -> None:
+        self.schedule = schedule
+        self.until = until
+        self.length_ms = length_ms
+        self.members = set(members)
+        self._lock = asyncio.Lock()
+        self._keeper: asyncio.Task[None] | None = None
+
+    def __enter__(self) -> Lease:
+        self._keeper = asyncio.create_task(self._keep())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+
+    async def _keep(self) -> None:
+        while self.members:
+            await asyncio.sleep(self.length_ms / 3000)
+            async with self._lock:
+                new_until = int(time.time() * 1000) + self.length_ms
+                try:
+                    await self.schedule.extend(self.until, new_until, sorted(self.members))
+                except RedisError:
+                    continue  # the lease runs out and the work comes due again: nothing lost
+                self.until = new_until
+
+    async def finish(self, reschedule: Sequence[tuple[str, int]], remove: Sequence[str]) -> int:
+        async with self._lock:
+            done = await self.schedule.finish(self.until, reschedule, remove)
+            self.members.difference_update(m for m, _ in reschedule)
+            self.members.difference_update(remove)
+            return done
+
+
 def keys(namespace: str) -> dict[str, str]:
     """Every Redis key of the service, in one place, sharing one hash tag (Redis Cluster)."""
     tag = "{" + namespace + "}"
@@ -153,4 +221,9 @@ def keys(namespace: str) -> dict[str, str]:
         "deliver": f"{tag}:deliver",
         "deliver_retry": f"{tag}:deliver:retry",
         "events": f"{tag}:events",
+        # Bakong: the shared rate-limit bucket; prefixes of per-credential keys
+        # (`<prefix>:<credential id>`) for 429 pauses and token-renewal locks.
+        "bakong_rate": f"{tag}:bakong:rate",
+        "bakong_pause": f"{tag}:bakong:pause",
+        "bakong_renew": f"{tag}:bakong:renew",
     }

@@ -121,11 +121,15 @@ async def cancel(pool: asyncpg.Pool, job_id: UUID) -> asyncpg.Record | None:
 
 
 async def load_pending(pool: asyncpg.Pool, ids: Sequence[UUID]) -> list[PollItem]:
-    """The still-pending transactions among `ids`, as the poll tick needs them."""
+    """The still-pending transactions among `ids`, in the order of `ids` (the claim's
+    oldest-due-first order, which the rate limit's fairness relies on)."""
     rows = await pool.fetch(
         """
-        select id, md5, deadline_at, credential_id, expected, metadata
-        from transactions where id = any($1::uuid[]) and status = 'pending'
+        select t.id, t.md5, t.deadline_at, t.credential_id, t.expected, t.metadata
+        from unnest($1::uuid[]) with ordinality as wanted (id, n)
+        join transactions t on t.id = wanted.id
+        where t.status = 'pending'
+        order by wanted.n
         """,
         list(ids),
     )
@@ -215,6 +219,10 @@ async def counts_by_status(pool: asyncpg.Pool) -> dict[str, int]:
 
 # Credentials ------------------------------------------------------------------------
 
+CREDENTIAL_COLUMNS = (
+    "id, token, email, expires_at, status, is_default, last_error, created_at, updated_at"
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Credential:
@@ -223,10 +231,29 @@ class Credential:
     email: str | None
     expires_at: datetime | None
     status: str
+    is_default: bool = False
+    last_error: str | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
 
 
 def _credential(row: asyncpg.Record) -> Credential:
-    return Credential(row["id"], row["token"], row["email"], row["expires_at"], row["status"])
+    return Credential(
+        row["id"],
+        row["token"],
+        row["email"],
+        row["expires_at"],
+        row["status"],
+        row["is_default"],
+        row["last_error"],
+        row["created_at"],
+        row["updated_at"],
+    )
+
+
+def credential_fingerprint(*, token: str | None, email: str | None) -> str:
+    """The dedupe key of a credential: its email when it has one, else its token."""
+    return fingerprint(("email:" + email.lower()) if email else ("token:" + (token or "")))
 
 
 async def upsert_credential(
@@ -238,7 +265,22 @@ async def upsert_credential(
     is_default: bool = False,
 ) -> Credential:
     """One row per token (or per email): the same credential sent twice is stored once."""
-    key = fingerprint(("email:" + email.lower()) if email else ("token:" + (token or "")))
+    credential, _ = await save_credential(
+        pool, token=token, email=email, expires_at=expires_at, is_default=is_default
+    )
+    return credential
+
+
+async def save_credential(
+    pool: asyncpg.Pool,
+    *,
+    token: str | None,
+    email: str | None,
+    expires_at: datetime | None,
+    is_default: bool = False,
+) -> tuple[Credential, bool]:
+    """`upsert_credential`, also saying whether the row is new. A new token reactivates it."""
+    key = credential_fingerprint(token=token, email=email)
     async with pool.acquire() as conn, conn.transaction():
         if is_default:
             await conn.execute(
@@ -246,7 +288,7 @@ async def upsert_credential(
                 key,
             )
         row = await conn.fetchrow(
-            """
+            f"""
             insert into credentials (fingerprint, email, token, expires_at, is_default)
             values ($1, $2, $3, $4, $5)
             on conflict (fingerprint) do update set
@@ -256,8 +298,10 @@ async def upsert_credential(
                 is_default = credentials.is_default or excluded.is_default,
                 status = case when excluded.token is null then credentials.status
                               else 'active' end,
+                last_error = case when excluded.token is null then credentials.last_error
+                                  else null end,
                 updated_at = now()
-            returning id, token, email, expires_at, status
+            returning {CREDENTIAL_COLUMNS}, (xmax = 0) as inserted
             """,
             key,
             email,
@@ -265,15 +309,70 @@ async def upsert_credential(
             expires_at,
             is_default,
         )
-    return _credential(row)
+    return _credential(row), bool(row["inserted"])
 
 
 async def credentials_by_id(pool: asyncpg.Pool, ids: Sequence[int]) -> dict[int, Credential]:
     rows = await pool.fetch(
-        "select id, token, email, expires_at, status from credentials where id = any($1::bigint[])",
+        f"select {CREDENTIAL_COLUMNS} from credentials where id = any($1::bigint[])",
         list(ids),
     )
     return {r["id"]: _credential(r) for r in rows}
+
+
+async def list_credentials(
+    pool: asyncpg.Pool, *, status: str | None = None, after: int | None = None, limit: int = 100
+) -> list[Credential]:
+    """Credentials in id order, optionally of one status, after the id `after`."""
+    rows = await pool.fetch(
+        f"""
+        select {CREDENTIAL_COLUMNS} from credentials
+        where ($1::text is null or status = $1) and ($2::bigint is null or id > $2)
+        order by id limit $3
+        """,
+        status,
+        after,
+        limit,
+    )
+    return [_credential(r) for r in rows]
+
+
+async def credentials_needing_care(pool: asyncpg.Pool, renew_before: datetime) -> list[Credential]:
+    """Email credentials to renew (no token, expired, or expiring before `renew_before`) and
+    token-only credentials whose token has expired but are still marked active."""
+    rows = await pool.fetch(
+        f"""
+        select {CREDENTIAL_COLUMNS} from credentials
+        where (email is not null
+               and (token is null or status = 'expired' or expires_at < $1))
+           or (email is null and status = 'active' and expires_at <= now())
+        order by id
+        """,
+        renew_before,
+    )
+    return [_credential(r) for r in rows]
+
+
+async def mark_credential_expired(pool: asyncpg.Pool, credential_id: int, error: str) -> bool:
+    """Mark a credential unusable with why; True when it was active until now."""
+    was = await pool.fetchval(
+        """
+        update credentials c set status = 'expired', last_error = $2, updated_at = now()
+        from (select id, status from credentials where id = $1 for update) old
+        where c.id = old.id returning old.status
+        """,
+        credential_id,
+        error,
+    )
+    return bool(was == "active")
+
+
+async def set_credential_error(pool: asyncpg.Pool, credential_id: int, error: str | None) -> None:
+    await pool.execute(
+        "update credentials set last_error = $2, updated_at = now() where id = $1",
+        credential_id,
+        error,
+    )
 
 
 async def save_token(

@@ -25,11 +25,14 @@ from khqr_gateway.store.deliveries import AttemptRecord, DueDelivery
 from khqr_gateway.store.schedule import Schedule
 from khqr_gateway.webhooks.retry import Outcome, decide, parse_retry_after
 from khqr_gateway.webhooks.signing import sign_headers
+from khqr_gateway.webhooks.ssrf import Blocked
 
 log = logging.getLogger(__name__)
 
 RESPONSE_BODY_LIMIT = 4096
 KEPT_RESPONSE_HEADERS = ("retry-after", "content-type")
+MAX_IN_FLIGHT = 256
+KEEPALIVE_S = 30.0
 # A host already at its cap gets its further deliveries back this much later.
 HOST_BUSY_DELAY_MS = 250
 
@@ -50,10 +53,6 @@ class _Claimed:
     delivery: DueDelivery
     lane: Schedule
     lease: int
-
-
-class Blocked(Exception):
-    """The address a webhook would go to is not allowed (SSRF guard)."""
 
 
 def error_kind(exc: BaseException) -> str:
@@ -102,7 +101,7 @@ class Deliverer:
         secrets: Sequence[bytes],
         retry_schedule: Sequence[float],
         timeout_s: float,
-        max_in_flight: int = 256,
+        max_in_flight: int = MAX_IN_FLIGHT,
         per_host: int = 16,
         connector_factory: Callable[[], aiohttp.BaseConnector] | None = None,
     ) -> None:
@@ -129,7 +128,7 @@ class Deliverer:
             connector = (
                 self._connector_factory()
                 if self._connector_factory
-                else aiohttp.TCPConnector(limit=self.max_in_flight, keepalive_timeout=30)
+                else aiohttp.TCPConnector(limit=self.max_in_flight, keepalive_timeout=KEEPALIVE_S)
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,

@@ -1,0 +1,123 @@
+"""Handlers of /api/v1/credentials: list Bakong credentials (never their tokens), add one."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from aiohttp import web
+from aiohttp_apigami import docs, request_schema, response_schema
+
+from khqr_gateway.api.errors import ApiError, iso, json_response
+from khqr_gateway.api.openapi import errors
+from khqr_gateway.api.schemas import (
+    CredentialCreateSchema,
+    CredentialListQuerySchema,
+    CredentialPageSchema,
+    CredentialSchema,
+)
+from khqr_gateway.api.transactions import load, read_json
+from khqr_gateway.credentials import token_expired
+from khqr_gateway.service import SERVICE_KEY
+from khqr_gateway.store import transactions as store
+from khqr_gateway.store.transactions import Credential
+
+log = logging.getLogger(__name__)
+
+
+def credential_json(cred: Credential) -> dict[str, Any]:
+    """A credential as the API shows it: whether it has a token, never the token."""
+    return {
+        "id": cred.id,
+        "email": cred.email,
+        "hasToken": cred.token is not None,
+        "expiresAt": iso(cred.expires_at),
+        "status": cred.status,
+        "isDefault": cred.is_default,
+        "lastError": cred.last_error,
+        "createdAt": iso(cred.created_at),
+        "updatedAt": iso(cred.updated_at),
+    }
+
+
+def _invalid(field: str, message: str) -> ApiError:
+    return ApiError(
+        422, "validation_error", "some fields are not valid", [{"field": field, "message": message}]
+    )
+
+
+def _after(cursor: str | None) -> int | None:
+    if cursor is None:
+        return None
+    if not cursor.isdigit():
+        raise _invalid("cursor", "is not a cursor this API gave")
+    return int(cursor)
+
+
+@docs(
+    tags=["credentials"],
+    summary="List Bakong credentials (tokens are never shown)",
+    description="Each credential with its email, whether it has a token, when that token "
+    "expires (its JWT `exp`), its status and the last renewal error. `expired` means the "
+    "credential has no usable token and could not be renewed: its transactions time out as "
+    "`bakong_unauthorized`; POST it again (a fresh token, or the email) to revive it.",
+    responses=errors(401, 422),
+)
+@request_schema(CredentialListQuerySchema, location="querystring")
+@response_schema(CredentialPageSchema, 200)
+async def list_credentials(request: web.Request) -> web.Response:
+    """GET /api/v1/credentials?status=&limit=&cursor=."""
+    query = load(CredentialListQuerySchema(), dict(request.query))
+    limit = query["limit"]
+    rows = await store.list_credentials(
+        request.app[SERVICE_KEY].pool,
+        status=query.get("status"),
+        after=_after(query.get("cursor")),
+        limit=limit + 1,
+    )
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return json_response(
+        {
+            "data": [credential_json(c) for c in rows],
+            "nextCursor": str(rows[-1].id) if more and rows else None,
+            "hasMore": more,
+        }
+    )
+
+
+@docs(
+    tags=["credentials"],
+    summary="Add or replace a Bakong credential",
+    description="Stores a token, an email, or both (the same email, or the same token, is "
+    "one credential: sending it again replaces its token and revives it if expired). An "
+    "email credential without a usable token is renewed at once through `renew_token`, so "
+    "the answer says whether the email works (`status`, `lastError`). Transactions name a "
+    "credential by giving the same `token` or `email`. The token is never shown again.",
+    responses={
+        200: {"description": "Replaced: the credential existed", "schema": CredentialSchema},
+        **errors(400, 401, 413, 415, 422),
+    },
+)
+@request_schema(CredentialCreateSchema)
+@response_schema(CredentialSchema, 201, description="Added")
+async def post_credential(request: web.Request) -> web.Response:
+    """POST /api/v1/credentials."""
+    service = request.app[SERVICE_KEY]
+    _, body = await read_json(request)
+    data = load(CredentialCreateSchema(), body)
+    token, email = data.get("token"), data.get("email")
+    if token and not email and token_expired(token):
+        raise _invalid("token", "has expired (its JWT exp is past): give a fresh one or an email")
+    cred, created = await service.credentials.save(token=token, email=email)
+    log.info(
+        "bakong credential %s",
+        "added" if created else "replaced",
+        extra={"credentialId": cred.id, "status": cred.status},
+    )
+    return json_response(credential_json(cred), 201 if created else 200)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/api/v1/credentials", list_credentials)
+    app.router.add_post("/api/v1/credentials", post_credential)

@@ -1,0 +1,71 @@
+"""The /queue dashboard: static page and assets; its data comes from the API with the key."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+from aiohttp import web
+from aiohttp_apigami import docs
+
+from khqr_gateway.api.errors import ApiError
+from khqr_gateway.config import Settings
+
+SETTINGS = web.AppKey("dashboard_settings", Settings)
+ASSETS = {
+    "dashboard.js": "application/javascript",
+    "dashboard.css": "text/css",
+}
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "img-src 'self' data:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+
+
+def _asset(name: str) -> bytes:
+    return resources.files("khqr_gateway").joinpath("static", name).read_bytes()
+
+
+def _check_enabled(request: web.Request) -> None:
+    settings = request.app[SETTINGS]
+    if settings.production and not settings.api_keys:
+        # Without a key the dashboard would show payments to anyone: off in production.
+        raise ApiError(404, "not_found", "the dashboard is off in production without API_KEY")
+
+
+def _headers(content_type: str) -> dict[str, str]:
+    return {
+        "Content-Type": content_type,
+        "Content-Security-Policy": CSP,
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+        "Cache-Control": "no-store",
+    }
+
+
+@docs(
+    tags=["operations"],
+    summary="Dashboard page: queues, pending transactions, failed deliveries",
+    responses={200: {"description": "HTML page", "content": {"text/html": {}}}},
+)
+async def dashboard(request: web.Request) -> web.Response:
+    _check_enabled(request)
+    return web.Response(body=_asset("dashboard.html"), headers=_headers("text/html; charset=utf-8"))
+
+
+@docs(
+    tags=["operations"],
+    summary="Dashboard script and stylesheet",
+    responses={200: {"description": "Static asset"}},
+)
+async def asset(request: web.Request) -> web.Response:
+    _check_enabled(request)
+    name = request.match_info["name"]
+    if name not in ASSETS:
+        raise ApiError(404, "not_found", "no such asset")
+    return web.Response(body=_asset(name), headers=_headers(ASSETS[name]))
+
+
+def add_routes(app: web.Application, settings: Settings) -> None:
+    app[SETTINGS] = settings
+    app.router.add_get("/queue", dashboard)
+    app.router.add_get("/queue/{name}", asset)

@@ -1,0 +1,167 @@
+"""POST /api/v1/khqr: a dynamic KHQR for an amount, its image, and tracking with a payment page."""
+
+from __future__ import annotations
+
+import base64
+import io
+import secrets
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import segno
+from aiohttp import web
+from aiohttp_apigami import docs, request_schema, response_schema
+
+from khqr_gateway.api import transactions
+from khqr_gateway.api.errors import ApiError, iso, json_response
+from khqr_gateway.api.openapi import errors
+from khqr_gateway.api.schemas import KhqrCreatedSchema, KhqrCreateSchema
+from khqr_gateway.bakong import khqr
+from khqr_gateway.config import Settings
+from khqr_gateway.service import SERVICE_KEY, Service
+from khqr_gateway.store import pages
+
+PAGE_TOKEN_BYTES = 16  # 128 bits
+DEFAULT_CITY = "Phnom Penh"
+IMAGE_TYPES = {"svg": "image/svg+xml", "png": "image/png"}
+# build()'s argument names as the request spells them, for errors that point at a field.
+_FIELDS = {
+    "account_information": "accountInformation",
+    "acquiring_bank": "acquiringBank",
+    "account_id": "accountId",
+    "merchant_name": "merchantName",
+    "merchant_city": "merchantCity",
+    "merchant_category_code": "merchantCategoryCode",
+    "bill_number": "billNumber",
+    "mobile_number": "mobileNumber",
+    "store_label": "storeLabel",
+    "terminal_label": "terminalLabel",
+    "purpose": "purpose",
+    "amount": "amount",
+    "currency": "currency",
+}
+_TAG_62 = (
+    ("bill_number", "billNumber"),
+    ("mobile_number", "mobileNumber"),
+    ("store_label", "storeLabel"),
+    ("terminal_label", "terminalLabel"),
+    ("purpose", "purpose"),
+)
+
+
+def _invalid(field: str, message: str) -> ApiError:
+    return ApiError(
+        422, "validation_error", "some fields are not valid", [{"field": field, "message": message}]
+    )
+
+
+def _field_of(message: str) -> str:
+    found = [(message.find(name), camel) for name, camel in _FIELDS.items() if name in message]
+    return min(found)[1] if found else "body"
+
+
+def _merchant(settings: Settings, data: dict[str, Any]) -> tuple[str, str, str]:
+    account = data.get("accountId") or settings.khqr_account_id
+    name = data.get("merchantName") or settings.khqr_merchant_name
+    city = data.get("merchantCity") or settings.khqr_merchant_city or DEFAULT_CITY
+    if not account:
+        raise _invalid("accountId", "required: give accountId or set KHQR_ACCOUNT_ID")
+    if not name:
+        raise _invalid("merchantName", "required: give merchantName or set KHQR_MERCHANT_NAME")
+    return account, name, city
+
+
+def build_qr(settings: Settings, data: dict[str, Any], expires_at_ms: int) -> str:
+    """The KHQR string a request asks for; 422 naming the field that cannot be encoded."""
+    account, name, city = _merchant(settings, data)
+    try:
+        return khqr.build(
+            account_id=account,
+            merchant_name=name,
+            merchant_city=city,
+            amount=data["amount"],
+            currency=data["currency"],
+            dynamic=True,
+            merchant_type=data["merchantType"],
+            account_information=data.get("accountInformation"),
+            acquiring_bank=data.get("acquiringBank"),
+            merchant_category_code=data.get("merchantCategoryCode", "5999"),
+            expires_at_ms=expires_at_ms,
+            **{arg: data.get(key) for arg, key in _TAG_62},
+        )
+    except khqr.KhqrError as exc:
+        raise _invalid(_field_of(str(exc)), str(exc)) from None
+
+
+def qr_image(qr: str, kind: str) -> str:
+    """The QR code of `qr` as a data URL (SVG or PNG)."""
+    buffer = io.BytesIO()
+    segno.make_qr(qr, error="m").save(buffer, kind=kind, scale=8, border=4)
+    return f"data:{IMAGE_TYPES[kind]};base64,{base64.b64encode(buffer.getvalue()).decode()}"
+
+
+def qr_svg_inline(qr: str) -> str:
+    """The QR code of `qr` as an <svg> element that scales to its box (for HTML pages)."""
+    svg: str = segno.make_qr(qr, error="m").svg_inline(scale=1, border=4, omitsize=True)
+    return svg
+
+
+def base_url(request: web.Request, settings: Settings) -> str:
+    if settings.public_url:
+        return settings.public_url.rstrip("/")
+    return f"{request.scheme}://{request.host}"
+
+
+async def _track(
+    service: Service, data: dict[str, Any], qr: str, expires_s: int
+) -> tuple[asyncpg.Record, str]:
+    request = {"qr": qr, "webhookUrl": data["webhookUrl"], "timeoutSeconds": expires_s}
+    request.update({k: data[k] for k in ("token", "email", "metadata") if k in data})
+    row, _ = await transactions.create(service, request)
+    token = secrets.token_urlsafe(PAGE_TOKEN_BYTES)
+    await pages.open_page(service.pool, row["id"], token, data.get("returnUrl"))
+    return row, token
+
+
+@docs(
+    tags=["khqr"],
+    summary="Generate a dynamic KHQR, and track it",
+    description="Builds a dynamic KHQR for `amount` and `currency`, paid to `accountId` "
+    "(default KHQR_ACCOUNT_ID), valid for `expiresInSeconds` (default POLL_TIMEOUT_S). "
+    '`image: "svg"|"png"` adds the QR image as a data URL. With `webhookUrl` it also starts '
+    "tracking (the amount, currency and account are expected of the payment; 201) and "
+    "returns `jobId` and `payUrl`, the hosted payment page; without it, 200.",
+    responses={
+        200: {"description": "Generated; nothing tracked", "schema": KhqrCreatedSchema},
+        **errors(400, 401, 413, 415, 422),
+    },
+)
+@request_schema(KhqrCreateSchema)
+@response_schema(KhqrCreatedSchema, 201, description="Generated and tracking started")
+async def post_khqr(request: web.Request) -> web.Response:
+    """POST /api/v1/khqr."""
+    service = request.app[SERVICE_KEY]
+    _, body = await transactions.read_json(request)
+    data = transactions.load(KhqrCreateSchema(), body)
+    expires_s: int = data.get("expiresInSeconds", service.settings.poll_timeout_s)
+    expires_at_ms = int(time.time() * 1000) + expires_s * 1000
+    qr = build_qr(service.settings, data, expires_at_ms)
+    out: dict[str, Any] = {
+        "qr": qr,
+        "md5": khqr.md5_of(qr),
+        "expiresAt": iso(datetime.fromtimestamp(expires_at_ms / 1000, UTC)),
+    }
+    if "image" in data:
+        out["image"] = qr_image(qr, data["image"])
+    if "webhookUrl" not in data:
+        return json_response(out, 200)
+    row, token = await _track(service, data, qr, expires_s)
+    out.update(transactions.created_json(row))
+    out["payUrl"] = f"{base_url(request, service.settings)}/pay/{row['id']}?t={token}"
+    return json_response(out, 201)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/api/v1/khqr", post_khqr)

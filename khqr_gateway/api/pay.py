@@ -1,0 +1,195 @@
+"""The hosted payment page, its live status and the embeddable checkout script.
+
+Public routes: guarded by the transaction's page token (`?t=`), never by the API key, so
+the key never reaches a browser.
+"""
+
+from __future__ import annotations
+
+import html
+from decimal import Decimal
+from functools import cache
+from importlib import resources
+from string import Template
+from urllib.parse import quote
+from uuid import UUID
+
+import orjson
+from aiohttp import web
+from aiohttp_apigami import docs
+
+from khqr_gateway.api import live
+from khqr_gateway.api.errors import ApiError
+from khqr_gateway.api.khqr import qr_svg_inline
+from khqr_gateway.bakong import khqr
+from khqr_gateway.models import Status
+from khqr_gateway.service import SERVICE_KEY
+from khqr_gateway.store import pages
+
+TOKEN_MAX = 64
+ASSETS = {"pay.js": "application/javascript; charset=utf-8", "pay.css": "text/css; charset=utf-8"}
+# Framed by merchants' sites (sdk.js), whose origins the gateway cannot know: any ancestor.
+PAGE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors *"
+)
+STATUS_TEXT = {
+    Status.PENDING: "Waiting for payment\u2026",
+    Status.SUCCESS: "Paid. Thank you!",
+    Status.FAILED: "The payment failed",
+    Status.TIMEOUT: "This QR code has expired",
+    Status.MISMATCH: "The payment did not match this request",
+    Status.CANCELLED: "This payment was cancelled",
+}
+TOKEN_PARAM = {"in": "query", "name": "t", "required": True, "schema": {"type": "string"}}
+NOT_FOUND_PAGE = (
+    b'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Not found</title>'
+    b'<link rel="stylesheet" href="/static/pay.css"></head><body><main class="checkout">'
+    b"<p>This payment link is not valid.</p></main></body></html>"
+)
+
+
+@cache
+def _static(name: str) -> bytes:
+    return resources.files("khqr_gateway").joinpath("static", name).read_bytes()
+
+
+def _page_headers(content_type: str) -> dict[str, str]:
+    return {
+        "Content-Type": content_type,
+        "Content-Security-Policy": PAGE_CSP,
+        "X-Content-Type-Options": "nosniff",
+        # The page URL holds its token: never send it on as a Referer.
+        "Referrer-Policy": "no-referrer",
+        "Cache-Control": "no-store",
+    }
+
+
+def _asset_headers(content_type: str) -> dict[str, str]:
+    return {
+        "Content-Type": content_type,
+        "X-Content-Type-Options": "nosniff",
+        "Cache-Control": "public, max-age=300",
+        "Cross-Origin-Resource-Policy": "cross-origin",
+    }
+
+
+async def _page_of(request: web.Request) -> tuple[pages.Page | None, str]:
+    token = request.query.get("t", "")
+    try:
+        job_id = UUID(request.match_info["job_id"])
+    except ValueError:
+        return None, token
+    if not token or len(token) > TOKEN_MAX:
+        return None, token
+    return await pages.page(request.app[SERVICE_KEY].pool, job_id, token), token
+
+
+def _amount(value: Decimal | None) -> str:
+    return "" if value is None else f"{value:,}"
+
+
+def render(page: pages.Page, token: str) -> bytes:
+    """The page's HTML; every value from a request or Bakong is escaped."""
+    parsed = khqr.parse(page.qr) if page.qr else None
+    expires_ms = int(page.deadline_at.timestamp() * 1000)
+    if parsed is not None and parsed.expires_at_ms is not None:
+        expires_ms = parsed.expires_at_ms
+    values = {
+        "merchant": parsed.merchant_name if parsed else "",
+        "amount": _amount(parsed.amount if parsed else None),
+        "currency": parsed.currency if parsed else "",
+        "status": page.status.value,
+        "status_text": STATUS_TEXT[page.status],
+        "expires_ms": str(expires_ms),
+        "events_url": f"/pay/{page.id}/events?t={quote(token, safe='')}",
+        "return_url": page.return_url or "",
+        "job_id": str(page.id),
+    }
+    escaped = {key: html.escape(value, quote=True) for key, value in values.items()}
+    escaped["qr_svg"] = qr_svg_inline(page.qr) if page.qr else ""
+    return Template(_static("pay.html").decode()).substitute(escaped).encode()
+
+
+@docs(
+    tags=["payment page"],
+    summary="Hosted payment page (public, guarded by its token)",
+    description="The QR, amount, merchant name, a countdown to expiry and the live status; "
+    "once paid it goes to the `returnUrl` of POST /api/v1/khqr. The URL comes from that "
+    "call's `payUrl`; a wrong or missing token is 404.",
+    parameters=[TOKEN_PARAM],
+    responses={
+        200: {"description": "HTML page", "content": {"text/html": {}}},
+        404: {"description": "No page for this jobId and token", "content": {"text/html": {}}},
+    },
+)
+async def pay_page(request: web.Request) -> web.Response:
+    """GET /pay/{jobId}?t=<token>."""
+    page, token = await _page_of(request)
+    headers = _page_headers("text/html; charset=utf-8")
+    if page is None:
+        return web.Response(status=404, body=NOT_FOUND_PAGE, headers=headers)
+    return web.Response(body=render(page, token), headers=headers)
+
+
+def _page_event(job_id: UUID, status: Status, reason: str | None) -> bytes:
+    data = orjson.dumps({"status": status.value})
+    return b"id: " + status.value.encode() + b"\ndata: " + data + b"\n\n"
+
+
+PAGE_EVENTS = live.Format(event=_page_event, heartbeat=live.V1.heartbeat)
+
+
+@docs(
+    tags=["payment page"],
+    summary="Live status of the payment page (Server-Sent Events, public)",
+    description="As /api/v1/transactions/{jobId}/events, guarded by the page token; events "
+    "carry only `{status}`.",
+    parameters=[TOKEN_PARAM],
+    responses={
+        200: live.SSE_RESPONSE,
+        204: {"description": "The stream already ended with a final status"},
+        404: {"description": "No page for this jobId and token"},
+        **live.STREAM_LIMIT,
+    },
+)
+async def pay_events(request: web.Request) -> web.StreamResponse:
+    """GET /pay/{jobId}/events?t=<token>."""
+    page, _ = await _page_of(request)
+    if page is None:
+        raise ApiError(404, "not_found", "no payment page for this jobId and token")
+    return await live.stream(request, page.id, PAGE_EVENTS)
+
+
+@docs(
+    tags=["payment page"],
+    summary="Payment page script and stylesheet",
+    responses={200: {"description": "Static asset"}, 404: {"description": "No such asset"}},
+)
+async def asset(request: web.Request) -> web.Response:
+    """GET /static/{name}: the page's own script and stylesheet, nothing else."""
+    name = request.match_info["name"]
+    if name not in ASSETS:
+        raise ApiError(404, "not_found", "no such asset")
+    return web.Response(body=_static(name), headers=_asset_headers(ASSETS[name]))
+
+
+@docs(
+    tags=["payment page"],
+    summary="Embeddable checkout script",
+    description="`new KhqrCheckout({url, onSuccess, onFailure, onClose}).open()` opens the "
+    "payment page `url` (a `payUrl`) in a modal and reports its outcome through postMessage.",
+    responses={200: {"description": "JavaScript", "content": {"application/javascript": {}}}},
+)
+async def sdk(request: web.Request) -> web.Response:
+    """GET /sdk.js."""
+    return web.Response(
+        body=_static("sdk.js"), headers=_asset_headers("application/javascript; charset=utf-8")
+    )
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/pay/{job_id}", pay_page)
+    app.router.add_get("/pay/{job_id}/events", pay_events)
+    app.router.add_get("/static/{name}", asset)
+    app.router.add_get("/sdk.js", sdk)

@@ -1,0 +1,316 @@
+"""Asking Bakong about due md5s without hurting it or lying about it.
+
+Batched per credential (50 md5s a list call; per-md5 for final checks, unclear list items
+and where the list endpoint is refused), a bounded number of calls in flight, the rate limit
+that every process shares (taken once per wave of calls), 429 pauses per credential and a
+circuit breaker per credential. Every item gets a CheckResult: an answer, or an ERROR that
+says why there is none (never evidence that a payment did not happen).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TypeVar
+from uuid import UUID
+
+from khqr_gateway.bakong.breaker import RATE_LIMITED, UNHEALTHY, Breaker, CircuitState
+from khqr_gateway.bakong.client import MAX_BATCH, BakongClient, BakongError
+from khqr_gateway.credentials import Credentials, NoToken
+from khqr_gateway.metrics import BAKONG_CIRCUIT, BAKONG_THROTTLED
+from khqr_gateway.models import CheckKind, CheckResult, PollItem
+from khqr_gateway.store.ratelimit import Grant, RateLimit
+
+log = logging.getLogger(__name__)
+
+# Error words of items that got no answer for a reason of our own.
+THROTTLED = "throttled"  # the shared rate limit had no room: not asked at all
+CIRCUIT_OPEN = "circuit_open"
+NO_TOKEN = "no_token"
+LIST_FALLBACK_S = 600.0
+# Breaker: opens after this many failed calls in a row, then probes after one poll
+# interval, doubling up to ten intervals (30 s at the default POLL_INTERVAL_S).
+BREAKER_THRESHOLD = 5
+BACKOFF_CAP_S = 30.0
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class Call:
+    """One Bakong request to make: a list check of up to 50 md5s, or one per-md5 check."""
+
+    credential: int | None
+    token: str | None
+    items: Sequence[PollItem]
+    single: bool
+    final: bool = False  # the check at or after the deadline: goes first
+
+
+@dataclass(slots=True)
+class Answer:
+    results: dict[UUID, CheckResult]
+    follow_ups: list[Call] = field(default_factory=list)
+
+
+def chunks(items: Sequence[PollItem], size: int = MAX_BATCH) -> Iterable[Sequence[PollItem]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _all(items: Iterable[PollItem], result: CheckResult) -> dict[UUID, CheckResult]:
+    return {i.id: result for i in items}
+
+
+def _later(results: dict[UUID, CheckResult], wait: float | None) -> dict[UUID, CheckResult]:
+    """The results, each asking to be checked again no sooner than `wait` seconds."""
+    if wait is None:
+        return results
+    return {
+        job: dataclasses.replace(r, retry_after=max(r.retry_after or 0.0, wait))
+        for job, r in results.items()
+    }
+
+
+def _label(credential: int | None) -> str:
+    return "default" if credential is None else str(credential)
+
+
+class Checker:
+    """One per process; keeps each credential's breaker and list-endpoint fallback."""
+
+    def __init__(
+        self,
+        *,
+        bakong: BakongClient,
+        credentials: Credentials,
+        limits: RateLimit | None,
+        interval_s: float,
+        max_in_flight: int = 8,
+        breaker_threshold: int = BREAKER_THRESHOLD,
+    ) -> None:
+        self.bakong = bakong
+        self.credentials = credentials
+        self.limits = limits
+        self.max_in_flight = max_in_flight
+        self.breaker_threshold = breaker_threshold
+        self.backoff_base_s = interval_s
+        self.backoff_cap_s = max(interval_s, min(BACKOFF_CAP_S, 10 * interval_s))
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._breakers: dict[int | None, Breaker] = {}
+        self._list_disabled_until: dict[int | None, float] = {}
+
+    def breaker(self, credential: int | None) -> Breaker:
+        if credential not in self._breakers:
+            self._breakers[credential] = Breaker(
+                self.breaker_threshold, self.backoff_base_s, self.backoff_cap_s
+            )
+        return self._breakers[credential]
+
+    def circuits(self) -> dict[str, str]:
+        """The state of each credential's breaker that is not closed, for /api/v1/stats."""
+        now = time.monotonic()
+        return {
+            _label(c): b.state(now).value
+            for c, b in self._breakers.items()
+            if b.state(now) is not CircuitState.CLOSED
+        }
+
+    async def check(self, items: Sequence[PollItem], now: datetime) -> dict[UUID, CheckResult]:
+        """Ask Bakong about every item; each gets an answer or the reason it has none."""
+        groups: dict[int | None, list[PollItem]] = defaultdict(list)
+        for item in items:
+            credential = item.credential_id
+            groups[credential if credential is not None else self.credentials.default_id].append(
+                item
+            )
+        results: dict[UUID, CheckResult] = {}
+        calls: list[Call] = []
+        for credential, group in groups.items():
+            calls += await self._plan(credential, group, now, results)
+        follow_ups = await self._send(calls, results)
+        await self._send(follow_ups, results)  # per-md5 calls: they have no follow-ups
+        return results
+
+    async def _plan(
+        self,
+        credential: int | None,
+        group: list[PollItem],
+        now: datetime,
+        results: dict[UUID, CheckResult],
+    ) -> list[Call]:
+        """The calls one credential's items need, minus those its breaker holds back."""
+        try:
+            token = await self.credentials.token(credential)
+        except NoToken:
+            results.update(_all(group, CheckResult(CheckKind.ERROR, error=NO_TOKEN)))
+            return []
+        final = [i for i in group if now >= i.deadline_at]
+        regular = [i for i in group if now < i.deadline_at]
+        calls = [Call(credential, token, [i], single=True, final=True) for i in final]
+        if self._list_disabled_until.get(credential, 0.0) > time.monotonic():
+            calls += [Call(credential, token, [i], single=True) for i in regular]
+        else:
+            calls += [Call(credential, token, chunk, single=False) for chunk in chunks(regular)]
+        mono = time.monotonic()
+        breaker = self.breaker(credential)
+        allowed = breaker.allowed_calls(mono)
+        if allowed is not None and len(calls) > allowed:
+            wait = breaker.wait_s(mono) or self.backoff_base_s
+            held = CheckResult(CheckKind.ERROR, error=CIRCUIT_OPEN, retry_after=wait)
+            for call in calls[allowed:]:
+                results.update(_all(call.items, held))
+            calls = calls[:allowed]
+        return calls
+
+    async def _send(self, calls: list[Call], results: dict[UUID, CheckResult]) -> list[Call]:
+        """Send what the rate limit allows now, final checks first, then in the claim's
+        oldest-due-first order; returns follow-up calls."""
+        if not calls:
+            return []
+        calls = sorted(calls, key=lambda c: not c.final)
+        grant = await self._take(Counter(c.credential for c in calls))
+        runnable: list[Call] = []
+        deferred: list[Call] = []
+        for call in calls:
+            paused = grant.paused_s.get(call.credential)
+            if paused is not None:
+                result = CheckResult(CheckKind.ERROR, error=RATE_LIMITED, retry_after=paused)
+                results.update(_all(call.items, result))
+            elif len(runnable) < grant.calls:
+                runnable.append(call)
+            else:
+                deferred.append(call)
+        rate = self.limits.rate if self.limits else 1.0
+        if deferred:
+            BAKONG_THROTTLED.inc(len(deferred))
+        for call, turn in zip(deferred, grant.turns(len(deferred), rate), strict=True):
+            later = CheckResult(CheckKind.ERROR, error=THROTTLED, retry_after=turn or 0.0)
+            results.update(_all(call.items, later))
+        # Over the limit, those asked now come back at their turns, behind those waiting:
+        # none is starved, every md5's interval stretches alike.
+        next_turns = grant.turns(len(runnable), rate, after=len(deferred))
+        answers = await asyncio.gather(*(self._call(c) for c in runnable))
+        follow_ups: list[Call] = []
+        for answer, turn in zip(answers, next_turns, strict=True):
+            results.update(_later(answer.results, turn))
+            follow_ups += answer.follow_ups
+        return follow_ups
+
+    async def _take(self, wanted: Mapping[int | None, int]) -> Grant:
+        if self.limits is None:
+            return Grant(sum(wanted.values()), {})
+        return await self.limits.take(wanted)
+
+    async def _call(self, call: Call) -> Answer:
+        async with self._slots:
+            if call.single:
+                return await self._single(call)
+            return await self._list(call)
+
+    async def _list(self, call: Call) -> Answer:
+        md5s = [i.md5 for i in call.items]
+        try:
+            by_md5 = await self._with_renewal(
+                call, lambda token: self.bakong.check_md5_list(token, md5s)
+            )
+        except NoToken:
+            return Answer(_all(call.items, CheckResult(CheckKind.ERROR, error=NO_TOKEN)))
+        except BakongError as exc:
+            if exc.list_unsupported:
+                return Answer({}, self._fall_back_to_singles(call, exc))
+            wait = await self._health(call.credential, exc.kind, exc.retry_after)
+            error = CheckResult(CheckKind.ERROR, error=exc.kind, retry_after=wait)
+            return Answer(_all(call.items, error))
+        await self._health(call.credential, None, None)
+        results = {i.id: r for i in call.items if (r := by_md5.get(i.md5)) is not None}
+        unclear = [
+            Call(call.credential, call.token, [i], single=True)
+            for i in call.items
+            if by_md5.get(i.md5) is None
+        ]
+        return Answer(results, unclear)
+
+    def _fall_back_to_singles(self, call: Call, exc: BakongError) -> list[Call]:
+        log.warning(
+            "bakong list endpoint refused; checking md5s one by one",
+            extra={"status": exc.status, "credentialId": call.credential},
+        )
+        self._list_disabled_until[call.credential] = time.monotonic() + LIST_FALLBACK_S
+        return [Call(call.credential, call.token, [i], single=True) for i in call.items]
+
+    async def _single(self, call: Call) -> Answer:
+        item = call.items[0]
+        result = await self.bakong.check_md5(call.token, item.md5)
+        if result.error == "unauthorized":
+            try:
+                call.token = await self._renewed(call.credential, call.token)
+            except NoToken:
+                return Answer({item.id: result})
+            if await self._retry_allowed(call.credential):
+                result = await self.bakong.check_md5(call.token, item.md5)
+        error = result.error if result.kind is CheckKind.ERROR else None
+        wait = await self._health(call.credential, error, result.retry_after)
+        return Answer({item.id: dataclasses.replace(result, retry_after=wait)})
+
+    async def _with_renewal(self, call: Call, send: Callable[[str | None], Awaitable[T]]) -> T:
+        """Send; on 401 renew the credential's token once and send again."""
+        try:
+            return await send(call.token)
+        except BakongError as exc:
+            if not exc.unauthorized:
+                raise
+            call.token = await self._renewed(call.credential, call.token)
+            if not await self._retry_allowed(call.credential):
+                raise
+        return await send(call.token)
+
+    async def _renewed(self, credential: int | None, token: str | None) -> str:
+        if credential is None:
+            raise NoToken("no credential to renew")
+        return await self.credentials.renew(credential, stale=token)
+
+    async def _retry_allowed(self, credential: int | None) -> bool:
+        if self.limits is None:
+            return True
+        return (await self.limits.take({credential: 1}, queue=False)).calls >= 1
+
+    async def _health(
+        self, credential: int | None, error: str | None, retry_after: float | None
+    ) -> float | None:
+        """Feed one call's outcome to the credential's breaker; returns seconds to hold off."""
+        breaker = self.breaker(credential)
+        mono = time.monotonic()
+        if error == RATE_LIMITED:
+            pause = breaker.rate_limited(retry_after)
+            if self.limits is not None:
+                await self.limits.pause(credential, pause)
+            log.warning(
+                "bakong answered 429: pausing this credential",
+                extra={"credentialId": credential, "pauseS": round(pause, 3)},
+            )
+            return pause
+        if error in UNHEALTHY:
+            if breaker.failure(mono):
+                BAKONG_CIRCUIT.labels(_label(credential)).set(1)
+                log.warning(
+                    "bakong circuit open: no calls for this credential until a probe succeeds",
+                    extra={
+                        "credentialId": credential,
+                        "error": error,
+                        "retryInS": round(breaker.wait_s(mono), 3),
+                    },
+                )
+            return breaker.wait_s(mono) or None
+        # Any other reply, errors in a well-formed envelope included, shows Bakong is up.
+        if breaker.state(mono) is not CircuitState.CLOSED:
+            BAKONG_CIRCUIT.labels(_label(credential)).set(0)
+            log.info("bakong circuit closed", extra={"credentialId": credential})
+        breaker.success()
+        return None

@@ -1,0 +1,62 @@
+// The hosted payment page: countdown to expiry and live status through Server-Sent Events.
+(function () {
+  "use strict";
+  var root = document.getElementById("checkout");
+  if (!root) return;
+  var statusEl = document.getElementById("status");
+  var remainingEl = document.getElementById("remaining");
+  var expires = Number(root.getAttribute("data-expires"));
+  var framed = window.parent !== window;
+  var TEXT = {
+    pending: "Waiting for payment\u2026",
+    success: "Paid. Thank you!",
+    failed: "The payment failed",
+    timeout: "This QR code has expired",
+    mismatch: "The payment did not match this request",
+    cancelled: "This payment was cancelled"
+  };
+  var source = null;
+  var timer = null;
+  var finished = false;
+
+  function pad(n) { return (n < 10 ? "0" : "") + n; }
+
+  function countdown() {
+    var left = Math.max(0, Math.round((expires - Date.now()) / 1000));
+    remainingEl.textContent = pad(Math.floor(left / 60)) + ":" + pad(left % 60);
+  }
+
+  // Tell the embedding page (sdk.js) the outcome; only the status and jobId, never the token.
+  function notify(status) {
+    if (!framed) return;
+    var target = "*";
+    try { if (document.referrer) target = new URL(document.referrer).origin; } catch (e) { /* keep * */ }
+    window.parent.postMessage(
+      { type: "khqr:status", status: status, jobId: root.getAttribute("data-job") }, target);
+  }
+
+  function show(status) {
+    if (finished || typeof status !== "string") return;
+    root.setAttribute("data-status", status);
+    statusEl.textContent = TEXT[status] || status;
+    if (status === "pending") return;
+    finished = true;
+    if (source) source.close();
+    if (timer) clearInterval(timer);
+    notify(status);
+    var back = root.getAttribute("data-return");
+    if (status === "success" && back && !framed) {
+      setTimeout(function () { window.location.assign(back); }, 1500);
+    }
+  }
+
+  countdown();
+  timer = setInterval(countdown, 1000);
+  var initial = root.getAttribute("data-status");
+  if (initial !== "pending") { show(initial); return; }
+  if (!window.EventSource) return;
+  source = new EventSource(root.getAttribute("data-events"));
+  source.onmessage = function (event) {
+    try { show(JSON.parse(event.data).status); } catch (e) { /* not ours */ }
+  };
+})();

@@ -1,0 +1,167 @@
+"""A headless Chromium driven through the DevTools protocol, with aiohttp's websocket client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--no-proxy-server",
+    "--remote-debugging-port=0",
+)
+
+
+def chromium_path() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@dataclass
+class Browser:
+    """A running Chromium: `port` serves the DevTools protocol."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    browser_path: str
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}{self.browser_path}"
+
+    @contextlib.asynccontextmanager
+    async def tab(self) -> AsyncIterator[Tab]:
+        """A fresh tab, closed afterwards."""
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(self.ws_url, max_msg_size=0) as ws:
+                browser = Cdp(ws)
+                target = await browser.send("Target.createTarget", url="about:blank")
+                page_url = f"ws://127.0.0.1:{self.port}/devtools/page/{target['targetId']}"
+                try:
+                    async with session.ws_connect(page_url, max_msg_size=0) as page_ws:
+                        tab = Tab(page_ws)
+                        await tab.send("Runtime.enable")
+                        await tab.send("Log.enable")
+                        await tab.send("Page.enable")
+                        yield tab
+                finally:
+                    await browser.send("Target.closeTarget", targetId=target["targetId"])
+
+
+@contextlib.contextmanager
+def launch(executable: str, timeout: float = 30.0) -> Iterator[Browser]:
+    """Start Chromium with a fresh profile; stopped (and its profile removed) afterwards."""
+    with tempfile.TemporaryDirectory(prefix="khqr-chromium-") as profile:
+        process = subprocess.Popen(
+            [executable, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            port, path = _devtools_address(Path(profile), process, timeout)
+            yield Browser(process, port, path)
+        finally:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _devtools_address(
+    profile: Path, process: subprocess.Popen[bytes], timeout: float
+) -> tuple[int, str]:
+    active = profile / "DevToolsActivePort"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"chromium exited with {process.returncode}")
+        lines = active.read_text().split() if active.exists() else []
+        if len(lines) == 2:
+            return int(lines[0]), lines[1]
+        time.sleep(0.05)
+    raise RuntimeError("chromium did not open its DevTools port")
+
+
+@dataclass
+class Cdp:
+    """Commands over one DevTools websocket; events that arrive meanwhile are kept."""
+
+    ws: aiohttp.ClientWebSocketResponse
+    events: list[dict[str, Any]] = field(default_factory=list)
+    _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+
+    async def send(self, method: str, **params: Any) -> dict[str, Any]:
+        message_id = next(self._ids)
+        command = {"id": message_id, "method": method, "params": params}
+        await self.ws.send_str(orjson.dumps(command).decode())  # DevTools takes text frames only
+        async with asyncio.timeout(15):
+            while True:
+                frame = await self.ws.receive()
+                if frame.type is not aiohttp.WSMsgType.TEXT:
+                    raise RuntimeError(f"DevTools connection ended: {frame.type.name}")
+                message = orjson.loads(frame.data)
+                if message.get("id") != message_id:
+                    self.events.append(message)
+                    continue
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                result: dict[str, Any] = message.get("result", {})
+                return result
+
+
+class Tab(Cdp):
+    async def navigate(self, url: str) -> None:
+        await self.send("Page.navigate", url=url)
+
+    async def evaluate(self, expression: str) -> Any:
+        result = await self.send(
+            "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True
+        )
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    async def wait_for(self, expression: str, timeout: float = 10.0) -> Any:
+        """Evaluate until truthy (errors while a page loads count as not yet)."""
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            with contextlib.suppress(RuntimeError):
+                last = await self.evaluate(expression)
+                if last:
+                    return last
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"never true: {expression} (last {last!r})")
+
+    def problems(self) -> list[str]:
+        """Errors the page logged: CSP violations, uncaught exceptions, failed loads."""
+        found = []
+        for event in self.events:
+            if event.get("method") == "Log.entryAdded":
+                entry = event["params"]["entry"]
+                if entry.get("level") == "error":
+                    found.append(f"{entry.get('text', '')} {entry.get('url', '')}".strip())
+            elif event.get("method") == "Runtime.exceptionThrown":
+                found.append(str(event["params"]["exceptionDetails"].get("text")))
+        return found

@@ -1,0 +1,169 @@
+"""POST /api/v1/khqr: a dynamic KHQR that decodes back to what was asked, and its tracking."""
+
+from __future__ import annotations
+
+import base64
+import time
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from bakong_khqr import KHQR
+from bakong_khqr.sdk.emv_parser import EMVParser
+
+from khqr_gateway.bakong.khqr import crc16, md5_of, parse
+from tests.conftest import Gateway, GatewayFactory, Receiver, SimulatedBakong
+
+MERCHANT = {"accountId": "shop@aclb", "merchantName": "Coffee Shop", "merchantCity": "Siem Reap"}
+
+
+async def generate(gw: Gateway, expect: int = 200, **body: Any) -> dict[str, Any]:
+    status, answer = await gw.post("/api/v1/khqr", body)
+    assert status == expect, answer
+    return dict(answer)
+
+
+def epoch_ms(value: str) -> int:
+    return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1000)
+
+
+async def test_khqr_decodes_back_to_the_request_with_a_valid_crc(gateway: Gateway) -> None:
+    before = int(time.time() * 1000)
+    body = await generate(
+        gateway,
+        amount="1.5",
+        currency="USD",
+        billNumber="INV-42",
+        mobileNumber="85512345678",
+        storeLabel="Riverside",
+        terminalLabel="Till 2",
+        purpose="Coffee",
+        expiresInSeconds=120,
+        **MERCHANT,
+    )
+    qr = body["qr"]
+    assert set(body) == {"qr", "md5", "expiresAt"}
+    assert qr[-4:] == crc16(qr[:-4])
+    assert body["md5"] == md5_of(qr) == KHQR().generate_md5(qr)
+    parsed = parse(qr)
+    assert parsed.dynamic
+    assert (parsed.amount, parsed.currency) == (Decimal("1.50"), "USD")
+    assert (parsed.account_id, parsed.merchant_name, parsed.merchant_city) == (
+        "shop@aclb",
+        "Coffee Shop",
+        "Siem Reap",
+    )
+    assert (parsed.bill_number, parsed.mobile_number, parsed.store_label) == (
+        "INV-42",
+        "85512345678",
+        "Riverside",
+    )
+    assert (parsed.terminal_label, parsed.purpose) == ("Till 2", "Coffee")
+    assert parsed.expires_at_ms == epoch_ms(body["expiresAt"])
+    assert before + 120_000 <= parsed.expires_at_ms <= int(time.time() * 1000) + 120_000
+    # An independent decoder reads the same amount (written as the official SDK does).
+    assert EMVParser(qr).get("54") == "1.50"
+
+
+async def test_merchant_defaults_come_from_settings(make_gateway: GatewayFactory) -> None:
+    gw = await make_gateway(
+        khqr_account_id="default@devb", khqr_merchant_name="Default Shop", poll_timeout_s=300
+    )
+    body = await generate(gw, amount=10000, currency="KHR")
+    parsed = parse(body["qr"])
+    assert (parsed.account_id, parsed.merchant_name, parsed.merchant_city) == (
+        "default@devb",
+        "Default Shop",
+        "Phnom Penh",
+    )
+    assert parsed.amount == 10000
+    # The expiry defaults to the tracking window.
+    assert abs(parsed.expires_at_ms - (time.time() * 1000 + 300_000)) < 5_000
+
+
+async def test_refusals_name_the_field(gateway: Gateway) -> None:
+    status, body = await gateway.post("/api/v1/khqr", {"amount": 5, "currency": "USD"})
+    assert status == 422
+    assert body["error"]["details"][0]["field"] == "accountId"
+    status, body = await gateway.post(
+        "/api/v1/khqr", {"amount": "10.5", "currency": "KHR", **MERCHANT}
+    )
+    assert status == 422
+    assert body["error"]["details"][0]["field"] == "amount"
+    status, body = await gateway.post(
+        "/api/v1/khqr", {"amount": 1, "currency": "USD", "returnUrl": "https://x.y", **MERCHANT}
+    )
+    assert status == 422
+    assert body["error"]["details"][0]["field"] == "returnUrl"
+    status, body = await gateway.post(
+        "/api/v1/khqr",
+        {
+            "amount": 1,
+            "currency": "USD",
+            "webhookUrl": "https://x.y/hook",
+            "returnUrl": "javascript:alert(1)",
+            **MERCHANT,
+        },
+    )
+    assert status == 422
+    assert body["error"]["details"][0]["field"] == "returnUrl"
+
+
+async def test_image_as_svg_or_png_data_url(gateway: Gateway) -> None:
+    svg = await generate(gateway, amount=1, currency="USD", image="svg", **MERCHANT)
+    prefix, _, data = svg["image"].partition(",")
+    assert prefix == "data:image/svg+xml;base64"
+    assert b"<svg" in base64.b64decode(data)
+    png = await generate(gateway, amount=1, currency="USD", image="png", **MERCHANT)
+    prefix, _, data = png["image"].partition(",")
+    assert prefix == "data:image/png;base64"
+    assert base64.b64decode(data).startswith(b"\x89PNG\r\n\x1a\n")
+
+
+async def test_with_webhook_it_tracks_with_expectations_and_gives_a_page(
+    gateway: Gateway, bakong: SimulatedBakong, receiver: Receiver
+) -> None:
+    body = await generate(
+        gateway,
+        expect=201,
+        amount="2.25",
+        currency="USD",
+        webhookUrl=receiver.url,
+        metadata={"orderId": "A-7"},
+        **MERCHANT,
+    )
+    assert body["status"] == "pending"
+    base = str(gateway.client.make_url("")).rstrip("/")
+    assert body["payUrl"].startswith(f"{base}/pay/{body['jobId']}?t=")
+    _, tx = await gateway.get(f"/api/v1/transactions/{body['jobId']}")
+    assert tx["md5"] == body["md5"]
+    assert tx["expected"] == {"amount": "2.25", "currency": "USD", "toAccountId": "shop@aclb"}
+
+    page = await gateway.client.get(body["payUrl"][len(base) :])
+    assert page.status == 200
+
+    bakong.pay(body["md5"], amount=2.25, currency="USD", toAccountId="shop@aclb")
+    [hook] = await receiver.wait_for(1)
+    assert hook.json()["status"] == "success"
+    assert hook.json()["metadata"] == {"orderId": "A-7"}
+
+
+async def test_underpaid_is_a_mismatch(
+    gateway: Gateway, bakong: SimulatedBakong, receiver: Receiver
+) -> None:
+    body = await generate(
+        gateway, expect=201, amount=10, currency="USD", webhookUrl=receiver.url, **MERCHANT
+    )
+    bakong.pay(body["md5"], amount=1, currency="USD", toAccountId="shop@aclb")
+    [hook] = await receiver.wait_for(1)
+    assert hook.json()["status"] == "mismatch"
+
+
+async def test_pay_url_uses_public_url_when_set(
+    make_gateway: GatewayFactory, receiver: Receiver
+) -> None:
+    gw = await make_gateway(public_url="https://pay.example.com/")
+    body = await generate(
+        gw, expect=201, amount=1, currency="USD", webhookUrl=receiver.url, **MERCHANT
+    )
+    assert body["payUrl"].startswith(f"https://pay.example.com/pay/{body['jobId']}?t=")

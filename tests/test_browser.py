@@ -1,0 +1,162 @@
+"""The payment page and sdk.js in a real headless Chromium (skipped when it is not installed)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from aiohttp import web
+
+from tests.browser import Browser, Tab, chromium_path, launch
+from tests.conftest import Gateway, Receiver, SimulatedBakong
+
+pytestmark = pytest.mark.slow
+
+PAY = {"amount": "3.75", "currency": "USD", "toAccountId": "shop@aclb"}
+STATUS = "document.getElementById('checkout').dataset.status"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    executable = chromium_path()
+    if executable is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium)")
+    with launch(executable) as running:
+        yield running
+
+
+SHOP_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>shop</title><script src="%(sdk)s"></script></head>
+<body><h1>Shop</h1><script>
+window.outcome = [];
+var checkout = new KhqrCheckout({
+  url: new URLSearchParams(location.search).get("pay"),
+  autoCloseMs: 300,
+  onSuccess: function (r) { window.outcome.push(["success", r.status, r.jobId]); },
+  onFailure: function (r) { window.outcome.push(["failure", r.status, r.jobId]); },
+  onClose: function (r) { window.outcome.push(["close", r && r.status, r && r.jobId]); }
+});
+checkout.open();
+</script></body></html>"""
+
+
+async def shop(aiohttp_server: Any, gateway: Gateway) -> str:
+    """A merchant's site on another origin: a checkout page and a page to return to."""
+    sdk = str(gateway.client.make_url("/sdk.js"))
+
+    async def checkout(request: web.Request) -> web.Response:
+        return web.Response(text=SHOP_PAGE % {"sdk": sdk}, content_type="text/html")
+
+    async def done(request: web.Request) -> web.Response:
+        return web.Response(text="<title>thanks</title>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/checkout", checkout)
+    app.router.add_get("/done", done)
+    server = await aiohttp_server(app)
+    return str(server.make_url("")).rstrip("/")
+
+
+async def khqr(gateway: Gateway, receiver: Receiver, **extra: Any) -> dict[str, Any]:
+    status, body = await gateway.post(
+        "/api/v1/khqr",
+        {
+            "amount": PAY["amount"],
+            "currency": PAY["currency"],
+            "accountId": PAY["toAccountId"],
+            "merchantName": "Coffee & <Tea>",
+            "webhookUrl": receiver.url,
+            **extra,
+        },
+    )
+    assert status == 201, body
+    return dict(body)
+
+
+def assert_clean(tab: Tab) -> None:
+    problems = [p for p in tab.problems() if "favicon" not in p]
+    assert problems == [], "the page logged errors (CSP violations, exceptions)"
+
+
+async def test_page_shows_the_qr_and_turns_paid_without_a_reload(
+    browser: Browser,
+    gateway: Gateway,
+    bakong: SimulatedBakong,
+    receiver: Receiver,
+    aiohttp_server: Any,
+) -> None:
+    site = await shop(aiohttp_server, gateway)
+    made = await khqr(gateway, receiver, returnUrl=f"{site}/done")
+    async with browser.tab() as tab:
+        await tab.navigate(made["payUrl"])
+        await tab.wait_for(f"document.querySelector('#qr svg path') && {STATUS} === 'pending'")
+        assert await tab.evaluate("document.getElementById('merchant').textContent") == (
+            "Coffee & <Tea>"
+        )
+        assert await tab.evaluate("document.getElementById('amount').textContent") == "3.75 USD"
+        remaining = await tab.wait_for("document.getElementById('remaining').textContent")
+        assert remaining[:2] in ("04", "05"), remaining
+        await tab.evaluate("window.sameDocument = true")
+
+        bakong.pay(made["md5"], **PAY)
+        await tab.wait_for(f"{STATUS} === 'success' && window.sameDocument === true")
+        assert await tab.evaluate("document.getElementById('status').textContent") == (
+            "Paid. Thank you!"
+        )
+        # Then on to the returnUrl the request gave.
+        await tab.wait_for(f"location.href === {json.dumps(site + '/done')}", timeout=5)
+        assert_clean(tab)
+
+
+async def test_sdk_opens_the_page_in_a_modal_and_reports_success(
+    browser: Browser,
+    gateway: Gateway,
+    bakong: SimulatedBakong,
+    receiver: Receiver,
+    aiohttp_server: Any,
+) -> None:
+    site = await shop(aiohttp_server, gateway)
+    made = await khqr(gateway, receiver)
+    async with browser.tab() as tab:
+        await tab.navigate(f"{site}/checkout?pay={quote(made['payUrl'], safe='')}")
+        frame = "document.querySelector('iframe')"
+        await tab.wait_for(f"{frame} && {frame}.src === {json.dumps(made['payUrl'])}")
+        # A message that is not from the page in our frame is ignored, whatever it says.
+        await tab.evaluate(
+            "window.postMessage({type: 'khqr:status', status: 'success', jobId: 'forged'}, '*')"
+        )
+        await tab.evaluate("new Promise(r => setTimeout(r, 300))")
+        assert await tab.evaluate("window.outcome") == []
+        # Let the framed page connect its live status before the payment lands.
+        await tab.evaluate("new Promise(r => setTimeout(r, 700))")
+
+        bakong.pay(made["md5"], **PAY)
+        outcome = await tab.wait_for("window.outcome.length >= 2 && window.outcome")
+        assert outcome == [
+            ["success", "success", made["jobId"]],
+            ["close", "success", made["jobId"]],
+        ]
+        assert await tab.evaluate(f"{frame} === null"), "the modal closed itself"
+        assert await tab.evaluate("location.pathname") == "/checkout", "the shop page stayed"
+        assert_clean(tab)
+
+
+async def test_sdk_reports_failure(
+    browser: Browser,
+    gateway: Gateway,
+    bakong: SimulatedBakong,
+    receiver: Receiver,
+    aiohttp_server: Any,
+) -> None:
+    site = await shop(aiohttp_server, gateway)
+    made = await khqr(gateway, receiver)
+    async with browser.tab() as tab:
+        await tab.navigate(f"{site}/checkout?pay={quote(made['payUrl'], safe='')}")
+        await tab.wait_for("document.querySelector('iframe') !== null")
+        await tab.evaluate("new Promise(r => setTimeout(r, 700))")
+        bakong.fail(made["md5"])
+        outcome = await tab.wait_for("window.outcome.length >= 1 && window.outcome")
+        assert outcome[0] == ["failure", "failed", made["jobId"]]

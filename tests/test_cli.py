@@ -1,0 +1,177 @@
+"""The real process: zero-config first run, pino log lines, no secrets in them, clean SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from tests.conftest import REDIS_URL
+
+ROOT = Path(__file__).resolve().parents[1]
+API_KEY = "test-api-key-" + secrets.token_hex(12)
+WEBHOOK_SECRET = "whsec_" + "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LTAx"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Proc:
+    def __init__(self, proc: asyncio.subprocess.Process, port: int) -> None:
+        self.proc = proc
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.output = b""
+
+    async def wait_ready(self, timeout: float = 30) -> float:
+        start = time.monotonic()
+        async with aiohttp.ClientSession() as http:
+            while time.monotonic() - start < timeout:
+                if self.proc.returncode is not None:
+                    raise AssertionError(f"exited {self.proc.returncode}: {await self.read_all()}")
+                try:
+                    async with http.get(f"{self.url}/ready") as resp:
+                        if resp.status == 200:
+                            return time.monotonic() - start
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+        raise AssertionError("never became ready")
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+        code = await asyncio.wait_for(self.proc.wait(), timeout)
+        await self.read_all()
+        return code
+
+    async def read_all(self) -> str:
+        assert self.proc.stdout is not None
+        self.output += await self.proc.stdout.read()
+        return self.output.decode(errors="replace")
+
+
+async def start(env: dict[str, str], cwd: Path) -> Proc:
+    port = free_port()
+    full = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("DATABASE_URL", "REDIS_URL", "BAKONG_", "API_KEY", "APP_ENV"))
+    }
+    full.update({"PORT": str(port), "HOST": "127.0.0.1", **env})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "khqr_gateway",
+        "serve",
+        cwd=cwd,
+        env=full,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    return Proc(proc, port)
+
+
+@pytest.fixture
+async def procs() -> AsyncIterator[list[Proc]]:
+    started: list[Proc] = []
+    yield started
+    for p in started:
+        if p.proc.returncode is None:
+            p.proc.kill()
+            await p.proc.wait()
+
+
+def log_lines(output: str) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in output.splitlines() if line.startswith("{")]
+
+
+async def test_first_run_with_nothing_configured_works(tmp_path: Path, procs: list[Proc]) -> None:
+    env = {"DATA_DIR": str(tmp_path / "data"), "PYTHONPATH": str(ROOT)}
+    proc = await start(env, tmp_path)
+    procs.append(proc)
+    took = await proc.wait_ready()
+    async with aiohttp.ClientSession() as http:
+        md5 = secrets.token_hex(16)
+        hook = f"{proc.url}/sandbox/control/inbox/first-run"
+        async with http.post(
+            f"{proc.url}/api/v1/transactions", json={"md5": md5, "webhookUrl": hook}
+        ) as r:
+            assert r.status == 201
+        async with http.post(
+            f"{proc.url}/sandbox/control/transactions/{md5}/pay", json={"amount": 1}
+        ) as r:
+            assert r.status == 200
+        deadline = time.monotonic() + 10
+        inbox: list[Any] = []
+        while time.monotonic() < deadline and not inbox:
+            async with http.get(hook) as r:
+                inbox = await r.json()
+            await asyncio.sleep(0.2)
+    assert inbox and inbox[0]["body"]["status"] == "success"
+    assert await proc.stop() == 0
+    output = await proc.read_all()
+    assert "SANDBOX MODE" in output
+    assert "embedded Postgres" in output
+    print(f"first run: ready in {took:.2f} s")
+
+
+async def test_logs_are_pino_lines_without_secrets_and_sigterm_is_clean(
+    tmp_path: Path, procs: list[Proc], database_url: str
+) -> None:
+    token = "eyJhbGciOiJIUzI1NiJ9.eyJleHAiOjQxMDI0NDQ4MDB9.secret-signature-part"
+    env = {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": REDIS_URL,
+        "REDIS_NAMESPACE": "cli-" + secrets.token_hex(4),
+        "API_KEY": API_KEY,
+        "WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "BAKONG_BASE_URL": "http://127.0.0.1:9",
+        "BAKONG_TOKEN": token,
+        "APP_ENV": "production",
+        "PYTHONPATH": str(ROOT),
+    }
+    proc = await start(env, tmp_path)
+    procs.append(proc)
+    await proc.wait_ready()
+    async with aiohttp.ClientSession() as http:
+        headers = {"Authorization": f"Bearer {API_KEY}", "x-request-id": "req-1"}
+        body = {
+            "md5": secrets.token_hex(16),
+            "webhookUrl": "https://example.com/hook",
+            "token": token,
+        }
+        async with http.post(f"{proc.url}/api/v1/transactions", json=body, headers=headers) as r:
+            assert r.status in (201, 422)
+            text = await r.text()
+        async with http.get(f"{proc.url}/api/v1/transactions", headers=headers) as r:
+            listing = await r.text()
+    started = time.monotonic()
+    assert await proc.stop() == 0
+    assert time.monotonic() - started < 12
+    output = await proc.read_all()
+    for secret in (API_KEY, WEBHOOK_SECRET, token, token.split(".")[2]):
+        assert secret not in output, "a secret reached the logs"
+        assert secret not in text and secret not in listing, "a secret reached a response"
+    lines = log_lines(output)
+    assert lines, output
+    for line in lines:
+        assert {"level", "time", "pid", "hostname", "msg"} <= set(line)
+        assert isinstance(line["level"], int) and isinstance(line["time"], int)
+    requests = [line for line in lines if line["msg"] == "request"]
+    assert any(r["requestId"] == "req-1" and r["method"] == "POST" for r in requests)
+    assert any("shutting down" in line["msg"] for line in lines)

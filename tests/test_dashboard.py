@@ -1,0 +1,29 @@
+"""The /queue dashboard page: served with a strict CSP, off in production without a key."""
+
+from __future__ import annotations
+
+from khqr_gateway.config import AppEnv
+from tests.conftest import Gateway, GatewayFactory
+
+
+async def test_dashboard_page_and_assets_are_served_with_a_strict_csp(gateway: Gateway) -> None:
+    resp = await gateway.client.get("/queue")
+    assert resp.status == 200
+    html = await resp.text()
+    assert "/queue/dashboard.js" in html
+    assert "script-src 'self'" in resp.headers["Content-Security-Policy"]
+    assert "<script>" not in html, "no inline script: the CSP forbids it"
+    js = await gateway.client.get("/queue/dashboard.js")
+    assert js.status == 200
+    assert "innerHTML" not in await js.text(), "data is written with textContent only"
+    assert (await gateway.client.get("/queue/../config.py")).status == 404
+
+
+async def test_dashboard_is_off_in_production_without_an_api_key(
+    make_gateway: GatewayFactory,
+) -> None:
+    gw = await make_gateway(app_env=AppEnv.PRODUCTION)
+    assert (await gw.client.get("/queue")).status == 404
+    keyed = await make_gateway(app_env=AppEnv.PRODUCTION, api_keys=("k" * 32,))
+    assert (await keyed.client.get("/queue")).status == 200
+    assert (await keyed.client.get("/api/v1/stats")).status == 401

@@ -1,0 +1,84 @@
+"""The Redis token bucket and 429 pauses that every gateway process shares."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from khqr_gateway.store.ratelimit import RateLimit
+from khqr_gateway.store.schedule import keys
+
+
+def limit(redis: Any, namespace: str, rate: float = 10, capacity: float | None = None) -> RateLimit:
+    names = keys(namespace)
+    return RateLimit(
+        redis,
+        bucket_key=names["bakong_rate"],
+        pause_prefix=names["bakong_pause"],
+        rate=rate,
+        capacity=capacity,
+    )
+
+
+async def test_a_full_bucket_grants_a_burst_then_refills_at_the_rate(
+    redis: Any, namespace: str
+) -> None:
+    bucket = limit(redis, namespace, rate=10)
+    t = 1_000_000
+    assert (await bucket.take({1: 25}, now_ms=t)).calls == 10, "capacity: one second's worth"
+    assert (await bucket.take({1: 25}, now_ms=t)).calls == 0, "empty"
+    assert (await bucket.take({1: 25}, now_ms=t + 250)).calls == 2, "10/s: 2.5 tokens in 250 ms"
+    assert (await bucket.take({1: 25}, now_ms=t + 300)).calls == 1, "the half token carried over"
+    assert (await bucket.take({1: 25}, now_ms=t + 60_000)).calls == 10, "never more than capacity"
+
+
+async def test_a_tick_takes_its_calls_for_every_credential_in_one_go(
+    redis: Any, namespace: str
+) -> None:
+    bucket = limit(redis, namespace, rate=10)
+    grant = await bucket.take({1: 3, 2: 4, None: 1}, now_ms=5_000)
+    assert grant.calls == 8
+    assert grant.paused_s == {}
+
+
+async def test_processes_share_one_bucket(redis: Any, namespace: str) -> None:
+    one, two = limit(redis, namespace, rate=20), limit(redis, namespace, rate=20)
+    grants = await asyncio.gather(*(b.take({1: 3}, now_ms=9_000) for b in [one, two] * 10))
+    assert sum(g.calls for g in grants) == 20
+
+
+async def test_redis_clock_is_used_when_no_time_is_given(redis: Any, namespace: str) -> None:
+    bucket = limit(redis, namespace, rate=5)
+    assert (await bucket.take({1: 100})).calls == 5
+    assert (await bucket.take({1: 100})).calls == 0
+    await asyncio.sleep(0.45)
+    assert 2 <= (await bucket.take({1: 100})).calls <= 3, "5/s for about 0.45 s"
+
+
+async def test_a_paused_credential_gets_nothing_and_spends_nothing(
+    redis: Any, namespace: str
+) -> None:
+    bucket = limit(redis, namespace, rate=10)
+    await bucket.pause(7, 2.0)
+    grant = await bucket.take({7: 5, 8: 3}, now_ms=1_000)
+    assert grant.calls == 3, "only credential 8's calls"
+    assert 1.5 < grant.paused_s[7] <= 2.0
+    assert 8 not in grant.paused_s
+
+
+async def test_a_pause_is_lengthened_never_shortened(redis: Any, namespace: str) -> None:
+    bucket = limit(redis, namespace)
+    await bucket.pause(None, 5.0)
+    await bucket.pause(None, 0.1)
+    grant = await bucket.take({None: 1})
+    assert grant.paused_s[None] > 4.0
+    await bucket.pause(None, 9.0)
+    assert (await bucket.take({None: 1})).paused_s[None] > 8.0
+
+
+async def test_pauses_run_out(redis: Any, namespace: str) -> None:
+    bucket = limit(redis, namespace)
+    await bucket.pause(3, 0.1)
+    await asyncio.sleep(0.15)
+    grant = await bucket.take({3: 1})
+    assert grant.calls == 1 and grant.paused_s == {}
