@@ -120,7 +120,6 @@ class CpuMeter:
         ours = [p for p in pids_named("postgres") if self.database in _cmdline(p)]
         now["postgres"] = sum(cpu_seconds(p) for p in ours)
         now["redis"] = sum(cpu_seconds(p) for p in pids_named("redis-server"))
-        now["wrk"] = sum(cpu_seconds(p) for p in pids_named("wrk"))
         now["machine"] = machine_busy_seconds()
         return now
 
@@ -129,7 +128,8 @@ class CpuMeter:
         before: dict[str, float], after: dict[str, float], seconds: float
     ) -> dict[str, float]:
         used = {k: round((after[k] - before.get(k, 0.0)) / seconds, 3) for k in after}
-        # What the machine did besides the bench's processes: other users, the kernel.
+        # What the machine did besides the processes above: wrk (gone before it can be
+        # read), other users, the kernel.
         used["rest"] = round(used["machine"] - sum(v for k, v in used.items() if k != "machine"), 3)
         return used
 

@@ -4,9 +4,10 @@ A credential is a token, an email, or both. A token's expiry is its JWT `exp` cl
 verified). Credentials with an email are renewed through `renew_token`: by the token tick
 before they expire, and at once when Bakong rejects their token (401). One renewal per
 credential happens at a time across every gateway process (a Redis lock). A credential whose
-token is unusable and cannot be renewed is marked `expired` with why, logged at error level,
-and left alone by the poll tick (its transactions time out as `bakong_unauthorized`); the
-token tick keeps retrying email credentials, and adding the credential again revives it.
+token is unusable and cannot be renewed is marked `expired` with why and logged at error
+level; its transactions time out as `bakong_unauthorized`. An expired email credential is
+tried again at most once a minute while something needs it (the token tick, a check);
+adding the credential again revives it at once.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -39,6 +41,8 @@ _CACHE_TTL_S = 30.0
 RENEW_LOCK_TTL_MS = 30_000
 # Renewal failures that no retry will fix.
 PERMANENT_RENEWAL_ERRORS = frozenset({"not_registered", "renew_failed"})
+# An expired email credential that is asked for is tried again at most this often.
+EXPIRED_RETRY_S = 60.0
 
 
 def jwt_expiry(token: str) -> datetime | None:
@@ -158,10 +162,12 @@ class Credentials:
         if credential_id is None:
             return None
         cred = await self.get(credential_id)
+        if cred is not None and cred.status == EXPIRED:
+            cred = await self._fresh(credential_id)
+            if cred is not None and cred.status == EXPIRED and not _retry_due(cred):
+                raise NoToken(f"credential {credential_id} is expired")
         if cred is None:
             raise NoToken(f"credential {credential_id} not found")
-        if cred.status == EXPIRED:
-            raise NoToken(f"credential {credential_id} is expired")
         if token := _usable(cred, None):
             return token
         return await self.renew(credential_id, stale=cred.token, rejected=False)
@@ -171,8 +177,10 @@ class Credentials:
 
         `stale` is the token the caller found wanting; `rejected` says Bakong refused it
         (401), so it is unusable even if its `exp` is still ahead. When another caller has
-        replaced it already, the replacement is returned without calling Bakong.
+        replaced it already, the replacement is returned without calling Bakong; when
+        another caller failed to renew it meanwhile, NoToken without trying again.
         """
+        asked_at = datetime.now(UTC)
         async with self._locks.setdefault(credential_id, asyncio.Lock()):
             cred = await self._fresh(credential_id)
             if token := _usable(cred, stale):
@@ -189,6 +197,8 @@ class Credentials:
                     if token := _usable(cred, stale):
                         return token
                     assert cred is not None and cred.email
+                    if _failed_since(cred, asked_at):
+                        raise NoToken(f"credential {credential_id}: renewal just failed")
                     return await self._renew_now(cred, rejected=rejected and cred.token == stale)
             except LockTimeout:
                 raise NoToken(f"credential {credential_id}: renewal elsewhere is stuck") from None
@@ -215,6 +225,8 @@ class Credentials:
         expires_at = jwt_expiry(token)
         await store.save_token(self.pool, cred.id, token, expires_at)
         self._cache.pop(cred.id, None)
+        if expires_at is not None:
+            TOKEN_EXPIRY.labels(str(cred.id)).set(expires_at.timestamp() - time.time())
         log.info(
             "bakong token renewed",
             extra={"credentialId": cred.id, "expiresAt": expires_at and expires_at.isoformat()},
@@ -239,6 +251,7 @@ class Credentials:
     async def _expire(self, cred: Credential, error: str) -> None:
         changed = await store.mark_credential_expired(self.pool, cred.id, error)
         self._cache.pop(cred.id, None)
+        TOKEN_EXPIRY.labels(str(cred.id)).set(expiry_seconds(replace(cred, status=EXPIRED)) or 0.0)
         log.log(
             logging.ERROR if changed or cred.last_error != error else logging.WARNING,
             "bakong credential expired: its transactions will time out as bakong_unauthorized",
@@ -270,3 +283,17 @@ class Credentials:
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
+
+
+def _retry_due(cred: Credential) -> bool:
+    """An expired credential may be renewed again: it has an email and a while has passed."""
+    if not cred.email:
+        return False
+    if cred.updated_at is None:
+        return True
+    return (datetime.now(UTC) - cred.updated_at).total_seconds() >= EXPIRED_RETRY_S
+
+
+def _failed_since(cred: Credential, moment: datetime) -> bool:
+    """Marked expired after `moment`: a renewal failed while we waited for the lock."""
+    return cred.status == EXPIRED and cred.updated_at is not None and cred.updated_at > moment

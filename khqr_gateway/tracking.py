@@ -124,7 +124,6 @@ def transition(item: PollItem, outcome: Outcome) -> Transition:
     return Transition(item.id, outcome.status, outcome.reason, outcome.data, delivery_id, payload)
 
 
-
 # The poll tick ------------------------------------------------------------------------
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -70,22 +72,33 @@ class Browser:
 @contextlib.contextmanager
 def launch(executable: str, timeout: float = 30.0) -> Iterator[Browser]:
     """Start Chromium with a fresh profile; stopped (and its profile removed) afterwards."""
-    with tempfile.TemporaryDirectory(prefix="khqr-chromium-") as profile:
+    # Helpers may still be writing into the profile as they exit: never fail on its removal.
+    with tempfile.TemporaryDirectory(
+        prefix="khqr-chromium-", ignore_cleanup_errors=True
+    ) as profile:
+        # A session of its own: stopping it stops its helper processes too, and nothing else.
         process = subprocess.Popen(
             [executable, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         try:
             port, path = _devtools_address(Path(profile), process, timeout)
             yield Browser(process, port, path)
         finally:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            _stop(process)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        try:
+            process.wait(10)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _devtools_address(

@@ -207,7 +207,7 @@ async def test_a_client_trickling_its_body_gets_408(gateway: Gateway, monkeypatc
     reader, writer = await asyncio.open_connection(host, port)
     writer.write(
         b"POST /api/v1/transactions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: 100\r\n\r\n{\"md5\":"
+        b'Content-Length: 100\r\n\r\n{"md5":'
     )
     await writer.drain()
     head = await asyncio.wait_for(reader.readline(), timeout=5)

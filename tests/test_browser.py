@@ -97,7 +97,11 @@ async def test_page_shows_the_qr_and_turns_paid_without_a_reload(
             "Coffee & <Tea>"
         )
         assert await tab.evaluate("document.getElementById('amount').textContent") == "3.75 USD"
-        remaining = await tab.wait_for("document.getElementById('remaining').textContent")
+        # The countdown is written by pay.js: once it shows a time, the script is running.
+        remaining = await tab.wait_for(
+            "(t => /^[0-9]{2}:[0-9]{2}$/.test(t) && t)"
+            "(document.getElementById('remaining').textContent)"
+        )
         assert remaining[:2] in ("04", "05"), remaining
         await tab.evaluate("window.sameDocument = true")
 

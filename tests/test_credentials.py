@@ -316,3 +316,28 @@ def _assert_never_logged(caplog: pytest.LogCaptureFixture, secret: str) -> None:
         text = record.getMessage() + repr(record.__dict__)
         assert secret not in text, f"a token was logged: {record.getMessage()}"
         assert secret.split(".")[2] not in text
+
+
+async def test_an_expired_email_credential_revives_once_the_email_works(
+    make_gateway: GatewayFactory,
+    bakong: SimulatedBakong,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("khqr_gateway.credentials.EXPIRED_RETRY_S", 0.4)
+    bakong.state.registered_emails = set()
+    gw = await make_gateway(bakong_token=None, bakong_email="late@example.com")
+    status, created = await gw.post(
+        "/api/v1/transactions", {"md5": random_md5(), "webhookUrl": receiver.url}
+    )
+    assert status == 201
+    await asyncio.sleep(1.0)
+    _, page = await gw.get("/api/v1/credentials")
+    assert page["data"][0]["status"] == "expired"
+    assert bakong.state.calls["renew_token"] <= 4, "tried again now and then, not every tick"
+    bakong.state.registered_emails = None  # the merchant registers the email
+    bakong.pay(created["md5"])
+    [hook] = await receiver.wait_for(1, timeout=5)
+    assert hook.json()["status"] == "success"
+    _, page = await gw.get("/api/v1/credentials")
+    assert page["data"][0]["status"] == "active" and page["data"][0]["lastError"] is None

@@ -58,11 +58,30 @@ def test_env_example_lists_every_variable_with_a_valid_default() -> None:
     text = (ROOT / ".env.example").read_text()
     names = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", text, re.M))
     for name in (
-        "APP_ENV", "HOST", "PORT", "DATABASE_URL", "REDIS_URL", "API_KEY", "BAKONG_BASE_URL",
-        "BAKONG_TOKEN", "BAKONG_EMAIL", "POLL_INTERVAL_S", "POLL_TIMEOUT_S", "WEBHOOK_SECRET",
-        "WEBHOOK_RETRY_SCHEDULE", "WEBHOOK_TIMEOUT_S", "LOG_LEVEL", "BAKONG_RENEW_BEFORE_DAYS",
-        "BAKONG_MAX_RPS", "BAKONG_GRACE_S", "ALLOW_PRIVATE_WEBHOOK_URLS", "KHQR_ACCOUNT_ID",
-        "KHQR_MERCHANT_NAME", "KHQR_MERCHANT_CITY", "DATA_DIR", "SHUTDOWN_GRACE_S",
+        "APP_ENV",
+        "HOST",
+        "PORT",
+        "DATABASE_URL",
+        "REDIS_URL",
+        "API_KEY",
+        "BAKONG_BASE_URL",
+        "BAKONG_TOKEN",
+        "BAKONG_EMAIL",
+        "POLL_INTERVAL_S",
+        "POLL_TIMEOUT_S",
+        "WEBHOOK_SECRET",
+        "WEBHOOK_RETRY_SCHEDULE",
+        "WEBHOOK_TIMEOUT_S",
+        "LOG_LEVEL",
+        "BAKONG_RENEW_BEFORE_DAYS",
+        "BAKONG_MAX_RPS",
+        "BAKONG_GRACE_S",
+        "ALLOW_PRIVATE_WEBHOOK_URLS",
+        "KHQR_ACCOUNT_ID",
+        "KHQR_MERCHANT_NAME",
+        "KHQR_MERCHANT_CITY",
+        "DATA_DIR",
+        "SHUTDOWN_GRACE_S",
     ):
         assert name in names, f"{name} missing from .env.example"
     load_settings({}, env_file=ROOT / ".env.example")  # its uncommented values are valid
@@ -87,8 +106,12 @@ def test_dockerfile_install_works_in_a_clean_virtualenv(tmp_path: Path, database
     env = {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": "redis://127.0.0.1:6379/0"}
     env.pop("PYTHONPATH", None)
     result = subprocess.run(
-        [str(venv / "bin/khqr-gateway"), "migrate"], cwd=app, env=env, capture_output=True,
-        text=True, timeout=60,
+        [str(venv / "bin/khqr-gateway"), "migrate"],
+        cwd=app,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "migrations applied" in result.stdout

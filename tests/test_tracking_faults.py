@@ -141,7 +141,7 @@ async def test_circuit_breaker_opens_during_an_outage_and_closes_after(
     bakong.pay(jobs[0]["md5"])
     await asyncio.sleep(1.5)
     _, stats = await gw.get("/api/v1/stats")
-    assert stats["bakong"]["circuits"] == {"1": "open"}
+    assert stats["bakong"]["circuits"].get("1") in ("open", "half_open")
     quiet_from = time.monotonic()
     await asyncio.sleep(2.0)
     # Closed it would make about 30 calls in 2 s; open, it only probes (every 0.8, 1.6, 2 s).

@@ -127,9 +127,9 @@ class Checker:
         groups: dict[int | None, list[PollItem]] = defaultdict(list)
         for item in items:
             credential = item.credential_id
-            groups[credential if credential is not None else self.credentials.default_id].append(
-                item
-            )
+            if credential is None:
+                credential = self.credentials.default_id
+            groups[credential].append(item)
         results: dict[UUID, CheckResult] = {}
         calls: list[Call] = []
         for credential, group in groups.items():

@@ -338,13 +338,18 @@ async def list_credentials(
 
 
 async def credentials_needing_care(pool: asyncpg.Pool, renew_before: datetime) -> list[Credential]:
-    """Email credentials to renew (no token, expired, or expiring before `renew_before`) and
-    token-only credentials whose token has expired but are still marked active."""
+    """Email credentials to renew (no token, or expiring before `renew_before`; expired ones
+    only while the default or a pending transaction needs them) and token-only credentials
+    whose token has expired but are still marked active."""
     rows = await pool.fetch(
         f"""
-        select {CREDENTIAL_COLUMNS} from credentials
-        where (email is not null
-               and (token is null or status = 'expired' or expires_at < $1))
+        select {CREDENTIAL_COLUMNS} from credentials c
+        where (email is not null and status = 'active'
+               and (token is null or expires_at < $1))
+           or (email is not null and status = 'expired'
+               and (is_default or exists (select 1 from transactions t
+                                          where t.credential_id = c.id
+                                            and t.status = 'pending')))
            or (email is null and status = 'active' and expires_at <= now())
         order by id
         """,

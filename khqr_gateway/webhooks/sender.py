@@ -22,7 +22,7 @@ from khqr_gateway.metrics import DELIVERY_ATTEMPTS, DELIVERY_LATENCY
 from khqr_gateway.models import DeliveryStatus
 from khqr_gateway.store import deliveries as store
 from khqr_gateway.store.deliveries import AttemptRecord, DueDelivery
-from khqr_gateway.store.schedule import Schedule
+from khqr_gateway.store.schedule import Lease, Schedule
 from khqr_gateway.webhooks.retry import Outcome, decide, parse_retry_after
 from khqr_gateway.webhooks.signing import sign_headers
 from khqr_gateway.webhooks.ssrf import Blocked
@@ -51,8 +51,7 @@ class SendResult:
 @dataclass(slots=True)
 class _Claimed:
     delivery: DueDelivery
-    lane: Schedule
-    lease: int
+    lease: Lease
 
 
 def error_kind(exc: BaseException) -> str:
@@ -111,7 +110,9 @@ class Deliverer:
         self.secrets = tuple(secrets)
         self.retry_schedule = tuple(retry_schedule)
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self.lease_ms = int(timeout_s * 1000) + 30_000
+        # Kept alive while sends go on: a killed process's deliveries are due again in seconds.
+        self.lease_ms = 10_000
+        self._leases: set[Lease] = set()
         self.max_in_flight = max_in_flight
         self.per_host = per_host
         self._connector_factory = connector_factory
@@ -153,17 +154,50 @@ class Deliverer:
         for lane in (self.first, self.retry):
             if room <= 0:
                 break
-            members, lease = await lane.claim(now_ms, room, self.lease_ms)
-            rows = await store.load_due(self.pool, members) if members else []
-            rows = await self._hold_early(rows, lane, lease, now_ms)
-            found = {r.id for r in rows}
-            await lane.finish(lease, [], [m for m in members if m not in found])
-            claimed += [_Claimed(r, lane, lease) for r in rows]
+            members, until = await lane.claim(now_ms, room, self.lease_ms)
+            if not members:
+                continue
+            lease = self._keep(Lease(lane, members, until, self.lease_ms))
+            try:
+                claimed += await self._load(lease, members, now_ms)
+            except Exception:
+                await self._give_back([lease], 1000)
+                raise
             room -= len(members)
         return await self._start(claimed, now_ms)
 
+    def _keep(self, lease: Lease) -> Lease:
+        lease.__enter__()
+        self._leases.add(lease)
+        return lease
+
+    async def _load(self, lease: Lease, members: list[str], now_ms: int) -> list[_Claimed]:
+        rows = await store.load_due(self.pool, members)
+        rows = await self._hold_early(rows, lease, now_ms)
+        found = {r.id for r in rows}
+        await self._finish(lease, [], [m for m in members if m not in found])
+        return [_Claimed(r, lease) for r in rows]
+
+    async def _finish(
+        self, lease: Lease, reschedule: Sequence[tuple[str, int]], remove: Sequence[str]
+    ) -> None:
+        await lease.finish(reschedule, remove)
+        if not lease.members:
+            lease.__exit__()
+            self._leases.discard(lease)
+
+    async def _give_back(self, leases: Sequence[Lease], delay_ms: int) -> None:
+        """Make claimed deliveries due again soon (Postgres trouble, or shutting down)."""
+        due = int(time.time() * 1000) + delay_ms
+        for lease in leases:
+            try:
+                await self._finish(lease, [(m, due) for m in lease.members], [])
+            except Exception:  # Redis down too: the leases run out instead
+                lease.__exit__()
+                self._leases.discard(lease)
+
     async def _hold_early(
-        self, rows: list[DueDelivery], lane: Schedule, lease: int, now_ms: int
+        self, rows: list[DueDelivery], lease: Lease, now_ms: int
     ) -> list[DueDelivery]:
         """Postgres says when a delivery is due: one found early in a lane waits its turn."""
         due: list[tuple[DueDelivery, int]] = []
@@ -172,7 +206,7 @@ class Deliverer:
             at_ms = int(row.next_attempt_at.timestamp() * 1000) if row.next_attempt_at else 0
             (early if at_ms > now_ms + 1000 else due).append((row, at_ms))
         if early:
-            await lane.finish(lease, [], [row.id for row, _ in early])
+            await self._finish(lease, [], [row.id for row, _ in early])
             await self.retry.add((row.id, at_ms) for row, at_ms in early)
         return [row for row, _ in due]
 
@@ -181,9 +215,8 @@ class Deliverer:
         for item in claimed:
             host = _origin(item.delivery.url)
             if self._host_load[host] >= self.per_host:
-                await item.lane.finish(
-                    item.lease, [(item.delivery.id, now_ms + HOST_BUSY_DELAY_MS)], []
-                )
+                due = now_ms + HOST_BUSY_DELAY_MS
+                await self._finish(item.lease, [(item.delivery.id, due)], [])
                 continue
             self._host_load[host] += 1
             task = asyncio.create_task(self._deliver(item, host))
@@ -275,25 +308,38 @@ class Deliverer:
             batch, self._done = self._done, []
             try:
                 await store.record_attempts(self.pool, [record for _, record in batch])
-                await self._reschedule(batch)
-            except Exception:
-                # The leases run out and the deliveries come due again: nothing is lost.
-                log.exception("could not record delivery attempts", extra={"count": len(batch)})
+            except Exception as exc:
+                # Unrecorded attempts are made again later, with the same webhook-id.
+                log.warning("could not record %d delivery attempts: %s", len(batch), exc)
+                await self._give_back(list({id(i.lease): i.lease for i, _ in batch}.values()), 2000)
                 continue
+            try:
+                await self._reschedule(batch)
+            except Exception as exc:  # Redis: the reconcile tick puts them back from Postgres
+                log.warning("could not reschedule %d deliveries: %s", len(batch), exc)
             for item, record in batch:
                 _log_attempt(item.delivery, record)
 
     async def _reschedule(self, batch: list[tuple[_Claimed, AttemptRecord]]) -> None:
-        by_lane: dict[tuple[int, int], tuple[Schedule, list[str]]] = {}
-        retries: list[tuple[str, int]] = []
+        """Done ones leave their lane; retries go to (or stay in) the retry lane, atomically
+        where they already are in it."""
+        by_lease: dict[int, tuple[Lease, list[tuple[str, int]], list[str]]] = {}
+        moved: list[tuple[str, int]] = []
         for item, record in batch:
-            key = (id(item.lane), item.lease)
-            by_lane.setdefault(key, (item.lane, []))[1].append(item.delivery.id)
-            if record.next_attempt_at is not None:
-                retries.append((item.delivery.id, int(record.next_attempt_at.timestamp() * 1000)))
-        for (_, lease), (lane, members) in by_lane.items():
-            await lane.finish(lease, [], members)
-        await self.retry.add(retries)
+            lease = item.lease
+            _, again, done = by_lease.setdefault(id(lease), (lease, [], []))
+            if record.next_attempt_at is None:
+                done.append(item.delivery.id)
+                continue
+            due = (item.delivery.id, int(record.next_attempt_at.timestamp() * 1000))
+            if lease.schedule is self.retry:
+                again.append(due)
+            else:
+                done.append(item.delivery.id)
+                moved.append(due)
+        await self.retry.add(moved)
+        for lease, again, done in by_lease.values():
+            await self._finish(lease, again, done)
 
     async def drain(self, timeout_s: float) -> None:
         """Wait for in-flight sends (up to `timeout_s`) and store their attempts."""
@@ -301,6 +347,8 @@ class Deliverer:
             await asyncio.wait(list(self._tasks), timeout=timeout_s)
         if self._flushing is not None:
             await asyncio.wait([self._flushing], timeout=timeout_s)
+        # Whatever is still in flight is handed to the other processes at once.
+        await self._give_back(list(self._leases), 0)
 
     async def close(self) -> None:
         if self._session is not None:

@@ -1,6 +1,6 @@
 """Summarize py-spy raw (collapsed) stacks: where the gateway's CPU went, by package and function.
 
-    .venv/bin/python bench/profile.py bench-profile/capacity.txt [--top 25]
+    .venv/bin/python bench/hotspots.py bench-profile/capacity.txt [--top 25]
 
 `bench/run.py --profile DIR` records one file per phase (py-spy record --format raw).
 """
