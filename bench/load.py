@@ -64,7 +64,9 @@ class LoadResult:
 
     @property
     def rps(self) -> float:
-        return (self.requests - self.errors) / self.duration_s if self.duration_s else 0.0
+        # wrk counts socket errors apart from requests: never below zero.
+        ok = max(0, self.requests - self.errors)
+        return ok / self.duration_s if self.duration_s else 0.0
 
 
 def wrk_path() -> str | None:

@@ -596,21 +596,16 @@ async def phase_recovery(b: Bench) -> None:
     arrivals = Arrivals(b.url("receiver"))
     await arrivals.refresh(b.http)
     delivery_md5s = await b.enqueue_deliveries(s.recovery_deliveries, "rec", path="slow")
-    # Polls in flight: their score is a lease end, later than any regular due time.
-    now_ms = int(time.time() * 1000)
-    leased = await b.r.zrangebyscore(
-        b.keys["poll"], now_ms + int(s.interval_s * 1000) + 500, "+inf", start=0, num=5000
-    )
-    prefer = [j for j in (m.decode() for m in leased) if j in b.seed]
-    prefer = prefer[: s.recovery_paid_before // 2]
-    before = b.take_unpaid(s.recovery_paid_before, prefer=prefer)
-    await b.pay(before)
     seen = arrivals.total
     wait_until = time.monotonic() + 5
     while arrivals.total - seen < min(16, s.recovery_deliveries) and time.monotonic() < wait_until:
         await arrivals.refresh(b.http)
         await asyncio.sleep(0.02)
     unfinished = s.recovery_deliveries - await b.delivered("rec")
+    leased_ids = await leased_polls(b, timeout_s=3)
+    prefer = [j for j in leased_ids if j in b.seed][: s.recovery_paid_before // 2]
+    before = b.take_unpaid(s.recovery_paid_before, prefer=prefer)
+    await b.pay(before)
     b.note_rss()
     b.procs.kill9("gateway")
     killed = time.monotonic()
@@ -638,6 +633,7 @@ async def phase_recovery(b: Bench) -> None:
     late = after_restart(wanted)
     b.results["recovery"] = {
         "paid_before_kill": len(before),
+        "polls_leased_at_pay": len(leased_ids),
         "paid_before_kill_in_flight": len(prefer),
         "paid_while_down": len(during),
         "deliveries": s.recovery_deliveries,
@@ -660,6 +656,18 @@ async def phase_recovery(b: Bench) -> None:
         missing = [m for m in wanted if m not in arrivals.first]
         b.results["recovery"]["missing_by_state"] = await states(b, missing or wanted)
         await b.abandon_deliveries("rec")
+
+
+async def leased_polls(b: Bench, timeout_s: float) -> list[str]:
+    """Members whose poll is in flight now: their score is a lease end, past any due time."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        now_ms = int(time.time() * 1000)
+        low = now_ms + int(b.scale.interval_s * 1000) + 500
+        leased = await b.r.zrangebyscore(b.keys["poll"], low, "+inf", start=0, num=5000)
+        if leased or time.monotonic() > deadline:
+            return [m.decode() for m in leased]
+        await asyncio.sleep(0.005)
 
 
 async def stored_delivered(b: Bench, md5s: list[str]) -> int:
@@ -794,10 +802,21 @@ async def run_phases(b: Bench, only: set[str] | None) -> None:
         except Exception as exc:
             traceback.print_exc()
             b.results.setdefault("errors", {})[title] = f"{type(exc).__name__}: {exc}"
-            if "gateway" not in b.procs.running or b.procs.running["gateway"].poll() is not None:
-                print(b.procs.log_tail("gateway"), file=sys.stderr)
-                break
+        await revive_gateways(b, title)
         print(f"[bench] {title}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
+
+
+async def revive_gateways(b: Bench, title: str) -> None:
+    """A gateway that died during a phase is reported (with its last log lines) and restarted."""
+    for name in ("gateway", "gateway-2"):
+        proc = b.procs.running.get(name)
+        if proc is None or proc.poll() is None:
+            continue
+        tail = b.procs.log_tail(name, 8)
+        print(f"[bench] {name} exited ({proc.returncode}) during {title}:\n{tail}", file=sys.stderr)
+        b.results.setdefault("errors", {})[title] = f"{name} exited ({proc.returncode}): {tail}"
+        del b.procs.running[name]
+        await b.start_gateway(name)
 
 
 def _dirs(profile: str | None) -> tuple[Path, Path | None]:
@@ -906,7 +925,9 @@ def rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
             (
                 f"1. ingest POST /api/v1/transactions, {res['config']['connections']} conns"
                 f" ({label})",
-                f"{fmt(x['rps'])} req/s;"
+                f"{fmt(x['rps'])} req/s"
+                + (f" ({x['errors']:,} errors)" if x["errors"] else "")
+                + ";"
                 f" p50 {fmt(x['p50_ms'], 1)} ms, p99 {fmt(x['p99_ms'], 1)} ms",
                 f"{fmt(x['ratio_to_health'], 2)}x /health ({fmt(x['health_rps'])} req/s)",
                 "≥ 3,000 req/s and ≥ 0.5x /health",
@@ -1015,7 +1036,9 @@ def rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
         kinds = x["last_by_kind_s"]
         out.append(
             (
-                "5. recovery after kill -9 (polls and deliveries in flight): every webhook"
+                f"5. recovery after kill -9 ({x['paid_before_kill_in_flight']} paid md5s with"
+                f" their poll in flight, {x['deliveries_unfinished_at_kill']} deliveries"
+                f" unfinished, {x['paid_while_down']} paid while down): every webhook"
                 " sent and stored, after restart",
                 (f"{fmt(all_s, 1)} s" if all_s is not None else "not within the wait")
                 + f" (all arrived at the receiver after {fmt(x['arrived_s'], 1)} s;"

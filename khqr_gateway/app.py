@@ -32,6 +32,7 @@ from khqr_gateway.api.openapi import setup_openapi
 from khqr_gateway.bakong.sandbox import create_sandbox_app
 from khqr_gateway.config import Settings
 from khqr_gateway.service import SERVICE_KEY, Service
+from khqr_gateway.store.schedule import keys
 
 log = logging.getLogger("khqr_gateway.http")
 
@@ -89,7 +90,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as exc:
-        return error_response(exc.status, exc.code, exc.message, exc.details)
+        return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -160,10 +161,38 @@ def auth_middleware(settings: Settings) -> Callable[..., Awaitable[web.StreamRes
             raise ApiError(
                 401, "unauthorized", "a valid API key is required (Authorization: Bearer <key>)"
             )
-        request[API_KEY_ID] = digests[matched].hex()[:16]
+        key_id = digests[matched].hex()[:16]
+        request[API_KEY_ID] = key_id
+        if settings.api_rate_limit:
+            await _rate_limit(request, key_id, settings.api_rate_limit)
         return await handler(request)
 
     return auth
+
+
+# KEYS[1] this key's counter for this second; returns the count so far.
+_COUNT = (
+    "local n = redis.call('INCR', KEYS[1]) "
+    "if n == 1 then redis.call('PEXPIRE', KEYS[1], 2000) end return n"
+)
+
+
+async def _rate_limit(request: web.Request, key_id: str, limit: int) -> None:
+    """At most `limit` requests a second per API key, counted in Redis across processes."""
+    service = request.app[SERVICE_KEY]
+    second = int(time.time())
+    counter = f"{keys(service.settings.redis_namespace)['api_rate']}:{key_id}:{second}"
+    try:
+        count = int(await service.redis.eval(_COUNT, 1, counter))
+    except RedisError:
+        return  # no Redis, no counting: the request itself will say what is down
+    if count > limit:
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"more than {limit} requests a second with this API key",
+            headers={"Retry-After": "1"},
+        )
 
 
 def _presented_key(request: web.Request) -> str:

@@ -53,7 +53,7 @@ class Settings:
     webhook_timeout_s: float = 15.0
     log_level: str = "info"
     bakong_renew_before_days: int = 7
-    bakong_max_rps: float = 20.0
+    bakong_max_rps: float = 50.0
     bakong_grace_s: int = 60
     bakong_timeout_s: float = 10.0
     allow_private_webhook_urls: bool = False
@@ -63,6 +63,7 @@ class Settings:
     data_dir: Path = Path(".khqr-data")
     shutdown_grace_s: float = 10.0
     public_url: str | None = None
+    api_rate_limit: int = 1000
 
     @property
     def sandbox(self) -> bool:
@@ -207,7 +208,7 @@ def _build(r: _Reader) -> Settings:
         webhook_timeout_s=r.number("WEBHOOK_TIMEOUT_S", 15.0, 0.1, 120),
         log_level=r.parse("LOG_LEVEL", _log_level, "info"),
         bakong_renew_before_days=r.integer("BAKONG_RENEW_BEFORE_DAYS", 7, 1, 89),
-        bakong_max_rps=r.number("BAKONG_MAX_RPS", 20.0, 0.1, 10_000),
+        bakong_max_rps=r.number("BAKONG_MAX_RPS", 50.0, 0.1, 10_000),
         bakong_grace_s=r.integer("BAKONG_GRACE_S", 60, 0, 3600),
         bakong_timeout_s=r.number("BAKONG_TIMEOUT_S", 10.0, 0.5, 60),
         allow_private_webhook_urls=r.flag("ALLOW_PRIVATE_WEBHOOK_URLS", False),
@@ -217,4 +218,5 @@ def _build(r: _Reader) -> Settings:
         data_dir=Path(r.raw("DATA_DIR") or ".khqr-data"),
         shutdown_grace_s=r.number("SHUTDOWN_GRACE_S", 10.0, 0, 600),
         public_url=r.parse("PUBLIC_URL", _url(("http", "https")), None),
+        api_rate_limit=r.integer("API_RATE_LIMIT", 1000, 0, 1_000_000),
     )

@@ -20,6 +20,7 @@ from khqr_gateway.scheduler import Ticks
 from khqr_gateway.store import db
 from khqr_gateway.store import deliveries as delivery_store
 from khqr_gateway.store import transactions as tx_store
+from khqr_gateway.store.ingest import Ingest
 from khqr_gateway.store.locks import Locks
 from khqr_gateway.store.ratelimit import RateLimit
 from khqr_gateway.store.schedule import Schedule, keys
@@ -49,6 +50,7 @@ class Service:
     poller: Poller
     deliverer: Deliverer
     events: EventHub
+    ingest: Ingest
     ticks: Ticks = field(default_factory=Ticks)
     started_at: float = field(default_factory=time.time)
 
@@ -58,8 +60,7 @@ class Service:
     ) -> Service:
         pool = await db.create_pool(database_url)
         try:
-            async with pool.acquire() as conn:
-                await db.migrate(conn)
+            await db.migrate_database(database_url)
         except BaseException:
             await pool.close()
             raise
@@ -102,6 +103,7 @@ class Service:
                 grace_s=settings.bakong_grace_s,
                 events=events,
                 limits=limits,
+                tick_s=poll_tick_s(settings),
             ),
             deliverer=Deliverer(
                 pool=pool,
@@ -115,7 +117,9 @@ class Service:
                 ),
             ),
             events=events,
+            ingest=Ingest(pool, polls, interval_s=settings.poll_interval_s),
         )
+        service.poller.on_deliveries = service.deliverer.kick
         await service._setup_credentials()
         return service
 
@@ -129,8 +133,7 @@ class Service:
             await self.credentials.setup_default(s.bakong_token, s.bakong_email)
 
     def start_ticks(self) -> None:
-        interval = self.settings.poll_interval_s
-        self.ticks.add("poll", min(0.25, interval / 4), self.poller.tick)
+        self.ticks.add("poll", poll_tick_s(self.settings), self.poller.tick)
         self.ticks.add("deliver", 0.1, self.deliverer.tick)
         self.ticks.add("reconcile", RECONCILE_INTERVAL_S, self.reconcile)
         self.ticks.add("token", TOKEN_INTERVAL_S, self.credentials.tick)
@@ -186,6 +189,11 @@ class Service:
 
 
 SERVICE_KEY = web.AppKey("service", Service)
+
+
+def poll_tick_s(settings: Settings) -> float:
+    """How often the poll tick runs: often enough that a check is never a tick late."""
+    return min(0.25, settings.poll_interval_s / 4)
 
 
 def _ms(value: datetime | None) -> int:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from asyncio import FIRST_COMPLETED
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -140,8 +143,10 @@ class Poller:
         credentials: Credentials,
         interval_s: float,
         grace_s: float,
-        claim_limit: int = 2000,
+        claim_limit: int = 1000,
         max_in_flight: int = 8,
+        tick_s: float = 0.25,
+        on_deliveries: Callable[[], None] | None = None,
         events: EventHub | None = None,
         limits: RateLimit | None = None,
     ) -> None:
@@ -164,76 +169,112 @@ class Poller:
             interval_s=interval_s,
             max_in_flight=max_in_flight,
         )
+        self.tick_ms = int(tick_s * 1000)
+        self.on_deliveries = on_deliveries
         self.last_tick: float | None = None
-        self._claimed: Lease | None = None
+        self._claimed: set[Lease] = set()
 
     async def hand_back(self) -> None:
         """On shutdown: make what this process claimed due again at once for the others."""
-        if self._claimed is not None:
-            await self._give_back(self._claimed, 0)
+        for claim in list(self._claimed):
+            await self._give_back(claim, 0)
 
     async def tick(self) -> int:
-        """One pass over what is due now; returns how many transactions were checked."""
+        """Check everything due before the next tick; returns how many were checked.
+
+        Claims are taken until one comes back short, and up to `max_in_flight` of them are
+        worked on at once, so one process keeps up with tens of thousands of md5s.
+        """
         self.last_tick = time.time()
-        now_ms = int(self.last_tick * 1000)
-        members, lease = await self.schedule.claim(
-            now_ms,
-            self.claim_limit,
-            self.lease_ms,
-            lookahead_ms=min(1000, self.interval_ms // 5),
-            batch=MAX_BATCH,
-        )
-        if not members:
-            return 0
-        claim = Lease(self.schedule, members, lease, self.lease_ms)
-        self._claimed = claim
+        # Members due before the next tick are taken now: a check a little early keeps the
+        # gap between checks at the interval instead of the interval plus a tick.
+        started_ms = int(self.last_tick * 1000)
+        horizon_ms = started_ms + self.tick_ms
+        working: set[asyncio.Task[int]] = set()
+        checked = 0
+        try:
+            while True:
+                while len(working) >= self.max_in_flight:
+                    done, working = await asyncio.wait(working, return_when=FIRST_COMPLETED)
+                    checked += sum(t.result() for t in done)
+                members, lease = await self.schedule.claim(
+                    horizon_ms,
+                    self.claim_limit,
+                    self.lease_ms,
+                    lookahead_ms=min(1000, self.interval_ms // 5),
+                    batch=MAX_BATCH,
+                )
+                if members:
+                    claim = Lease(self.schedule, members, lease, self.lease_ms)
+                    working.add(asyncio.create_task(self._work(claim, started_ms)))
+                if len(members) < self.claim_limit:
+                    break
+        finally:
+            if working:
+                await asyncio.wait(working)
+        return checked + sum(t.result() for t in working)
+
+    async def _work(self, claim: Lease, claimed_at_ms: int) -> int:
+        self._claimed.add(claim)
         try:
             with claim:
-                return await self._process(members, claim)
-        except Exception:
+                return await self._process(sorted(claim.members), claim, claimed_at_ms)
+        except Exception as exc:
             # Postgres or Bakong trouble: try these again in one interval, not at lease end.
+            log.warning("poll batch failed: %s", exc)
             await self._give_back(claim, self.interval_ms)
-            raise
+            return 0
         finally:
-            self._claimed = None
+            self._claimed.discard(claim)
 
     async def _give_back(self, claim: Lease, delay_ms: int) -> None:
         due = int(time.time() * 1000) + delay_ms
         with contextlib.suppress(Exception):  # Redis down too: the lease runs out instead
             await claim.finish([(m, due) for m in claim.members], [])
 
-    async def _process(self, members: list[str], lease: Lease) -> int:
+    async def _process(self, members: list[str], lease: Lease, claimed_at_ms: int) -> int:
         ids = _uuids(members)
         items = await store.load_pending(self.pool, list(ids.values()))
         found = {str(i.id) for i in items}
         gone = [m for m in members if m not in found]
         now = datetime.now(UTC)
         results = await self.check(items, now)
-        reschedule, finished = await self._apply(items, results, now)
+        reschedule, finished = await self._apply(items, results, now, claimed_at_ms)
         await lease.finish(reschedule, gone + finished)
         return len(items)
 
     async def _apply(
-        self, items: Sequence[PollItem], results: dict[UUID, CheckResult], now: datetime
+        self,
+        items: Sequence[PollItem],
+        results: dict[UUID, CheckResult],
+        now: datetime,
+        claimed_at_ms: int | None = None,
     ) -> tuple[list[tuple[str, int]], list[str]]:
         reschedule: list[tuple[str, int]] = []
         transitions: list[Transition] = []
+        kinds: Counter[str] = Counter()
+        # The next check is one interval after this one was due, not after it finished.
+        base_ms = claimed_at_ms if claimed_at_ms is not None else int(now.timestamp() * 1000)
         for item in items:
             result = results.get(item.id, CheckResult(CheckKind.ERROR, error="no_result"))
             if result.error == THROTTLED:  # not asked at all: nothing to decide yet
-                reschedule.append((str(item.id), self._next_due(item, result, now)))
+                reschedule.append((str(item.id), self._next_due(item, result, now, base_ms)))
                 continue
-            MD5_CHECKS.labels(result.kind.value).inc()
+            kinds[result.kind.value] += 1
             outcome = decide(item, result, now, grace_s=self.grace_s)
             if outcome.status is Status.PENDING:
-                reschedule.append((str(item.id), self._next_due(item, result, now)))
+                reschedule.append((str(item.id), self._next_due(item, result, now, base_ms)))
             else:
                 transitions.append(transition(item, outcome))
+        for kind, count in kinds.items():
+            MD5_CHECKS.labels(kind).inc(count)
         happened = await store.record_transitions(self.pool, transitions)
         if self.events is not None:
             await self.events.publish_transitions(transitions, happened)
         now_ms = int(now.timestamp() * 1000)
-        await self.deliveries.add((d, now_ms) for _, d in happened if d is not None)
+        if await self.deliveries.add((d, now_ms) for _, d in happened if d is not None):
+            if self.on_deliveries is not None:
+                self.on_deliveries()  # send now rather than at the next delivery tick
         done = {job for job, _ in happened}
         for t in transitions:
             if t.id in done:
@@ -249,10 +290,14 @@ class Poller:
                 )
         return reschedule, [str(t.id) for t in transitions]
 
-    def _next_due(self, item: PollItem, result: CheckResult, now: datetime) -> int:
+    def _next_due(
+        self, item: PollItem, result: CheckResult, now: datetime, base_ms: int | None = None
+    ) -> int:
         now_ms = int(now.timestamp() * 1000)
         deadline_ms = int(item.deadline_at.timestamp() * 1000)
         wait_ms = self.interval_ms
+        if base_ms is not None and result.retry_after is None:
+            now_ms = min(now_ms, base_ms)
         if result.retry_after is not None:
             # Throttled: again as soon as the rate limit has room; 429 / open circuit: later.
             hint = int(result.retry_after * 1000)

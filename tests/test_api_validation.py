@@ -218,3 +218,111 @@ async def test_a_client_trickling_its_body_gets_408(gateway: Gateway, monkeypatc
 async def test_oversized_headers_are_refused_not_crashed(gateway: Gateway) -> None:
     resp = await gateway.client.get("/api/v1/transactions", headers={"X-Big": "a" * 20_000})
     assert resp.status in (400, 431)
+
+
+async def test_each_api_key_is_rate_limited_with_retry_after(make_gateway: GatewayFactory) -> None:
+    import asyncio
+
+    gw = await make_gateway(api_keys=("k" * 32, "j" * 32), api_rate_limit=5)
+    key1 = {"Authorization": "Bearer " + "k" * 32}
+    key2 = {"Authorization": "Bearer " + "j" * 32}
+    statuses = [
+        (await gw.client.get("/api/v1/transactions", headers=key1)).status for _ in range(8)
+    ]
+    if statuses.count(429) < 3:  # the second ticked over mid-way: try once more
+        await asyncio.sleep(0.05)
+        statuses = [
+            (await gw.client.get("/api/v1/transactions", headers=key1)).status for _ in range(8)
+        ]
+    assert statuses.count(429) >= 3
+    limited = await gw.client.get("/api/v1/transactions", headers=key1)
+    if limited.status == 429:
+        assert limited.headers["Retry-After"] == "1"
+        assert (await limited.json())["error"]["code"] == "rate_limited"
+    assert (await gw.client.get("/api/v1/transactions", headers=key2)).status == 200
+    await asyncio.sleep(1.1)
+    assert (await gw.client.get("/api/v1/transactions", headers=key1)).status == 200
+
+
+def _cursor(*parts: Any) -> str:
+    import base64
+
+    import orjson
+
+    return base64.urlsafe_b64encode(orjson.dumps(list(parts))).decode().rstrip("=")
+
+
+JOB = "e3e70682-c209-1cac-a29f-6fbed82c07cd"
+TOKEN_WITH_NEWLINE = "eyJhbGciOi\nJIUzI1NiJ9"
+
+
+# Each of these reached Postgres or aiohttp's header writer and answered 500 (found by
+# tests/test_schemathesis.py and the probes around it).
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/api/v1/credentials", {"email": "a\u0000b@example.com"}, "email"),
+        ("/api/v1/credentials", {"token": TOKEN_WITH_NEWLINE}, "token"),
+        ("/api/v1/transactions", {"md5": random_md5() + "\n", "webhookUrl": HOOK}, "md5"),
+        (
+            "/api/v1/transactions",
+            {"md5": random_md5(), "webhookUrl": HOOK, "token": TOKEN_WITH_NEWLINE},
+            "token",
+        ),
+        (
+            "/api/v1/transactions",
+            {"md5": random_md5(), "webhookUrl": HOOK + "\u0001"},
+            "webhookUrl",
+        ),
+        (
+            "/api/v1/transactions",
+            {"md5": random_md5(), "webhookUrl": HOOK, "metadata": {"note": ["a\u0000"]}},
+            "metadata.note",
+        ),
+        (
+            "/api/v1/khqr",
+            {"amount": 1, "currency": "USD", "accountId": "shop@abaa", "merchantName": "a\u0000"},
+            "merchantName",
+        ),
+        ("/api/v1/deliveries/retry", {"since": "0001-01-01T00:00:00+05:00"}, "since"),
+    ],
+)
+async def test_bodies_that_once_answered_500_are_422(
+    gateway: Gateway, path: str, body: dict[str, Any], field: str
+) -> None:
+    status, answer = await gateway.post(path, body)
+    assert status == 422, answer
+    assert field in fields_of(answer)
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ("/api/v1/transactions?cursor=" + _cursor("2020-01-01T00:00:00+00:00", 5), "cursor"),
+        ("/api/v1/transactions?cursor=" + _cursor("0001-01-01T00:00:00+05:00", JOB), "cursor"),
+        ("/api/v1/deliveries?cursor=" + _cursor("2020-01-01T00:00:00Z", "msg_\u0000"), "cursor"),
+        ("/api/v1/deliveries?since=0001-01-01T00:00:00%2B05:00", "since"),
+        ("/api/v1/deliveries?since=9999-12-31T23:59:59-05:00", "since"),
+        ("/api/v1/credentials?cursor=99999999999999999999999", "cursor"),
+        ("/api/v1/credentials?cursor=%C2%B2", "cursor"),  # '²' passes str.isdigit()
+        (f"/api/v1/transaction/{random_md5()}/md5?token=eyJhbGciOi%0AJIUzI1NiJ9", "token"),
+        (f"/api/v1/transaction/{random_md5()}/md5?email=a%00b@example.com", "email"),
+    ],
+)
+async def test_queries_that_once_answered_500_are_422(
+    gateway: Gateway, query: str, field: str
+) -> None:
+    status, answer = await gateway.get(query)
+    assert status == 422, answer
+    assert field in fields_of(answer)
+
+
+async def test_a_delivery_id_with_nul_is_404(gateway: Gateway) -> None:
+    status, _ = await gateway.get("/api/v1/deliveries/msg_%00")
+    assert status == 404
+    assert (await gateway.post("/api/v1/deliveries/msg_%00/retry", None))[0] == 404
+
+
+async def test_a_since_in_range_once_in_utc_is_accepted(gateway: Gateway) -> None:
+    status, _ = await gateway.get("/api/v1/deliveries?since=0001-01-01T00:00:00Z")
+    assert status == 200

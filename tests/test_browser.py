@@ -164,3 +164,46 @@ async def test_sdk_reports_failure(
         bakong.fail(made["md5"])
         outcome = await tab.wait_for("window.outcome.length >= 1 && window.outcome")
         assert outcome[0] == ["failure", "failed", made["jobId"]]
+
+
+async def test_dashboard_lists_transactions_and_its_retry_button_sends_again(
+    browser: Browser,
+    make_gateway: Any,
+    bakong: SimulatedBakong,
+    receiver: Receiver,
+) -> None:
+    key = "dashboard-key-" + "k" * 20
+    gw = await make_gateway(api_keys=(key,))
+    receiver.statuses = [410]  # the receiver refuses once: the delivery fails at once
+    status, created = await gw.post(
+        "/api/v1/transactions",
+        {"md5": "ab" * 16, "webhookUrl": receiver.url, "metadata": {"note": "<b>x</b>"}},
+    )
+    assert status == 201
+    status, pending = await gw.post(
+        "/api/v1/transactions", {"md5": "cd" * 16, "webhookUrl": receiver.url}
+    )
+    bakong.pay(created["md5"])
+    await receiver.wait_for(1)
+    async with browser.tab() as tab:
+        await tab.navigate(str(gw.client.make_url("/queue")))
+        await tab.wait_for("!document.getElementById('login').hidden")
+        await tab.evaluate(
+            f"document.getElementById('key').value = {json.dumps(key)};"
+            "document.getElementById('login').requestSubmit()"
+        )
+        job = json.dumps(created["jobId"])
+        await tab.wait_for(f"document.getElementById('recent').textContent.includes({job})")
+        pending_table = "document.getElementById('pending').textContent"
+        assert pending["jobId"] in await tab.evaluate(pending_table)
+        # Metadata is shown as text, never as markup.
+        assert await tab.evaluate("document.querySelector('#pending b') === null")
+        button = "document.querySelector('#failed button[data-delivery]')"
+        await tab.wait_for(f"!!{button}", timeout=10)
+        await tab.evaluate(f"{button}.click()")
+        await receiver.wait_for(2)
+        assert await tab.evaluate("sessionStorage.length") == 1, "the key stays in this tab"
+        # Before the key is given the API answers 401 (that is how the page knows to ask).
+        problems = [p for p in tab.problems() if "401" not in p and "favicon" not in p]
+        assert problems == []
+    assert receiver.received[1].headers["webhook-id"] == receiver.received[0].headers["webhook-id"]

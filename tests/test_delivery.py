@@ -317,3 +317,86 @@ async def test_bulk_retry_filters_by_time_and_checks_its_body(gateway: Gateway) 
         status, body = await gateway.post("/api/v1/deliveries/retry", bad)
         assert status == 422, (bad, body)
         assert body["error"]["code"] == "validation_error"
+
+
+async def test_a_1_gb_response_is_never_read_past_4_kb(
+    gateway: Gateway, bakong: SimulatedBakong, aiohttp_server: Any, pg: asyncpg.Connection
+) -> None:
+    sent = {"bytes": 0}
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Length": str(1 << 30)})
+        await resp.prepare(request)
+        chunk = b"x" * 65536
+        try:
+            while sent["bytes"] < 1 << 30:
+                await resp.write(chunk)
+                sent["bytes"] += len(chunk)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/hook", endless)
+    server = await aiohttp_server(app)
+    created = await paid(gateway, bakong, str(server.make_url("/hook")))
+    await gateway.wait_status(created["jobId"], "success")
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not await attempts(pg, created["jobId"]):
+        await asyncio.sleep(0.1)
+    [row] = await attempts(pg, created["jobId"])
+    assert row["status_code"] == 200 and len(row["response_body"]) == 4096
+    await asyncio.sleep(0.3)
+    # The connection was dropped after 4 KB: the receiver got nowhere near 1 GB out.
+    assert sent["bytes"] < 64 << 20, sent
+
+
+async def test_invalid_tls_is_recorded_as_tls(
+    gateway: Gateway,
+    bakong: SimulatedBakong,
+    aiohttp_server: Any,
+    pg: asyncpg.Connection,
+    tmp_path: Any,
+) -> None:
+    import ssl
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    await asyncio.to_thread(
+        subprocess.run,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", ok)
+    server = await aiohttp_server(app, ssl=context)
+    url = str(server.make_url("/hook")).replace("http://", "https://")
+    created = await paid(gateway, bakong, url)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not await attempts(pg, created["jobId"]):
+        await asyncio.sleep(0.1)
+    rows = await attempts(pg, created["jobId"])
+    assert rows[0]["error_kind"] == "tls", rows[0]["error_message"]
+    assert rows[0]["status_code"] is None

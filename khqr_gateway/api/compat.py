@@ -14,7 +14,7 @@ from typing import Any
 from uuid import UUID
 
 from aiohttp import web
-from aiohttp_apigami import docs, request_schema, response_schema
+from aiohttp_apigami import docs, match_info_schema, request_schema, response_schema
 from marshmallow import Schema, ValidationError
 
 from khqr_gateway.api import live, transactions
@@ -26,6 +26,9 @@ from khqr_gateway.api.schemas import (
     CompatErrorSchema,
     CompatMd5QuerySchema,
     CompatTokenCreateSchema,
+    ErrorSchema,
+    JobIdPathSchema,
+    Md5PathSchema,
     check_md5,
 )
 from khqr_gateway.bakong.client import FAILED_CODE, NOT_FOUND_CODE, STATIC_QR_CODE
@@ -40,6 +43,7 @@ NAMES = {
     401: "UNAUTHORIZED",
     403: "FORBIDDEN",
     404: "NOT_FOUND",
+    408: "REQUEST_TIMEOUT",
     409: "CONFLICT",
     413: "PAYLOAD_TOO_LARGE",
     415: "UNSUPPORTED_MEDIA_TYPE",
@@ -49,6 +53,10 @@ NAMES = {
     503: "SERVICE_UNAVAILABLE",
 }
 TRACK_NAMES = {Status.PENDING: b"PENDING", Status.SUCCESS: b"COMPLETED"}
+# One instance each: loading keeps no state in a schema, and building one costs more.
+TOKEN_CREATE_SCHEMA = CompatTokenCreateSchema()
+EMAIL_CREATE_SCHEMA = CompatEmailCreateSchema()
+MD5_QUERY_SCHEMA = CompatMd5QuerySchema()
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -83,7 +91,14 @@ def compat_errors(handler: Handler) -> Handler:
 
 
 def _documented_errors(*codes: int) -> dict[int, dict[str, Any]]:
-    return {code: {"description": NAMES[code], "schema": CompatErrorSchema} for code in codes}
+    documented: dict[int, dict[str, Any]] = {
+        code: {"description": NAMES[code], "schema": CompatErrorSchema} for code in codes
+    }
+    if 401 in documented:
+        # The route's own refusals come in that service's shape; a missing API key is
+        # refused by the middleware before the route, in ours.
+        documented[401]["schema"] = {"anyOf": [CompatErrorSchema, ErrorSchema]}
+    return documented
 
 
 async def _email_token(service: Service, email: str) -> tuple[int, str | None]:
@@ -125,14 +140,14 @@ async def _create(request: web.Request, schema: Schema) -> web.Response:
     summary="Track an md5 with a Bakong token (rachhen/khqr-webhook)",
     description="201 `{message, jobId}`; an md5 already pending answers 201 with the jobId "
     "already tracking it. 401 when the token's JWT has expired.",
-    responses=_documented_errors(401, 415, 422),
+    responses=_documented_errors(400, 401, 408, 415, 422),
 )
-@request_schema(CompatTokenCreateSchema)
+@request_schema(CompatTokenCreateSchema, required=True)
 @response_schema(CompatCreatedSchema, 201, description="Tracking started")
 @compat_errors
 async def create_with_token(request: web.Request) -> web.StreamResponse:
     """POST /api/v1/transaction/token."""
-    return await _create(request, CompatTokenCreateSchema())
+    return await _create(request, TOKEN_CREATE_SCHEMA)
 
 
 @docs(
@@ -140,14 +155,14 @@ async def create_with_token(request: web.Request) -> web.StreamResponse:
     summary="Track an md5 with a registered Bakong email (rachhen/khqr-webhook)",
     description="201 `{message, jobId}`. A token is obtained through the email now (401 when "
     "Bakong gives none) and renewed through it for as long as the transaction is tracked.",
-    responses=_documented_errors(401, 415, 422),
+    responses=_documented_errors(400, 401, 408, 415, 422),
 )
-@request_schema(CompatEmailCreateSchema)
+@request_schema(CompatEmailCreateSchema, required=True)
 @response_schema(CompatCreatedSchema, 201, description="Tracking started")
 @compat_errors
 async def create_with_email(request: web.Request) -> web.StreamResponse:
     """POST /api/v1/transaction/email."""
-    return await _create(request, CompatEmailCreateSchema())
+    return await _create(request, EMAIL_CREATE_SCHEMA)
 
 
 async def _query_credential(
@@ -198,6 +213,7 @@ def _answer(result: CheckResult) -> web.Response:
     "the default credential. 502 when Bakong gives no answer.",
     responses=_documented_errors(400, 401, 404, 417, 422, 502),
 )
+@match_info_schema(Md5PathSchema)
 @request_schema(CompatMd5QuerySchema, location="querystring")
 @response_schema(BakongTransactionSchema, 200, description="Bakong's transaction data")
 @compat_errors
@@ -213,7 +229,7 @@ async def get_by_md5(request: web.Request) -> web.StreamResponse:
             "some fields are not valid",
             [{"field": "md5", "message": m} for m in exc.messages],
         ) from None
-    query = transactions.load(CompatMd5QuerySchema(), dict(request.query))
+    query = transactions.load(MD5_QUERY_SCHEMA, dict(request.query))
     credential_id, token = await _query_credential(service, query)
     result = await service.bakong.check_md5(token, md5)
     if result.error == "unauthorized" and credential_id is not None:
@@ -243,6 +259,7 @@ TRACK = live.Format(
     "ends.",
     responses={200: live.SSE_RESPONSE, **_documented_errors(401, 404), **live.STREAM_LIMIT},
 )
+@match_info_schema(JobIdPathSchema)
 @compat_errors
 async def track(request: web.Request) -> web.StreamResponse:
     """GET /api/v1/transaction/{jobId}/track."""

@@ -8,6 +8,7 @@ from aiohttp import web
 from aiohttp_apigami import docs
 
 from khqr_gateway.api.errors import ApiError
+from khqr_gateway.api.openapi import ERROR
 from khqr_gateway.config import Settings
 
 SETTINGS = web.AppKey("dashboard_settings", Settings)
@@ -45,7 +46,10 @@ def _headers(content_type: str) -> dict[str, str]:
 @docs(
     tags=["operations"],
     summary="Dashboard page: queues, pending transactions, failed deliveries",
-    responses={200: {"description": "HTML page", "content": {"text/html": {}}}},
+    responses={
+        200: {"description": "HTML page", "content": {"text/html": {}}},
+        404: {"description": "Off: production without API_KEY", **ERROR},
+    },
 )
 async def dashboard(request: web.Request) -> web.Response:
     _check_enabled(request)
@@ -55,7 +59,10 @@ async def dashboard(request: web.Request) -> web.Response:
 @docs(
     tags=["operations"],
     summary="Dashboard script and stylesheet",
-    responses={200: {"description": "Static asset"}},
+    responses={
+        200: {"description": "Static asset"},
+        404: {"description": "No such asset, or the dashboard is off", **ERROR},
+    },
 )
 async def asset(request: web.Request) -> web.Response:
     _check_enabled(request)

@@ -14,12 +14,20 @@ from aiohttp import web
 class ApiError(Exception):
     """An error answered to the client as JSON with its HTTP status."""
 
-    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.details = details
+        self.headers = headers
 
 
 def _default(value: Any) -> Any:

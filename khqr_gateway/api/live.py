@@ -10,11 +10,11 @@ from uuid import UUID
 
 import orjson
 from aiohttp import web
-from aiohttp_apigami import docs
+from aiohttp_apigami import docs, match_info_schema
 
 from khqr_gateway.api.errors import ApiError, error_response
 from khqr_gateway.api.openapi import errors
-from khqr_gateway.api.schemas import ErrorSchema
+from khqr_gateway.api.schemas import ErrorSchema, JobIdPathSchema
 from khqr_gateway.events import Change, EventHub, Signal, StreamLimit, Subscription
 from khqr_gateway.models import Status
 from khqr_gateway.service import SERVICE_KEY
@@ -164,6 +164,7 @@ def _gone(request: web.Request) -> bool:
         **STREAM_LIMIT,
     },
 )
+@match_info_schema(JobIdPathSchema)
 async def transaction_events(request: web.Request) -> web.StreamResponse:
     """GET /api/v1/transactions/{jobId}/events."""
     return await stream(request, job_id_of(request), V1)

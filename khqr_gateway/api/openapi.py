@@ -16,6 +16,11 @@ from khqr_gateway import __version__
 from khqr_gateway.api.schemas import ErrorSchema
 
 ERROR = {"schema": ErrorSchema}
+ERROR_REF = {"$ref": "#/components/schemas/Error"}
+# Answered by the middlewares whatever the route, so every /api/ operation can answer them.
+API_ERRORS = (401, 429, 503)
+# Answered while the body is read (read_json, aiohttp's size limit), before any validation.
+BODY_ERRORS = (400, 408, 413, 415)
 
 
 def errors(*codes: int) -> dict[int, dict[str, Any]]:
@@ -24,12 +29,13 @@ def errors(*codes: int) -> dict[int, dict[str, Any]]:
         400: "The body is not valid JSON",
         401: "A valid API key is required",
         404: "Not found",
+        408: "The body took too long to arrive",
         409: "Conflict with the current state",
         413: "The body is larger than 64 KB",
         415: "The body is not application/json",
         422: "Some fields are not valid; details lists each",
-        429: "Too many requests",
-        503: "A dependency (Postgres or Redis) is unavailable",
+        429: "More than API_RATE_LIMIT requests a second with this API key; see Retry-After",
+        503: "Postgres or Redis is unavailable; nothing was lost, retry after Retry-After",
     }
     return {code: {"description": described.get(code, "Error"), **ERROR} for code in codes}
 
@@ -46,6 +52,18 @@ def _strip_produces(node: Any) -> None:
             _strip_produces(value)
 
 
+def _add_errors(operation: dict[str, Any], codes: tuple[int, ...]) -> None:
+    """Document `codes` in the error shape where the route's own docs do not say otherwise."""
+    responses = operation.setdefault("responses", {})
+    for code in codes:
+        if code not in responses and str(code) not in responses:
+            described = errors(code)[code]["description"]
+            responses[str(code)] = {
+                "description": described,
+                "content": {"application/json": {"schema": ERROR_REF}},
+            }
+
+
 async def _finish_spec(app: web.Application) -> None:
     spec = app[SWAGGER_DICT]
     _strip_produces(spec)
@@ -55,11 +73,14 @@ async def _finish_spec(app: web.Application) -> None:
         "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
     }
     for path, operations in spec.get("paths", {}).items():
-        if not path.startswith("/api/"):
-            continue
         for operation in operations.values():
-            if isinstance(operation, dict):
+            if not isinstance(operation, dict):
+                continue
+            if "requestBody" in operation:
+                _add_errors(operation, BODY_ERRORS)
+            if path.startswith("/api/"):
                 operation.setdefault("security", [{"bearer": []}, {"apiKey": []}])
+                _add_errors(operation, API_ERRORS)
 
 
 def setup_openapi(app: web.Application) -> None:

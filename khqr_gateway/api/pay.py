@@ -16,11 +16,13 @@ from uuid import UUID
 
 import orjson
 from aiohttp import web
-from aiohttp_apigami import docs
+from aiohttp_apigami import docs, match_info_schema
 
 from khqr_gateway.api import live
 from khqr_gateway.api.errors import ApiError
 from khqr_gateway.api.khqr import qr_svg_inline
+from khqr_gateway.api.openapi import errors
+from khqr_gateway.api.schemas import JobIdPathSchema
 from khqr_gateway.bakong import khqr
 from khqr_gateway.models import Status
 from khqr_gateway.service import SERVICE_KEY
@@ -121,8 +123,10 @@ def render(page: pages.Page, token: str) -> bytes:
     responses={
         200: {"description": "HTML page", "content": {"text/html": {}}},
         404: {"description": "No page for this jobId and token", "content": {"text/html": {}}},
+        **errors(503),
     },
 )
+@match_info_schema(JobIdPathSchema)
 async def pay_page(request: web.Request) -> web.Response:
     """GET /pay/{jobId}?t=<token>."""
     page, token = await _page_of(request)
@@ -153,6 +157,7 @@ PAGE_EVENTS = live.Format(event=_page_event, heartbeat=live.V1.heartbeat)
         **live.STREAM_LIMIT,
     },
 )
+@match_info_schema(JobIdPathSchema)
 async def pay_events(request: web.Request) -> web.StreamResponse:
     """GET /pay/{jobId}/events?t=<token>."""
     page, _ = await _page_of(request)
@@ -164,7 +169,7 @@ async def pay_events(request: web.Request) -> web.StreamResponse:
 @docs(
     tags=["payment page"],
     summary="Payment page script and stylesheet",
-    responses={200: {"description": "Static asset"}, 404: {"description": "No such asset"}},
+    responses={200: {"description": "Static asset"}, **errors(404)},
 )
 async def asset(request: web.Request) -> web.Response:
     """GET /static/{name}: the page's own script and stylesheet, nothing else."""

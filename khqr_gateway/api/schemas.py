@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import UTC
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import urlsplit
@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 import orjson
 from marshmallow import (
     EXCLUDE,
+    INCLUDE,
     RAISE,
     Schema,
     ValidationError,
@@ -24,15 +25,47 @@ from marshmallow import (
 from khqr_gateway.models import DeliveryStatus, Status
 
 MD5_RE = re.compile(r"^[0-9a-fA-F]{32}$")
-EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+# No whitespace and no control characters: an email ends up in a Postgres text column.
+_EMAIL_CHAR = r"[^@\s\x00-\x1f\x7f]"
+EMAIL_RE = re.compile(rf"^{_EMAIL_CHAR}+@{_EMAIL_CHAR}+\.{_EMAIL_CHAR}+$")
+# A token travels in an Authorization header: visible ASCII only (a JWT is far narrower).
+TOKEN_RE = re.compile(r"^[!-~]+$")
+# What check_webhook_url accepts, as far as a pattern can say it (OpenAPI only).
+URL_PATTERN = r"^[Hh][Tt][Tt][Pp][Ss]?://\S+$"
+URL_MIN = len("http://a")
+# The cursors we hand out: url-safe base64 of a small JSON array, or a credential id.
+CURSOR_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+ID_CURSOR_RE = re.compile(r"^[0-9]{1,18}$")
+CURSOR_ERROR = "is not a cursor this API gave"
+MD5_ERROR = "must be 32 hexadecimal characters"
 METADATA_MAX_BYTES = 4096
 URL_MAX = 2048
 CURRENCIES = ("KHR", "USD")
 
 
+class Pattern(validate.Regexp):
+    """A regular expression the whole value must match; OpenAPI shows it as `pattern`.
+
+    validate.Regexp lets a trailing newline through (`$` matches before it); this does not.
+    """
+
+    def __call__(self, value: Any) -> Any:
+        if self.regex.fullmatch(value) is None:
+            raise ValidationError(self._format_error(value))
+        return value
+
+
+def json_size(value: Any) -> int:
+    """Bytes of `value` as JSON; a ValidationError for what JSON cannot hold (huge integers)."""
+    try:
+        return len(orjson.dumps(value))
+    except TypeError:
+        raise ValidationError("must hold only JSON values (integers within 64 bits)") from None
+
+
 def check_md5(value: str) -> str:
-    if not MD5_RE.match(value):
-        raise ValidationError("must be 32 hexadecimal characters")
+    if not MD5_RE.fullmatch(value):
+        raise ValidationError(MD5_ERROR)
     return value.lower()
 
 
@@ -41,6 +74,8 @@ def check_webhook_url(value: str) -> str:
         raise ValidationError(f"must be at most {URL_MAX} characters")
     if any(c.isspace() for c in value):
         raise ValidationError("must not contain whitespace")
+    if any(c < " " or c == "\x7f" for c in value):
+        raise ValidationError("must not contain control characters")
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018 - raises on a bad port
@@ -71,6 +106,70 @@ class AmountField(fields.Field):
         return None if value is None else str(value)
 
 
+def md5_field(description: str, **kwargs: Any) -> fields.String:
+    return fields.String(
+        validate=Pattern(MD5_RE, error=MD5_ERROR), metadata={"description": description}, **kwargs
+    )
+
+
+def url_field(description: str, **kwargs: Any) -> fields.String:
+    """An absolute http(s) URL, checked by check_webhook_url and documented beside it."""
+    return fields.String(
+        validate=check_webhook_url,
+        metadata={
+            "description": description,
+            "pattern": URL_PATTERN,
+            "minLength": URL_MIN,
+            "maxLength": URL_MAX,
+        },
+        **kwargs,
+    )
+
+
+def token_field(description: str, **kwargs: Any) -> fields.String:
+    return fields.String(
+        validate=[
+            validate.Length(min=10, max=4096),
+            Pattern(TOKEN_RE, error="must be visible ASCII characters (a JWT)"),
+        ],
+        metadata={"description": description},
+        **kwargs,
+    )
+
+
+def email_field(description: str, **kwargs: Any) -> fields.String:
+    return fields.String(
+        validate=[validate.Length(max=254), Pattern(EMAIL_RE, error="must be an email")],
+        metadata={"description": description},
+        **kwargs,
+    )
+
+
+def cursor_field() -> fields.String:
+    return fields.String(
+        validate=[validate.Length(max=200), Pattern(CURSOR_RE, error=CURSOR_ERROR)],
+        metadata={"description": "nextCursor of the previous page"},
+    )
+
+
+class Instant(fields.AwareDateTime):
+    """An ISO 8601 time (UTC when it names no offset), loaded in UTC.
+
+    One that leaves years 1 to 9999 once in UTC (0001-01-01T00:00+05:00) is refused here,
+    not by the database driver as a 500.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(default_timezone=UTC, **kwargs)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> datetime:
+        loaded = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            return loaded.astimezone(UTC)
+        except OverflowError:
+            raise self.make_error("invalid", input=value, obj_type=self.OBJ_TYPE) from None
+
+
 class ExpectedSchema(Schema):
     class Meta:
         unknown = RAISE
@@ -96,20 +195,14 @@ class TransactionCreateSchema(Schema):
     class Meta:
         unknown = RAISE
 
-    md5 = fields.String(metadata={"description": "md5 of the KHQR string (32 hex)"})
+    md5 = md5_field("md5 of the KHQR string (32 hex)")
     qr = fields.String(
         validate=validate.Length(min=20, max=1024),
         metadata={"description": "The whole KHQR string; md5 and expectations come from it"},
     )
-    webhookUrl = fields.String(required=True, metadata={"description": "Where the webhook goes"})
-    token = fields.String(
-        validate=validate.Length(min=10, max=4096),
-        metadata={"description": "Bakong token for this transaction (else the default)"},
-    )
-    email = fields.String(
-        validate=[validate.Length(max=254), validate.Regexp(EMAIL_RE, error="must be an email")],
-        metadata={"description": "Registered Bakong email; tokens are renewed through it"},
-    )
+    webhookUrl = url_field("Where the webhook goes", required=True)
+    token = token_field("Bakong token for this transaction (else the default)")
+    email = email_field("Registered Bakong email; tokens are renewed through it")
     expected = fields.Nested(ExpectedSchema, metadata={"description": "Payment must match"})
     timeoutSeconds = fields.Integer(
         strict=True,
@@ -118,17 +211,9 @@ class TransactionCreateSchema(Schema):
     )
     metadata = fields.Dict(metadata={"description": "Echoed in the webhook; at most 4 KB"})
 
-    @validates("md5")
-    def _md5(self, value: str, **kwargs: Any) -> None:
-        check_md5(value)
-
-    @validates("webhookUrl")
-    def _url(self, value: str, **kwargs: Any) -> None:
-        check_webhook_url(value)
-
     @validates("metadata")
     def _metadata(self, value: dict[str, Any], **kwargs: Any) -> None:
-        if len(orjson.dumps(value)) > METADATA_MAX_BYTES:
+        if json_size(value) > METADATA_MAX_BYTES:
             raise ValidationError(f"must be at most {METADATA_MAX_BYTES} bytes as JSON")
 
     @validates_schema
@@ -149,14 +234,10 @@ class TransactionListQuerySchema(Schema):
     class Meta:
         unknown = RAISE
 
-    md5 = fields.String()
+    md5 = md5_field("Only transactions of this md5")
     status = fields.String(validate=validate.OneOf([s.value for s in Status]))
     limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
-    cursor = fields.String(validate=validate.Length(max=200))
-
-    @validates("md5")
-    def _md5(self, value: str, **kwargs: Any) -> None:
-        check_md5(value)
+    cursor = cursor_field()
 
 
 class DeliverySummarySchema(Schema):
@@ -212,16 +293,8 @@ class CompatCreateSchema(Schema):
     class Meta:
         unknown = EXCLUDE
 
-    md5 = fields.String(required=True, metadata={"description": "md5 of the KHQR string"})
-    webhookUrl = fields.String(required=True, metadata={"description": "Where the webhook goes"})
-
-    @validates("md5")
-    def _md5(self, value: str, **kwargs: Any) -> None:
-        check_md5(value)
-
-    @validates("webhookUrl")
-    def _url(self, value: str, **kwargs: Any) -> None:
-        check_webhook_url(value)
+    md5 = md5_field("md5 of the KHQR string", required=True)
+    webhookUrl = url_field("Where the webhook goes", required=True)
 
     @post_load
     def _normalise(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
@@ -232,29 +305,29 @@ class CompatCreateSchema(Schema):
 class CompatTokenCreateSchema(CompatCreateSchema):
     """POST /api/v1/transaction/token."""
 
-    token = fields.String(
-        required=True,
-        validate=validate.Length(min=10, max=4096),
-        metadata={"description": "Bakong token; refused with 401 when its JWT has expired"},
-    )
+    token = token_field("Bakong token; refused with 401 when its JWT has expired", required=True)
 
 
 class CompatEmailCreateSchema(CompatCreateSchema):
     """POST /api/v1/transaction/email."""
 
-    email = fields.String(
-        required=True,
-        validate=[validate.Length(max=254), validate.Regexp(EMAIL_RE, error="must be an email")],
-        metadata={"description": "Registered Bakong email; tokens are renewed through it"},
-    )
+    email = email_field("Registered Bakong email; tokens are renewed through it", required=True)
 
 
 class CompatMd5QuerySchema(Schema):
     class Meta:
         unknown = EXCLUDE
 
-    token = fields.String(metadata={"description": "Bakong token"})
-    email = fields.String(metadata={"description": "Registered Bakong email"})
+    token = token_field("Bakong token")
+    email = email_field("Registered Bakong email")
+
+
+class Md5PathSchema(Schema):
+    md5 = md5_field("md5 of the KHQR string", required=True)
+
+
+class JobIdPathSchema(Schema):
+    job_id = fields.UUID(required=True, metadata={"description": "The transaction's jobId"})
 
 
 class CompatCreatedSchema(Schema):
@@ -273,16 +346,19 @@ class CompatErrorSchema(Schema):
 
 
 class BakongTransactionSchema(Schema):
-    """Bakong's transaction `data`, passed on as Bakong sent it."""
+    """Bakong's transaction `data`, passed on as Bakong sent it (with whatever else it sent)."""
 
-    hash = fields.String()
-    fromAccountId = fields.String()
-    toAccountId = fields.String()
-    currency = fields.String()
-    amount = fields.Float()
-    description = fields.String()
-    createdDateMs = fields.Integer()
-    acknowledgedDateMs = fields.Integer()
+    class Meta:
+        unknown = INCLUDE
+
+    hash = fields.String(allow_none=True)
+    fromAccountId = fields.String(allow_none=True)
+    toAccountId = fields.String(allow_none=True)
+    currency = fields.String(allow_none=True)
+    amount = fields.Float(allow_none=True)
+    description = fields.String(allow_none=True)
+    createdDateMs = fields.Integer(allow_none=True)
+    acknowledgedDateMs = fields.Integer(allow_none=True)
 
 
 # KHQR generation ------------------------------------------------------------------------
@@ -313,7 +389,7 @@ class KhqrCreateSchema(Schema):
     )
     accountInformation = fields.String(validate=validate.Length(min=1, max=32))
     acquiringBank = fields.String(validate=validate.Length(min=1, max=32))
-    merchantCategoryCode = fields.String(validate=validate.Regexp(r"^[0-9]{4}$"))
+    merchantCategoryCode = fields.String(validate=Pattern(r"^[0-9]{4}$"))
     billNumber = fields.String(validate=validate.Length(min=1, max=25))
     mobileNumber = fields.String(validate=validate.Length(min=1, max=25))
     storeLabel = fields.String(validate=validate.Length(min=1, max=25))
@@ -328,29 +404,15 @@ class KhqrCreateSchema(Schema):
         validate=validate.OneOf(["svg", "png"]),
         metadata={"description": "Also return the QR image as a data URL"},
     )
-    webhookUrl = fields.String(metadata={"description": "Given: tracking starts at once"})
-    returnUrl = fields.String(metadata={"description": "The payment page goes here once paid"})
-    token = fields.String(
-        validate=validate.Length(min=10, max=4096),
-        metadata={"description": "Bakong token for the tracking (else the default)"},
-    )
-    email = fields.String(
-        validate=[validate.Length(max=254), validate.Regexp(EMAIL_RE, error="must be an email")],
-        metadata={"description": "Registered Bakong email for the tracking"},
-    )
+    webhookUrl = url_field("Given: tracking starts at once")
+    returnUrl = url_field("The payment page goes here once paid")
+    token = token_field("Bakong token for the tracking (else the default)")
+    email = email_field("Registered Bakong email for the tracking")
     metadata = fields.Dict(metadata={"description": "Echoed in the webhook; at most 4 KB"})
-
-    @validates("webhookUrl")
-    def _url(self, value: str, **kwargs: Any) -> None:
-        check_webhook_url(value)
-
-    @validates("returnUrl")
-    def _return_url(self, value: str, **kwargs: Any) -> None:
-        check_webhook_url(value)
 
     @validates("metadata")
     def _metadata(self, value: dict[str, Any], **kwargs: Any) -> None:
-        if len(orjson.dumps(value)) > METADATA_MAX_BYTES:
+        if json_size(value) > METADATA_MAX_BYTES:
             raise ValidationError(f"must be at most {METADATA_MAX_BYTES} bytes as JSON")
 
     @validates_schema
@@ -415,12 +477,11 @@ class DeliveryListQuerySchema(Schema):
     status = fields.String(validate=validate.OneOf(DELIVERY_STATUSES))
     jobId = fields.UUID(metadata={"description": "Only the delivery of this transaction"})
     transactionId = fields.UUID(metadata={"description": "The same as jobId"})
-    since = fields.AwareDateTime(
-        default_timezone=UTC,
-        metadata={"description": "Only deliveries created at or after this ISO 8601 time"},
+    since = Instant(
+        metadata={"description": "Only deliveries created at or after this ISO 8601 time"}
     )
     limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
-    cursor = fields.String(validate=validate.Length(max=200))
+    cursor = cursor_field()
 
     @validates_schema
     def _one_job(self, data: dict[str, Any], **kwargs: Any) -> None:
@@ -439,13 +500,8 @@ class DeliveryRetryFilterSchema(Schema):
         validate=validate.OneOf(DELIVERY_STATUSES),
         metadata={"description": "Deliveries in this status (default failed)"},
     )
-    since = fields.AwareDateTime(
-        default_timezone=UTC,
-        metadata={"description": "Created at or after this ISO 8601 time"},
-    )
-    until = fields.AwareDateTime(
-        default_timezone=UTC, metadata={"description": "Created before this ISO 8601 time"}
-    )
+    since = Instant(metadata={"description": "Created at or after this ISO 8601 time"})
+    until = Instant(metadata={"description": "Created before this ISO 8601 time"})
     limit = fields.Integer(
         strict=True,
         load_default=BULK_RETRY_MAX,
@@ -515,14 +571,8 @@ class CredentialCreateSchema(Schema):
     class Meta:
         unknown = RAISE
 
-    token = fields.String(
-        validate=validate.Length(min=10, max=4096),
-        metadata={"description": "A Bakong token (JWT); stored, never shown again"},
-    )
-    email = fields.String(
-        validate=[validate.Length(max=254), validate.Regexp(EMAIL_RE, error="must be an email")],
-        metadata={"description": "Registered Bakong email; tokens are renewed through it"},
-    )
+    token = token_field("A Bakong token (JWT); stored, never shown again")
+    email = email_field("Registered Bakong email; tokens are renewed through it")
 
     @validates_schema
     def _something(self, data: dict[str, Any], **kwargs: Any) -> None:
@@ -536,7 +586,10 @@ class CredentialListQuerySchema(Schema):
 
     status = fields.String(validate=validate.OneOf(CREDENTIAL_STATUSES))
     limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=500))
-    cursor = fields.String(validate=validate.Length(max=32))
+    cursor = fields.String(
+        validate=Pattern(ID_CURSOR_RE, error=CURSOR_ERROR),
+        metadata={"description": "nextCursor of the previous page"},
+    )
 
 
 class CredentialSchema(Schema):

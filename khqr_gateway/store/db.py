@@ -74,6 +74,15 @@ async def migrate(conn: asyncpg.Connection, folder: Path | None = None) -> list[
     return applied_now
 
 
+async def migrate_database(dsn: str) -> list[str]:
+    """`migrate` on a connection of its own, never one of the pool's (see `_no_reset`)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await migrate(conn)
+    finally:
+        await conn.close()
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     # json/jsonb as Python values through orjson; `json` columns keep the text as sent.
     for kind in ("json", "jsonb"):
@@ -85,13 +94,23 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
+async def _no_reset(conn: asyncpg.Connection) -> None:
+    # asyncpg's default reset on release (`SELECT pg_advisory_unlock_all(); CLOSE ALL;
+    # UNLISTEN *; RESET ALL`) is one more round trip per query, and it undoes session state
+    # we never leave on a pooled connection: no advisory lock (migrations take theirs on a
+    # connection of their own), no cursor outside a transaction, no LISTEN (events go through
+    # Redis), no SET. asyncpg still rolls back an open transaction before calling this.
+    return None
+
+
 async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
-    """A pool whose connections speak JSON through orjson."""
+    """A pool whose connections speak JSON through orjson, not reset on release."""
     pool = await asyncpg.create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
         init=_init_connection,
+        reset=_no_reset,
         command_timeout=30,
         server_settings={"application_name": "khqr-gateway"},
     )

@@ -226,4 +226,6 @@ def keys(namespace: str) -> dict[str, str]:
         "bakong_rate": f"{tag}:bakong:rate",
         "bakong_pause": f"{tag}:bakong:pause",
         "bakong_renew": f"{tag}:bakong:renew",
+        # Per API key request counters, one key a second: `<prefix>:<key id>:<second>`.
+        "api_rate": f"{tag}:api:rate",
     }

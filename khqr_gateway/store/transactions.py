@@ -22,6 +22,8 @@ TRANSACTION_COLUMNS = """
     d.delivered_at as delivery_delivered_at
 """
 _FROM = "transactions t left join deliveries d on d.transaction_id = t.id"
+# What the answer to a create needs of a new row (api.transactions.created_json).
+CREATED_COLUMNS = "id, md5, status, created_at, deadline_at"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +74,40 @@ async def insert_or_get_pending(
             return row, inserted is not None
         # The pending one turned terminal between the two statements: try again.
     raise RuntimeError("could not insert or find a pending transaction")
+
+
+async def insert_pending(
+    pool: asyncpg.Pool, news: Sequence[NewTransaction]
+) -> list[asyncpg.Record]:
+    """Insert pending transactions in one statement; returns the rows inserted (CREATED_COLUMNS).
+
+    One whose md5 is already pending is skipped, so it is not among the rows returned; `news`
+    must not repeat an md5. Rows go in md5 order: two batches that share md5s wait for each
+    other in the same order, never in a cycle (a deadlock).
+    """
+    rows: list[asyncpg.Record] = await pool.fetch(
+        f"""
+        insert into transactions
+            (id, md5, webhook_url, credential_id, expected, metadata, qr, deadline_at)
+        select id, md5, webhook_url, credential_id, expected::jsonb, metadata::json, qr,
+               deadline_at
+        from unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[],
+                    $7::text[], $8::timestamptz[])
+            as u(id, md5, webhook_url, credential_id, expected, metadata, qr, deadline_at)
+        order by md5
+        on conflict (md5) where status = 'pending' do nothing
+        returning {CREATED_COLUMNS}
+        """,
+        [n.id for n in news],
+        [n.md5 for n in news],
+        [n.webhook_url for n in news],
+        [n.credential_id for n in news],
+        [_json_text(n.expected.to_json()) if n.expected else None for n in news],
+        [_json_text(n.metadata) for n in news],
+        [n.qr for n in news],
+        [n.deadline_at for n in news],
+    )
+    return rows
 
 
 async def get(pool: asyncpg.Pool, job_id: UUID) -> asyncpg.Record | None:

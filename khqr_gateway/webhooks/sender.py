@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import ssl
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -35,6 +36,13 @@ MAX_IN_FLIGHT = 256
 KEEPALIVE_S = 30.0
 # A host already at its cap gets its further deliveries back this much later.
 HOST_BUSY_DELAY_MS = 250
+# How many deliveries per receiver may wait in this process for a free slot, per slot.
+HOST_QUEUE_FACTOR = 4
+# Sends at once to one receiver; a receiver failing SICK_AFTER_FAILURES times in a row
+# (timeouts, refused connections, 5xx) gets SICK_HOST_CAP until it answers again.
+PER_HOST = 64
+SICK_AFTER_FAILURES = 3
+SICK_HOST_CAP = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +109,7 @@ class Deliverer:
         retry_schedule: Sequence[float],
         timeout_s: float,
         max_in_flight: int = MAX_IN_FLIGHT,
-        per_host: int = 16,
+        per_host: int = PER_HOST,
         connector_factory: Callable[[], aiohttp.BaseConnector] | None = None,
     ) -> None:
         self.pool = pool
@@ -113,6 +121,15 @@ class Deliverer:
         # Kept alive while sends go on: a killed process's deliveries are due again in seconds.
         self.lease_ms = 10_000
         self._leases: set[Lease] = set()
+        # Deliveries claimed for a receiver already at its cap wait here, under their lease,
+        # and go out the moment one of its sends finishes.
+        self._queues: dict[str, deque[_Claimed]] = {}
+        self._queued = 0
+        self._host_failures: Counter[str] = Counter()
+        self._stopping = False
+        self._tick_lock = asyncio.Lock()
+        self._again = False
+        self._kicked: asyncio.Task[None] | None = None
         self.max_in_flight = max_in_flight
         self.per_host = per_host
         self._connector_factory = connector_factory
@@ -143,10 +160,33 @@ class Deliverer:
     def in_flight(self) -> int:
         return len(self._tasks)
 
+    def kick(self) -> None:
+        """New deliveries were just scheduled: claim them now, not at the next tick."""
+        if self._tick_lock.locked():
+            self._again = True
+        elif self._kicked is None or self._kicked.done():
+            self._kicked = asyncio.create_task(self._kicked_tick())
+
+    async def _kicked_tick(self) -> None:
+        with contextlib.suppress(Exception):  # the regular tick reports errors
+            await self.tick()
+
     async def tick(self) -> int:
         """Start sending what is due, within capacity; returns how many sends started."""
+        if self._tick_lock.locked():
+            self._again = True
+            return 0
+        started = 0
+        async with self._tick_lock:
+            while True:
+                self._again = False
+                started += await self._claim_and_start()
+                if not self._again:
+                    return started
+
+    async def _claim_and_start(self) -> int:
         self.last_tick = time.time()
-        room = self.max_in_flight - len(self._tasks)
+        room = self.max_in_flight - len(self._tasks) - self._queued
         if room <= 0:
             return 0
         now_ms = int(self.last_tick * 1000)
@@ -212,26 +252,60 @@ class Deliverer:
 
     async def _start(self, claimed: list[_Claimed], now_ms: int) -> int:
         started = 0
+        overflow: dict[int, tuple[Lease, list[tuple[str, int]]]] = {}
         for item in claimed:
             host = _origin(item.delivery.url)
-            if self._host_load[host] >= self.per_host:
-                due = now_ms + HOST_BUSY_DELAY_MS
-                await self._finish(item.lease, [(item.delivery.id, due)], [])
+            if self._host_load[host] < self._cap(host):
+                self._launch(item, host)
+                started += 1
                 continue
-            self._host_load[host] += 1
-            task = asyncio.create_task(self._deliver(item, host))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            started += 1
+            queue = self._queues.setdefault(host, deque())
+            if len(queue) < self.per_host * HOST_QUEUE_FACTOR:
+                queue.append(item)
+                self._queued += 1
+                continue
+            # A receiver this far behind: its surplus goes back to Redis for a while.
+            due = (item.delivery.id, now_ms + HOST_BUSY_DELAY_MS)
+            overflow.setdefault(id(item.lease), (item.lease, []))[1].append(due)
+        for lease, later in overflow.values():
+            await self._finish(lease, later, [])
         return started
+
+    def _cap(self, host: str) -> int:
+        """Sends at once to one receiver: fewer while it keeps failing or timing out, so a
+        dead receiver holds a handful of slots, not a quarter of them."""
+        if self._host_failures[host] >= SICK_AFTER_FAILURES:
+            return SICK_HOST_CAP
+        return self.per_host
+
+    def _launch(self, item: _Claimed, host: str) -> None:
+        self._host_load[host] += 1
+        task = asyncio.create_task(self._deliver(item, host))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _next_for(self, host: str) -> None:
+        """A send to `host` finished: free its slot, start its next queued delivery."""
+        self._host_load[host] -= 1
+        queue = self._queues.get(host)
+        if queue and not self._stopping and self._host_load[host] < self._cap(host):
+            self._queued -= 1
+            self._launch(queue.popleft(), host)
+            if not queue:
+                del self._queues[host]
+        if self._host_load[host] <= 0:
+            del self._host_load[host]
 
     async def _deliver(self, item: _Claimed, host: str) -> None:
         try:
             result = await self.send(item.delivery)
+            answered = result.status is not None and result.status < 500
+            if answered:
+                self._host_failures.pop(host, None)
+            else:
+                self._host_failures[host] += 1
         finally:
-            self._host_load[host] -= 1
-            if self._host_load[host] <= 0:
-                del self._host_load[host]
+            self._next_for(host)
         self._done.append((item, self._record(item.delivery, result)))
         if self._flushing is None or self._flushing.done():
             self._flushing = asyncio.create_task(self._flush())
@@ -343,6 +417,7 @@ class Deliverer:
 
     async def drain(self, timeout_s: float) -> None:
         """Wait for in-flight sends (up to `timeout_s`) and store their attempts."""
+        self._stopping = True
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout_s)
         if self._flushing is not None:
