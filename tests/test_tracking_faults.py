@@ -196,3 +196,26 @@ async def test_calls_in_flight_are_bounded(
     hooks = await receiver.wait_for(30, timeout=15)
     assert {h.json()["reason"] for h in hooks} == {"not_paid"}
     assert 1 < bakong.state.peak_in_flight <= 8
+
+
+async def test_a_token_that_cannot_be_sent_stops_only_its_own_checks(
+    gateway: Gateway, bakong: SimulatedBakong, receiver: Receiver
+) -> None:
+    # Stored before validation refused such tokens: aiohttp will not send it as a header.
+    bad = await gateway.service.pool.fetchval(
+        "insert into credentials (fingerprint, token) values ('bad', 'abc' || chr(10) || 'def')"
+        " returning id"
+    )
+    status, stuck = await gateway.post(
+        "/api/v1/transactions", {"md5": random_md5(), "webhookUrl": receiver.url}
+    )
+    assert status == 201
+    await gateway.service.pool.execute(
+        "update transactions set credential_id = $1 where id = $2", bad, stuck["jobId"]
+    )
+    status, fine = await gateway.post(
+        "/api/v1/transactions", {"md5": random_md5(), "webhookUrl": receiver.url}
+    )
+    bakong.pay(fine["md5"])
+    [hook] = await receiver.wait_for(1)
+    assert hook.json()["jobId"] == fine["jobId"]

@@ -210,9 +210,19 @@ class Checker:
 
     async def _call(self, call: Call) -> Answer:
         async with self._slots:
-            if call.single:
-                return await self._single(call)
-            return await self._list(call)
+            try:
+                if call.single:
+                    return await self._single(call)
+                return await self._list(call)
+            except Exception as exc:
+                # One broken call (a token aiohttp refuses to send, a bug) must not stop
+                # the checks of every other credential in the tick.
+                log.error(
+                    "bakong call failed: %s",
+                    type(exc).__name__,
+                    extra={"credentialId": call.credential},
+                )
+                return Answer(_all(call.items, CheckResult(CheckKind.ERROR, error="client_error")))
 
     async def _list(self, call: Call) -> Answer:
         md5s = [i.md5 for i in call.items]
