@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from importlib import resources
-
 from aiohttp import web
 from aiohttp_apigami import docs
 
+from khqr_gateway.api import assets
 from khqr_gateway.api.errors import ApiError
 from khqr_gateway.api.openapi import ERROR
 from khqr_gateway.config import Settings
@@ -22,25 +21,11 @@ CSP = (
 )
 
 
-def _asset(name: str) -> bytes:
-    return resources.files("khqr_gateway").joinpath("static", name).read_bytes()
-
-
 def _check_enabled(request: web.Request) -> None:
     settings = request.app[SETTINGS]
     if settings.production and not settings.api_keys:
         # Without a key the dashboard would show payments to anyone: off in production.
         raise ApiError(404, "not_found", "the dashboard is off in production without API_KEY")
-
-
-def _headers(content_type: str) -> dict[str, str]:
-    return {
-        "Content-Type": content_type,
-        "Content-Security-Policy": CSP,
-        "X-Content-Type-Options": "nosniff",
-        "Referrer-Policy": "no-referrer",
-        "Cache-Control": "no-store",
-    }
 
 
 @docs(
@@ -53,7 +38,10 @@ def _headers(content_type: str) -> dict[str, str]:
 )
 async def dashboard(request: web.Request) -> web.Response:
     _check_enabled(request)
-    return web.Response(body=_asset("dashboard.html"), headers=_headers("text/html; charset=utf-8"))
+    return web.Response(
+        body=assets.read("dashboard.html"),
+        headers=assets.page_headers("text/html; charset=utf-8", CSP),
+    )
 
 
 @docs(
@@ -69,7 +57,7 @@ async def asset(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     if name not in ASSETS:
         raise ApiError(404, "not_found", "no such asset")
-    return web.Response(body=_asset(name), headers=_headers(ASSETS[name]))
+    return web.Response(body=assets.read(name), headers=assets.page_headers(ASSETS[name], CSP))
 
 
 def add_routes(app: web.Application, settings: Settings) -> None:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import html
 from decimal import Decimal
-from functools import cache
-from importlib import resources
 from string import Template
 from urllib.parse import quote
 from uuid import UUID
@@ -18,7 +16,7 @@ import orjson
 from aiohttp import web
 from aiohttp_apigami import docs, match_info_schema
 
-from khqr_gateway.api import live
+from khqr_gateway.api import assets, live
 from khqr_gateway.api.errors import ApiError
 from khqr_gateway.api.khqr import qr_svg_inline
 from khqr_gateway.api.openapi import errors
@@ -49,22 +47,6 @@ NOT_FOUND_PAGE = (
     b'<link rel="stylesheet" href="/static/pay.css"></head><body><main class="checkout">'
     b"<p>This payment link is not valid.</p></main></body></html>"
 )
-
-
-@cache
-def _static(name: str) -> bytes:
-    return resources.files("khqr_gateway").joinpath("static", name).read_bytes()
-
-
-def _page_headers(content_type: str) -> dict[str, str]:
-    return {
-        "Content-Type": content_type,
-        "Content-Security-Policy": PAGE_CSP,
-        "X-Content-Type-Options": "nosniff",
-        # The page URL holds its token: never send it on as a Referer.
-        "Referrer-Policy": "no-referrer",
-        "Cache-Control": "no-store",
-    }
 
 
 def _asset_headers(content_type: str) -> dict[str, str]:
@@ -110,7 +92,7 @@ def render(page: pages.Page, token: str) -> bytes:
     }
     escaped = {key: html.escape(value, quote=True) for key, value in values.items()}
     escaped["qr_svg"] = qr_svg_inline(page.qr) if page.qr else ""
-    return Template(_static("pay.html").decode()).substitute(escaped).encode()
+    return Template(assets.read("pay.html").decode()).substitute(escaped).encode()
 
 
 @docs(
@@ -130,7 +112,7 @@ def render(page: pages.Page, token: str) -> bytes:
 async def pay_page(request: web.Request) -> web.Response:
     """GET /pay/{jobId}?t=<token>."""
     page, token = await _page_of(request)
-    headers = _page_headers("text/html; charset=utf-8")
+    headers = assets.page_headers("text/html; charset=utf-8", PAGE_CSP)
     if page is None:
         return web.Response(status=404, body=NOT_FOUND_PAGE, headers=headers)
     return web.Response(body=render(page, token), headers=headers)
@@ -176,7 +158,7 @@ async def asset(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     if name not in ASSETS:
         raise ApiError(404, "not_found", "no such asset")
-    return web.Response(body=_static(name), headers=_asset_headers(ASSETS[name]))
+    return web.Response(body=assets.read(name), headers=_asset_headers(ASSETS[name]))
 
 
 @docs(
@@ -189,7 +171,7 @@ async def asset(request: web.Request) -> web.Response:
 async def sdk(request: web.Request) -> web.Response:
     """GET /sdk.js."""
     return web.Response(
-        body=_static("sdk.js"), headers=_asset_headers("application/javascript; charset=utf-8")
+        body=assets.read("sdk.js"), headers=_asset_headers("application/javascript; charset=utf-8")
     )
 
 

@@ -12,6 +12,7 @@ import asyncpg
 import orjson
 
 from khqr_gateway.models import DeliveryStatus
+from khqr_gateway.store import keyset
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,27 +166,18 @@ async def list_page(
     before: tuple[datetime, str] | None,
 ) -> list[asyncpg.Record]:
     """Newest first; `before` is the (created_at, id) of the last row of the previous page."""
-    where: list[str] = []
-    args: list[Any] = []
-    for column, value in (
-        ("d.status =", status.value if status else None),
-        ("d.transaction_id =", transaction_id),
-        ("d.created_at >=", since),
-    ):
-        if value is not None:
-            args.append(value)
-            where.append(f"{column} ${len(args)}")
-    if before:
-        args += [before[0], before[1]]
-        where.append(f"(d.created_at, d.id) < (${len(args) - 1}, ${len(args)})")
-    args.append(limit)
-    clause = ("where " + " and ".join(where)) if where else ""
-    rows: list[asyncpg.Record] = await pool.fetch(
-        f"select {DELIVERY_COLUMNS} from {_FROM} {clause}"
-        f" order by d.created_at desc, d.id desc limit ${len(args)}",
-        *args,
+    return await keyset.newest_first(
+        pool,
+        f"select {DELIVERY_COLUMNS} from {_FROM}",
+        "d",
+        [
+            ("d.status =", status.value if status else None),
+            ("d.transaction_id =", transaction_id),
+            ("d.created_at >=", since),
+        ],
+        before=before,
+        limit=limit,
     )
-    return rows
 
 
 async def get(pool: asyncpg.Pool, delivery_id: str) -> asyncpg.Record | None:

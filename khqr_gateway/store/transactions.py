@@ -13,6 +13,7 @@ import asyncpg
 import orjson
 
 from khqr_gateway.models import Expected, PollItem, Status, Transition
+from khqr_gateway.store import keyset
 
 TRANSACTION_COLUMNS = """
     t.id, t.md5, t.status, t.reason, t.webhook_url, t.expected, t.metadata, t.bakong_data,
@@ -123,25 +124,14 @@ async def list_page(
     before: tuple[datetime, UUID] | None,
 ) -> list[asyncpg.Record]:
     """Newest first; `before` is the (created_at, id) of the last row of the previous page."""
-    where: list[str] = []
-    args: list[Any] = []
-    if md5:
-        args.append(md5)
-        where.append(f"t.md5 = ${len(args)}")
-    if status:
-        args.append(status.value)
-        where.append(f"t.status = ${len(args)}")
-    if before:
-        args += [before[0], before[1]]
-        where.append(f"(t.created_at, t.id) < (${len(args) - 1}, ${len(args)})")
-    args.append(limit)
-    clause = ("where " + " and ".join(where)) if where else ""
-    rows: list[asyncpg.Record] = await pool.fetch(
-        f"select {TRANSACTION_COLUMNS} from {_FROM} {clause}"
-        f" order by t.created_at desc, t.id desc limit ${len(args)}",
-        *args,
+    return await keyset.newest_first(
+        pool,
+        f"select {TRANSACTION_COLUMNS} from {_FROM}",
+        "t",
+        [("t.md5 =", md5), ("t.status =", status.value if status else None)],
+        before=before,
+        limit=limit,
     )
-    return rows
 
 
 async def cancel(pool: asyncpg.Pool, job_id: UUID) -> asyncpg.Record | None:

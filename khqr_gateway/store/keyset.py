@@ -1,0 +1,38 @@
+"""Newest-first pages by (created_at, id): the listing query every list route shares."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+
+async def newest_first(
+    pool: asyncpg.Pool,
+    select: str,
+    alias: str,
+    filters: Sequence[tuple[str, Any]],
+    *,
+    before: tuple[datetime, Any] | None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    """Rows of `select` (aliased `alias`) matching every `(column op, value)` with a value,
+    strictly older than `before` (the last row of the previous page), newest first."""
+    where: list[str] = []
+    args: list[Any] = []
+    for condition, value in filters:
+        if value is not None:
+            args.append(value)
+            where.append(f"{condition} ${len(args)}")
+    if before:
+        args += [before[0], before[1]]
+        where.append(f"({alias}.created_at, {alias}.id) < (${len(args) - 1}, ${len(args)})")
+    args.append(limit)
+    clause = ("where " + " and ".join(where)) if where else ""
+    rows: list[asyncpg.Record] = await pool.fetch(
+        f"{select} {clause} order by {alias}.created_at desc, {alias}.id desc limit ${len(args)}",
+        *args,
+    )
+    return rows
