@@ -170,6 +170,8 @@ class Poller:
             max_in_flight=max_in_flight,
         )
         self.tick_ms = int(tick_s * 1000)
+        # Partial Bakong batches are topped up with md5s due this much later.
+        self.lookahead_ms = min(1000, self.interval_ms // 5)
         self.on_deliveries = on_deliveries
         self.last_tick: float | None = None
         self._claimed: set[Lease] = set()
@@ -201,7 +203,7 @@ class Poller:
                     horizon_ms,
                     self.claim_limit,
                     self.lease_ms,
-                    lookahead_ms=min(1000, self.interval_ms // 5),
+                    lookahead_ms=self.lookahead_ms,
                     batch=MAX_BATCH,
                 )
                 if members:
@@ -269,12 +271,16 @@ class Poller:
         for kind, count in kinds.items():
             MD5_CHECKS.labels(kind).inc(count)
         happened = await store.record_transitions(self.pool, transitions)
-        if self.events is not None:
-            await self.events.publish_transitions(transitions, happened)
         now_ms = int(now.timestamp() * 1000)
-        if await self.deliveries.add((d, now_ms) for _, d in happened if d is not None):
-            if self.on_deliveries is not None:
-                self.on_deliveries()  # send now rather than at the next delivery tick
+        # only_new: reconcile may already have queued one, and a deliverer leased it.
+        new = [(d, now_ms) for _, d in happened if d is not None]
+        if await self.deliveries.add(new, only_new=True) and self.on_deliveries is not None:
+            self.on_deliveries()  # send now rather than at the next delivery tick
+        if self.events is not None:
+            try:
+                await self.events.publish_transitions(transitions, happened)
+            except Exception as exc:  # live status re-reads Postgres on its heartbeat
+                log.warning("could not publish status changes: %s", exc)
         done = {job for job, _ in happened}
         for t in transitions:
             if t.id in done:
@@ -303,8 +309,10 @@ class Poller:
             hint = int(result.retry_after * 1000)
             wait_ms = hint if result.error == THROTTLED else max(wait_ms, hint)
         due = now_ms + wait_ms
-        if now_ms < deadline_ms:
-            return min(due, deadline_ms)
+        if now_ms < deadline_ms <= due:
+            # The final check: late enough that no early claim (the next tick's horizon, a
+            # batch top-up) takes it before the deadline and makes it a regular check.
+            return deadline_ms + self.tick_ms + self.lookahead_ms
         return due
 
     async def check(self, items: Sequence[PollItem], now: datetime) -> dict[UUID, CheckResult]:

@@ -400,3 +400,33 @@ async def test_invalid_tls_is_recorded_as_tls(
     rows = await attempts(pg, created["jobId"])
     assert rows[0]["error_kind"] == "tls", rows[0]["error_message"]
     assert rows[0]["status_code"] is None
+
+
+async def test_a_failing_retry_lane_does_not_strand_claimed_first_attempts(
+    make_gateway: GatewayFactory,
+    bakong: SimulatedBakong,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from khqr_gateway.webhooks import sender as sender_module
+
+    gw = await make_gateway(run_ticks=False)
+    service = gw.service
+    service.poller.on_deliveries = None  # this test runs the delivery tick itself
+    created = await paid(gw, bakong, receiver.url)
+    await asyncio.sleep(0.3)  # its first poll comes due
+    await service.poller.tick()  # records success and queues its first attempt
+    assert await service.deliveries.size() == 1
+    await service.retries.add([("msg_fake", 0)])
+    real = sender_module.store.load_due
+
+    async def flaky(pool: Any, ids: Any) -> Any:
+        if "msg_fake" in ids:
+            raise ConnectionError("postgres blip")
+        return await real(pool, ids)
+
+    monkeypatch.setattr(sender_module.store, "load_due", flaky)
+    with pytest.raises(ConnectionError):
+        await service.deliverer.tick()
+    [hook] = await receiver.wait_for(1, timeout=5)
+    assert hook.json()["jobId"] == created["jobId"]

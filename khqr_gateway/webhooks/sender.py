@@ -191,20 +191,27 @@ class Deliverer:
             return 0
         now_ms = int(self.last_tick * 1000)
         claimed: list[_Claimed] = []
-        for lane in (self.first, self.retry):
-            if room <= 0:
-                break
-            members, until = await lane.claim(now_ms, room, self.lease_ms)
-            if not members:
-                continue
-            lease = self._keep(Lease(lane, members, until, self.lease_ms))
-            try:
-                claimed += await self._load(lease, members, now_ms)
-            except Exception:
-                await self._give_back([lease], 1000)
-                raise
-            room -= len(members)
-        return await self._start(claimed, now_ms)
+        failed: Exception | None = None
+        try:
+            for lane in (self.first, self.retry):
+                if room <= 0:
+                    break
+                members, until = await lane.claim(now_ms, room, self.lease_ms)
+                if not members:
+                    continue
+                lease = self._keep(Lease(lane, members, until, self.lease_ms))
+                try:
+                    claimed += await self._load(lease, members, now_ms)
+                except Exception:
+                    await self._give_back([lease], 1000)
+                    raise
+                room -= len(members)
+        except Exception as exc:
+            failed = exc  # what an earlier lane claimed still goes out
+        started = await self._start(claimed, now_ms)
+        if failed is not None:
+            raise failed
+        return started
 
     def _keep(self, lease: Lease) -> Lease:
         lease.__enter__()
@@ -236,6 +243,17 @@ class Deliverer:
                 lease.__exit__()
                 self._leases.discard(lease)
 
+    async def _give_back_items(self, items: Sequence[_Claimed], delay_ms: int) -> None:
+        """Make these deliveries (only these: others of their lease may still be sending)
+        due again soon."""
+        due = int(time.time() * 1000) + delay_ms
+        by_lease: dict[int, tuple[Lease, list[tuple[str, int]]]] = {}
+        for item in items:
+            by_lease.setdefault(id(item.lease), (item.lease, []))[1].append((item.delivery.id, due))
+        for lease, again in by_lease.values():
+            with contextlib.suppress(Exception):  # Redis down too: the lease runs out instead
+                await self._finish(lease, again, [])
+
     async def _hold_early(
         self, rows: list[DueDelivery], lease: Lease, now_ms: int
     ) -> list[DueDelivery]:
@@ -246,8 +264,9 @@ class Deliverer:
             at_ms = int(row.next_attempt_at.timestamp() * 1000) if row.next_attempt_at else 0
             (early if at_ms > now_ms + 1000 else due).append((row, at_ms))
         if early:
-            await self._finish(lease, [], [row.id for row, _ in early])
+            # Into the retry lane first: a delivery is never in neither lane (reconcile).
             await self.retry.add((row.id, at_ms) for row, at_ms in early)
+            await self._finish(lease, [], [row.id for row, _ in early])
         return [row for row, _ in due]
 
     async def _start(self, claimed: list[_Claimed], now_ms: int) -> int:
@@ -385,7 +404,7 @@ class Deliverer:
             except Exception as exc:
                 # Unrecorded attempts are made again later, with the same webhook-id.
                 log.warning("could not record %d delivery attempts: %s", len(batch), exc)
-                await self._give_back(list({id(i.lease): i.lease for i, _ in batch}.values()), 2000)
+                await self._give_back_items([item for item, _ in batch], 2000)
                 continue
             try:
                 await self._reschedule(batch)
