@@ -39,6 +39,26 @@ async def attempts(pg: asyncpg.Connection, job_id: str) -> list[asyncpg.Record]:
     )
 
 
+async def wait_attempts(
+    pg: asyncpg.Connection, job_id: str, count: int = 1, timeout: float = 5
+) -> list[asyncpg.Record]:
+    """The stored attempts of a transaction's delivery, once there are `count` (or the timeout)."""
+    deadline = time.monotonic() + timeout
+    rows = await attempts(pg, job_id)
+    while time.monotonic() < deadline and len(rows) < count:
+        await asyncio.sleep(0.1)
+        rows = await attempts(pg, job_id)
+    return rows
+
+
+async def hook_url(aiohttp_server: Any, handler: Any, **server_options: Any) -> str:
+    """A receiver of our own answering POST /hook with `handler`."""
+    app = web.Application()
+    app.router.add_post("/hook", handler)
+    server = await aiohttp_server(app, **server_options)
+    return str(server.make_url("/hook"))
+
+
 async def test_500_500_200_makes_three_attempts_with_one_webhook_id(
     gateway: Gateway, bakong: SimulatedBakong, receiver: Receiver, pg: asyncpg.Connection
 ) -> None:
@@ -100,10 +120,7 @@ async def test_redirect_is_not_followed(
     async def redirect(request: web.Request) -> web.Response:
         raise web.HTTPFound(receiver.url)
 
-    app = web.Application()
-    app.router.add_post("/hook", redirect)
-    server = await aiohttp_server(app)
-    created = await paid(gateway, bakong, str(server.make_url("/hook")))
+    created = await paid(gateway, bakong, await hook_url(aiohttp_server, redirect))
     await asyncio.sleep(1.5)
     assert receiver.received == [], "the redirect target never got the webhook"
     rows = await attempts(pg, created["jobId"])
@@ -120,10 +137,7 @@ async def test_timeout_is_recorded_as_an_attempt(
     receiver.delay_s = 1.0
     created = await paid(gw, bakong, receiver.url)
     await receiver.wait_for(1)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and not await attempts(pg, created["jobId"]):
-        await asyncio.sleep(0.1)
-    rows = await attempts(pg, created["jobId"])
+    rows = await wait_attempts(pg, created["jobId"])
     assert rows[0]["error_kind"] == "timeout"
     assert rows[0]["status_code"] is None
 
@@ -132,10 +146,7 @@ async def test_refused_connection_is_recorded_and_retried(
     gateway: Gateway, bakong: SimulatedBakong, pg: asyncpg.Connection, unused_tcp_port: int
 ) -> None:
     created = await paid(gateway, bakong, f"http://127.0.0.1:{unused_tcp_port}/hook")
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and len(await attempts(pg, created["jobId"])) < 2:
-        await asyncio.sleep(0.1)
-    rows = await attempts(pg, created["jobId"])
+    rows = await wait_attempts(pg, created["jobId"], count=2)
     assert len(rows) >= 2
     assert rows[0]["error_kind"] == "connect"
 
@@ -146,15 +157,9 @@ async def test_large_response_body_is_cut_to_4kb(
     async def chatty(request: web.Request) -> web.Response:
         return web.Response(text="x" * 100_000)
 
-    app = web.Application()
-    app.router.add_post("/hook", chatty)
-    server = await aiohttp_server(app)
-    created = await paid(gateway, bakong, str(server.make_url("/hook")))
+    created = await paid(gateway, bakong, await hook_url(aiohttp_server, chatty))
     await gateway.wait_status(created["jobId"], "success")
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and not await attempts(pg, created["jobId"]):
-        await asyncio.sleep(0.1)
-    [row] = await attempts(pg, created["jobId"])
+    [row] = await wait_attempts(pg, created["jobId"])
     assert row["status_code"] == 200
     assert len(row["response_body"]) == 4096
 
@@ -168,11 +173,9 @@ async def test_a_hanging_receiver_does_not_delay_a_healthy_one(
         await asyncio.sleep(3.5)
         return web.Response()
 
-    app = web.Application()
-    app.router.add_post("/hook", hang)
-    slow = await aiohttp_server(app)
+    slow = await hook_url(aiohttp_server, hang)
     for _ in range(40):
-        await paid(gw, bakong, str(slow.make_url("/hook")))
+        await paid(gw, bakong, slow)
     await asyncio.sleep(0.5)
     start = time.time()
     await paid(gw, bakong, receiver.url)
@@ -336,15 +339,9 @@ async def test_a_1_gb_response_is_never_read_past_4_kb(
             pass
         return resp
 
-    app = web.Application()
-    app.router.add_post("/hook", endless)
-    server = await aiohttp_server(app)
-    created = await paid(gateway, bakong, str(server.make_url("/hook")))
+    created = await paid(gateway, bakong, await hook_url(aiohttp_server, endless))
     await gateway.wait_status(created["jobId"], "success")
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and not await attempts(pg, created["jobId"]):
-        await asyncio.sleep(0.1)
-    [row] = await attempts(pg, created["jobId"])
+    [row] = await wait_attempts(pg, created["jobId"])
     assert row["status_code"] == 200 and len(row["response_body"]) == 4096
     await asyncio.sleep(0.3)
     # The connection was dropped after 4 KB: the receiver got nowhere near 1 GB out.
@@ -389,15 +386,9 @@ async def test_invalid_tls_is_recorded_as_tls(
     async def ok(request: web.Request) -> web.Response:
         return web.Response(text="ok")
 
-    app = web.Application()
-    app.router.add_post("/hook", ok)
-    server = await aiohttp_server(app, ssl=context)
-    url = str(server.make_url("/hook")).replace("http://", "https://")
-    created = await paid(gateway, bakong, url)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and not await attempts(pg, created["jobId"]):
-        await asyncio.sleep(0.1)
-    rows = await attempts(pg, created["jobId"])
+    url = await hook_url(aiohttp_server, ok, ssl=context)
+    created = await paid(gateway, bakong, url.replace("http://", "https://"))
+    rows = await wait_attempts(pg, created["jobId"])
     assert rows[0]["error_kind"] == "tls", rows[0]["error_message"]
     assert rows[0]["status_code"] is None
 
