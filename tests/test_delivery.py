@@ -421,3 +421,23 @@ async def test_a_failing_retry_lane_does_not_strand_claimed_first_attempts(
         await service.deliverer.tick()
     [hook] = await receiver.wait_for(1, timeout=5)
     assert hook.json()["jobId"] == created["jobId"]
+
+
+async def test_a_backlog_drains_without_waiting_for_ticks(
+    make_gateway: GatewayFactory, bakong: SimulatedBakong, receiver: Receiver
+) -> None:
+    """More due than one claim may take: freed room is claimed again at once, so the tick
+    period does not cap how many webhooks go out a second."""
+    gw = await make_gateway(run_ticks=False)
+    service = gw.service
+    service.poller.on_deliveries = None  # only the one tick below may start sends
+    service.deliverer.max_in_flight = 4
+    service.deliverer.per_host = 2
+    for _ in range(12):
+        await paid(gw, bakong, receiver.url)
+    await asyncio.sleep(0.3)  # their first polls come due
+    await service.poller.tick()
+    assert await service.deliveries.size() == 12
+    await service.deliverer.tick()  # one tick: room for 4
+    hooks = await receiver.wait_for(12, timeout=5)
+    assert len({hook.headers["webhook-id"] for hook in hooks}) == 12

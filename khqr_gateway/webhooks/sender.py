@@ -130,6 +130,8 @@ class Deliverer:
         self._tick_lock = asyncio.Lock()
         self._again = False
         self._kicked: asyncio.Task[None] | None = None
+        # The last claim filled all the room it had: more is due than was taken.
+        self._backlog = False
         self.max_in_flight = max_in_flight
         self.per_host = per_host
         self._connector_factory = connector_factory
@@ -192,11 +194,15 @@ class Deliverer:
         now_ms = int(self.last_tick * 1000)
         claimed: list[_Claimed] = []
         failed: Exception | None = None
+        self._backlog = False
         try:
             for lane in (self.first, self.retry):
                 if room <= 0:
+                    self._backlog = True  # the retry lane was not even asked
                     break
                 members, until = await lane.claim(now_ms, room, self.lease_ms)
+                if len(members) >= room:
+                    self._backlog = True
                 if not members:
                     continue
                 lease = self._keep(Lease(lane, members, until, self.lease_ms))
@@ -325,9 +331,18 @@ class Deliverer:
                 self._host_failures[host] += 1
         finally:
             self._next_for(host)
+            self._refill()
         self._done.append((item, self._record(item.delivery, result)))
         if self._flushing is None or self._flushing.done():
             self._flushing = asyncio.create_task(self._flush())
+
+    def _refill(self) -> None:
+        """With a backlog, claim again as soon as a quarter of the room is free rather than
+        at the next tick: the tick period would otherwise cap sends at room per tick."""
+        if not self._backlog or self._stopping:
+            return
+        if self.max_in_flight - len(self._tasks) - self._queued >= max(1, self.max_in_flight // 4):
+            self.kick()
 
     async def send(self, delivery: DueDelivery) -> SendResult:
         """One attempt: POST the stored bytes, signed now, never following redirects."""
