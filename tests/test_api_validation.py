@@ -280,6 +280,16 @@ TOKEN_WITH_NEWLINE = "eyJhbGciOi\nJIUzI1NiJ9"
             "metadata.note",
         ),
         (
+            "/api/v1/transactions",
+            {"md5": random_md5(), "webhookUrl": HOOK, "metadata": {"a\u0000": 1}},
+            "metadata",
+        ),
+        (
+            "/api/v1/transactions",
+            {"md5": random_md5(), "webhookUrl": HOOK, "expected": {"toAccountId": "ab\u0000c"}},
+            "expected.toAccountId",
+        ),
+        (
             "/api/v1/khqr",
             {"amount": 1, "currency": "USD", "accountId": "shop@abaa", "merchantName": "a\u0000"},
             "merchantName",

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from marshmallow import Schema
+from marshmallow import Schema, ValidationError
 
 from khqr_gateway.api import schemas
 from khqr_gateway.api.errors import ApiError
@@ -82,3 +82,109 @@ def test_any_qr_string_is_accepted_or_a_422_on_qr(qr: str) -> None:
     except ApiError as exc:
         assert exc.status == 422
         assert exc.details[0]["field"] in ("qr", "md5")
+
+
+# The quick loader of the create body (the hot path of ingest) must agree with the schema.
+
+HEX = "0123456789abcdefABCDEF"
+CREATE_VALUES = {
+    "md5": st.text(HEX, min_size=31, max_size=33) | JSON,
+    "webhookUrl": st.sampled_from(
+        [
+            "https://shop.example/hook",
+            "http://127.0.0.1:8080/paid?order=1",
+            "HTTPS://Shop.Example/x",
+            "ftp://shop.example/hook",
+            "https://",
+            "http://shop .example/",
+            "https://shop.example:99999/",
+            "https://shop.example/" + "x" * 2100,
+        ]
+    )
+    | JSON,
+    "timeoutSeconds": st.integers(0, 5000) | JSON,
+    "metadata": st.dictionaries(st.text(max_size=8), JSON, max_size=4) | JSON,
+    "expected": st.fixed_dictionaries(
+        {},
+        optional={
+            "amount": st.integers(-5, 10**14) | st.floats() | st.sampled_from(["1.5", " 2 ", "x"]),
+            "currency": st.sampled_from(["USD", "KHR", "usd"]) | JSON,
+            "toAccountId": st.text(max_size=70) | JSON,
+            "other": JSON,
+        },
+    )
+    | JSON,
+    "qr": JSON,
+    "token": JSON,
+    "email": JSON,
+    "unknown": JSON,
+}
+URLS = ["https://shop.example/hook", "http://127.0.0.1:8080/paid?order=1"]
+
+
+@st.composite
+def create_bodies(draw: st.DrawFn) -> dict[str, Any]:
+    """A usual body (often valid), with up to two fields then replaced by anything."""
+    body: dict[str, Any] = draw(
+        st.fixed_dictionaries(
+            {"md5": st.text(HEX, min_size=32, max_size=32), "webhookUrl": st.sampled_from(URLS)},
+            optional={
+                "timeoutSeconds": st.integers(0, 5000) | st.sampled_from([9, 10, 3600, 3601]),
+                "metadata": st.dictionaries(st.text(max_size=8), JSON, max_size=4),
+                "expected": CREATE_VALUES["expected"],
+            },
+        )
+    )
+    for _ in range(draw(st.integers(0, 2))):
+        field = draw(st.sampled_from(sorted(CREATE_VALUES)))
+        body[field] = draw(CREATE_VALUES[field])
+    return body
+
+
+def _loaded_by_schema(body: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        loaded: dict[str, Any] = schemas.TransactionCreateSchema().load(body)
+    except ValidationError:
+        return None
+    return loaded
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=create_bodies())
+def test_quick_create_loader_accepts_only_what_the_schema_loads_the_same(
+    body: dict[str, Any],
+) -> None:
+    quick = schemas.quick_load_create(body)
+    if quick is not None:
+        assert _same(quick, _loaded_by_schema(body))
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, NaN included (metadata may hold one; it is stored as JSON null either way)."""
+    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
+        return True
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b) and type(a) is type(b)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"md5": "A" * 32, "webhookUrl": "https://shop.example/hook"},
+        {
+            "md5": "0123456789abcdef" * 2,
+            "webhookUrl": "https://shop.example/hook",
+            "metadata": {"orderId": "1001", "items": [1, 2.5, None, {"k": True}]},
+            "timeoutSeconds": 600,
+            "expected": {"amount": "12.50", "currency": "USD", "toAccountId": "shop@abaa"},
+        },
+        {"md5": "f" * 32, "webhookUrl": "http://127.0.0.1:9/x", "expected": {"amount": 4000}},
+    ],
+)
+def test_usual_create_bodies_take_the_quick_path(body: dict[str, Any]) -> None:
+    quick = schemas.quick_load_create(body)
+    assert quick is not None
+    assert _same(quick, _loaded_by_schema(body))

@@ -49,6 +49,9 @@ class Kind(StrEnum):
     METADATA = "cloud metadata"
 
 
+EVERY_KIND = frozenset(Kind)
+
+
 def _v4(*rows: tuple[str, Kind]) -> tuple[tuple[IPv4Network, Kind], ...]:
     return tuple((IPv4Network(net), kind) for net, kind in rows)
 
@@ -181,14 +184,14 @@ class AddressPolicy:
     def for_settings(cls, settings: Settings) -> AddressPolicy:
         """Off with ALLOW_PRIVATE_WEBHOOK_URLS; development and test reach loopback only."""
         if settings.allow_private_webhook_urls:
-            return cls(frozenset(Kind))
+            return cls(EVERY_KIND)
         if settings.app_env in (AppEnv.DEVELOPMENT, AppEnv.TEST):
             return cls(frozenset({Kind.LOOPBACK}))
         return cls()
 
     @property
     def off(self) -> bool:
-        return self.allowed == frozenset(Kind)
+        return self.allowed == EVERY_KIND
 
     def refusal(self, kind: Kind | None) -> Kind | None:
         """`kind` when this policy refuses it, else None."""
