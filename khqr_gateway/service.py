@@ -193,7 +193,7 @@ SERVICE_KEY = web.AppKey("service", Service)
 
 def poll_tick_s(settings: Settings) -> float:
     """How often the poll tick runs: often enough that a check is never a tick late."""
-    return min(0.25, settings.poll_interval_s / 4)
+    return min(0.1, settings.poll_interval_s / 4)
 
 
 def _ms(value: datetime | None) -> int:
