@@ -235,8 +235,12 @@ class Poller:
             await claim.finish([(m, due) for m in claim.members], [])
 
     async def _process(self, members: list[str], lease: Lease, claimed_at_ms: int) -> int:
-        ids = _uuids(members)
-        items = await store.load_pending(self.pool, list(ids.values()))
+        try:
+            # The driver takes the members as they are (a job id's text) and refuses the
+            # whole list, before sending it, if one of them is not a UUID.
+            items = await store.load_pending(self.pool, members)
+        except asyncpg.DataError:
+            items = await store.load_pending(self.pool, list(_uuids(members).values()))
         found = {str(i.id) for i in items}
         gone = [m for m in members if m not in found]
         now = datetime.now(UTC)

@@ -169,3 +169,22 @@ async def test_email_credential_gets_a_token_and_renews_it_on_401(
     [hook] = await receiver.wait_for(1)
     assert hook.json()["status"] == "success"
     assert bakong.state.calls["renew_token"] == 2
+
+
+async def test_a_member_that_is_not_a_job_id_does_not_stop_the_others(
+    gateway: Gateway, bakong: SimulatedBakong, receiver: Receiver
+) -> None:
+    """Something else wrote into the poll schedule: the md5s claimed with it are still
+    checked, and it is dropped."""
+    service = gateway.service
+    status, created = await gateway.post(
+        "/api/v1/transactions", {"md5": random_md5(), "webhookUrl": receiver.url}
+    )
+    assert status == 201
+    [due] = await service.polls.scores([created["jobId"]])
+    assert due is not None
+    await service.polls.add([("not-a-job-id", int(due))])  # claimed with it
+    bakong.pay(created["md5"])
+    [hook] = await receiver.wait_for(1)
+    assert hook.json()["jobId"] == created["jobId"]
+    assert await service.polls.scores(["not-a-job-id"]) == [None]

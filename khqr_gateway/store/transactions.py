@@ -146,7 +146,7 @@ async def cancel(pool: asyncpg.Pool, job_id: UUID) -> asyncpg.Record | None:
     )
 
 
-async def load_pending(pool: asyncpg.Pool, ids: Sequence[UUID]) -> list[PollItem]:
+async def load_pending(pool: asyncpg.Pool, ids: Sequence[UUID | str]) -> list[PollItem]:
     """The still-pending transactions among `ids`, in the order of `ids` (the claim's
     oldest-due-first order, which the rate limit's fairness relies on)."""
     rows = await pool.fetch(
