@@ -143,7 +143,7 @@ class Poller:
         credentials: Credentials,
         interval_s: float,
         grace_s: float,
-        claim_limit: int = 500,
+        claim_limit: int = 1000,
         max_in_flight: int = 8,
         tick_s: float = 0.25,
         on_deliveries: Callable[[], None] | None = None,
