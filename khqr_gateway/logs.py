@@ -66,5 +66,8 @@ def setup_logging(level: str = "info", stream: Any = None) -> None:
     root.addHandler(handler)
     root.setLevel(LEVEL_NAMES.get(level, logging.INFO))
     # Third-party chatter at info would drown the per-request lines.
-    for noisy in ("apscheduler", "aiohttp.access", "asyncio"):
+    for noisy in ("aiohttp.access", "asyncio"):
         logging.getLogger(noisy).setLevel(max(root.level, logging.WARNING))
+    # A tick still running when its next run comes is skipped on purpose (one run at a
+    # time); APScheduler warns of each skip. Our tick wrapper logs what really fails.
+    logging.getLogger("apscheduler").setLevel(max(root.level, logging.ERROR))

@@ -441,3 +441,41 @@ async def test_a_backlog_drains_without_waiting_for_ticks(
     await service.deliverer.tick()  # one tick: room for 4
     hooks = await receiver.wait_for(12, timeout=5)
     assert len({hook.headers["webhook-id"] for hook in hooks}) == 12
+
+
+async def test_shutdown_waits_for_a_claim_under_way_rather_than_handing_it_back(
+    make_gateway: GatewayFactory,
+    bakong: SimulatedBakong,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A claim still loading when shutdown starts: its sends are waited for and recorded,
+    not handed back while they go out (another process would send them a second time)."""
+    from khqr_gateway.webhooks import sender as sender_module
+
+    gw = await make_gateway(run_ticks=False)
+    service = gw.service
+    service.poller.on_deliveries = None  # this test runs the delivery tick itself
+    created = await paid(gw, bakong, receiver.url)
+    await asyncio.sleep(0.3)  # its first poll comes due
+    await service.poller.tick()
+    assert await service.deliveries.size() == 1
+    loading, go_on = asyncio.Event(), asyncio.Event()
+    real = sender_module.store.load_due
+
+    async def slow(pool: Any, ids: Any) -> Any:
+        loading.set()
+        await go_on.wait()
+        return await real(pool, ids)
+
+    monkeypatch.setattr(sender_module.store, "load_due", slow)
+    tick = asyncio.create_task(service.deliverer.tick())
+    await loading.wait()
+    drain = asyncio.create_task(service.deliverer.drain(5))
+    await asyncio.sleep(0.2)
+    go_on.set()
+    await drain
+    await tick
+    [hook] = await receiver.wait_for(1)
+    assert hook.json()["jobId"] == created["jobId"]
+    assert await service.deliveries.size() == 0, "handed back: it would be sent again"

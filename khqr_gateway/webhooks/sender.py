@@ -43,6 +43,8 @@ HOST_QUEUE_FACTOR = 4
 PER_HOST = 64
 SICK_AFTER_FAILURES = 3
 SICK_HOST_CAP = 4
+# Claims one tick makes at most while kicks keep asking for more.
+MAX_PASSES = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,16 +182,19 @@ class Deliverer:
             return 0
         started = 0
         async with self._tick_lock:
-            while True:
+            # Bounded, so that a tick returns (its health in /ready) even while kicks keep
+            # coming; what is still due is claimed by the next kick or tick.
+            for _ in range(MAX_PASSES):
                 self._again = False
                 started += await self._claim_and_start()
                 if not self._again:
-                    return started
+                    break
+        return started
 
     async def _claim_and_start(self) -> int:
         self.last_tick = time.time()
         room = self.max_in_flight - len(self._tasks) - self._queued
-        if room <= 0:
+        if room <= 0 or self._stopping:
             return 0
         now_ms = int(self.last_tick * 1000)
         claimed: list[_Claimed] = []
@@ -214,6 +219,7 @@ class Deliverer:
                 room -= len(members)
         except Exception as exc:
             failed = exc  # what an earlier lane claimed still goes out
+            self._backlog = False  # no claiming again on every finished send meanwhile
         started = await self._start(claimed, now_ms)
         if failed is not None:
             raise failed
@@ -292,6 +298,8 @@ class Deliverer:
             # A receiver this far behind: its surplus goes back to Redis for a while.
             due = (item.delivery.id, now_ms + HOST_BUSY_DELAY_MS)
             overflow.setdefault(id(item.lease), (item.lease, []))[1].append(due)
+        if overflow:
+            self._backlog = False  # its receiver is the limit, not the room
         for lease, later in overflow.values():
             await self._finish(lease, later, [])
         return started
@@ -452,6 +460,11 @@ class Deliverer:
     async def drain(self, timeout_s: float) -> None:
         """Wait for in-flight sends (up to `timeout_s`) and store their attempts."""
         self._stopping = True
+        # A claim under way (a tick or a kick) starts its sends before it lets go of the
+        # lock: wait for it, so that those sends are waited for too, not handed back while
+        # they are still going out (another process would send them again).
+        async with self._tick_lock:
+            pass
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout_s)
         if self._flushing is not None:
