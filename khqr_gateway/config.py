@@ -202,7 +202,7 @@ def _build(r: _Reader) -> Settings:
         bakong_token=r.raw("BAKONG_TOKEN"),
         bakong_email=r.raw("BAKONG_EMAIL"),
         poll_interval_s=r.number("POLL_INTERVAL_S", 3.0, 0.1, 300),
-        poll_timeout_s=r.integer("POLL_TIMEOUT_S", 300, 10, 3600),
+        poll_timeout_s=r.integer("POLL_TIMEOUT_S", 300, 1, 3600),
         webhook_secrets=r.parse("WEBHOOK_SECRET", parse_secrets, ()),
         webhook_retry_schedule=r.parse("WEBHOOK_RETRY_SCHEDULE", parse_schedule, DEFAULT_SCHEDULE),
         webhook_timeout_s=r.number("WEBHOOK_TIMEOUT_S", 15.0, 0.1, 120),

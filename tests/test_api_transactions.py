@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import asyncpg
@@ -69,6 +70,18 @@ async def test_unpaid_transaction_times_out_after_a_final_check(
     assert body["reason"] == "not_paid"
     assert body["data"] is None
     assert bakong.state.single_checks[created["md5"]] == 1, "exactly one final check"
+
+
+async def test_a_one_second_window_times_out_no_sooner(
+    gateway: Gateway, bakong: SimulatedBakong, receiver: Receiver
+) -> None:
+    """The shortest window the API takes: the timeout comes after it, not before."""
+    start = time.time()
+    created = await create(gateway, receiver, timeoutSeconds=1)
+    [hook] = await receiver.wait_for(1, timeout=5)
+    assert hook.json()["status"] == "timeout"
+    assert hook.json()["jobId"] == created["jobId"]
+    assert hook.at >= start + 1
 
 
 async def test_paid_at_the_final_check_is_success_not_timeout(

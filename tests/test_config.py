@@ -41,7 +41,7 @@ def test_node_env_is_an_alias_and_app_env_wins() -> None:
         ("PORT", "70000"),
         ("APP_ENV", "prod"),
         ("POLL_INTERVAL_S", "0"),
-        ("POLL_TIMEOUT_S", "5"),
+        ("POLL_TIMEOUT_S", "0"),
         ("DATABASE_URL", "mysql://x"),
         ("REDIS_URL", "http://x"),
         ("WEBHOOK_SECRET", "whsec_short"),

@@ -129,7 +129,7 @@ def create_bodies(draw: st.DrawFn) -> dict[str, Any]:
         st.fixed_dictionaries(
             {"md5": st.text(HEX, min_size=32, max_size=32), "webhookUrl": st.sampled_from(URLS)},
             optional={
-                "timeoutSeconds": st.integers(0, 5000) | st.sampled_from([9, 10, 3600, 3601]),
+                "timeoutSeconds": st.integers(0, 5000) | st.sampled_from([0, 1, 3600, 3601]),
                 "metadata": st.dictionaries(st.text(max_size=8), JSON, max_size=4),
                 "expected": CREATE_VALUES["expected"],
             },

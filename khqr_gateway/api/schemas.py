@@ -41,6 +41,9 @@ MD5_ERROR = "must be 32 hexadecimal characters"
 METADATA_MAX_BYTES = 4096
 URL_MAX = 2048
 CURRENCIES = ("KHR", "USD")
+# A tracking window: any length up to an hour (a short one is how tests see a timeout soon).
+TIMEOUT_MIN_S = 1
+TIMEOUT_MAX_S = 3600
 
 
 class Pattern(validate.Regexp):
@@ -217,7 +220,7 @@ class TransactionCreateSchema(Schema):
     expected = fields.Nested(ExpectedSchema, metadata={"description": "Payment must match"})
     timeoutSeconds = fields.Integer(
         strict=True,
-        validate=validate.Range(min=10, max=3600),
+        validate=validate.Range(min=TIMEOUT_MIN_S, max=TIMEOUT_MAX_S),
         metadata={"description": "Tracking window in seconds (default POLL_TIMEOUT_S)"},
     )
     metadata = fields.Dict(metadata={"description": "Echoed in the webhook; at most 4 KB"})
@@ -265,7 +268,7 @@ def quick_load_create(data: dict[str, Any]) -> dict[str, Any] | None:
     loaded: dict[str, Any] = {"md5": md5.lower(), "webhookUrl": url}
     if "timeoutSeconds" in data:
         timeout = data["timeoutSeconds"]
-        if type(timeout) is not int or not 10 <= timeout <= 3600:
+        if type(timeout) is not int or not TIMEOUT_MIN_S <= timeout <= TIMEOUT_MAX_S:
             return None
         loaded["timeoutSeconds"] = timeout
     if "metadata" in data:
@@ -474,7 +477,7 @@ class KhqrCreateSchema(Schema):
     purpose = fields.String(validate=validate.Length(min=1, max=25))
     expiresInSeconds = fields.Integer(
         strict=True,
-        validate=validate.Range(min=10, max=3600),
+        validate=validate.Range(min=TIMEOUT_MIN_S, max=TIMEOUT_MAX_S),
         metadata={"description": "QR validity and tracking window (default POLL_TIMEOUT_S)"},
     )
     image = fields.String(
