@@ -128,8 +128,11 @@ def test_policy_per_environment() -> None:
     loopback, private = "http://127.0.0.1:8080/hook", "http://10.0.0.1/hook"
     assert PRODUCTION.check_url(loopback) and PRODUCTION.check_url(private)
     assert stage.check_url(loopback) and stage.check_url(private)
-    assert DEVELOPMENT.check_url(loopback) is None and DEVELOPMENT.check_url(private)
-    assert test.check_url(loopback) is None and test.check_url(private)
+    metadata = "http://169.254.169.254/latest/meta-data/"
+    for relaxed in (DEVELOPMENT, test):
+        assert relaxed.check_url(loopback) is None and relaxed.check_url(private) is None
+        assert relaxed.check_url("http://receiver:8080/hook") is None
+        assert relaxed.check_url(metadata)
     assert off.off
     assert off.check_url(private) is None and off.check_url("http://169.254.169.254/") is None
 
@@ -196,13 +199,18 @@ async def test_allow_private_webhook_urls_accepts_them(make_gateway: GatewayFact
         assert status == 201, (url, body)
 
 
-async def test_development_allows_loopback_only(make_gateway: GatewayFactory) -> None:
+async def test_development_allows_local_receivers_but_not_cloud_metadata(
+    make_gateway: GatewayFactory,
+) -> None:
     gw = await make_gateway(
         app_env=AppEnv.DEVELOPMENT, allow_private_webhook_urls=False, run_ticks=False
     )
     assert (await create(gw, "http://localhost:3000/hook"))[0] == 201
     assert (await create(gw, "http://127.0.0.1:3000/hook"))[0] == 201
-    assert (await create(gw, "http://192.168.1.10/hook"))[0] == 422
+    assert (await create(gw, "http://192.168.1.10/hook"))[0] == 201
+    assert (await create(gw, "http://shop-api:8000/hook"))[0] == 201  # a compose service
+    assert (await create(gw, "http://169.254.169.254/latest/meta-data/"))[0] == 422
+    assert (await create(gw, "http://metadata.google.internal/"))[0] == 422
 
 
 # Send time: the address actually connected to
@@ -292,7 +300,7 @@ async def test_literal_loopback_is_blocked_at_send_time(
 
 
 async def test_resolver_keeps_only_allowed_addresses() -> None:
-    resolver = GuardedResolver(DEVELOPMENT, FixedResolver("0.0.0.0", "127.0.0.1", "::1"))
+    resolver = GuardedResolver(DEVELOPMENT, FixedResolver("169.254.169.254", "127.0.0.1", "::1"))
     kept = await resolver.resolve("rebind.example", 80)
     assert [r["host"] for r in kept] == ["127.0.0.1", "::1"]
     with pytest.raises(Blocked, match=r"resolves only to refused addresses: 127\.0\.0\.1"):

@@ -182,11 +182,14 @@ class AddressPolicy:
 
     @classmethod
     def for_settings(cls, settings: Settings) -> AddressPolicy:
-        """Off with ALLOW_PRIVATE_WEBHOOK_URLS; development and test reach loopback only."""
+        """Off with ALLOW_PRIVATE_WEBHOOK_URLS. Development and test reach every address but
+        cloud metadata (a receiver on the LAN, a docker-compose service name): only there
+        could a webhook's stored response hand out the host's cloud credentials. Production
+        and stage refuse every special-use range."""
         if settings.allow_private_webhook_urls:
             return cls(EVERY_KIND)
         if settings.app_env in (AppEnv.DEVELOPMENT, AppEnv.TEST):
-            return cls(frozenset({Kind.LOOPBACK}))
+            return cls(EVERY_KIND - {Kind.METADATA})
         return cls()
 
     @property
