@@ -139,7 +139,7 @@ async def test_every_api_route_is_guarded(make_gateway: GatewayFactory) -> None:
         path = info.get("path") or info.get("formatter", "")
         if not path.startswith("/api/"):
             continue
-        url = path.replace("{job_id}", "7b0e3f0e-0000-4000-8000-000000000000")
+        url = path.replace("{jobId}", "7b0e3f0e-0000-4000-8000-000000000000")
         for route in resource:
             if route.method == "HEAD":
                 continue

@@ -44,3 +44,45 @@ async def test_reference_ui_needs_no_internet(gateway: Gateway) -> None:
     assert resp.status == 200
     assert "swagger" in html.lower()
     assert not re.search(r"(src|href)=\"https?://", html), "every asset is served by us"
+
+
+# The routes as the design names them, path parameters included.
+CONTRACT_PATHS = {
+    ("/api/v1/transactions", "POST"),
+    ("/api/v1/transactions", "GET"),
+    ("/api/v1/transactions/{jobId}", "GET"),
+    ("/api/v1/transactions/{jobId}", "DELETE"),
+    ("/api/v1/transactions/{jobId}/events", "GET"),
+    ("/api/v1/deliveries", "GET"),
+    ("/api/v1/deliveries/{id}", "GET"),
+    ("/api/v1/deliveries/{id}/retry", "POST"),
+    ("/api/v1/khqr", "POST"),
+    ("/api/v1/transaction/token", "POST"),
+    ("/api/v1/transaction/email", "POST"),
+    ("/api/v1/transaction/{md5}/md5", "GET"),
+    ("/api/v1/transaction/{jobId}/track", "GET"),
+    ("/pay/{jobId}", "GET"),
+}
+
+
+async def test_the_designs_routes_are_in_the_spec_by_their_names(gateway: Gateway) -> None:
+    spec = await (await gateway.client.get("/openapi.json")).json()
+    documented = {(path, method.upper()) for path, ops in spec["paths"].items() for method in ops}
+    assert documented >= CONTRACT_PATHS, sorted(CONTRACT_PATHS - documented)
+
+
+async def test_every_json_success_of_the_api_has_a_schema(gateway: Gateway) -> None:
+    spec = await (await gateway.client.get("/openapi.json")).json()
+    missing = []
+    for path, ops in spec["paths"].items():
+        if not path.startswith("/api/"):
+            continue
+        for method, op in ops.items():
+            if not isinstance(op, dict) or method == "head":
+                continue
+            for code, response in op.get("responses", {}).items():
+                content = response.get("content", {})
+                if code.startswith("2") and code != "204" and "text/event-stream" not in content:
+                    if not any("schema" in c for c in content.values()):
+                        missing.append(f"{method.upper()} {path} {code}")
+    assert missing == []

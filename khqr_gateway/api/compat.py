@@ -270,4 +270,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/v1/transaction/token", create_with_token)
     app.router.add_post("/api/v1/transaction/email", create_with_email)
     app.router.add_get("/api/v1/transaction/{md5}/md5", get_by_md5)
-    app.router.add_get("/api/v1/transaction/{job_id}/track", track)
+    app.router.add_get("/api/v1/transaction/{jobId}/track", track)

@@ -66,7 +66,7 @@ def attempt_json(row: asyncpg.Record) -> dict[str, Any]:
 
 
 def _delivery_id(request: web.Request) -> str:
-    delivery_id = request.match_info["delivery_id"]
+    delivery_id = request.match_info["id"]
     if "\x00" in delivery_id:  # no id holds one, and Postgres text cannot be asked for it
         raise ApiError(404, "not_found", NOT_FOUND)
     return delivery_id
@@ -183,5 +183,5 @@ async def _queue(ids: Sequence[str], *, into: Schedule, out_of: Schedule) -> Non
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/v1/deliveries", list_deliveries)
     app.router.add_post("/api/v1/deliveries/retry", retry_deliveries)
-    app.router.add_get("/api/v1/deliveries/{delivery_id}", get_delivery)
-    app.router.add_post("/api/v1/deliveries/{delivery_id}/retry", retry_delivery)
+    app.router.add_get("/api/v1/deliveries/{id}", get_delivery)
+    app.router.add_post("/api/v1/deliveries/{id}/retry", retry_delivery)

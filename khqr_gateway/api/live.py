@@ -35,9 +35,22 @@ STREAM_LIMIT = {
         "schema": ErrorSchema,
     }
 }
+# On OpenAPI 3.0 the schema of an event stream describes one event (3.2 calls it itemSchema).
 SSE_RESPONSE = {
     "description": "Server-Sent Events",
-    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    "content": {
+        "text/event-stream": {
+            "schema": {
+                "type": "object",
+                "required": ["data"],
+                "properties": {
+                    "id": {"type": "string", "description": "The status the event carries"},
+                    "event": {"type": "string"},
+                    "data": {"type": "string", "description": "The event's payload"},
+                },
+            }
+        }
+    },
 }
 
 
@@ -67,7 +80,7 @@ V1 = Format(event=_v1_event, heartbeat=_comment)
 
 def job_id_of(request: web.Request) -> UUID:
     try:
-        return UUID(request.match_info["job_id"])
+        return UUID(request.match_info["jobId"])
     except ValueError:
         raise ApiError(404, "not_found", "no transaction with this jobId") from None
 
@@ -177,6 +190,6 @@ async def _close_streams(app: web.Application) -> None:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_get("/api/v1/transactions/{job_id}/events", transaction_events)
+    app.router.add_get("/api/v1/transactions/{jobId}/events", transaction_events)
     # Open streams end at shutdown instead of holding it up until the grace runs out.
     app.on_shutdown.append(_close_streams)

@@ -61,7 +61,7 @@ def _asset_headers(content_type: str) -> dict[str, str]:
 async def _page_of(request: web.Request) -> tuple[pages.Page | None, str]:
     token = request.query.get("t", "")
     try:
-        job_id = UUID(request.match_info["job_id"])
+        job_id = UUID(request.match_info["jobId"])
     except ValueError:
         return None, token
     if not token or len(token) > TOKEN_MAX:
@@ -176,7 +176,7 @@ async def sdk(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_get("/pay/{job_id}", pay_page)
-    app.router.add_get("/pay/{job_id}/events", pay_events)
+    app.router.add_get("/pay/{jobId}", pay_page)
+    app.router.add_get("/pay/{jobId}/events", pay_events)
     app.router.add_get("/static/{name}", asset)
     app.router.add_get("/sdk.js", sdk)

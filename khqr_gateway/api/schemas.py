@@ -407,7 +407,7 @@ class Md5PathSchema(Schema):
 
 
 class JobIdPathSchema(Schema):
-    job_id = fields.UUID(required=True, metadata={"description": "The transaction's jobId"})
+    jobId = fields.UUID(required=True, metadata={"description": "The transaction's jobId"})
 
 
 class CompatCreatedSchema(Schema):

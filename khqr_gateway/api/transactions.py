@@ -250,7 +250,10 @@ async def create(service: Service, data: dict[str, Any]) -> tuple[asyncpg.Record
         }
     ],
     responses={
-        200: {"description": "This md5 is already pending: the existing transaction"},
+        200: {
+            "description": "This md5 is already pending: the existing transaction",
+            "schema": TransactionCreatedSchema,
+        },
         **errors(401, 409, 408, 413, 415, 422),
         400: {"description": "The body is not valid JSON, or a bad Idempotency-Key", **ERROR},
     },
@@ -325,7 +328,7 @@ def _replay(existing: asyncpg.Record, request_hash: str) -> web.Response:
 
 def _job_id(request: web.Request) -> UUID:
     try:
-        return UUID(request.match_info["job_id"])
+        return UUID(request.match_info["jobId"])
     except ValueError:
         raise ApiError(404, "not_found", "no transaction with this jobId") from None
 
@@ -426,5 +429,5 @@ async def delete_transaction(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/v1/transactions", post_transaction)
     app.router.add_get("/api/v1/transactions", list_transactions)
-    app.router.add_get("/api/v1/transactions/{job_id}", get_transaction)
-    app.router.add_delete("/api/v1/transactions/{job_id}", delete_transaction)
+    app.router.add_get("/api/v1/transactions/{jobId}", get_transaction)
+    app.router.add_delete("/api/v1/transactions/{jobId}", delete_transaction)
