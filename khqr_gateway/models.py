@@ -93,7 +93,6 @@ class PollItem:
     deadline_at: datetime
     credential_id: int | None
     expected: Expected | None
-    metadata: Any
 
 
 @dataclass(frozen=True, slots=True)

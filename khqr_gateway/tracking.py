@@ -117,10 +117,10 @@ def webhook_body(*, job_id: UUID, md5: str, outcome: Outcome, metadata: Any = No
     return orjson.dumps(body)
 
 
-def transition(item: PollItem, outcome: Outcome) -> Transition:
+def transition(item: PollItem, outcome: Outcome, metadata: Any = None) -> Transition:
     delivery_id = new_delivery_id() if outcome.status.notifies else None
     payload = (
-        webhook_body(job_id=item.id, md5=item.md5, outcome=outcome, metadata=item.metadata)
+        webhook_body(job_id=item.id, md5=item.md5, outcome=outcome, metadata=metadata)
         if delivery_id
         else None
     )
@@ -257,7 +257,7 @@ class Poller:
         claimed_at_ms: int | None = None,
     ) -> tuple[list[tuple[str, int]], list[str]]:
         reschedule: list[tuple[str, int]] = []
-        transitions: list[Transition] = []
+        ending: list[tuple[PollItem, Outcome]] = []
         kinds: Counter[str] = Counter()
         # The next check is one interval after this one was due, not after it finished.
         base_ms = claimed_at_ms if claimed_at_ms is not None else int(now.timestamp() * 1000)
@@ -271,9 +271,14 @@ class Poller:
             if outcome.status is Status.PENDING:
                 reschedule.append((str(item.id), self._next_due(item, result, now, base_ms)))
             else:
-                transitions.append(transition(item, outcome))
+                ending.append((item, outcome))
         for kind, count in kinds.items():
             MD5_CHECKS.labels(kind).inc(count)
+        # Metadata only for the webhooks about to be written: checks never read it.
+        metadata = await store.metadata_of(
+            self.pool, [item.id for item, outcome in ending if outcome.status.notifies]
+        )
+        transitions = [transition(i, o, metadata.get(i.id)) for i, o in ending]
         happened = await store.record_transitions(self.pool, transitions)
         now_ms = int(now.timestamp() * 1000)
         # only_new: reconcile may already have queued one, and a deliverer leased it.

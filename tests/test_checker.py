@@ -48,7 +48,7 @@ async def process(
 def final_checks(count: int) -> list[PollItem]:
     """Items past their deadline: one per-md5 call each."""
     past = datetime.now(UTC) - timedelta(seconds=1)
-    return [PollItem(uuid4(), random_md5(), past, None, None, None) for _ in range(count)]
+    return [PollItem(uuid4(), random_md5(), past, None, None) for _ in range(count)]
 
 
 async def test_two_processes_share_one_rate_limit(

@@ -21,7 +21,7 @@ PAID = {"amount": 100, "currency": "USD", "toAccountId": "shop@aclb", "hash": "a
 def item(
     deadline: datetime = NOW + timedelta(minutes=5), expected: Expected | None = None
 ) -> PollItem:
-    return PollItem(uuid4(), random_md5(), deadline, None, expected, None)
+    return PollItem(uuid4(), random_md5(), deadline, None, expected)
 
 
 def test_paid_is_success() -> None:
