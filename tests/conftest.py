@@ -19,6 +19,8 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 from redis.asyncio import Redis
 
 from khqr_gateway.app import create_app
@@ -27,6 +29,15 @@ from khqr_gateway.config import AppEnv, Settings
 from khqr_gateway.logs import PinoFilter, PinoFormatter
 from khqr_gateway.service import SERVICE_KEY, Service
 from khqr_gateway.store import db
+
+# Property tests check what the code does with their inputs, not how fast Hypothesis makes
+# them: on a cold or busy machine the first draws (building its Unicode tables, say) can
+# take over a second, which its too_slow health check would report as a failure. No
+# deadline either: a shared CI machine's pauses are not the code's.
+hypothesis_settings.register_profile(
+    "khqr", suppress_health_check=[HealthCheck.too_slow], deadline=None
+)
+hypothesis_settings.load_profile("khqr")
 
 ADMIN_DSN = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
