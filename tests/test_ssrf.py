@@ -68,6 +68,9 @@ DEVELOPMENT = AddressPolicy.for_settings(Settings(app_env=AppEnv.DEVELOPMENT))
         ("2002:7f00:1::1", Kind.LOOPBACK),  # 6to4 of 127.0.0.1
         ("2002:c0a8:101::1", Kind.PRIVATE),  # 6to4 of 192.168.1.1
         ("2001:0:4136:e378:8000:63bf:80ff:fffe", Kind.LOOPBACK),  # Teredo client 127.0.0.1
+        # Teredo: a metadata server behind a private client (10.0.0.1) is metadata.
+        ("2001:0:a9fe:a9fe::f5ff:fffe", Kind.METADATA),
+        ("fd20:ce::254", Kind.METADATA),  # GCP over IPv6
     ],
 )
 def test_special_addresses_are_classified(address: str, kind: Kind) -> None:
@@ -132,7 +135,10 @@ def test_policy_per_environment() -> None:
     for relaxed in (DEVELOPMENT, test):
         assert relaxed.check_url(loopback) is None and relaxed.check_url(private) is None
         assert relaxed.check_url("http://receiver:8080/hook") is None
+        assert relaxed.check_url("http://100.101.102.103/hook") is None  # Tailscale
         assert relaxed.check_url(metadata)
+        for other in ("169.254.170.2", "[fd20:ce::254]", "[::a9fe:a9fe]", "[fe80::1]"):
+            assert relaxed.check_url(f"http://{other}/"), other
     assert off.off
     assert off.check_url(private) is None and off.check_url("http://169.254.169.254/") is None
 

@@ -50,6 +50,11 @@ class Kind(StrEnum):
 
 
 EVERY_KIND = frozenset(Kind)
+# What development and test may reach: a receiver on this machine, the LAN, a compose
+# service, a VPN such as Tailscale (CGNAT). Link-local stays refused (cloud credential
+# endpoints such as AWS ECS's 169.254.170.2 live there), and so does reserved, where an
+# address that does not parse is put (the guard fails closed).
+LOCAL_KINDS = frozenset({Kind.LOOPBACK, Kind.PRIVATE, Kind.CGNAT})
 
 
 def _v4(*rows: tuple[str, Kind]) -> tuple[tuple[IPv4Network, Kind], ...]:
@@ -84,6 +89,7 @@ _IPV6 = _v6(
     ("::/128", Kind.UNSPECIFIED),
     ("::1/128", Kind.LOOPBACK),
     ("fd00:ec2::254/128", Kind.METADATA),  # AWS
+    ("fd20:ce::254/128", Kind.METADATA),  # GCP
     ("fc00::/7", Kind.PRIVATE),  # unique local
     ("fe80::/10", Kind.LINK_LOCAL),
     ("fec0::/10", Kind.PRIVATE),  # site-local, the old unique local
@@ -125,7 +131,9 @@ def classify(address: IPAddress) -> Kind | None:
         return next((kind for net, kind in _IPV4 if address in net), None)
     embedded = _embedded_ipv4(address)
     if embedded:
-        return next((k for k in map(classify, embedded) if k is not None), None)
+        kinds = [k for k in map(classify, embedded) if k is not None]
+        # Teredo carries two addresses: a metadata server behind a private client is metadata.
+        return Kind.METADATA if Kind.METADATA in kinds else next(iter(kinds), None)
     found = next((kind for net, kind in _IPV6 if address in net), None)
     if found is None and address not in _GLOBAL_UNICAST:
         return Kind.RESERVED
@@ -182,14 +190,14 @@ class AddressPolicy:
 
     @classmethod
     def for_settings(cls, settings: Settings) -> AddressPolicy:
-        """Off with ALLOW_PRIVATE_WEBHOOK_URLS. Development and test reach every address but
-        cloud metadata (a receiver on the LAN, a docker-compose service name): only there
-        could a webhook's stored response hand out the host's cloud credentials. Production
-        and stage refuse every special-use range."""
+        """Off with ALLOW_PRIVATE_WEBHOOK_URLS. Development and test reach LOCAL_KINDS (a
+        receiver on the LAN, a docker-compose service name), never cloud metadata, whose
+        answer stored as a webhook response would hand out the host's credentials.
+        Production and stage refuse every special-use range."""
         if settings.allow_private_webhook_urls:
             return cls(EVERY_KIND)
         if settings.app_env in (AppEnv.DEVELOPMENT, AppEnv.TEST):
-            return cls(EVERY_KIND - {Kind.METADATA})
+            return cls(LOCAL_KINDS)
         return cls()
 
     @property
