@@ -44,6 +44,7 @@ CURRENCIES = ("KHR", "USD")
 # A tracking window: any length up to an hour (a short one is how tests see a timeout soon).
 TIMEOUT_MIN_S = 1
 TIMEOUT_MAX_S = 3600
+ACCOUNT_ID_MIN, ACCOUNT_ID_MAX = 3, 64
 
 
 class Pattern(validate.Regexp):
@@ -89,6 +90,9 @@ def check_webhook_url(value: str) -> str:
     return value
 
 
+_AMOUNT_MAX = Decimal("1e13")
+
+
 def parse_amount(value: Any) -> Decimal | None:
     """A positive decimal amount from a JSON number or a numeric string, else None."""
     if isinstance(value, bool) or not isinstance(value, int | float | str):
@@ -100,9 +104,6 @@ def parse_amount(value: Any) -> Decimal | None:
     if not amount.is_finite() or amount <= 0 or amount > _AMOUNT_MAX:
         return None
     return amount
-
-
-_AMOUNT_MAX = Decimal("1e13")
 
 
 class AmountField(fields.Field):
@@ -193,7 +194,7 @@ class ExpectedSchema(Schema):
         validate=validate.OneOf(CURRENCIES), metadata={"description": "KHR or USD"}
     )
     toAccountId = fields.String(
-        validate=validate.Length(min=3, max=64),
+        validate=validate.Length(min=ACCOUNT_ID_MIN, max=ACCOUNT_ID_MAX),
         metadata={"description": "Bakong account the payment must reach, e.g. name@bank"},
     )
 
@@ -304,7 +305,7 @@ def _quick_expected(value: Any) -> dict[str, Any] | None:
         expected["currency"] = value["currency"]
     if "toAccountId" in value:
         account = value["toAccountId"]
-        if type(account) is not str or not 3 <= len(account) <= 64:
+        if type(account) is not str or not ACCOUNT_ID_MIN <= len(account) <= ACCOUNT_ID_MAX:
             return None
         expected["toAccountId"] = account
     return expected

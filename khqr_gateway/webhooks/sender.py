@@ -164,6 +164,11 @@ class Deliverer:
     def in_flight(self) -> int:
         return len(self._tasks)
 
+    @property
+    def _room(self) -> int:
+        """Deliveries this process may still take on: sending or waiting for their host."""
+        return self.max_in_flight - len(self._tasks) - self._queued
+
     def kick(self) -> None:
         """New deliveries were just scheduled: claim them now, not at the next tick."""
         if self._tick_lock.locked():
@@ -193,7 +198,7 @@ class Deliverer:
 
     async def _claim_and_start(self) -> int:
         self.last_tick = time.time()
-        room = self.max_in_flight - len(self._tasks) - self._queued
+        room = self._room
         if room <= 0 or self._stopping:
             return 0
         now_ms = int(self.last_tick * 1000)
@@ -349,7 +354,7 @@ class Deliverer:
         at the next tick: the tick period would otherwise cap sends at room per tick."""
         if not self._backlog or self._stopping:
             return
-        if self.max_in_flight - len(self._tasks) - self._queued >= max(1, self.max_in_flight // 4):
+        if self._room >= max(1, self.max_in_flight // 4):
             self.kick()
 
     async def send(self, delivery: DueDelivery) -> SendResult:
