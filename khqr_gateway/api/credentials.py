@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp_apigami import docs, request_schema, response_schema
 
-from khqr_gateway.api.errors import ApiError, iso, json_response
+from khqr_gateway.api.errors import ApiError, iso, json_response, page_response
 from khqr_gateway.api.openapi import errors
 from khqr_gateway.api.schemas import (
     CredentialCreateSchema,
@@ -72,15 +72,7 @@ async def list_credentials(request: web.Request) -> web.Response:
         after=_after(query.get("cursor")),
         limit=limit + 1,
     )
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return json_response(
-        {
-            "data": [credential_json(c) for c in rows],
-            "nextCursor": str(rows[-1].id) if more and rows else None,
-            "hasMore": more,
-        }
-    )
+    return page_response(rows, limit, credential_json, lambda c: str(c.id))
 
 
 @docs(

@@ -12,7 +12,7 @@ import orjson
 from aiohttp import web
 from aiohttp_apigami import docs, request_schema, response_schema
 
-from khqr_gateway.api.errors import ApiError, iso, json_response
+from khqr_gateway.api.errors import ApiError, iso, json_response, page_response
 from khqr_gateway.api.openapi import errors
 from khqr_gateway.api.schemas import (
     DeliveryDetailSchema,
@@ -22,7 +22,7 @@ from khqr_gateway.api.schemas import (
     DeliveryRetryResultSchema,
     DeliverySchema,
 )
-from khqr_gateway.api.transactions import cursor_position, encode_cursor, load, read_json
+from khqr_gateway.api.transactions import cursor_position, load, read_json, row_cursor
 from khqr_gateway.models import DeliveryStatus
 from khqr_gateway.service import SERVICE_KEY
 from khqr_gateway.store import deliveries as store
@@ -91,12 +91,7 @@ async def list_deliveries(request: web.Request) -> web.Response:
         limit=limit + 1,
         before=cursor_position(query["cursor"]) if "cursor" in query else None,
     )
-    more = len(rows) > limit
-    rows = rows[:limit]
-    cursor = encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if more and rows else None
-    return json_response(
-        {"data": [delivery_json(r) for r in rows], "nextCursor": cursor, "hasMore": more}
-    )
+    return page_response(rows, limit, delivery_json, row_cursor)
 
 
 @docs(

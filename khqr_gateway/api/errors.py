@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 import orjson
@@ -54,6 +55,25 @@ def json_response(
 ) -> web.Response:
     return web.Response(
         body=dumps(body), status=status, content_type="application/json", headers=headers
+    )
+
+
+Row = TypeVar("Row")
+
+
+def page_response(
+    rows: Sequence[Row],
+    limit: int,
+    item_json: Callable[[Row], Any],
+    cursor_after: Callable[[Row], str],
+) -> web.Response:
+    """One page of a list: `rows` holds up to `limit` + 1 rows, the extra one only there to
+    say that more follow (and the cursor is then the position after the last row shown)."""
+    more = len(rows) > limit
+    shown = rows[:limit]
+    cursor = cursor_after(shown[-1]) if more and shown else None
+    return json_response(
+        {"data": [item_json(r) for r in shown], "nextCursor": cursor, "hasMore": more}
     )
 
 

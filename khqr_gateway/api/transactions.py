@@ -19,7 +19,14 @@ from aiohttp_apigami import docs, match_info_schema, request_schema, response_sc
 from marshmallow import Schema, ValidationError
 
 from khqr_gateway.api import API_KEY_ID
-from khqr_gateway.api.errors import ApiError, error_response, field_errors, iso, json_response
+from khqr_gateway.api.errors import (
+    ApiError,
+    error_response,
+    field_errors,
+    iso,
+    json_response,
+    page_response,
+)
 from khqr_gateway.api.openapi import ERROR, errors
 from khqr_gateway.api.schemas import (
     CURSOR_ERROR,
@@ -350,6 +357,11 @@ def encode_cursor(created_at: datetime, row_id: UUID | str) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+def row_cursor(row: asyncpg.Record) -> str:
+    """The cursor after a row of a newest-first page."""
+    return encode_cursor(row["created_at"], row["id"])
+
+
 def cursor_position(cursor: str) -> tuple[datetime, str]:
     """The (created_at, id) of encode_cursor; 422 for anything else, however it was made."""
     try:
@@ -387,12 +399,7 @@ async def list_transactions(request: web.Request) -> web.Response:
         limit=limit + 1,
         before=before,
     )
-    more = len(rows) > limit
-    rows = rows[:limit]
-    cursor = encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if more and rows else None
-    return json_response(
-        {"data": [transaction_json(r) for r in rows], "nextCursor": cursor, "hasMore": more}
-    )
+    return page_response(rows, limit, transaction_json, row_cursor)
 
 
 @docs(
