@@ -11,7 +11,6 @@ Runs as its own process (`python bench/bakong.py --port N`). The recorder adds r
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import signal
 import time
@@ -22,6 +21,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from procs import serve_main
 
 from khqr_gateway.bakong.sandbox import create_sandbox_app
 
@@ -184,16 +184,7 @@ async def serve(host: str, port: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args()
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(serve(args.host, args.port))
-    else:
-        uvloop.run(serve(args.host, args.port))
+    serve_main(serve, __doc__)
 
 
 if __name__ == "__main__":

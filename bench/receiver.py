@@ -12,13 +12,13 @@ on a 2-core machine it takes as little CPU from the gateway as possible.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import signal
 import time
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
+from procs import serve_main
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok"
 MAX_HEAD = 64 * 1024
@@ -121,16 +121,7 @@ async def serve(host: str, port: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args()
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(serve(args.host, args.port))
-    else:
-        uvloop.run(serve(args.host, args.port))
+    serve_main(serve, __doc__)
 
 
 if __name__ == "__main__":
