@@ -83,8 +83,14 @@ class Ticks:
         return bool(self.scheduler.running)
 
     async def stop(self, grace_s: float) -> None:
-        """Start no new tick; let running ones finish within `grace_s`."""
+        """Start no new tick; let running ones finish within `grace_s`.
+
+        Paused first and shut down only after: APScheduler's asyncio executor cancels the
+        runs still going when it shuts down, which would cut a tick off mid-claim (and log
+        the CancelledError as a failed job) instead of giving it its grace."""
         if self.scheduler.running:
-            self.scheduler.shutdown(wait=False)
+            self.scheduler.pause()
         if self._running:
             await asyncio.wait(list(self._running), timeout=grace_s)
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
