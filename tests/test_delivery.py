@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import hashlib
 import hmac
 import itertools
 import time
+from dataclasses import replace
+from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import asyncpg
@@ -16,6 +20,9 @@ from aiohttp import web
 from standardwebhooks import Webhook
 from standardwebhooks import WebhookVerificationError as StandardVerificationError
 
+from khqr_gateway.models import DeliveryStatus
+from khqr_gateway.store.db import write_isolated
+from khqr_gateway.store.deliveries import AttemptRecord, record_attempts
 from khqr_gateway.webhooks import verify
 from tests.conftest import Gateway, GatewayFactory, Receiver, SimulatedBakong, random_md5
 
@@ -479,3 +486,128 @@ async def test_shutdown_waits_for_a_claim_under_way_rather_than_handing_it_back(
     [hook] = await receiver.wait_for(1)
     assert hook.json()["jobId"] == created["jobId"]
     assert await service.deliveries.size() == 0, "handed back: it would be sent again"
+
+
+async def test_a_gzip_answer_is_one_delivered_attempt_and_spares_its_batch(
+    gateway: Gateway,
+    bakong: SimulatedBakong,
+    receiver: Receiver,
+    aiohttp_server: Any,
+    pg: asyncpg.Connection,
+) -> None:
+    """A receiver behind nginx or Cloudflare compresses its 2xx (byte 4 of any gzip body is
+    a NUL): one attempt, delivered and stored, and the deliveries sharing its batch go out
+    once each."""
+    seen: list[str] = []
+
+    async def compressed(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Accept-Encoding", ""))
+        # Compressed whatever was asked for, as a misconfigured proxy does.
+        body = gzip.compress(b'{"ok":true}')
+        return web.Response(body=body, headers={"Content-Encoding": "gzip"})
+
+    hostile = await paid(gateway, bakong, await hook_url(aiohttp_server, compressed))
+    ordinary = [await paid(gateway, bakong, receiver.url) for _ in range(20)]
+    await receiver.wait_for(20)
+    await gateway.wait_status(hostile["jobId"], "success")
+    rows = await wait_attempts(pg, hostile["jobId"])
+    assert len(rows) == 1, f"{len(rows)} attempts stored"
+    [row] = rows
+    # Long enough for the old code's give-back (2 s) to have sent everything again.
+    await asyncio.sleep(3)
+    assert len(seen) == 1, f"the compressing receiver was sent {len(seen)} times"
+    assert seen == ["identity"]
+    assert len(receiver.received) == 20
+    assert row["status_code"] == 200 and "\x00" not in row["response_body"]
+    assert "\ufffd" in row["response_body"]
+    delivered = await pg.fetch(
+        "select d.status, d.attempt_count from deliveries d join transactions t"
+        " on t.id = d.transaction_id where t.id = any($1::uuid[])",
+        [c["jobId"] for c in [hostile, *ordinary]],
+    )
+    assert [(r["status"], r["attempt_count"]) for r in delivered] == [("delivered", 1)] * 21
+
+
+async def raw_receiver(answer: bytes) -> tuple[str, asyncio.Server]:
+    """A receiver that answers every request with exactly these bytes, then closes."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            (
+                int(line.split(b":")[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            ),
+            0,
+        )
+        await reader.readexactly(length)
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return f"http://127.0.0.1:{port}/hook", server
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/\x01plain\r\n",
+        b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 0\x00\r\n",
+        b"HTTP/1.1 5\x00\xff Bad\r\n",
+        b"HTTP/1.1 503 Service Unavailable\r\n",
+    ],
+    ids=["control-in-header", "nul-in-header", "nul-in-status-line", "nul-in-body"],
+)
+async def test_any_bytes_a_receiver_answers_are_stored_and_the_schedule_holds(
+    gateway: Gateway, bakong: SimulatedBakong, pg: asyncpg.Connection, head: bytes
+) -> None:
+    """NUL and invalid UTF-8 in the body, the headers or the status line: every attempt
+    stored, retried on the schedule (3 retries in the tests), then failed."""
+    body = b"\x00\xff\xfe down \xc3( \x00"
+    answer = head + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
+    url, server = await raw_receiver(answer)
+    async with server:
+        created = await paid(gateway, bakong, url)
+        rows = await wait_attempts(pg, created["jobId"], count=4, timeout=8)
+        await asyncio.sleep(1)
+    assert [r["attempt"] for r in rows] == [1, 2, 3, 4]
+    for row in rows:
+        stored = " ".join(str(row[k]) for k in ("response_body", "error_message"))
+        assert "\x00" not in stored and (row["status_code"] == 503 or row["error_kind"])
+    delivery = await pg.fetchrow(
+        "select status, attempt_count from deliveries where transaction_id = $1",
+        created["jobId"],
+    )
+    assert (delivery["status"], delivery["attempt_count"]) == ("failed", 4)
+
+
+async def test_an_attempt_postgres_refuses_fails_only_itself(
+    gateway: Gateway, bakong: SimulatedBakong, receiver: Receiver, pg: asyncpg.Connection
+) -> None:
+    """One row of a group commit that Postgres refuses (here: its delivery is gone) never
+    costs the others their stored attempt."""
+    created = await paid(gateway, bakong, receiver.url)
+    await receiver.wait_for(1)
+    [first] = await wait_attempts(pg, created["jobId"])
+    good = AttemptRecord(
+        delivery_id=first["delivery_id"],
+        attempt=2,
+        started_at=datetime.now(UTC),
+        duration_ms=3,
+        status_code=200,
+        error_kind=None,
+        error_message=None,
+        response_body="ok",
+        response_headers=None,
+        new_status=DeliveryStatus.DELIVERED,
+        next_attempt_at=None,
+    )
+    orphan = replace(good, delivery_id="msg_gone")
+    write = partial(record_attempts, gateway.service.pool)
+    stored, refused = await write_isolated(write, [orphan, good, orphan])
+    assert stored == [good.delivery_id]
+    assert [row for row, _ in refused] == [orphan, orphan]
+    assert [r["attempt"] for r in await attempts(pg, created["jobId"])] == [1, 2]

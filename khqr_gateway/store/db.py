@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import asyncpg
 import orjson
@@ -15,6 +17,16 @@ log = logging.getLogger(__name__)
 # Any fixed number works; it only has to be the same in every process of this service.
 MIGRATION_LOCK_ID = 0x6B687172
 _MIGRATION_NAME = re.compile(r"^(\d{3,})_[\w-]+\.sql$")
+
+# What Postgres refuses because of one row's content (bad text, a broken constraint), as
+# opposed to trouble with Postgres itself, which fails every row alike.
+ROW_FAULTS: tuple[type[Exception], ...] = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+)
+
+Row = TypeVar("Row")
+Result = TypeVar("Result")
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,3 +128,38 @@ async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asy
     )
     assert pool is not None
     return pool
+
+
+def safe_text(value: str | None) -> str | None:
+    """Text that a Postgres `text` or `jsonb` value can hold: a NUL and anything UTF-8 cannot
+    encode (lone surrogates) become U+FFFD. For what others send us (receivers, Bakong)."""
+    if value is None:
+        return None
+    if value.isascii():
+        return value.replace("\x00", "\ufffd")
+    return value.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
+
+
+async def write_isolated(
+    write: Callable[[Sequence[Row]], Awaitable[list[Result]]], rows: Sequence[Row]
+) -> tuple[list[Result], list[tuple[Row, Exception]]]:
+    """Write `rows` in one statement; if Postgres refuses it for a row's content, write them
+    one at a time, so that one bad row fails only itself.
+
+    Returns what the writes returned and each refused row with its error. Trouble with
+    Postgres itself (unreachable, shutting down) raises, as one statement would.
+    """
+    try:
+        return await write(rows), []
+    except ROW_FAULTS as exc:
+        if len(rows) <= 1:
+            return [], [(row, exc) for row in rows]
+        log.warning("a batch of %d rows was refused, writing them one by one: %s", len(rows), exc)
+    results: list[Result] = []
+    refused: list[tuple[Row, Exception]] = []
+    for row in rows:
+        try:
+            results += await write([row])
+        except ROW_FAULTS as exc:
+            refused.append((row, exc))
+    return results, refused

@@ -13,6 +13,7 @@ import orjson
 
 from khqr_gateway.models import DeliveryStatus
 from khqr_gateway.store import keyset
+from khqr_gateway.store.db import safe_text
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,10 +58,11 @@ async def load_due(pool: asyncpg.Pool, ids: Sequence[str]) -> list[DueDelivery]:
     return [DueDelivery(**dict(r)) for r in rows]
 
 
-async def record_attempts(pool: asyncpg.Pool, records: Sequence[AttemptRecord]) -> None:
-    """Store a batch of attempts and their deliveries' new state in one statement."""
+async def record_attempts(pool: asyncpg.Pool, records: Sequence[AttemptRecord]) -> list[str]:
+    """Store a batch of attempts and their deliveries' new state in one statement; returns
+    the delivery ids. What the receiver sent is stored as text Postgres can hold."""
     if not records:
-        return
+        return []
     await pool.execute(
         """
         with input as (
@@ -98,15 +100,19 @@ async def record_attempts(pool: asyncpg.Pool, records: Sequence[AttemptRecord]) 
         [r.duration_ms for r in records],
         [r.status_code for r in records],
         [r.error_kind for r in records],
-        [r.error_message for r in records],
-        [r.response_body for r in records],
-        [
-            orjson.dumps(r.response_headers).decode() if r.response_headers else None
-            for r in records
-        ],
+        [safe_text(r.error_message) for r in records],
+        [safe_text(r.response_body) for r in records],
+        [_headers_json(r.response_headers) for r in records],
         [r.new_status.value for r in records],
         [r.next_attempt_at for r in records],
     )
+    return [r.delivery_id for r in records]
+
+
+def _headers_json(headers: dict[str, str] | None) -> str | None:
+    if not headers:
+        return None
+    return orjson.dumps({k: safe_text(v) for k, v in headers.items()}).decode()
 
 
 async def pending_page(

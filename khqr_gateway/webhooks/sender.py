@@ -10,8 +10,9 @@ import ssl
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -22,6 +23,7 @@ from khqr_gateway import __version__
 from khqr_gateway.metrics import DELIVERY_ATTEMPTS, DELIVERY_LATENCY
 from khqr_gateway.models import DeliveryStatus
 from khqr_gateway.store import deliveries as store
+from khqr_gateway.store.db import write_isolated
 from khqr_gateway.store.deliveries import AttemptRecord, DueDelivery
 from khqr_gateway.store.schedule import Lease, Schedule
 from khqr_gateway.webhooks.retry import Outcome, decide, parse_retry_after
@@ -155,7 +157,11 @@ class Deliverer:
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 timeout=self.timeout,
-                headers={"User-Agent": f"khqr-gateway/{__version__}"},
+                # Bodies are stored as sent, not decompressed: ask for them uncompressed.
+                headers={
+                    "User-Agent": f"khqr-gateway/{__version__}",
+                    "Accept-Encoding": "identity",
+                },
                 auto_decompress=False,
             )
         return self._session
@@ -428,7 +434,7 @@ class Deliverer:
         while self._done:
             batch, self._done = self._done, []
             try:
-                await store.record_attempts(self.pool, [record for _, record in batch])
+                batch = await self._store(batch)
             except Exception as exc:
                 # Unrecorded attempts are made again later, with the same webhook-id.
                 log.warning("could not record %d delivery attempts: %s", len(batch), exc)
@@ -440,6 +446,36 @@ class Deliverer:
                 log.warning("could not reschedule %d deliveries: %s", len(batch), exc)
             for item, record in batch:
                 _log_attempt(item.delivery, record)
+
+    async def _store(
+        self, batch: list[tuple[_Claimed, AttemptRecord]]
+    ) -> list[tuple[_Claimed, AttemptRecord]]:
+        """Store the attempts of `batch`; returns those stored. A row Postgres refuses fails
+        only itself: it is stored again without what the receiver sent, so that the attempt
+        still counts and the retry schedule holds; one refused even so is handed back."""
+        write = partial(store.record_attempts, self.pool)
+        _, refused = await write_isolated(write, [record for _, record in batch])
+        if not refused:
+            return batch
+        bare = {id(record): _without_answer(record, exc) for record, exc in refused}
+        _, lost = await write_isolated(write, list(bare.values()))
+        for record, exc in lost:
+            log.error(
+                "could not record a delivery attempt: %s",
+                exc,
+                extra={"deliveryId": record.delivery_id},
+            )
+        lost_ids = {id(record) for record, _ in lost}
+        stored: list[tuple[_Claimed, AttemptRecord]] = []
+        dropped: list[_Claimed] = []
+        for item, record in batch:
+            kept = bare.get(id(record), record)
+            if id(kept) in lost_ids:
+                dropped.append(item)
+            else:
+                stored.append((item, kept))
+        await self._give_back_items(dropped, 2000)
+        return stored
 
     async def _reschedule(self, batch: list[tuple[_Claimed, AttemptRecord]]) -> None:
         """Done ones leave their lane; retries go to (or stay in) the retry lane, atomically
@@ -490,6 +526,12 @@ def _origin(url: str) -> str:
     except ValueError:
         port = None
     return f"{parts.scheme}://{parts.hostname}:{port or ''}"
+
+
+def _without_answer(record: AttemptRecord, exc: Exception) -> AttemptRecord:
+    """The attempt as it happened, without the receiver's bytes that Postgres refused."""
+    why = f"the receiver's answer could not be stored: {type(exc).__name__}"
+    return replace(record, response_body=None, response_headers=None, error_message=why)
 
 
 def _ms_since(start: float) -> int:
