@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
+from functools import partial
 from typing import Any
 from uuid import UUID
 
@@ -26,6 +27,7 @@ from khqr_gateway.events import EventHub
 from khqr_gateway.metrics import MD5_CHECKS, TRANSITIONS
 from khqr_gateway.models import CheckKind, CheckResult, Expected, PollItem, Status, Transition
 from khqr_gateway.store import transactions as store
+from khqr_gateway.store.db import write_isolated
 from khqr_gateway.store.ratelimit import RateLimit
 from khqr_gateway.store.schedule import Lease, Schedule
 
@@ -279,7 +281,11 @@ class Poller:
             self.pool, [item.id for item, outcome in ending if outcome.status.notifies]
         )
         transitions = [transition(i, o, metadata.get(i.id)) for i, o in ending]
-        happened = await store.record_transitions(self.pool, transitions)
+        happened, refused = await write_isolated(
+            partial(store.record_transitions, self.pool), transitions
+        )
+        if refused:
+            transitions = self._keep_pending(transitions, refused, reschedule, base_ms)
         now_ms = int(now.timestamp() * 1000)
         # only_new: reconcile may already have queued one, and a deliverer leased it.
         new = [(d, now_ms) for _, d in happened if d is not None]
@@ -304,6 +310,21 @@ class Poller:
                     },
                 )
         return reschedule, [str(t.id) for t in transitions]
+
+    def _keep_pending(
+        self,
+        transitions: list[Transition],
+        refused: list[tuple[Transition, Exception]],
+        reschedule: list[tuple[str, int]],
+        base_ms: int,
+    ) -> list[Transition]:
+        """Transitions Postgres refused stay pending, checked again in one interval: one bad
+        row never holds back the batch it came in."""
+        for t, exc in refused:
+            log.error("could not record a transition: %s", exc, extra={"jobId": str(t.id)})
+            reschedule.append((str(t.id), base_ms + self.interval_ms))
+        gone = {id(t) for t, _ in refused}
+        return [t for t in transitions if id(t) not in gone]
 
     def _next_due(
         self, item: PollItem, result: CheckResult, now: datetime, base_ms: int | None = None

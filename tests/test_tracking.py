@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from uuid import uuid4
+from functools import partial
+from uuid import UUID, uuid4
 
+import asyncpg
 import orjson
 import pytest
 
-from khqr_gateway.models import CheckKind, CheckResult, Expected, PollItem, Status
+from khqr_gateway.models import CheckKind, CheckResult, Expected, PollItem, Status, Transition
+from khqr_gateway.store.db import write_isolated
+from khqr_gateway.store.transactions import record_transitions
 from khqr_gateway.tracking import Outcome, decide, mismatches, transition, webhook_body
-from tests.conftest import Gateway, Receiver, SimulatedBakong, random_md5
+from tests.conftest import Gateway, GatewayFactory, Receiver, SimulatedBakong, random_md5
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 PAID = {"amount": 100, "currency": "USD", "toAccountId": "shop@aclb", "hash": "ab" * 32}
@@ -188,3 +192,36 @@ async def test_a_member_that_is_not_a_job_id_does_not_stop_the_others(
     [hook] = await receiver.wait_for(1)
     assert hook.json()["jobId"] == created["jobId"]
     assert await service.polls.scores(["not-a-job-id"]) == [None]
+
+
+async def test_a_transition_postgres_refuses_stays_pending_alone(
+    make_gateway: GatewayFactory, receiver: Receiver, pg: asyncpg.Connection
+) -> None:
+    """Of one batch of transitions, a row Postgres refuses (here: a delivery id taken) leaves
+    its transaction pending with no delivery; the others are recorded."""
+    gw = await make_gateway(run_ticks=False)
+    ids = []
+    for _ in range(3):
+        status, created = await gw.post(
+            "/api/v1/transactions", {"md5": random_md5(), "webhookUrl": receiver.url}
+        )
+        assert status == 201
+        ids.append(UUID(created["jobId"]))
+    first, clash, third = (
+        Transition(i, Status.SUCCESS, None, {"hash": "h"}, d, b"{}")
+        for i, d in zip(ids, ["msg_same", "msg_same", "msg_other"], strict=True)
+    )
+    write = partial(record_transitions, gw.service.pool)
+    happened, refused = await write_isolated(write, [first, clash, third])
+    assert happened == [(first.id, "msg_same"), (third.id, "msg_other")]
+    assert [t for t, _ in refused] == [clash]
+    rows = await pg.fetch(
+        "select t.id, t.status, d.id as delivery from transactions t"
+        " left join deliveries d on d.transaction_id = t.id"
+    )
+    found = {r["id"]: (r["status"], r["delivery"]) for r in rows}
+    assert found == {
+        first.id: ("success", "msg_same"),
+        clash.id: ("pending", None),
+        third.id: ("success", "msg_other"),
+    }

@@ -219,3 +219,22 @@ async def test_a_token_that_cannot_be_sent_stops_only_its_own_checks(
     bakong.pay(fine["md5"])
     [hook] = await receiver.wait_for(1)
     assert hook.json()["jobId"] == fine["jobId"]
+
+
+async def test_a_nul_in_bakongs_reply_neither_fails_its_batch_nor_reaches_postgres(
+    gateway: Gateway, bakong: SimulatedBakong, receiver: Receiver, pg: asyncpg.Connection
+) -> None:
+    """Bakong's currency and account are copied into a mismatch's `reason`: a NUL there must
+    cost neither that transition nor the unrelated payment checked in the same batch."""
+    odd = {"md5": random_md5(), "webhookUrl": receiver.url, "expected": {"currency": "USD"}}
+    plain = {"md5": random_md5(), "webhookUrl": receiver.url}
+    for body in (odd, plain):
+        status, _ = await gateway.post("/api/v1/transactions", body)
+        assert status == 201
+    bakong.pay(odd["md5"], currency="US\x00D", toAccountId="shop\x00@devb")
+    bakong.pay(plain["md5"])
+    await receiver.wait_for(2, timeout=5)
+    rows = {r["md5"]: r for r in await pg.fetch("select md5, status, reason from transactions")}
+    assert rows[plain["md5"]]["status"] == "success"
+    assert rows[odd["md5"]]["status"] == "mismatch"
+    assert "\x00" not in rows[odd["md5"]]["reason"] and "currency" in rows[odd["md5"]]["reason"]

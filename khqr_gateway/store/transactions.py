@@ -14,6 +14,7 @@ import orjson
 
 from khqr_gateway.models import Expected, PollItem, Status, Transition
 from khqr_gateway.store import keyset
+from khqr_gateway.store.db import safe_text
 
 TRANSACTION_COLUMNS = """
     t.id, t.md5, t.status, t.reason, t.webhook_url, t.expected, t.metadata, t.bakong_data,
@@ -223,7 +224,8 @@ async def record_transitions(
         """,
         [t.id for t in transitions],
         [t.status.value for t in transitions],
-        [t.reason for t in transitions],
+        # A reason quotes Bakong's reply (a mismatch's currency, account), so any bytes.
+        [safe_text(t.reason) for t in transitions],
         [_json_text(t.data) for t in transitions],
         [t.delivery_id for t in transitions],
         [t.payload for t in transitions],
