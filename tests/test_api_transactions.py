@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import asyncpg
+import pytest
 
 from tests.conftest import Gateway, GatewayFactory, Receiver, SimulatedBakong, random_md5
 
@@ -150,6 +151,85 @@ async def test_same_md5_concurrently_creates_one_transaction(
     )
     assert sorted(s for s, _ in results) == [200] * 9 + [201]
     assert len({b["jobId"] for _, b in results}) == 1
+
+
+async def test_a_paid_md5_posted_again_is_the_same_paid_transaction_and_no_second_notice(
+    gateway: Gateway, bakong: SimulatedBakong, receiver: Receiver, pg: asyncpg.Connection
+) -> None:
+    body = {"md5": random_md5(), "webhookUrl": receiver.url, "metadata": {"orderId": "A-7"}}
+    status, first = await gateway.post("/api/v1/transactions", body)
+    assert status == 201
+    bakong.pay(first["md5"])
+    await receiver.wait_for(1)
+    await gateway.wait_status(first["jobId"], "success")
+
+    status, again = await gateway.post("/api/v1/transactions", body)
+    assert status == 200, again
+    assert (again["jobId"], again["status"]) == (first["jobId"], "success")
+    await asyncio.sleep(1)  # five poll intervals: time enough for a second notice
+    assert len(receiver.received) == 1
+    assert await pg.fetchval("select count(*) from deliveries") == 1
+    assert await pg.fetchval("select count(*) from transactions") == 1
+
+
+async def test_a_cancelled_md5_posted_again_stays_cancelled(
+    gateway: Gateway, receiver: Receiver
+) -> None:
+    created = await create(gateway, receiver)
+    resp = await gateway.client.delete(f"/api/v1/transactions/{created['jobId']}")
+    assert resp.status == 200
+    status, again = await gateway.post(
+        "/api/v1/transactions", {"md5": created["md5"], "webhookUrl": receiver.url}
+    )
+    assert (status, again["jobId"], again["status"]) == (200, created["jobId"], "cancelled")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"webhookUrl": "http://127.0.0.1:9/other"},
+        {"expected": {"amount": 2}},
+        {"metadata": {"orderId": "B-2"}},
+        {"metadata": None},
+    ],
+    ids=["webhookUrl", "expected", "metadata", "no-metadata"],
+)
+async def test_a_repeat_asking_for_something_else_is_409_naming_the_job(
+    gateway: Gateway, receiver: Receiver, change: dict[str, Any]
+) -> None:
+    body = {
+        "md5": random_md5(),
+        "webhookUrl": receiver.url,
+        "expected": {"amount": 1},
+        "metadata": {"orderId": "A-1"},
+    }
+    status, first = await gateway.post("/api/v1/transactions", body)
+    assert status == 201
+    repeat = {k: v for k, v in {**body, **change}.items() if v is not None}
+    status, refused = await gateway.post("/api/v1/transactions", repeat)
+    assert status == 409, refused
+    assert refused["error"]["code"] == "md5_already_tracked"
+    assert refused["error"]["details"]["jobId"] == first["jobId"]
+    assert refused["error"]["details"]["differs"] == [next(iter(change))]
+    # The same body again is still the same transaction; the amount may be written otherwise.
+    status, same = await gateway.post(
+        "/api/v1/transactions", {**body, "expected": {"amount": "1.00"}}
+    )
+    assert (status, same["jobId"]) == (200, first["jobId"])
+
+
+async def test_two_processes_posting_one_md5_at_once_make_one_transaction(
+    make_gateway: GatewayFactory, receiver: Receiver, pg: asyncpg.Connection
+) -> None:
+    one, two = await make_gateway(), await make_gateway()
+    md5 = random_md5()
+    body = {"md5": md5, "webhookUrl": receiver.url}
+    results = await asyncio.gather(
+        *(gw.post("/api/v1/transactions", body) for gw in [one, two] * 10)
+    )
+    assert sorted(s for s, _ in results) == [200] * 19 + [201]
+    assert len({b["jobId"] for _, b in results}) == 1
+    assert await pg.fetchval("select count(*) from transactions where md5 = $1", md5) == 1
 
 
 async def test_idempotency_key_replays_the_first_response(

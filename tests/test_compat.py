@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any
@@ -58,6 +59,22 @@ async def test_same_md5_while_pending_answers_201_with_the_same_job(
     second = await post(gateway, "token", body)
     assert first[0] == second[0] == 201
     assert first[1] == second[1]
+
+
+async def test_a_paid_md5_posted_again_answers_201_with_its_job_and_no_second_notice(
+    gateway: Gateway, bakong: SimulatedBakong, receiver: Receiver
+) -> None:
+    body = {"md5": random_md5(), "webhookUrl": receiver.url, "token": make_token()}
+    status, first = await post(gateway, "token", body)
+    assert status == 201
+    bakong.pay(body["md5"])
+    await receiver.wait_for(1)
+    await gateway.wait_status(first["jobId"], "success")
+    # That service answers 201 to every create, whatever the repeat asks for.
+    again = await post(gateway, "token", {**body, "webhookUrl": receiver.url + "?again"})
+    assert again == (201, first)
+    await asyncio.sleep(1)
+    assert len(receiver.received) == 1
 
 
 async def test_create_with_email_renews_through_it_and_tracks(

@@ -150,14 +150,20 @@ async def test_a_batch_with_a_pending_md5_in_it_answers_each_request(
     assert await polls.size() == 3
 
 
-async def test_an_md5_that_turned_terminal_is_tracked_again(
+async def test_an_md5_that_turned_terminal_is_the_same_transaction(
     pool: asyncpg.Pool, polls: Schedule, pg: asyncpg.Connection
 ) -> None:
+    """One md5 is one payment: once ended it is never tracked a second time."""
     ingest = Ingest(pool, polls, interval_s=3)
     first, _ = await ingest.create(new())
     await store.cancel(pool, first["id"])
+    polled = await polls.size()
     again, created = await ingest.create(new(first["md5"]))
-    assert created and again["id"] != first["id"]
+    assert not created and again["id"] == first["id"] and again["status"] == "cancelled"
+    both = await asyncio.gather(*(ingest.create(new(first["md5"])) for _ in range(5)))
+    assert {(r["id"], c) for r, c in both} == {(first["id"], False)}
+    assert await pg.fetchval("select count(*) from transactions") == 1
+    assert await polls.size() == polled
 
 
 async def test_a_bad_row_fails_only_its_own_request(

@@ -131,7 +131,8 @@ async def _create(request: web.Request, schema: Schema) -> web.Response:
         _check_token(data["token"])
     else:
         await _email_token(service, data["email"])
-    row, _ = await transactions.create(service, data)
+    # As rachhen/khqr-webhook answers: 201 with the md5's job, whatever the repeat asked for.
+    row, _ = await transactions.create(service, data, repeat_must_match=False)
     return json_response({"message": CREATED, "jobId": str(row["id"])}, 201)
 
 

@@ -210,8 +210,15 @@ async def _credential_id(service: Service, data: dict[str, Any]) -> int | None:
     return None
 
 
-async def create(service: Service, data: dict[str, Any]) -> tuple[asyncpg.Record, bool]:
-    """Track a validated request; returns the row and whether it is new."""
+async def create(
+    service: Service, data: dict[str, Any], *, repeat_must_match: bool = True
+) -> tuple[asyncpg.Record, bool]:
+    """Track a validated request; returns the row and whether it is new.
+
+    An md5 already tracked is that transaction, whatever its status: with
+    `repeat_must_match`, a repeat that asks for another webhookUrl, expected or metadata is
+    refused (409) rather than silently answered with what the first request asked for.
+    """
     refused = AddressPolicy.for_settings(service.settings).check_url(data["webhookUrl"])
     if refused:
         raise _invalid("webhookUrl", refused)
@@ -240,15 +247,40 @@ async def create(service: Service, data: dict[str, Any]) -> tuple[asyncpg.Record
     row, created = await service.ingest.create(new)
     if created:
         log.debug("transaction created", extra={"jobId": str(row["id"]), "md5": row["md5"]})
+    elif repeat_must_match:
+        _check_repeat(row, new)
     return row, created
+
+
+def _check_repeat(row: asyncpg.Record, new: NewTransaction) -> None:
+    """A repeated md5 must ask for what its transaction already does."""
+    differ = [
+        name
+        for name, same in (
+            ("webhookUrl", row["webhook_url"] == new.webhook_url),
+            ("expected", Expected.from_json(row["expected"]) == new.expected),
+            ("metadata", row["metadata"] == new.metadata),
+        )
+        if not same
+    ]
+    if differ:
+        raise ApiError(
+            409,
+            "md5_already_tracked",
+            f"this md5 is already tracked, with another {', '.join(differ)}: one md5 is one "
+            "payment; use a new KHQR for a new payment",
+            {"jobId": str(row["id"]), "status": row["status"], "differs": differ},
+        )
 
 
 @docs(
     tags=["transactions"],
     summary="Track a KHQR payment",
     description="Starts polling Bakong for the md5 (or the md5 of `qr`) and sends the webhook "
-    "when it is paid, failed, mismatched or timed out. 200 with the existing transaction when "
-    "the same md5 is already pending. A repeated `Idempotency-Key` replays the first response.",
+    "when it is paid, failed, mismatched or timed out. One md5 is one payment: 200 with the "
+    "existing transaction, in whatever status, when the md5 is already tracked; 409 "
+    "`md5_already_tracked` (its jobId in `details`) when the repeat asks for another "
+    "webhookUrl, expected or metadata. A repeated `Idempotency-Key` replays the first response.",
     parameters=[
         {
             "in": "header",
@@ -258,7 +290,7 @@ async def create(service: Service, data: dict[str, Any]) -> tuple[asyncpg.Record
     ],
     responses={
         200: {
-            "description": "This md5 is already pending: the existing transaction",
+            "description": "This md5 is already tracked: its transaction, in whatever status",
             "schema": TransactionCreatedSchema,
         },
         **errors(401, 409, 408, 413, 415, 422),

@@ -43,9 +43,9 @@ class Ingest:
 
     A request's row waits only until the event loop has run once more, so that requests that
     arrive together are written together: one `INSERT ... SELECT FROM unnest(...)` whose
-    RETURNING gives the new rows, then one ZADD of their first polls. An md5 already pending,
-    or repeated within the batch, goes the row-by-row way (`insert_or_get_pending`) and gets
-    the pending transaction. Each request then hears what it would have heard alone: its row
+    RETURNING gives the new rows, then one ZADD of their first polls. An md5 already tracked,
+    or repeated within the batch, goes the row-by-row way (`insert_or_get`) and gets the md5's
+    transaction, whatever its status. Each request then hears what it would have heard alone: its row
     and whether it is new, or the error of Postgres (for the whole batch) or of Redis (for
     the new rows only, which are durable in Postgres by then; the reconcile tick schedules
     them).
@@ -70,8 +70,8 @@ class Ingest:
         self._writing: set[asyncio.Task[None]] = set()
 
     async def create(self, new: NewTransaction) -> Created:
-        """Insert `new`, or find the transaction already pending for its md5: the row and
-        whether it is new. A new row is durable and its first poll scheduled on return."""
+        """Insert `new`, or find the transaction of its md5 (one md5 is one payment): the row
+        and whether it is new. A new row is durable and its first poll scheduled on return."""
         future: asyncio.Future[Created] = asyncio.get_running_loop().create_future()
         self._queue.append(_Waiter(new, future))
         self._arm()
@@ -129,9 +129,9 @@ class Ingest:
         outcomes: list[tuple[_Waiter, Created | BaseException]] = [
             (first[row["md5"]], (row, True)) for row in rows
         ]
-        # After the batch has committed: what conflicted finds its pending row (200).
+        # After the batch has committed: what conflicted finds its md5's row (200).
         alone = await asyncio.gather(
-            *(store.insert_or_get_pending(self.pool, w.new) for w in others),
+            *(store.insert_or_get(self.pool, w.new) for w in others),
             return_exceptions=True,
         )
         outcomes += zip(others, alone, strict=True)

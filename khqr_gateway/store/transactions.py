@@ -44,38 +44,34 @@ def fingerprint(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
 
 
-async def insert_or_get_pending(
-    pool: asyncpg.Pool, new: NewTransaction
-) -> tuple[asyncpg.Record, bool]:
-    """Insert a pending transaction, or return the one already pending for its md5."""
-    for _ in range(3):
-        async with pool.acquire() as conn:
-            inserted = await conn.fetchval(
-                """
-                insert into transactions
-                    (id, md5, webhook_url, credential_id, expected, metadata, qr, deadline_at)
-                values ($1, $2, $3, $4, $5, $6, $7, $8)
-                on conflict (md5) where status = 'pending' do nothing
-                returning id
-                """,
-                new.id,
-                new.md5,
-                new.webhook_url,
-                new.credential_id,
-                new.expected.to_json() if new.expected else None,
-                new.metadata,
-                new.qr,
-                new.deadline_at,
-            )
-            row = await conn.fetchrow(
-                f"select {TRANSACTION_COLUMNS} from {_FROM} where "
-                + ("t.id = $1" if inserted else "t.md5 = $1 and t.status = 'pending'"),
-                inserted or new.md5,
-            )
-        if row is not None:
-            return row, inserted is not None
-        # The pending one turned terminal between the two statements: try again.
-    raise RuntimeError("could not insert or find a pending transaction")
+async def insert_or_get(pool: asyncpg.Pool, new: NewTransaction) -> tuple[asyncpg.Record, bool]:
+    """Insert a pending transaction, or return the md5's transaction, whatever its status."""
+    async with pool.acquire() as conn:
+        inserted = await conn.fetchval(
+            """
+            insert into transactions
+                (id, md5, webhook_url, credential_id, expected, metadata, qr, deadline_at)
+            values ($1, $2, $3, $4, $5, $6, $7, $8)
+            on conflict (md5) where not superseded do nothing
+            returning id
+            """,
+            new.id,
+            new.md5,
+            new.webhook_url,
+            new.credential_id,
+            new.expected.to_json() if new.expected else None,
+            new.metadata,
+            new.qr,
+            new.deadline_at,
+        )
+        row = await conn.fetchrow(
+            f"select {TRANSACTION_COLUMNS} from {_FROM} where "
+            + ("t.id = $1" if inserted else "t.md5 = $1 and not t.superseded"),
+            inserted or new.md5,
+        )
+    if row is None:  # rows are never deleted while their md5 can be posted
+        raise RuntimeError("could not insert or find the transaction of an md5")
+    return row, inserted is not None
 
 
 async def insert_pending(
@@ -83,7 +79,7 @@ async def insert_pending(
 ) -> list[asyncpg.Record]:
     """Insert pending transactions in one statement; returns the rows inserted (CREATED_COLUMNS).
 
-    One whose md5 is already pending is skipped, so it is not among the rows returned; `news`
+    One whose md5 is already tracked is skipped, so it is not among the rows returned; `news`
     must not repeat an md5. Rows go in md5 order: two batches that share md5s wait for each
     other in the same order, never in a cycle (a deadlock).
     """
@@ -97,7 +93,7 @@ async def insert_pending(
                     $7::text[], $8::timestamptz[])
             as u(id, md5, webhook_url, credential_id, expected, metadata, qr, deadline_at)
         order by md5
-        on conflict (md5) where status = 'pending' do nothing
+        on conflict (md5) where not superseded do nothing
         returning {CREATED_COLUMNS}
         """,
         [n.id for n in news],

@@ -1,0 +1,74 @@
+"""Migrations against a real Postgres: what an older database holds survives them."""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from khqr_gateway.store import db
+from tests.conftest import ADMIN_DSN, _dsn_for, random_md5
+
+
+@pytest.fixture
+async def blank() -> AsyncIterator[asyncpg.Connection]:
+    """A database of its own with no migration applied."""
+    name = f"khqr_migrate_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(ADMIN_DSN)
+    await admin.execute(f'create database "{name}"')
+    conn = await asyncpg.connect(_dsn_for(name))
+    yield conn
+    await conn.close()
+    await admin.execute(f'drop database "{name}" with (force)')
+    await admin.close()
+
+
+async def test_an_md5_tracked_twice_before_keeps_one_transaction_for_it(
+    blank: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """Older versions tracked an md5 again once it had ended; after the migration the md5 is
+    one payment, its paid transaction (else pending, else newest) the one that stays."""
+    for migration in sorted(db.migrations_dir().glob("00[12]_*.sql")):
+        shutil.copy(migration, tmp_path)
+    await db.migrate(blank, tmp_path)
+    paid, timed_out, pending, old = (random_md5() for _ in range(4))
+    rows = [
+        (paid, "timeout", timedelta(minutes=60)),
+        (paid, "success", timedelta(minutes=50)),
+        (paid, "cancelled", timedelta(minutes=40)),
+        (timed_out, "timeout", timedelta(minutes=30)),
+        (timed_out, "pending", timedelta(minutes=20)),
+        (old, "timeout", timedelta(minutes=20)),
+        (old, "failed", timedelta(minutes=10)),
+        (pending, "pending", timedelta(minutes=1)),
+    ]
+    for md5, status, ago in rows:
+        await blank.execute(
+            "insert into transactions (id, md5, status, webhook_url, created_at, deadline_at)"
+            " values (gen_random_uuid(), $1, $2, 'http://x/', now() - $3::interval, now())",
+            md5,
+            status,
+            ago,
+        )
+
+    await db.migrate(blank)
+
+    kept = await blank.fetch("select md5, status from transactions where not superseded")
+    assert {r["md5"]: r["status"] for r in kept} == {
+        paid: "success",
+        timed_out: "pending",
+        old: "failed",
+        pending: "pending",
+    }
+    assert await blank.fetchval("select count(*) from transactions") == len(rows)
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await blank.execute(
+            "insert into transactions (id, md5, status, webhook_url, deadline_at)"
+            " values (gen_random_uuid(), $1, 'timeout', 'http://x/', now())",
+            paid,
+        )
