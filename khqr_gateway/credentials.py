@@ -17,6 +17,7 @@ import base64
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -26,7 +27,14 @@ import asyncpg
 import orjson
 
 from khqr_gateway.bakong.client import BakongClient, BakongError
-from khqr_gateway.metrics import TOKEN_EXPIRY, TOKEN_RENEWALS
+from khqr_gateway.metrics import (
+    CREDENTIALS,
+    DEFAULT_CREDENTIAL,
+    PER_TRANSACTION,
+    TOKEN_EXPIRY,
+    TOKEN_RENEWALS,
+    credential_label,
+)
 from khqr_gateway.store import transactions as store
 from khqr_gateway.store.locks import Locks, LockTimeout
 from khqr_gateway.store.transactions import Credential
@@ -225,8 +233,8 @@ class Credentials:
         expires_at = jwt_expiry(token)
         await store.save_token(self.pool, cred.id, token, expires_at)
         self._cache.pop(cred.id, None)
-        if expires_at is not None:
-            TOKEN_EXPIRY.labels(str(cred.id)).set(expires_at.timestamp() - time.time())
+        if expires_at is not None and cred.id == self.default_id:
+            TOKEN_EXPIRY.labels(DEFAULT_CREDENTIAL).set(expires_at.timestamp() - time.time())
         log.info(
             "bakong token renewed",
             extra={"credentialId": cred.id, "expiresAt": expires_at and expires_at.isoformat()},
@@ -251,7 +259,9 @@ class Credentials:
     async def _expire(self, cred: Credential, error: str) -> None:
         changed = await store.mark_credential_expired(self.pool, cred.id, error)
         self._cache.pop(cred.id, None)
-        TOKEN_EXPIRY.labels(str(cred.id)).set(expiry_seconds(replace(cred, status=EXPIRED)) or 0.0)
+        if cred.id == self.default_id:
+            seconds = expiry_seconds(replace(cred, status=EXPIRED)) or 0.0
+            TOKEN_EXPIRY.labels(DEFAULT_CREDENTIAL).set(seconds)
         log.log(
             logging.ERROR if changed or cred.last_error != error else logging.WARNING,
             "bakong credential expired: its transactions will time out as bakong_unauthorized",
@@ -270,14 +280,34 @@ class Credentials:
         await self.export_expiries()
 
     async def export_expiries(self) -> None:
-        """khqr_bakong_token_expiry_seconds{credential="<id>"} for every credential."""
-        after: int | None = None
+        """Token expiry and credential counts, in the bounded series `default` and
+        `per_transaction` (the soonest expiry of the other active credentials)."""
         now = time.time()
+        counts: Counter[tuple[str, str]] = Counter()
+        soonest: float | None = None
+        async for cred in self._every_credential():
+            label = credential_label(cred.id, self.default_id)
+            counts[label, cred.status] += 1
+            seconds = expiry_seconds(cred, now)
+            if seconds is None:
+                continue
+            if label == DEFAULT_CREDENTIAL:
+                TOKEN_EXPIRY.labels(label).set(seconds)
+            elif cred.status == ACTIVE:
+                soonest = seconds if soonest is None else min(soonest, seconds)
+        if soonest is None:
+            TOKEN_EXPIRY.remove(PER_TRANSACTION)
+        else:
+            TOKEN_EXPIRY.labels(PER_TRANSACTION).set(soonest)
+        for label in (DEFAULT_CREDENTIAL, PER_TRANSACTION):
+            for status in (ACTIVE, EXPIRED):
+                CREDENTIALS.labels(label, status).set(counts[label, status])
+
+    async def _every_credential(self) -> AsyncIterator[Credential]:
+        after: int | None = None
         while page := await store.list_credentials(self.pool, after=after, limit=1000):
             for cred in page:
-                seconds = expiry_seconds(cred, now)
-                if seconds is not None:
-                    TOKEN_EXPIRY.labels(str(cred.id)).set(seconds)
+                yield cred
             after = page[-1].id
 
 

@@ -6,6 +6,19 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
+# The only values of a `credential` label. Every distinct per-transaction token is a
+# credential of its own, so a label per credential id would be a series per merchant token.
+DEFAULT_CREDENTIAL = "default"
+PER_TRANSACTION = "per_transaction"
+
+
+def credential_label(credential: int | None, default_id: int | None) -> str:
+    """`default` for the default credential (or none given), else `per_transaction`."""
+    if credential is None or credential == default_id:
+        return DEFAULT_CREDENTIAL
+    return PER_TRANSACTION
+
+
 BAKONG_CALLS = Counter(
     "khqr_bakong_calls_total",
     "Bakong API calls by endpoint and outcome (ok, or the error kind)",
@@ -67,8 +80,15 @@ PENDING = Gauge(
 )
 TOKEN_EXPIRY = Gauge(
     "khqr_bakong_token_expiry_seconds",
-    "Seconds until each Bakong credential's token expires (negative: expired)",
+    "Seconds until the default credential's token expires (0 or less: unusable); "
+    "per_transaction: the soonest of the other active credentials",
     ["credential"],
+    registry=REGISTRY,
+)
+CREDENTIALS = Gauge(
+    "khqr_bakong_credentials",
+    "Stored Bakong credentials: the default and all others (per_transaction), by status",
+    ["credential", "status"],
     registry=REGISTRY,
 )
 TICK_ERRORS = Counter(
@@ -84,7 +104,8 @@ BAKONG_THROTTLED = Counter(
 )
 BAKONG_CIRCUIT = Gauge(
     "khqr_bakong_circuit_open",
-    "Per credential id: 1 while its circuit breaker is open (calls stopped), else 0",
+    "Circuit breakers open (calls stopped): the default credential's (0 or 1), and how "
+    "many of the others' (per_transaction)",
     ["credential"],
     registry=REGISTRY,
 )

@@ -16,6 +16,7 @@ from khqr_gateway.bakong.sandbox import make_token
 from khqr_gateway.config import Settings
 from khqr_gateway.credentials import SANDBOX_TOKEN_EMAIL, Credentials
 from khqr_gateway.events import EventHub
+from khqr_gateway.metrics import PENDING, POLL_LAG, QUEUE_DEPTH
 from khqr_gateway.scheduler import Ticks
 from khqr_gateway.store import db
 from khqr_gateway.store import deliveries as delivery_store
@@ -33,6 +34,21 @@ log = logging.getLogger(__name__)
 RECONCILE_INTERVAL_S = 10.0
 TOKEN_INTERVAL_S = 60.0
 RECONCILE_PAGE = 5000
+# /metrics and /api/v1/stats show figures at most this old (plus one read): a scrape or a
+# stats call costs no query, so however many come they cannot take the database pool.
+FIGURES_INTERVAL_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Figures:
+    """Counts and queue figures from Postgres and Redis, as the figures tick last read them."""
+
+    transactions: dict[str, int]
+    deliveries: dict[str, int]
+    queues: dict[str, int]
+    poll_lag_s: float
+    oldest_pending_s: float | None
+    read_at: datetime
 
 
 @dataclass
@@ -53,6 +69,7 @@ class Service:
     ingest: Ingest
     ticks: Ticks = field(default_factory=Ticks)
     started_at: float = field(default_factory=time.time)
+    figures: Figures | None = None  # None until the figures tick first ran
 
     @classmethod
     async def create(
@@ -137,6 +154,7 @@ class Service:
         self.ticks.add("deliver", 0.1, self.deliverer.tick)
         self.ticks.add("reconcile", RECONCILE_INTERVAL_S, self.reconcile)
         self.ticks.add("token", TOKEN_INTERVAL_S, self.credentials.tick)
+        self.ticks.add("figures", FIGURES_INTERVAL_S, self.refresh_figures)
         self.ticks.start()
 
     async def stop(self) -> None:
@@ -150,6 +168,27 @@ class Service:
         await self.events.stop()
         await self.redis.aclose()
         await self.pool.close()
+
+    async def refresh_figures(self) -> None:
+        """The figures tick: read what /metrics and /api/v1/stats show, once for all asking."""
+        queues = {
+            "poll": await self.polls.size(),
+            "deliver": await self.deliveries.size(),
+            "deliver_retry": await self.retries.size(),
+        }
+        oldest_due_ms = await self.polls.oldest_due_ms()
+        now = datetime.now(UTC)
+        lag_ms = now.timestamp() * 1000 - oldest_due_ms if oldest_due_ms is not None else 0.0
+        figures = Figures(
+            transactions=await tx_store.counts_by_status(self.pool),
+            deliveries=await delivery_store.counts_by_status(self.pool),
+            queues=queues,
+            poll_lag_s=round(max(0.0, lag_ms / 1000), 3),
+            oldest_pending_s=await tx_store.oldest_pending_seconds(self.pool),
+            read_at=now,
+        )
+        self.figures = figures
+        _export(figures)
 
     async def reconcile(self) -> None:
         """Put back in Redis whatever Postgres says is pending and Redis lost."""
@@ -194,6 +233,13 @@ SERVICE_KEY = web.AppKey("service", Service)
 def poll_tick_s(settings: Settings) -> float:
     """How often the poll tick runs: often enough that a check is never a tick late."""
     return min(0.1, settings.poll_interval_s / 4)
+
+
+def _export(figures: Figures) -> None:
+    for name, depth in figures.queues.items():
+        QUEUE_DEPTH.labels(name).set(depth)
+    POLL_LAG.set(figures.poll_lag_s)
+    PENDING.set(figures.transactions.get("pending", 0))
 
 
 def _ms(value: datetime | None) -> int:

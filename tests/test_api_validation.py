@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import pytest
 
+from khqr_gateway.service import FIGURES_INTERVAL_S
 from tests.conftest import Gateway, GatewayFactory, random_md5
 
 HOOK = "https://merchant.example.com/hooks/khqr"
@@ -173,22 +178,68 @@ async def test_expired_token_is_refused(gateway: Gateway) -> None:
     assert "ey" not in body["error"]["message"], "the token is never echoed"
 
 
-async def test_metrics_and_stats_report_queues(gateway: Gateway) -> None:
-    status, _ = await gateway.post(
+async def test_metrics_and_stats_show_new_transactions_within_one_refresh(
+    gateway: Gateway,
+) -> None:
+    before = datetime.now(UTC)
+    for _ in range(3):
+        status, _ = await gateway.post(
+            "/api/v1/transactions", {"md5": random_md5(), "webhookUrl": HOOK}
+        )
+        assert status == 201
+    text = await metrics_showing(gateway, "khqr_pending_transactions 3.0")
+    assert 'khqr_queue_depth{queue="poll"} 3.0' in text
+    status, stats = await gateway.get("/api/v1/stats")
+    assert status == 200
+    assert stats["transactions"] == {"pending": 3}
+    assert stats["queues"]["poll"] == 3
+    assert stats["pollLagSeconds"] >= 0
+    assert stats["oldestPendingSeconds"] > 0
+    assert datetime.fromisoformat(stats["asOf"]) >= before, "read after they were created"
+    assert stats["bakong"]["windowMinutes"] == 5
+
+
+async def metrics_showing(gw: Gateway, line: str) -> str:
+    """The /metrics text once it has `line`: the gauges may be one refresh old."""
+    deadline = time.monotonic() + FIGURES_INTERVAL_S * 2 + 5
+    while True:
+        resp = await gw.client.get("/metrics")
+        assert resp.status == 200
+        text = await resp.text()
+        if line in text.splitlines():
+            return text
+        assert time.monotonic() < deadline, f"/metrics never showed {line!r}"
+        await asyncio.sleep(0.1)
+
+
+# What each of the gateway's Postgres connections last did, read live from Postgres itself:
+# any statement the gateway runs moves its connection's state_change.
+GATEWAY_BACKENDS = """
+    select pid, backend_start, state_change from pg_stat_activity
+    where datname = current_database() and application_name = 'khqr-gateway'
+    order by pid
+"""
+
+
+async def test_scrapes_cost_no_query_and_leave_the_pool_free(
+    make_gateway: GatewayFactory, pg: asyncpg.Connection
+) -> None:
+    gw = await make_gateway(run_ticks=False)  # no tick of its own touches Postgres meanwhile
+    status, created = await gw.post(
         "/api/v1/transactions", {"md5": random_md5(), "webhookUrl": HOOK}
     )
     assert status == 201
-    resp = await gateway.client.get("/metrics")
-    text = await resp.text()
-    assert resp.status == 200
-    assert 'khqr_queue_depth{queue="poll"} 1.0' in text
-    assert "khqr_pending_transactions 1.0" in text
-    status, stats = await gateway.get("/api/v1/stats")
-    assert status == 200
-    assert stats["transactions"] == {"pending": 1}
-    assert stats["queues"]["poll"] == 1
-    assert stats["pollLagSeconds"] >= 0
-    assert stats["bakong"]["windowMinutes"] == 5
+    before = await pg.fetch(GATEWAY_BACKENDS)
+    assert before, "the gateway's pool is connected"
+    scrapes = await asyncio.gather(*(gw.client.get("/metrics") for _ in range(60)))
+    assert all(r.status == 200 for r in scrapes)
+    assert await pg.fetch(GATEWAY_BACKENDS) == before, "60 scrapes ran no Postgres statement"
+
+    listing = asyncio.ensure_future(gw.get("/api/v1/transactions"))
+    scrapes = await asyncio.gather(*(gw.client.get("/metrics") for _ in range(60)))
+    status, page = await asyncio.wait_for(listing, timeout=10)
+    assert status == 200 and [t["jobId"] for t in page["data"]] == [created["jobId"]]
+    assert all(r.status == 200 for r in scrapes)
 
 
 async def test_ready_reports_each_dependency(gateway: Gateway) -> None:

@@ -14,9 +14,11 @@ from uuid import uuid4
 import asyncpg
 import pytest
 
-from khqr_gateway.bakong.checker import THROTTLED, Checker
+from khqr_gateway.bakong.checker import BREAKER_THRESHOLD, THROTTLED, Checker
 from khqr_gateway.bakong.client import BakongClient
+from khqr_gateway.bakong.sandbox import Faults, make_token
 from khqr_gateway.credentials import Credentials
+from khqr_gateway.metrics import REGISTRY
 from khqr_gateway.models import CheckKind, PollItem
 from khqr_gateway.store import db
 from khqr_gateway.store.ratelimit import RateLimit
@@ -89,4 +91,38 @@ async def test_what_the_limit_puts_off_gets_turns_not_a_verdict(
     assert put_off == pytest.approx([n / 10 for n in range(1, 16)]), "one turn each, 0.1 s apart"
     answered_next = {r.retry_after for r in answered}
     assert min(answered_next) > max(put_off), "those answered come back behind those waiting"
+    await checker.bakong.close()
+
+
+def circuit_series() -> dict[str, float]:
+    series = {}
+    for m in REGISTRY.collect():
+        if m.name == "khqr_bakong_circuit_open":
+            series.update({s.labels["credential"]: s.value for s in m.samples})
+    return series
+
+
+async def test_open_circuits_of_many_credentials_share_one_series(
+    pool: asyncpg.Pool, redis: Any, namespace: str, bakong: SimulatedBakong
+) -> None:
+    checker = await process(pool, redis, namespace, bakong, rate=1000)
+    ahead = datetime.now(UTC) + timedelta(minutes=5)
+    items = [PollItem(uuid4(), random_md5(), ahead, None, None)]  # the default credential
+    for n in range(50):
+        credential = await checker.credentials.add(
+            token=make_token(f"shop{n}@example.com"), email=None
+        )
+        items.append(PollItem(uuid4(), random_md5(), ahead, credential, None))
+    bakong.state.faults = Faults(status=500)
+    for _ in range(BREAKER_THRESHOLD):
+        await checker.check(items, datetime.now(UTC))
+    assert len(checker.circuits()) == 51, "every credential's breaker opened"
+    series = circuit_series()
+    assert set(series) == {"default", "per_transaction"}, "51 breakers, not 51 series"
+    assert series == {"default": 1, "per_transaction": 50}, "how many are open"
+
+    bakong.state.faults = Faults()
+    await asyncio.sleep(checker.backoff_base_s)  # each breaker lets its probe through
+    await checker.check(items, datetime.now(UTC))
+    assert circuit_series() == {"default": 0, "per_transaction": 0}
     await checker.bakong.close()

@@ -159,10 +159,41 @@ async def test_token_tick_renews_only_tokens_expiring_within_the_window(
     line = next(
         m
         for m in metrics.splitlines()
-        if m.startswith(f'khqr_bakong_token_expiry_seconds{{credential="{default["id"]}"}}')
+        if m.startswith('khqr_bakong_token_expiry_seconds{credential="default"}')
     )
     assert float(line.split()[-1]) > 80 * DAY
     assert soon not in metrics
+
+
+def expiry_series() -> dict[str, float]:
+    """khqr_bakong_token_expiry_seconds by its credential label."""
+    series = {}
+    for m in REGISTRY.collect():
+        if m.name == "khqr_bakong_token_expiry_seconds":
+            series.update({s.labels["credential"]: s.value for s in m.samples})
+    return series
+
+
+async def test_per_transaction_tokens_share_one_metric_series(
+    gateway: Gateway, bakong: SimulatedBakong, receiver: Receiver
+) -> None:
+    now = int(time.time())
+    for n in range(50):
+        token = make_token(f"shop{n}@example.com", exp=now + (3 + n) * DAY)
+        body = {"md5": random_md5(), "webhookUrl": receiver.url, "token": token}
+        status, _ = await gateway.post("/api/v1/transactions", body)
+        assert status == 201
+    _, page = await gateway.get("/api/v1/credentials?limit=100")
+    assert len(page["data"]) == 51, "each distinct token is a credential of its own"
+    await gateway.service.credentials.tick()
+    series = expiry_series()
+    assert set(series) == {"default", "per_transaction"}, "50 tokens, not 50 series"
+    default_left = (jwt_expiry(bakong.token) or datetime.now(UTC)).timestamp() - time.time()
+    assert series["default"] == pytest.approx(default_left, abs=60)
+    assert series["per_transaction"] == pytest.approx(3 * DAY, abs=60), "the soonest to expire"
+    text = generate_latest(REGISTRY).decode()
+    assert 'khqr_bakong_credentials{credential="per_transaction",status="active"} 50.0' in text
+    assert 'khqr_bakong_credentials{credential="default",status="active"} 1.0' in text
 
 
 async def test_concurrent_renewals_in_one_process_happen_once(
@@ -257,7 +288,7 @@ async def test_expired_unrenewable_default_times_out_as_unauthorized_and_is_repo
     assert expired_logs and all(r.levelno == logging.ERROR for r in expired_logs[:1])
     metrics = (await (await gw.client.get("/metrics")).text()).splitlines()
     line = next(
-        m for m in metrics if m.startswith('khqr_bakong_token_expiry_seconds{credential="1"}')
+        m for m in metrics if m.startswith('khqr_bakong_token_expiry_seconds{credential="default"}')
     )
     assert float(line.split()[-1]) <= 0
     _assert_never_logged(caplog, dead)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import time
+import math
 from collections.abc import Awaitable
 from typing import Any
 
@@ -11,12 +11,11 @@ from aiohttp import web
 from aiohttp_apigami import docs, response_schema
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from khqr_gateway.api.errors import iso, json_response
+from khqr_gateway.api.errors import ApiError, iso, json_response
 from khqr_gateway.api.openapi import errors
 from khqr_gateway.api.schemas import HealthSchema, ReadySchema, StatsSchema
-from khqr_gateway.metrics import PENDING, POLL_LAG, QUEUE_DEPTH, REGISTRY
-from khqr_gateway.service import SERVICE_KEY, Service
-from khqr_gateway.store import deliveries as delivery_store
+from khqr_gateway.metrics import REGISTRY
+from khqr_gateway.service import FIGURES_INTERVAL_S, SERVICE_KEY, Service
 from khqr_gateway.store import transactions as tx_store
 
 
@@ -99,55 +98,49 @@ async def bakong_health(service: Service) -> dict[str, Any]:
     return health
 
 
-async def queue_figures(service: Service) -> dict[str, Any]:
-    """Queue depths and poll lag from Redis."""
-    now_ms = time.time() * 1000
-    depths = {
-        "poll": await service.polls.size(),
-        "deliver": await service.deliveries.size(),
-        "deliver_retry": await service.retries.size(),
-    }
-    oldest = await service.polls.oldest_due_ms()
-    lag_s = max(0.0, (now_ms - oldest) / 1000) if oldest is not None else 0.0
-    return {"queues": depths, "pollLagSeconds": round(lag_s, 3)}
-
-
 @docs(
     tags=["operations"],
     summary="Prometheus metrics",
+    description="Queue depths, poll lag and pending transactions are as the figures tick "
+    f"last read them (every {FIGURES_INTERVAL_S:g} s): a scrape costs no query.",
     responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}},
 )
 async def metrics(request: web.Request) -> web.Response:
-    """GET /metrics: Prometheus text; gauges read from Redis and Postgres at scrape time."""
-    service = request.app[SERVICE_KEY]
-    try:
-        figures = await asyncio.wait_for(queue_figures(service), timeout=2)
-        for name, depth in figures["queues"].items():
-            QUEUE_DEPTH.labels(name).set(depth)
-        POLL_LAG.set(figures["pollLagSeconds"])
-        counts = await asyncio.wait_for(tx_store.counts_by_status(service.pool), timeout=2)
-        PENDING.set(counts.get("pending", 0))
-    except Exception:  # a scrape still answers with what the process knows
-        pass
+    """GET /metrics: Prometheus text, from this process's registry alone."""
     return web.Response(
         body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
     )
 
 
-@docs(tags=["operations"], summary="Queue and status figures", responses=errors(401))
+@docs(
+    tags=["operations"],
+    summary="Queue and status figures",
+    description="Counts, queues, poll lag and the oldest pending age are as the figures tick "
+    f"last read them (`asOf`, every {FIGURES_INTERVAL_S:g} s), so that polling this costs no "
+    "query; Bakong figures and in-flight deliveries are live. 503 `figures_pending` for the "
+    "moment after start-up before the first read.",
+    responses=errors(401, 503),
+)
 @response_schema(StatsSchema, 200)
 async def stats(request: web.Request) -> web.Response:
     """GET /api/v1/stats: transactions and deliveries by status, queues, lag, Bakong errors."""
     service = request.app[SERVICE_KEY]
-    oldest_pending = await service.pool.fetchval(
-        "select extract(epoch from now() - min(created_at)) from transactions"
-        " where status = 'pending'"
-    )
+    figures = service.figures
+    if figures is None:
+        raise ApiError(
+            503,
+            "figures_pending",
+            "the counts have not been read yet; try again in a few seconds",
+            headers={"Retry-After": str(math.ceil(FIGURES_INTERVAL_S))},
+        )
+    oldest = figures.oldest_pending_s
     body = {
-        "transactions": await tx_store.counts_by_status(service.pool),
-        "deliveries": await delivery_store.counts_by_status(service.pool),
-        **(await queue_figures(service)),
-        "oldestPendingSeconds": round(float(oldest_pending), 3) if oldest_pending else None,
+        "transactions": figures.transactions,
+        "deliveries": figures.deliveries,
+        "queues": figures.queues,
+        "pollLagSeconds": figures.poll_lag_s,
+        "oldestPendingSeconds": round(oldest, 3) if oldest else None,
+        "asOf": iso(figures.read_at),
         "bakong": {
             **service.bakong.recent.summary(),
             "circuits": service.poller.checker.circuits(),

@@ -543,6 +543,9 @@ class StatsSchema(Schema):
     queues = fields.Dict(keys=fields.String(), values=fields.Integer())
     pollLagSeconds = fields.Float()
     oldestPendingSeconds = fields.Float(allow_none=True)
+    asOf = fields.DateTime(
+        metadata={"description": "When the counts, queues and ages above were read"}
+    )
     bakong = fields.Dict()
     inFlightDeliveries = fields.Integer()
 

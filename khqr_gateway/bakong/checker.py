@@ -23,7 +23,13 @@ from uuid import UUID
 from khqr_gateway.bakong.breaker import RATE_LIMITED, UNHEALTHY, Breaker, CircuitState
 from khqr_gateway.bakong.client import MAX_BATCH, BakongClient, BakongError
 from khqr_gateway.credentials import Credentials, NoToken
-from khqr_gateway.metrics import BAKONG_CIRCUIT, BAKONG_THROTTLED
+from khqr_gateway.metrics import (
+    BAKONG_CIRCUIT,
+    BAKONG_THROTTLED,
+    DEFAULT_CREDENTIAL,
+    PER_TRANSACTION,
+    credential_label,
+)
 from khqr_gateway.models import CheckKind, CheckResult, PollItem
 from khqr_gateway.store.ratelimit import Grant, RateLimit
 
@@ -308,7 +314,7 @@ class Checker:
             return pause
         if error in UNHEALTHY:
             if breaker.failure(mono):
-                BAKONG_CIRCUIT.labels(_label(credential)).set(1)
+                self._export_circuits(mono)
                 log.warning(
                     "bakong circuit open: no calls for this credential until a probe succeeds",
                     extra={
@@ -319,8 +325,19 @@ class Checker:
                 )
             return breaker.wait_s(mono) or None
         # Any other reply, errors in a well-formed envelope included, shows Bakong is up.
-        if breaker.state(mono) is not CircuitState.CLOSED:
-            BAKONG_CIRCUIT.labels(_label(credential)).set(0)
-            log.info("bakong circuit closed", extra={"credentialId": credential})
+        was_open = breaker.state(mono) is not CircuitState.CLOSED
         breaker.success()
+        if was_open:
+            self._export_circuits(mono)
+            log.info("bakong circuit closed", extra={"credentialId": credential})
         return None
+
+    def _export_circuits(self, mono: float) -> None:
+        """How many breakers are not closed, by bounded credential label (see metrics)."""
+        default_id = self.credentials.default_id
+        opened = Counter({DEFAULT_CREDENTIAL: 0, PER_TRANSACTION: 0})
+        for credential, breaker in self._breakers.items():
+            if breaker.state(mono) is not CircuitState.CLOSED:
+                opened[credential_label(credential, default_id)] += 1
+        for label, count in opened.items():
+            BAKONG_CIRCUIT.labels(label).set(count)

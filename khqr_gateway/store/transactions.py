@@ -254,6 +254,15 @@ async def counts_by_status(pool: asyncpg.Pool) -> dict[str, int]:
     return {r["status"]: r["n"] for r in rows}
 
 
+async def oldest_pending_seconds(pool: asyncpg.Pool) -> float | None:
+    """How long the oldest pending transaction has waited; None when none is pending."""
+    age = await pool.fetchval(
+        "select extract(epoch from now() - min(created_at)) from transactions"
+        " where status = 'pending'"
+    )
+    return float(age) if age is not None else None
+
+
 # Credentials ------------------------------------------------------------------------
 
 CREDENTIAL_COLUMNS = (
