@@ -1,4 +1,5 @@
-"""Serving the app: request heads read in bounded time, idle keep-alive bounded."""
+"""Serving the app: request heads read in bounded time, idle keep-alive bounded, parse errors
+answered as JSON without echoing or logging what the client sent."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import logging
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMethod, LineTooLong
+
+from khqr_gateway.api.errors import error_response
 
 log = logging.getLogger("khqr_gateway.http")
 
@@ -62,6 +66,34 @@ class _Connection(web.RequestHandler):
         if self._request_count == self._heads_seen and self._between_requests():
             log.debug("no complete request head in %g s: connection closed", self._header_timeout)
             self.force_close()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """A request aiohttp cannot parse gets our JSON 400. aiohttp's own answer and log
+        line quote the raw request line or header, which can hold a Bakong token (the compat
+        route takes it in the query) or an API key: here neither echoes a byte of it."""
+        if status != 400 or request.writer.output_size > 0:
+            return super().handle_error(request, status, exc, message)
+        # Anything that is not HTTP on its first bytes (TLS, scanners) is internet noise.
+        noise = self._request_count == 1 and isinstance(exc, BadHttpMethod)
+        log.log(logging.DEBUG if noise else logging.INFO, "unparseable request: %s", _name(exc))
+        response = error_response(400, "bad_request", self._unparseable(exc))
+        response.force_close()
+        return response
+
+    def _unparseable(self, exc: BaseException | None) -> str:
+        if isinstance(exc, LineTooLong):
+            return f"the request line or a header is longer than {self.max_line_size} bytes"
+        return "the request line or headers are not valid HTTP/1.1"
+
+
+def _name(exc: BaseException | None) -> str:
+    return type(exc).__name__ if exc is not None else "unknown"
 
 
 class _Server(web.Server):

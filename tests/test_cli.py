@@ -209,3 +209,34 @@ def test_aiohttp_log_lines_lose_what_the_client_sent() -> None:
     assert "BadHttpMessage" in lines[0]["exc_info"]
     assert "ValueError" in lines[1]["exc_info"]
     assert lines[3]["msg"] == "still ours: ?kept=1"
+
+
+async def test_serve_answers_an_unparseable_request_line_as_json_and_logs_no_token(
+    tmp_path: Path, procs: list[Proc], database_url: str
+) -> None:
+    token = "eyJhbGciOiJIUzI1NiJ9.eyJleHAiOjQxMDI0NDQ4MDB9." + secrets.token_hex(12)
+    env = {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": REDIS_URL,
+        "REDIS_NAMESPACE": "cli-" + secrets.token_hex(4),
+        "BAKONG_BASE_URL": "http://127.0.0.1:9",
+        "LOG_LEVEL": "debug",
+        "PYTHONPATH": str(ROOT),
+    }
+    proc = await start(env, tmp_path)
+    procs.append(proc)
+    await proc.wait_ready()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proc.port)
+    md5 = secrets.token_hex(16)
+    writer.write(f"GET /api/v1/transaction/{md5}/md5?token={token}\t HTTP/1.1\r\n\r\n".encode())
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert await proc.stop() == 0
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split()[1] == b"400"
+    assert b"application/json" in head
+    assert orjson.loads(body)["error"]["code"] == "bad_request"
+    assert token not in answer.decode()
+    output = await proc.read_all()
+    assert "unparseable request" in output
+    assert token not in output and token[:24] not in output

@@ -1,19 +1,23 @@
-"""The gateway served as `khqr-gateway serve` serves it: bounded head reads and keep-alive."""
+"""The gateway served as `khqr-gateway serve` serves it: bounded head reads and keep-alive,
+and requests aiohttp cannot parse answered as JSON without echoing or logging them."""
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
+from typing import Any
 
 import asyncpg
+import orjson
 import pytest
 
 from khqr_gateway.app import create_app
 from khqr_gateway.config import Settings
 from khqr_gateway.server import serve_app
-from tests.conftest import REDIS_URL
+from tests.conftest import REDIS_URL, random_md5, secret
 
 Serve = Callable[..., Awaitable[int]]
 # Generous: each test's own timeout is 1-2 s; the bound only has to tell "closed" from "never".
@@ -170,3 +174,48 @@ async def test_a_slow_head_in_time_and_a_reused_connection_are_served(serve: Ser
         assert status == 200
     finally:
         writer.close()
+
+
+def _malformed(token: str, api_key: str) -> dict[str, bytes]:
+    md5 = random_md5()
+    return {
+        "tab in the request line": (
+            f"GET /api/v1/transaction/{md5}/md5?token={token}\t HTTP/1.1\r\nHost: gateway\r\n\r\n"
+        ).encode(),
+        "control byte in the method": f"G\x01T /x?token={token} HTTP/1.1\r\n\r\n".encode(),
+        "space in a header name": (
+            f"GET /health HTTP/1.1\r\nHost: gateway\r\nBad Authorization: Bearer {api_key}\r\n\r\n"
+        ).encode(),
+        "line too long": (
+            f"GET /api/v1/transaction/{md5}/md5?token={token}&pad={'a' * 9000} HTTP/1.1\r\n\r\n"
+        ).encode(),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "tab in the request line",
+        "control byte in the method",
+        "space in a header name",
+        "line too long",
+    ],
+)
+async def test_an_unparseable_request_is_a_json_400_that_echoes_nothing(
+    serve: Serve, case: str
+) -> None:
+    token = secret("eyJhbGciOiJIUzI1NiJ9.eyJleHAiOjQxMDI0NDQ4MDB9." + secrets.token_hex(12))
+    api_key = secret("api-key-" + secrets.token_hex(12))
+    port = await serve()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        status, headers, body = await exchange(reader, writer, _malformed(token, api_key)[case])
+    finally:
+        writer.close()
+    assert status == 400
+    assert headers["content-type"].startswith("application/json")
+    answer: Any = orjson.loads(body)
+    assert answer["error"]["code"] == "bad_request"
+    assert set(answer["error"]) == {"code", "message", "details"}
+    assert token not in body.decode() and api_key not in body.decode()
+    # The autouse fixture fails the test if a log line holds the token or the key.
