@@ -62,15 +62,15 @@ def _install_signals(stop: asyncio.Event) -> None:
 
 async def serve(settings: Settings) -> None:
     from khqr_gateway.app import create_app
+    from khqr_gateway.server import serve_app
 
     stop = asyncio.Event()
     _install_signals(stop)
     async with _storage(settings) as (database_url, redis_url):
         app = create_app(settings, database_url=database_url, redis_url=redis_url)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.shutdown_grace_s)
-        await runner.setup()
-        site = web.TCPSite(runner, settings.host, settings.port)
-        await site.start()
+        runner = await serve_app(
+            app, settings.host, settings.port, shutdown_timeout=settings.shutdown_grace_s
+        )
         log.info(
             "khqr-gateway %s listening on http://%s:%d (%s)",
             __version__,

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import sys
+from types import TracebackType
 from typing import Any
 
+from aiohttp.http_exceptions import HttpProcessingError
 from pythonjsonlogger.orjson import OrjsonFormatter
 
 TRACE = 5
@@ -23,6 +26,10 @@ LEVEL_NAMES = {
     "silent": logging.CRITICAL + 10,
 }
 _HOSTNAME = socket.gethostname()
+# A query string can hold a Bakong token or an email: the compat route takes them there.
+_QUERY = re.compile(r"\?[^\s'\"<>]+")
+_REDACTED = "?[redacted]"
+_ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
 
 
 class PinoFilter(logging.Filter):
@@ -32,6 +39,29 @@ class PinoFilter(logging.Filter):
         record.pino_level = PINO_LEVELS.get(record.levelno, 30)
         record.pino_time = int(record.created * 1000)
         return True
+
+
+class RedactFilter(logging.Filter):
+    """Keeps aiohttp's own words and drops what a client sent: aiohttp quotes request lines,
+    their query strings and header lines in its log lines. Our loggers never log a query."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("aiohttp"):
+            record.msg = _QUERY.sub(_REDACTED, record.getMessage())
+            record.args = None
+            if record.exc_info:
+                record.exc_text = _exception_text(record.exc_info)
+                record.exc_info = None
+        return True
+
+
+def _exception_text(exc_info: _ExcInfo) -> str:
+    exc = exc_info[1]
+    if isinstance(exc, HttpProcessingError):
+        # Its message is the raw bytes that failed to parse: a header line may be
+        # `Authorization: Bearer <key>`, so none of it is kept.
+        return f"{type(exc).__name__}: {exc.code} (the bytes the client sent are not logged)"
+    return _QUERY.sub(_REDACTED, logging.Formatter().formatException(exc_info))
 
 
 class PinoFormatter(OrjsonFormatter):
@@ -54,12 +84,19 @@ class PinoFormatter(OrjsonFormatter):
         return log_data
 
 
+def pino_handler(stream: Any = None) -> logging.Handler:
+    """A handler writing pino JSON lines to `stream` (stdout by default), redacted."""
+    handler = logging.StreamHandler(stream or sys.stdout)
+    handler.addFilter(RedactFilter())
+    handler.addFilter(PinoFilter())
+    handler.setFormatter(PinoFormatter())
+    return handler
+
+
 def setup_logging(level: str = "info", stream: Any = None) -> None:
     """Send every log record to `stream` (stdout by default) as one pino JSON line."""
     logging.addLevelName(TRACE, "TRACE")
-    handler = logging.StreamHandler(stream or sys.stdout)
-    handler.addFilter(PinoFilter())
-    handler.setFormatter(PinoFormatter())
+    handler = pino_handler(stream)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

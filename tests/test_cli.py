@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import logging
 import os
 import secrets
 import signal
@@ -16,7 +18,9 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp.http_exceptions import BadHttpMessage
 
+from khqr_gateway.logs import pino_handler
 from tests.conftest import REDIS_URL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,3 +179,64 @@ async def test_logs_are_pino_lines_without_secrets_and_sigterm_is_clean(
     requests = [line for line in lines if line["msg"] == "request"]
     assert any(r["requestId"] == "req-1" and r["method"] == "POST" for r in requests)
     assert any("shutting down" in line["msg"] for line in lines)
+
+
+def test_aiohttp_log_lines_lose_what_the_client_sent() -> None:
+    """Defence in depth: aiohttp's own lines quote request lines, query strings and
+    header lines; formatted as in production, they keep aiohttp's words only."""
+    token = "eyJhbGciOiJIUzI1NiJ9.eyJleHAiOjQxMDI0NDQ4MDB9." + secrets.token_hex(12)
+    stream = io.StringIO()
+    handler = pino_handler(stream)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    server = logging.getLogger("aiohttp.server")
+    try:
+        raise BadHttpMessage(f"Invalid header token:\n\n  b'Authorization: Bearer {token}\\x01'")
+    except BadHttpMessage:
+        server.exception("Error handling request from %s", "127.0.0.1")
+    try:
+        raise ValueError(f"bad url /api/v1/transaction/x/md5?token={token}")
+    except ValueError:
+        server.exception("Error handling request")
+    logging.getLogger("aiohttp.access").warning('"GET /x/md5?token=%s HTTP/1.1" 400', token)
+    logging.getLogger("khqr_gateway").info("still ours: ?kept=1")
+    root.removeHandler(handler)
+    lines = log_lines(stream.getvalue())
+    assert len(lines) == 4
+    assert token not in stream.getvalue()
+    assert token[:20] not in stream.getvalue()
+    assert lines[0]["msg"] == "Error handling request from 127.0.0.1"
+    assert "BadHttpMessage" in lines[0]["exc_info"]
+    assert "ValueError" in lines[1]["exc_info"]
+    assert lines[3]["msg"] == "still ours: ?kept=1"
+
+
+async def test_serve_answers_an_unparseable_request_line_as_json_and_logs_no_token(
+    tmp_path: Path, procs: list[Proc], database_url: str
+) -> None:
+    token = "eyJhbGciOiJIUzI1NiJ9.eyJleHAiOjQxMDI0NDQ4MDB9." + secrets.token_hex(12)
+    env = {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": REDIS_URL,
+        "REDIS_NAMESPACE": "cli-" + secrets.token_hex(4),
+        "BAKONG_BASE_URL": "http://127.0.0.1:9",
+        "LOG_LEVEL": "debug",
+        "PYTHONPATH": str(ROOT),
+    }
+    proc = await start(env, tmp_path)
+    procs.append(proc)
+    await proc.wait_ready()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proc.port)
+    md5 = secrets.token_hex(16)
+    writer.write(f"GET /api/v1/transaction/{md5}/md5?token={token}\t HTTP/1.1\r\n\r\n".encode())
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert await proc.stop() == 0
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split()[1] == b"400"
+    assert b"application/json" in head
+    assert orjson.loads(body)["error"]["code"] == "bad_request"
+    assert token not in answer.decode()
+    output = await proc.read_all()
+    assert "unparseable request" in output
+    assert token not in output and token[:24] not in output

@@ -17,6 +17,7 @@ from khqr_gateway.app import create_app
 from khqr_gateway.config import Settings
 from khqr_gateway.events import Change, EventHub
 from khqr_gateway.models import Status
+from khqr_gateway.server import serve_app
 from khqr_gateway.service import SERVICE_KEY
 from khqr_gateway.store.schedule import keys
 from tests.conftest import REDIS_URL, Gateway, GatewayFactory, Receiver, SimulatedBakong
@@ -156,10 +157,7 @@ async def test_open_streams_are_bounded(gateway: Gateway, receiver: Receiver) ->
 async def _serve(settings: Settings, database_url: str) -> tuple[web.AppRunner, str]:
     """The app on a real socket, run as `khqr-gateway serve` runs it (no handler cancellation)."""
     app = create_app(settings, database_url=database_url, redis_url=REDIS_URL, run_ticks=False)
-    runner = web.AppRunner(app, shutdown_timeout=30)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    runner = await serve_app(app, "127.0.0.1", 0, shutdown_timeout=30)
     host, port = runner.addresses[0][:2]
     return runner, f"http://{host}:{port}"
 
