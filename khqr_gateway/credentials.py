@@ -7,7 +7,10 @@ credential happens at a time across every gateway process (a Redis lock). A cred
 token is unusable and cannot be renewed is marked `expired` with why and logged at error
 level; its transactions time out as `bakong_unauthorized`. An expired email credential is
 tried again at most once a minute while something needs it (the token tick, a check);
-adding the credential again revives it at once.
+adding the credential again revives it at once. A token-only credential that Bakong refused
+(401) while its `exp` was still ahead is only refused, not dead: while something needs it,
+Bakong is asked again with backoff and the credential is active again once it accepts the
+token.
 """
 
 from __future__ import annotations
@@ -19,13 +22,14 @@ import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import orjson
 
+from khqr_gateway.bakong.breaker import backoff_s
 from khqr_gateway.bakong.client import BakongClient, BakongError
 from khqr_gateway.metrics import (
     CREDENTIALS,
@@ -35,6 +39,7 @@ from khqr_gateway.metrics import (
     TOKEN_RENEWALS,
     credential_label,
 )
+from khqr_gateway.models import CheckKind
 from khqr_gateway.store import transactions as store
 from khqr_gateway.store.locks import Locks, LockTimeout
 from khqr_gateway.store.transactions import Credential
@@ -51,6 +56,11 @@ RENEW_LOCK_TTL_MS = 30_000
 PERMANENT_RENEWAL_ERRORS = frozenset({"not_registered", "renew_failed"})
 # An expired email credential that is asked for is tried again at most this often.
 EXPIRED_RETRY_S = 60.0
+# A refused token-only credential is asked about again after these many seconds, doubling.
+REFUSED_PROBE_FIRST_S = 5.0
+REFUSED_PROBE_MAX_S = 300.0
+# The md5 a probe asks about: Bakong knows no payment by it, so any envelope means "accepted".
+PROBE_MD5 = "0" * 32
 
 
 def jwt_expiry(token: str) -> datetime | None:
@@ -89,6 +99,32 @@ def _usable(credential: Credential | None, stale: str | None) -> str | None:
     return credential.token
 
 
+def refused(credential: Credential) -> bool:
+    """Expired only because Bakong refused its token, whose `exp` is still ahead, and
+    there is no email to renew it: Bakong may accept the token again."""
+    return (
+        credential.status == EXPIRED
+        and credential.token is not None
+        and not credential.email
+        and not token_expired(credential.token)
+    )
+
+
+@dataclass(slots=True)
+class _Refusal:
+    """Refusals of one credential's token in a row, and when to ask Bakong again."""
+
+    count: int = 0
+    next_at: float = 0.0  # time.monotonic()
+
+    def wait_s(self) -> float:
+        return backoff_s(self.count - 1, REFUSED_PROBE_FIRST_S, REFUSED_PROBE_MAX_S)
+
+    def note(self, now: float) -> None:
+        self.count += 1
+        self.next_at = now + self.wait_s()
+
+
 class NoToken(Exception):
     """A credential that has no usable token (expired, or its email cannot be renewed)."""
 
@@ -113,6 +149,8 @@ class Credentials:
         self.default_id: int | None = None
         self._cache: dict[int, tuple[float, Credential]] = {}
         self._locks: dict[int, asyncio.Lock] = {}
+        # Per process: after a restart a refused credential is asked about once at once.
+        self._refusals: dict[int, _Refusal] = {}
 
     async def setup_default(self, token: str | None, email: str | None) -> None:
         """Store the configured default credential (BAKONG_TOKEN / BAKONG_EMAIL)."""
@@ -172,11 +210,14 @@ class Credentials:
         cred = await self.get(credential_id)
         if cred is not None and cred.status == EXPIRED:
             cred = await self._fresh(credential_id)
+            if cred is not None and refused(cred):
+                return await self._probe(cred)
             if cred is not None and cred.status == EXPIRED and not _retry_due(cred):
                 raise NoToken(f"credential {credential_id} is expired")
         if cred is None:
             raise NoToken(f"credential {credential_id} not found")
         if token := _usable(cred, None):
+            self._refusals.pop(credential_id, None)
             return token
         return await self.renew(credential_id, stale=cred.token, rejected=False)
 
@@ -196,6 +237,8 @@ class Credentials:
             if cred is None:
                 raise NoToken(f"credential {credential_id} not found")
             if not cred.email:
+                if rejected and cred.token and not token_expired(cred.token):
+                    self._refused(credential_id)
                 why = "Bakong rejected the token" if rejected else "the token has expired"
                 await self._expire(cred, f"{why} and there is no email to renew it")
                 raise NoToken(f"credential {credential_id} cannot be renewed")
@@ -268,6 +311,47 @@ class Credentials:
             extra={"credentialId": cred.id, "error": error, "isDefault": cred.is_default},
         )
 
+    def _refused(self, credential_id: int) -> None:
+        """Bakong refused the token: ask again after the backoff, however many calls of one
+        wave were refused together."""
+        refusal = self._refusals.setdefault(credential_id, _Refusal())
+        now = time.monotonic()
+        if refusal.next_at <= now:
+            refusal.note(now)
+
+    async def _probe(self, cred: Credential) -> str:
+        """The token of a refused credential if Bakong accepts it now; asked at most once
+        per backoff, by one caller, the others getting NoToken meanwhile."""
+        assert cred.token is not None
+        refusal = self._refusals.setdefault(cred.id, _Refusal())
+        now = time.monotonic()
+        if refusal.next_at > now:
+            raise NoToken(f"credential {cred.id}: Bakong refused its token")
+        refusal.next_at = now + refusal.wait_s()  # the other callers wait for this one
+        result = await self.bakong.check_md5(cred.token, PROBE_MD5)
+        if result.kind is CheckKind.ERROR:
+            if result.error == "unauthorized":  # else Bakong is unwell: no news, same wait
+                refusal.note(time.monotonic())
+            log.info(
+                "bakong did not accept the refused token; asking again later",
+                extra={"credentialId": cred.id, "error": result.error, "refusals": refusal.count},
+            )
+            raise NoToken(f"credential {cred.id}: Bakong refused its token")
+        return await self._accepted(cred, cred.token)
+
+    async def _accepted(self, cred: Credential, token: str) -> str:
+        self._refusals.pop(cred.id, None)
+        self._cache.pop(cred.id, None)
+        if await store.reactivate_credential(self.pool, cred.id, token):
+            TOKEN_EXPIRY.labels(str(cred.id)).set(
+                expiry_seconds(replace(cred, status=ACTIVE)) or 0.0
+            )
+            log.warning(
+                "bakong accepts the credential's token again: credential active",
+                extra={"credentialId": cred.id, "isDefault": cred.is_default},
+            )
+        return token
+
     async def tick(self) -> None:
         """The token tick: renew what expires soon, mark what cannot be used, export expiries."""
         renew_before = datetime.now(UTC) + self.renew_before
@@ -277,7 +361,17 @@ class Credentials:
                     await self.renew(cred.id, stale=cred.token, rejected=False)
             else:
                 await self._expire(cred, "the token has expired and there is no email to renew it")
+        await self._probe_default()
         await self.export_expiries()
+
+    async def _probe_default(self) -> None:
+        """A refused default is asked about even while no transaction uses it: `/ready`."""
+        if self.default_id is None:
+            return
+        cred = await self._fresh(self.default_id)
+        if cred is not None and refused(cred):
+            with contextlib.suppress(NoToken):
+                await self._probe(cred)
 
     async def export_expiries(self) -> None:
         """Token expiry and credential counts, in the bounded series `default` and

@@ -7,16 +7,24 @@ import asyncio
 import logging
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import pytest
 from prometheus_client import generate_latest
 
 from khqr_gateway.bakong.sandbox import make_token
-from khqr_gateway.credentials import expiry_seconds, jwt_expiry, token_expired
+from khqr_gateway.credentials import NoToken, expiry_seconds, jwt_expiry, token_expired
 from khqr_gateway.metrics import REGISTRY
 from khqr_gateway.store.transactions import Credential
-from tests.conftest import Gateway, GatewayFactory, Receiver, SimulatedBakong, random_md5
+from tests.conftest import (
+    Gateway,
+    GatewayFactory,
+    Receiver,
+    SimulatedBakong,
+    random_md5,
+    secret,
+)
 
 DAY = 86_400
 
@@ -372,3 +380,109 @@ async def test_an_expired_email_credential_revives_once_the_email_works(
     assert hook.json()["status"] == "success"
     _, page = await gw.get("/api/v1/credentials")
     assert page["data"][0]["status"] == "active" and page["data"][0]["lastError"] is None
+
+
+async def _ready(gw: Gateway) -> dict[str, Any]:
+    resp = await gw.client.get("/ready")
+    assert resp.status == 200
+    body: dict[str, Any] = await resp.json()
+    return body
+
+
+async def _wait_ready(gw: Gateway, status: str, timeout: float = 5.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    ready = await _ready(gw)
+    while ready["status"] != status and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        ready = await _ready(gw)
+    assert ready["status"] == status, ready
+    return ready
+
+
+async def test_a_refused_default_token_is_asked_again_and_revives_once_accepted(
+    make_gateway: GatewayFactory,
+    bakong: SimulatedBakong,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("khqr_gateway.credentials.REFUSED_PROBE_FIRST_S", 0.2)
+    monkeypatch.setattr("khqr_gateway.credentials.REFUSED_PROBE_MAX_S", 0.4)
+    gw = await make_gateway()  # the default credential: BAKONG_TOKEN alone, exp 90 days ahead
+    status, created = await gw.post(
+        "/api/v1/transactions",
+        {"md5": random_md5(), "webhookUrl": receiver.url, "timeoutSeconds": 60},
+    )
+    assert status == 201
+    bakong.state.revoked.add(bakong.token)  # Bakong refuses it for a while (401)
+    ready = await _wait_ready(gw, "degraded")
+    assert ready["bakong"]["defaultCredential"]["status"] == "expired"
+    bakong.pay(created["md5"])
+    await asyncio.sleep(1.0)
+    assert receiver.received == [], "no answer while refused, and certainly no false one"
+    _, body = await gw.get(f"/api/v1/transactions/{created['jobId']}")
+    assert body["status"] == "pending"
+
+    bakong.state.revoked.discard(bakong.token)  # Bakong accepts the token again
+    [hook] = await receiver.wait_for(1, timeout=5)
+    assert hook.json()["status"] == "success"
+    _, page = await gw.get("/api/v1/credentials")
+    assert page["data"][0]["status"] == "active" and page["data"][0]["lastError"] is None
+    ready = await _wait_ready(gw, "ok")
+    assert "problem" not in ready["bakong"]
+
+
+async def test_a_token_past_its_exp_stays_expired_and_is_not_asked_again(
+    make_gateway: GatewayFactory,
+    bakong: SimulatedBakong,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("khqr_gateway.credentials.REFUSED_PROBE_FIRST_S", 0.1)
+    monkeypatch.setattr("khqr_gateway.credentials.REFUSED_PROBE_MAX_S", 0.1)
+    dead = secret(make_token(exp=int(time.time()) - 60))
+    gw = await make_gateway(bakong_token=dead)
+    status, _ = await gw.post(
+        "/api/v1/transactions",
+        {"md5": random_md5(), "webhookUrl": receiver.url, "timeoutSeconds": 60},
+    )
+    assert status == 201
+    ready = await _wait_ready(gw, "degraded")
+    assert "expired" in ready["bakong"]["defaultCredential"]["lastError"]
+    await asyncio.sleep(1.0)
+    assert sum(bakong.state.calls.values()) == 0, "Bakong would refuse it: never asked"
+    assert (await _ready(gw))["status"] == "degraded"
+
+
+async def test_a_refused_token_is_asked_about_once_per_doubling_backoff(
+    make_gateway: GatewayFactory, bakong: SimulatedBakong, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("khqr_gateway.credentials.REFUSED_PROBE_FIRST_S", 0.5)
+    monkeypatch.setattr("khqr_gateway.credentials.REFUSED_PROBE_MAX_S", 60.0)
+    gw = await make_gateway(run_ticks=False)
+    credentials = gw.service.credentials
+
+    def probes() -> int:
+        return bakong.state.calls["check_transaction_by_md5"]
+
+    bakong.state.revoked.add(bakong.token)
+    with pytest.raises(NoToken):  # what a check does on its 401
+        await credentials.renew(1, stale=bakong.token)
+    with pytest.raises(NoToken):
+        await credentials.token(None)
+    assert probes() == 0, "not asked again before the first backoff"
+    await asyncio.sleep(0.6)
+    answers = await asyncio.gather(
+        *(credentials.token(None) for _ in range(20)), return_exceptions=True
+    )
+    assert all(isinstance(a, NoToken) for a in answers)
+    assert probes() == 1, "one caller asks; the others do not pile on"
+    await asyncio.sleep(0.5)
+    with pytest.raises(NoToken):
+        await credentials.token(None)
+    assert probes() == 1, "refused again: the wait doubled to 1 s"
+    await asyncio.sleep(0.6)
+    bakong.state.revoked.discard(bakong.token)
+    assert await credentials.token(None) == bakong.token
+    assert probes() == 2
+    _, page = await gw.get("/api/v1/credentials")
+    assert page["data"][0]["status"] == "active"

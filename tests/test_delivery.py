@@ -280,6 +280,32 @@ async def test_manual_retry_replays_a_delivered_webhook(
     assert replayed["deliveredAt"] >= first["deliveredAt"]
 
 
+async def test_a_retry_while_an_attempt_is_in_flight_never_sends_twice_at_once(
+    gateway: Gateway, bakong: SimulatedBakong, receiver: Receiver
+) -> None:
+    receiver.delay_s = 1.0  # the receiver holds the first attempt open
+    created = await paid(gateway, bakong, receiver.url)
+    await receiver.wait_for(1)
+    delivery = await delivery_of(gateway, created["jobId"])
+    status, body = await gateway.post(f"/api/v1/deliveries/{delivery['id']}/retry", None)
+    await asyncio.sleep(0.5)  # the first attempt is still held open
+    assert len(receiver.received) == 1, "a second send while the first was in flight"
+    assert status == 409, body
+    assert body["error"]["code"] == "delivery_in_flight"
+    assert body["error"]["details"] == {"id": delivery["id"]}
+    await wait_delivery(gateway, created["jobId"], "delivered", 1)
+
+    receiver.delay_s = 0.0
+    status, body = await gateway.post(f"/api/v1/deliveries/{delivery['id']}/retry", None)
+    assert status == 202, body
+    done = await wait_delivery(gateway, created["jobId"], "delivered", 2)
+    assert [a["attempt"] for a in done["attempts"]] == [1, 2]
+    assert done["attemptCount"] == 2
+    await asyncio.sleep(0.3)
+    assert len(receiver.received) == 2
+    assert receiver.received[1].at >= receiver.received[0].at + 1.0, "one send at a time"
+
+
 async def test_manual_retry_of_an_unknown_delivery_is_404(gateway: Gateway) -> None:
     status, body = await gateway.post("/api/v1/deliveries/msg_nope/retry", None)
     assert status == 404 and body["error"]["code"] == "not_found"

@@ -78,3 +78,24 @@ async def test_a_kept_lease_outlives_its_length_and_finishes(redis: Any, namespa
         assert (await s.claim(int(time.time() * 1000), 10, 300))[0] == []
         assert await lease.finish([("job", 42)], []) == 1
     assert await s.scores(["job"]) == [42.0]
+
+
+async def test_requeue_leaves_members_under_a_live_lease_alone(redis: Any, namespace: str) -> None:
+    import time
+
+    first = schedule(redis, namespace, "deliver")
+    retry = schedule(redis, namespace, "deliver_retry")
+    now = int(time.time() * 1000)
+    await first.add([("sending", now)])
+    await retry.add([("waiting", now + 5_000)])  # due later, not being worked on
+    assert (await first.claim(now, 1, 60_000))[0] == ["sending"]
+    lease = (await first.scores(["sending"]))[0]
+    await first.add([("dead", now - 60_000)])
+    assert (await first.claim(now - 60_000, 1, 1_000))[0] == ["dead"]  # its lease ran out
+    assert await first.leased(["sending", "dead", "waiting"], [retry]) == ["sending"]
+    held = await first.requeue(["sending", "dead", "waiting"], now, [retry])
+    assert held == ["sending"]
+    assert await first.scores(["sending", "dead", "waiting"]) == [lease, now, now]
+    assert await retry.scores(["waiting"]) == [None], "moved out of the other lane"
+    assert lease is not None
+    assert await first.finish(lease, [], ["sending"]) == 1, "the lease still fences"

@@ -57,7 +57,9 @@ def _after(cursor: str | None) -> int | None:
     description="Each credential with its email, whether it has a token, when that token "
     "expires (its JWT `exp`), its status and the last renewal error. `expired` means the "
     "credential has no usable token and could not be renewed: its transactions time out as "
-    "`bakong_unauthorized`; POST it again (a fresh token, or the email) to revive it.",
+    "`bakong_unauthorized`; POST it again (a fresh token, or the email) to revive it. A "
+    "token-only credential that Bakong refused (401) before its `exp` revives by itself: "
+    "while it is in use Bakong is asked again with backoff (5 s doubling to 5 min).",
     responses=errors(401, 422),
 )
 @request_schema(CredentialListQuerySchema, location="querystring")

@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp_apigami import docs, request_schema, response_schema
 
 from khqr_gateway.api.errors import ApiError, iso, json_response, page_response
-from khqr_gateway.api.openapi import errors
+from khqr_gateway.api.openapi import ERROR, errors
 from khqr_gateway.api.schemas import (
     DeliveryDetailSchema,
     DeliveryListQuerySchema,
@@ -120,20 +120,39 @@ async def get_delivery(request: web.Request) -> web.Response:
     summary="Send a delivery again now",
     description="Starts a new attempt series at once, with the full retry schedule, whatever "
     "the delivery's status (a delivered one is replayed). The webhook-id stays the same, so "
-    "a receiver that already processed it can drop the repeat.",
-    responses=errors(401, 404),
+    "a receiver that already processed it can drop the repeat. 409 `delivery_in_flight` "
+    "while an attempt of it is being sent: nothing is changed, and the retry can be asked "
+    "again once that attempt is stored (at most `WEBHOOK_TIMEOUT_S` later).",
+    responses={
+        **errors(401, 404),
+        409: {"description": "An attempt is being sent right now", **ERROR},
+    },
 )
 @response_schema(DeliverySchema, 202, description="Queued for sending")
 async def retry_delivery(request: web.Request) -> web.Response:
     """POST /api/v1/deliveries/{id}/retry."""
     service = request.app[SERVICE_KEY]
-    row = await store.restart(service.pool, _delivery_id(request))
+    delivery_id = _delivery_id(request)
+    # Checked first, so that a 409 leaves the delivery as it was.
+    if await service.deliveries.leased([delivery_id], [service.retries]):
+        raise _in_flight(delivery_id)
+    row = await store.restart(service.pool, delivery_id)
     if row is None:
         raise ApiError(404, "not_found", NOT_FOUND)
     # A person is waiting on this one: it goes in the lane of first attempts.
-    await _queue([row["id"]], into=service.deliveries, out_of=service.retries)
+    if await _queue([row["id"]], into=service.deliveries, out_of=service.retries):
+        raise _in_flight(delivery_id)  # claimed since the check: that attempt goes on alone
     log.info("delivery retried", extra={"deliveryId": row["id"], "md5": row["md5"]})
     return json_response(delivery_json(row), 202)
+
+
+def _in_flight(delivery_id: str) -> ApiError:
+    return ApiError(
+        409,
+        "delivery_in_flight",
+        "an attempt of this delivery is being sent now; retry once it has finished",
+        {"id": delivery_id},
+    )
 
 
 @docs(
@@ -164,15 +183,18 @@ async def retry_deliveries(request: web.Request) -> web.Response:
     return json_response({"retried": len(ids), "ids": ids, "hasMore": more}, 202)
 
 
-async def _queue(ids: Sequence[str], *, into: Schedule, out_of: Schedule) -> None:
-    """Due now in one lane and out of the other, so one delivery is never sent twice."""
-    now_ms = int(time.time() * 1000)
+async def _queue(ids: Sequence[str], *, into: Schedule, out_of: Schedule) -> list[str]:
+    """Due now in one lane and out of the other, so one delivery is never sent twice;
+    returns those left alone because an attempt of theirs is being sent."""
     try:
-        await out_of.remove(ids)
-        await into.add((i, now_ms) for i in ids)
+        held = await into.requeue(ids, int(time.time() * 1000), [out_of])
     except Exception as exc:
         # Postgres has them pending and due: the reconcile tick queues them when Redis is back.
         log.warning("could not queue retried deliveries: %s", exc, extra={"count": len(ids)})
+        return []
+    if held:
+        log.info("retried deliveries still in flight left alone", extra={"count": len(held)})
+    return held
 
 
 def add_routes(app: web.Application) -> None:

@@ -14,9 +14,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from khqr_gateway.api.errors import ApiError, iso, json_response
 from khqr_gateway.api.openapi import errors
 from khqr_gateway.api.schemas import HealthSchema, ReadySchema, StatsSchema
+from khqr_gateway.credentials import refused
 from khqr_gateway.metrics import REGISTRY
 from khqr_gateway.service import FIGURES_INTERVAL_S, SERVICE_KEY, Service
 from khqr_gateway.store import transactions as tx_store
+from khqr_gateway.store.transactions import Credential
 
 
 @docs(tags=["operations"], summary="The process is alive")
@@ -39,7 +41,9 @@ async def _check(aw: Awaitable[object]) -> str:
     summary="Ready: Postgres, Redis and the scheduler",
     description="503 when Postgres, Redis or the ticks are down. An expired default Bakong "
     "credential makes `status` `degraded` (still 200: restarting or rerouting cannot fix a "
-    "token, and everything else still works); `bakong` says which credentials are expired.",
+    "token, and everything else still works); `bakong` says which credentials are expired. "
+    "A token-only default that Bakong refused (401) before its `exp` is asked about again "
+    "with backoff: `degraded` lasts only while Bakong refuses it.",
     responses={503: {"description": "Not ready", "schema": ReadySchema}},
 )
 @response_schema(ReadySchema, 200)
@@ -69,7 +73,7 @@ EXPIRED_SHOWN = 20
 
 async def bakong_health(service: Service) -> dict[str, Any]:
     """The default credential, expired ones and open circuits; `problem` if the default is
-    expired (readiness stays 200: only an operator with a fresh token can fix it)."""
+    expired (readiness stays 200: restarting cannot fix a token)."""
     default_id = service.credentials.default_id
     found = await tx_store.credentials_by_id(service.pool, [default_id] if default_id else [])
     default = found.get(default_id) if default_id else None
@@ -90,12 +94,24 @@ async def bakong_health(service: Service) -> dict[str, Any]:
         "circuits": service.poller.checker.circuits(),
     }
     if default is not None and default.status == "expired":
-        health["problem"] = (
-            f"the default Bakong credential ({default.id}) has no usable token "
-            f"({default.last_error}); transactions that use it will time out as "
-            "bakong_unauthorized. POST /api/v1/credentials a fresh token or a registered email."
-        )
+        health["problem"] = _problem(default)
     return health
+
+
+def _problem(default: Credential) -> str:
+    if refused(default):
+        return (
+            f"Bakong refuses the token of the default Bakong credential ({default.id}) "
+            f"({default.last_error}); it is asked again with backoff and is active again once "
+            "Bakong accepts it. Meanwhile its transactions wait, and time out as "
+            "bakong_unauthorized past their deadline and grace. POST /api/v1/credentials a "
+            "fresh token or a registered email to replace it."
+        )
+    return (
+        f"the default Bakong credential ({default.id}) has no usable token "
+        f"({default.last_error}); transactions that use it will time out as "
+        "bakong_unauthorized. POST /api/v1/credentials a fresh token or a registered email."
+    )
 
 
 @docs(

@@ -4,7 +4,9 @@ A member's score is the time (epoch ms) it is next due. Claiming moves the score
 end of a lease, so a process killed mid-work loses nothing: the member simply comes due
 again when its lease runs out. Finishing (reschedule or remove) is fenced on the lease
 score, so a process whose lease ran out cannot undo the claim of the process that took
-the member over.
+the member over. Due times are whole milliseconds and lease ends half a millisecond past
+one, so a member being worked on is told from one merely due later (`requeue` leaves it
+alone: a lease overwritten would have it sent twice at once).
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+
+# Added to every lease end and to nothing else; exact in a double until long after year 9999.
+LEASE_MARK = 0.5
 
 # KEYS[1] schedule; ARGV: now_ms, limit, lease_until_ms, lookahead_ms, batch
 # Takes due members (oldest first); when the last batch would be partly empty it is
@@ -84,6 +89,34 @@ return added
 """
 
 
+# KEYS: the lane to queue in, then the other lanes a member may be in; ARGV: now_ms, due_ms,
+# members. Queues each member (out of the other lanes) unless a live lease holds it in any
+# lane (its score ends in LEASE_MARK and is still ahead); returns the members held.
+_REQUEUE = """
+local now = tonumber(ARGV[1])
+local held = {}
+for i = 3, #ARGV do
+  local leased = false
+  for k = 1, #KEYS do
+    local score = tonumber(redis.call('ZSCORE', KEYS[k], ARGV[i]) or '')
+    if score and score % 1 == 0.5 and score > now then leased = true; break end
+  end
+  if leased then
+    held[#held + 1] = ARGV[i]
+  else
+    for k = 2, #KEYS do redis.call('ZREM', KEYS[k], ARGV[i]) end
+    redis.call('ZADD', KEYS[1], ARGV[2], ARGV[i])
+  end
+end
+return held
+"""
+
+
+def under_lease(score: float | None, now_ms: float) -> bool:
+    """The score of a member that a live lease holds: someone is working on it now."""
+    return score is not None and score % 1 == LEASE_MARK and score > now_ms
+
+
 class Schedule:
     """One sorted set of due work, shared by every gateway process."""
 
@@ -94,6 +127,7 @@ class Schedule:
         self._finish: Any = redis.register_script(_FINISH)
         self._add_missing: Any = redis.register_script(_ADD_MISSING)
         self._extend: Any = redis.register_script(_EXTEND)
+        self._requeue: Any = redis.register_script(_REQUEUE)
 
     async def add(self, items: Iterable[tuple[str, int]], *, only_new: bool = False) -> int:
         """Schedule members at their due times (ms); `only_new` keeps existing scores."""
@@ -115,6 +149,28 @@ class Schedule:
         keys = [self.key, *(other.key for other in also_in)]
         return int(await self._add_missing(keys=keys, args=args))
 
+    async def requeue(
+        self, members: Sequence[str], due_ms: int, also_in: Sequence[Schedule] = ()
+    ) -> list[str]:
+        """Due at `due_ms` here and out of `also_in`, except members a live lease holds in
+        any of them (an overwritten lease would send them twice at once): returns those."""
+        if not members:
+            return []
+        keys = [self.key, *(other.key for other in also_in)]
+        held = await self._requeue(keys=keys, args=[int(time.time() * 1000), due_ms, *members])
+        return [m.decode() if isinstance(m, bytes) else m for m in held]
+
+    async def leased(self, members: Sequence[str], also_in: Sequence[Schedule] = ()) -> list[str]:
+        """The members a live lease holds, here or in `also_in`."""
+        now_ms = time.time() * 1000
+        held: list[str] = []
+        for lane in (self, *also_in):
+            scores = await lane.scores(members)
+            held += [
+                m for m, score in zip(members, scores, strict=True) if under_lease(score, now_ms)
+            ]
+        return held
+
     async def claim(
         self,
         now_ms: int,
@@ -123,19 +179,19 @@ class Schedule:
         *,
         lookahead_ms: int = 0,
         batch: int = 1,
-    ) -> tuple[list[str], int]:
+    ) -> tuple[list[str], float]:
         """Claim up to `limit` due members; returns them and the lease score to finish with."""
-        lease_until = now_ms + lease_ms
+        lease_until = now_ms + lease_ms + LEASE_MARK
         members = await self._claim(
             keys=[self.key], args=[now_ms, limit, lease_until, lookahead_ms, batch]
         )
         return [m.decode() if isinstance(m, bytes) else m for m in members], lease_until
 
     async def finish(
-        self, lease_until: int, reschedule: Sequence[tuple[str, int]], remove: Sequence[str]
+        self, lease_until: float, reschedule: Sequence[tuple[str, int]], remove: Sequence[str]
     ) -> int:
         """Reschedule and remove members claimed under `lease_until`; others are left alone."""
-        args: list[str | int] = [lease_until]
+        args: list[str | float] = [lease_until]
         for member, due in reschedule:
             args += [member, due]
         for member in remove:
@@ -144,7 +200,7 @@ class Schedule:
             return 0
         return int(await self._finish(keys=[self.key], args=args))
 
-    async def extend(self, lease_until: int, new_until: int, members: Sequence[str]) -> int:
+    async def extend(self, lease_until: float, new_until: float, members: Sequence[str]) -> int:
         """Push the lease of `members` still held under `lease_until` out to `new_until`."""
         if not members:
             return 0
@@ -177,7 +233,7 @@ class Lease:
     """
 
     def __init__(
-        self, schedule: Schedule, members: Sequence[str], until: int, length_ms: int
+        self, schedule: Schedule, members: Sequence[str], until: float, length_ms: int
     ) -> None:
         self.schedule = schedule
         self.until = until
@@ -198,7 +254,7 @@ class Lease:
         while self.members:
             await asyncio.sleep(self.length_ms / 3000)
             async with self._lock:
-                new_until = int(time.time() * 1000) + self.length_ms
+                new_until = int(time.time() * 1000) + self.length_ms + LEASE_MARK
                 try:
                     await self.schedule.extend(self.until, new_until, sorted(self.members))
                 except RedisError:

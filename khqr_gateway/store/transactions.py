@@ -418,6 +418,19 @@ async def mark_credential_expired(pool: asyncpg.Pool, credential_id: int, error:
     return bool(was == "active")
 
 
+async def reactivate_credential(pool: asyncpg.Pool, credential_id: int, token: str) -> bool:
+    """Active again with the same token (Bakong accepts it again); False if it changed."""
+    done = await pool.fetchval(
+        """
+        update credentials set status = 'active', last_error = null, updated_at = now()
+        where id = $1 and token = $2 and status = 'expired' returning true
+        """,
+        credential_id,
+        token,
+    )
+    return bool(done)
+
+
 async def set_credential_error(pool: asyncpg.Pool, credential_id: int, error: str | None) -> None:
     await pool.execute(
         "update credentials set last_error = $2, updated_at = now() where id = $1",
