@@ -45,8 +45,8 @@ class Ingest:
     arrive together are written together: one `INSERT ... SELECT FROM unnest(...)` whose
     RETURNING gives the new rows, then one ZADD of their first polls. An md5 already tracked,
     or repeated within the batch, goes the row-by-row way (`insert_or_get`) and gets the md5's
-    transaction, whatever its status. Each request then hears what it would have heard alone: its row
-    and whether it is new, or the error of Postgres (for the whole batch) or of Redis (for
+    transaction, whatever its status. Each request then hears what it would have heard alone:
+    its row and whether it is new, or the error of Postgres (for the whole batch) or of Redis (for
     the new rows only, which are durable in Postgres by then; the reconcile tick schedules
     them).
     """
