@@ -35,6 +35,9 @@ def fields_of(body: Any) -> set[str]:
         ({"md5": random_md5(), "webhookUrl": "/relative/path"}, "webhookUrl"),
         ({"md5": random_md5(), "webhookUrl": "http://exa mple.com/"}, "webhookUrl"),
         ({"md5": random_md5(), "webhookUrl": "http://example.com:99999/"}, "webhookUrl"),
+        # aiohttp refuses these on every attempt, whatever the SSRF guard allows.
+        ({"md5": random_md5(), "webhookUrl": "http://127.0.0.1\\@example.com/"}, "webhookUrl"),
+        ({"md5": random_md5(), "webhookUrl": "http://[]@"}, "webhookUrl"),
         ({"md5": random_md5(), "webhookUrl": HOOK, "timeoutSeconds": 0}, "timeoutSeconds"),
         ({"md5": random_md5(), "webhookUrl": HOOK, "timeoutSeconds": 3601}, "timeoutSeconds"),
         ({"md5": random_md5(), "webhookUrl": HOOK, "timeoutSeconds": "60"}, "timeoutSeconds"),

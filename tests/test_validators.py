@@ -99,6 +99,9 @@ CREATE_VALUES = {
             "http://shop .example/",
             "https://shop.example:99999/",
             "https://shop.example/" + "x" * 2100,
+            "http://\uff11\uff12\uff17.0.0.1/",
+            "http://127.0.0.1\\@shop.example/",
+            "http://[]@",
         ]
     )
     | JSON,

@@ -6,7 +6,6 @@ import re
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
 from marshmallow import (
@@ -23,6 +22,7 @@ from marshmallow import (
 )
 
 from khqr_gateway.models import DeliveryStatus, Status
+from khqr_gateway.webhooks.ssrf import client_url
 
 MD5_RE = re.compile(r"^[0-9a-fA-F]{32}$")
 # No whitespace and no control characters: an email ends up in a Postgres text column.
@@ -80,12 +80,9 @@ def check_webhook_url(value: str) -> str:
         raise ValidationError("must not contain whitespace")
     if any(c < " " or c == "\x7f" for c in value):
         raise ValidationError("must not contain control characters")
-    try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018 - raises on a bad port
-    except ValueError:
-        raise ValidationError("must be an absolute http(s) URL") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    # Parsed as the webhook client will parse it, so that what passes here can be sent.
+    url = client_url(value)
+    if url is None or url.scheme not in ("http", "https") or not url.raw_host:
         raise ValidationError("must be an absolute http(s) URL")
     return value
 
