@@ -188,6 +188,55 @@ async def test_production_refuses_internal_urls_with_422(production: Gateway, ur
     assert "not a public address" in detail["message"]
 
 
+# Hosts where urlsplit, which creation used, saw no IP (some were refused only by luck: no
+# dot, or .internal) while aiohttp (yarl: NFKC and IDNA) connects to one; and backslashes
+# in the authority, which aiohttp refuses on every attempt.
+DISGUISED = [
+    "http://\uff11\uff12\uff17.\uff10.\uff10.\uff11/",  # fullwidth 127.0.0.1
+    "http://\u2460\u2461\u2466.0.0.1/",  # circled 127
+    "http://127\u30020\u30020\u30021/hook",  # ideographic full stops
+    "http://\u2460\u2465\u2468.\u2461\u2464\u2463.\u2460\u2465\u2468.\u2461\u2464\u2463/",
+    "http://[::ffff:\uff11\uff12\uff17.0.0.1]/hook",
+    "http://\uff4c\uff4f\uff43\uff41\uff4c\uff48\uff4f\uff53\uff54:3000/hook",  # localhost
+    "http://\u24dcetadata.google.internal/",
+    "http://127.0.0.1\\@example.com/",
+    "http://example.com\\@127.0.0.1/",
+]
+
+
+async def created_for(gw: Gateway, md5: str) -> list[Any]:
+    status, page = await gw.get(f"/api/v1/transactions?md5={md5}")
+    assert status == 200, page
+    data: list[Any] = page["data"]
+    return data
+
+
+@pytest.mark.parametrize("url", DISGUISED)
+async def test_production_refuses_disguised_internal_urls(production: Gateway, url: str) -> None:
+    md5 = random_md5()
+    status, body = await production.post("/api/v1/transactions", {"md5": md5, "webhookUrl": url})
+    assert status == 422, body
+    assert set(body["error"]) == {"code", "message", "details"}
+    [detail] = body["error"]["details"]
+    assert detail["field"] == "webhookUrl"
+    assert await created_for(production, md5) == []
+
+
+def test_creation_judges_the_host_aiohttp_connects_to() -> None:
+    assert "127.0.0.1 is not a public address" in (
+        PRODUCTION.check_url("http://\uff11\uff12\uff17.0.0.1/") or ""
+    )
+    assert PRODUCTION.check_url("https://b\u00fccher.example/hook") is None
+    assert DEVELOPMENT.check_url("http://\u2460\u2461\u2466.0.0.1:3000/") is None
+
+
+async def test_unicode_names_and_backslashes_in_paths_still_work(production: Gateway) -> None:
+    # A real IDN name, and a backslash aiohttp sends percent-encoded in the path.
+    for url in ("https://b\u00fccher.example/hook", "https://shop.example/a\\b"):
+        status, body = await create(production, url)
+        assert status == 201, (url, body)
+
+
 @pytest.mark.parametrize(
     "url", ["https://93.184.216.34/hook", "https://[2606:4700:4700::1111]/hook"]
 )

@@ -99,6 +99,9 @@ CREATE_VALUES = {
             "http://shop .example/",
             "https://shop.example:99999/",
             "https://shop.example/" + "x" * 2100,
+            "http://\uff11\uff12\uff17.0.0.1/",
+            "http://127.0.0.1\\@shop.example/",
+            "http://[]@",
         ]
     )
     | JSON,
@@ -188,3 +191,42 @@ def test_usual_create_bodies_take_the_quick_path(body: dict[str, Any]) -> None:
     quick = schemas.quick_load_create(body)
     assert quick is not None
     assert _same(quick, _loaded_by_schema(body))
+
+
+def _nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"n": 2**63},
+        {"n": 2**64},
+        {"n": -(2**63) - 1},
+        {"a": [{"b": 10**30}]},
+        {"deep": _nested(32)},  # 33 levels with the metadata object
+    ],
+)
+def test_both_create_loaders_refuse_metadata_the_api_cannot_echo(metadata: Any) -> None:
+    body = {"md5": "a" * 32, "webhookUrl": URLS[0], "metadata": metadata}
+    assert schemas.quick_load_create(body) is None
+    assert _loaded_by_schema(body) is None
+
+
+def test_both_create_loaders_keep_64_bit_integers_and_31_nested_arrays() -> None:
+    metadata = {"max": 2**63 - 1, "min": -(2**63), "deep": _nested(31)}
+    body = {"md5": "a" * 32, "webhookUrl": URLS[0], "metadata": metadata}
+    quick = schemas.quick_load_create(body)
+    assert quick is not None and quick["metadata"] == metadata
+    assert _same(quick, _loaded_by_schema(body))
+
+
+@pytest.mark.parametrize("schema", REQUEST_SCHEMAS, ids=lambda s: s.__name__)
+def test_nesting_past_the_recursion_limit_is_a_422(schema: type[Schema]) -> None:
+    body = {"metadata": {"deep": _nested(5000)}, "status": _nested(5000)}
+    with pytest.raises(ApiError) as caught:
+        load(schema(), body)
+    assert caught.value.status == 422

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
 from marshmallow import (
@@ -23,6 +23,7 @@ from marshmallow import (
 )
 
 from khqr_gateway.models import DeliveryStatus, Status
+from khqr_gateway.webhooks.ssrf import client_url
 
 MD5_RE = re.compile(r"^[0-9a-fA-F]{32}$")
 # No whitespace and no control characters: an email ends up in a Postgres text column.
@@ -39,6 +40,14 @@ ID_CURSOR_RE = re.compile(r"^[0-9]{1,18}$")
 CURSOR_ERROR = "is not a cursor this API gave"
 MD5_ERROR = "must be 32 hexadecimal characters"
 METADATA_MAX_BYTES = 4096
+# Levels of objects and arrays, the metadata object the first: far more than an echo needs,
+# far less than orjson writes (254), with room for the webhook body around it.
+METADATA_MAX_DEPTH = 32
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+INT64_ERROR = f"must be an integer from {INT64_MIN} to {INT64_MAX} (a bigger one as a string)"
+# An integer beyond 64 bits has at least 19 digits (2**63 has 19), and orjson reads one as a
+# float (or as unsigned, up to 2**64 - 1), no longer to be told from a number written so.
+LONG_DIGITS = re.compile(rb"[0-9]{19}")
 URL_MAX = 2048
 CURRENCIES = ("KHR", "USD")
 # A tracking window: any length up to an hour (a short one is how tests see a timeout soon).
@@ -59,12 +68,46 @@ class Pattern(validate.Regexp):
         return value
 
 
-def json_size(value: Any) -> int:
-    """Bytes of `value` as JSON; a ValidationError for what JSON cannot hold (huge integers)."""
+def check_metadata(value: dict[str, Any]) -> None:
+    """Raise ValidationError unless `value` is metadata stored and echoed as given: at most
+    METADATA_MAX_DEPTH levels deep, integers within 64 bits, METADATA_MAX_BYTES as JSON."""
     try:
-        return len(orjson.dumps(value))
-    except TypeError:
-        raise ValidationError("must hold only JSON values (integers within 64 bits)") from None
+        dumped = orjson.dumps(value)
+    except TypeError:  # nested past 254 levels, or an integer past 64 bits
+        _check_nesting_and_integers(value)
+        raise ValidationError("must hold only JSON values") from None
+    # Too deep takes as many brackets, too wide an integer a run of 19 digits: only such
+    # metadata pays for the walk (slower than all the rest of the quick loader).
+    if dumped.count(b"[") + dumped.count(b"{") > METADATA_MAX_DEPTH or LONG_DIGITS.search(dumped):
+        _check_nesting_and_integers(value)
+    if len(dumped) > METADATA_MAX_BYTES:
+        raise ValidationError(f"must be at most {METADATA_MAX_BYTES} bytes as JSON")
+
+
+def _check_nesting_and_integers(value: dict[str, Any]) -> None:
+    for path, depth, item in walk_json(value):
+        if depth > METADATA_MAX_DEPTH and isinstance(item, dict | list):
+            raise ValidationError(f"must nest at most {METADATA_MAX_DEPTH} levels")
+        if type(item) is int and not INT64_MIN <= item <= INT64_MAX:
+            # Named by its path, as marshmallow names a nested field: metadata.a.0.b.
+            raise ValidationError({path: [INT64_ERROR]})
+
+
+def walk_json(value: Any) -> Iterator[tuple[str, int, Any]]:
+    """Each value in `value` (itself at depth 1) with its dotted path and depth, parents
+    before children; a loop, as orjson reads nesting deeper than Python's recursion limit."""
+    stack: list[tuple[str, int, Any]] = [("", 1, value)]
+    while stack:
+        path, depth, item = stack.pop()
+        yield path, depth, item
+        if isinstance(item, dict):
+            children: Iterator[tuple[Any, Any]] = iter(item.items())
+        elif isinstance(item, list):
+            children = enumerate(item)
+        else:
+            continue
+        for key, child in children:
+            stack.append((f"{path}.{key}" if path else str(key), depth + 1, child))
 
 
 def check_md5(value: str) -> str:
@@ -80,12 +123,9 @@ def check_webhook_url(value: str) -> str:
         raise ValidationError("must not contain whitespace")
     if any(c < " " or c == "\x7f" for c in value):
         raise ValidationError("must not contain control characters")
-    try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018 - raises on a bad port
-    except ValueError:
-        raise ValidationError("must be an absolute http(s) URL") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    # Parsed as the webhook client will parse it, so that what passes here can be sent.
+    url = client_url(value)
+    if url is None or url.scheme not in ("http", "https") or not url.raw_host:
         raise ValidationError("must be an absolute http(s) URL")
     return value
 
@@ -224,12 +264,16 @@ class TransactionCreateSchema(Schema):
         validate=validate.Range(min=TIMEOUT_MIN_S, max=TIMEOUT_MAX_S),
         metadata={"description": "Tracking window in seconds (default POLL_TIMEOUT_S)"},
     )
-    metadata = fields.Dict(metadata={"description": "Echoed in the webhook; at most 4 KB"})
+    metadata = fields.Dict(
+        metadata={
+            "description": "Echoed in the webhook; at most 4 KB, 32 levels deep, integers "
+            "within 64 bits"
+        }
+    )
 
     @validates("metadata")
     def _metadata(self, value: dict[str, Any], **kwargs: Any) -> None:
-        if json_size(value) > METADATA_MAX_BYTES:
-            raise ValidationError(f"must be at most {METADATA_MAX_BYTES} bytes as JSON")
+        check_metadata(value)
 
     @validates_schema
     def _one_source(self, data: dict[str, Any], **kwargs: Any) -> None:
@@ -277,8 +321,7 @@ def quick_load_create(data: dict[str, Any]) -> dict[str, Any] | None:
         if type(metadata) is not dict:
             return None
         try:
-            if json_size(metadata) > METADATA_MAX_BYTES:
-                return None
+            check_metadata(metadata)
         except ValidationError:
             return None
         loaded["metadata"] = dict(metadata)
@@ -489,12 +532,16 @@ class KhqrCreateSchema(Schema):
     returnUrl = url_field("The payment page goes here once paid")
     token = token_field("Bakong token for the tracking (else the default)")
     email = email_field("Registered Bakong email for the tracking")
-    metadata = fields.Dict(metadata={"description": "Echoed in the webhook; at most 4 KB"})
+    metadata = fields.Dict(
+        metadata={
+            "description": "Echoed in the webhook; at most 4 KB, 32 levels deep, integers "
+            "within 64 bits"
+        }
+    )
 
     @validates("metadata")
     def _metadata(self, value: dict[str, Any], **kwargs: Any) -> None:
-        if json_size(value) > METADATA_MAX_BYTES:
-            raise ValidationError(f"must be at most {METADATA_MAX_BYTES} bytes as JSON")
+        check_metadata(value)
 
     @validates_schema
     def _tracking_fields(self, data: dict[str, Any], **kwargs: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import logging
 import uuid
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from khqr_gateway.api.errors import (
 from khqr_gateway.api.openapi import ERROR, errors
 from khqr_gateway.api.schemas import (
     CURSOR_ERROR,
+    LONG_DIGITS,
     JobIdPathSchema,
     TransactionCreatedSchema,
     TransactionCreateSchema,
@@ -37,6 +39,7 @@ from khqr_gateway.api.schemas import (
     TransactionPageSchema,
     TransactionSchema,
     quick_load_create,
+    walk_json,
 )
 from khqr_gateway.bakong import khqr
 from khqr_gateway.credentials import token_expired
@@ -53,6 +56,9 @@ log = logging.getLogger(__name__)
 JSON_TYPES = ("application/json",)
 IDEMPOTENCY_KEY_MAX = 255
 BODY_READ_TIMEOUT_S = 10.0
+# The standard parser, which keeps such integers exact, recurses: deeper bodies are not
+# read again (every schema refuses nesting this deep, metadata past METADATA_MAX_DEPTH).
+EXACT_READ_MAX_DEPTH = 100
 # One instance each: loading keeps no state in the schema, and building one per request
 # (its fields copied) cost a tenth of a create.
 CREATE_SCHEMA = TransactionCreateSchema()
@@ -65,9 +71,21 @@ async def read_json(request: web.Request) -> tuple[bytes, Any]:
         raise ApiError(415, "unsupported_media_type", "send the body as application/json")
     raw = await _body(request)
     try:
-        return raw, orjson.loads(raw)
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+    return raw, _exact_integers(raw, body)
+
+
+def _exact_integers(raw: bytes, body: Any) -> Any:
+    """`body` with every integer as written, for validators to hold to 64 bits. The rare
+    body with a long run of digits is read again by the standard parser, which agrees with
+    orjson on everything orjson accepts but such integers."""
+    if LONG_DIGITS.search(raw) is None:
+        return body
+    if max(depth for _, depth, _ in walk_json(body)) > EXACT_READ_MAX_DEPTH:
+        return body
+    return json.loads(raw)
 
 
 async def _body(request: web.Request) -> bytes:
@@ -82,21 +100,24 @@ async def _body(request: web.Request) -> bytes:
         raise ApiError(408, "request_timeout", "the body took too long to arrive") from None
 
 
-def _nul_fields(value: Any, name: str = "") -> Iterator[str]:
+def _nul_fields(value: Any) -> Iterator[str]:
     """The fields of `value` that hold U+0000, which Postgres text (and jsonb, once read as
-    text) cannot store: refused here rather than failing in the database as a 500."""
-    if isinstance(value, str):
-        if "\x00" in value:
-            yield name or "body"
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            if "\x00" in str(key):
+    text) cannot store: refused here rather than failing in the database as a 500. A loop,
+    not recursion: orjson reads nesting deeper than Python's recursion limit."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        name, item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
                 yield name or "body"
-            else:
-                yield from _nul_fields(item, f"{name}.{key}" if name else str(key))
-    elif isinstance(value, list):
-        for item in value:
-            yield from _nul_fields(item, name)
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if "\x00" in str(key):
+                    yield name or "body"
+                else:
+                    stack.append((f"{name}.{key}" if name else str(key), child))
+        elif isinstance(item, list):
+            stack.extend((name, child) for child in item)
 
 
 def load(schema: Schema, data: Any) -> dict[str, Any]:

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
+from yarl import URL
 
 from khqr_gateway.config import AppEnv, Settings
 
@@ -169,6 +169,16 @@ def parse_address(host: str) -> IPAddress | None:
     return None
 
 
+def client_url(url: str) -> URL | None:
+    """`url` as aiohttp's client parses it before connecting (yarl: the host NFKC-normalised
+    and IDNA-encoded, so fullwidth or circled digits are ASCII ones), or None where the
+    client could not send to it at all (a backslash in the authority, a bad port or label)."""
+    try:
+        return URL(url)
+    except (ValueError, IndexError):  # IndexError: yarl 1.25 on "http://[]@"
+        return None
+
+
 def classify_host(host: str) -> Kind | None:
     """The range a URL host is known to be in without DNS: literal IPs and internal names."""
     name = host.lower().removesuffix(".")
@@ -212,7 +222,12 @@ class AddressPolicy:
         """Why a webhook URL is refused before any DNS lookup, or None when it may be tried."""
         if self.off:
             return None
-        host = urlsplit(url).hostname or ""
+        # The host aiohttp will connect to (what GuardedConnector.connect checks), not the
+        # text as written: creation refuses exactly what sending would.
+        parsed = client_url(url)
+        host = parsed.raw_host if parsed is not None else None
+        if not host:
+            return "is not a URL the webhook client can send to"
         kind = self.refusal(classify_host(host))
         if kind is None:
             return None
