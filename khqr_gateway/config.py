@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
+from khqr_gateway.models import LateWindow
 from khqr_gateway.webhooks.retry import DEFAULT_SCHEDULE, parse_schedule
 from khqr_gateway.webhooks.signing import SecretError, parse_secrets
 
@@ -64,6 +65,9 @@ class Settings:
     shutdown_grace_s: float = 10.0
     public_url: str | None = None
     api_rate_limit: int = 1000
+    late_check_interval_s: float = 30.0
+    late_margin_s: int = 60
+    late_watch_s: int = 3600
 
     @property
     def sandbox(self) -> bool:
@@ -75,6 +79,10 @@ class Settings:
     @property
     def production(self) -> bool:
         return self.app_env is AppEnv.PRODUCTION
+
+    @property
+    def late_window(self) -> LateWindow:
+        return LateWindow(self.late_margin_s, self.late_watch_s, self.late_check_interval_s)
 
     @property
     def bakong_url(self) -> str:
@@ -219,4 +227,7 @@ def _build(r: _Reader) -> Settings:
         shutdown_grace_s=r.number("SHUTDOWN_GRACE_S", 10.0, 0, 600),
         public_url=r.parse("PUBLIC_URL", _url(("http", "https")), None),
         api_rate_limit=r.integer("API_RATE_LIMIT", 1000, 0, 1_000_000),
+        late_check_interval_s=r.number("LATE_CHECK_INTERVAL_S", 30.0, 0.1, 3600),
+        late_margin_s=r.integer("LATE_MARGIN_S", 60, 0, 86_400),
+        late_watch_s=r.integer("LATE_WATCH_S", 3600, 0, 7 * 86_400),
     )

@@ -44,6 +44,12 @@ TRANSITIONS = Counter(
     ["status"],
     registry=REGISTRY,
 )
+LATE_PAYMENTS = Counter(
+    "khqr_late_payments_total",
+    "Payments found after a timeout or a cancel, by new status and the status before",
+    ["status", "previous"],
+    registry=REGISTRY,
+)
 DELIVERY_ATTEMPTS = Counter(
     "khqr_webhook_attempts_total",
     "Webhook attempts by outcome (delivered, retry, failed)",

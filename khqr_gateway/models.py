@@ -27,6 +27,11 @@ class Status(StrEnum):
         """Every terminal state but `cancelled` gets exactly one webhook."""
         return self.terminal and self is not Status.CANCELLED
 
+    @property
+    def watched_late(self) -> bool:
+        """A QR given up on can still be paid: these states are watched for a late payment."""
+        return self in (Status.TIMEOUT, Status.CANCELLED)
+
 
 class DeliveryStatus(StrEnum):
     PENDING = "pending"
@@ -105,3 +110,31 @@ class Transition:
     data: dict[str, Any] | None
     delivery_id: str | None
     payload: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class LateWindow:
+    """How long, and how often, an md5 given up on is still checked for a late payment."""
+
+    # Past a known QR expiry (tag 99): the QR cannot be paid after it.
+    margin_s: int
+    # Past the deadline or the cancel, when the QR's expiry is not known.
+    watch_s: int
+    check_interval_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class LateItem:
+    """A timed-out or cancelled transaction still watched, as the late tick needs it."""
+
+    poll: PollItem
+    status: Status
+    watch_until: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class LateTransition:
+    """A late payment to record: the transition, and the state it moves the transaction from."""
+
+    transition: Transition
+    previous: Status

@@ -16,6 +16,7 @@ from khqr_gateway.bakong.sandbox import make_token
 from khqr_gateway.config import Settings
 from khqr_gateway.credentials import SANDBOX_TOKEN_EMAIL, Credentials
 from khqr_gateway.events import EventHub
+from khqr_gateway.late import LateWatch
 from khqr_gateway.metrics import PENDING, POLL_LAG, QUEUE_DEPTH
 from khqr_gateway.scheduler import Ticks
 from khqr_gateway.store import db
@@ -48,6 +49,7 @@ class Figures:
     queues: dict[str, int]
     poll_lag_s: float
     oldest_pending_s: float | None
+    late_payments: dict[str, int]
     read_at: datetime
 
 
@@ -64,6 +66,7 @@ class Service:
     deliveries: Schedule
     retries: Schedule
     poller: Poller
+    late: LateWatch
     deliverer: Deliverer
     events: EventHub
     ingest: Ingest
@@ -101,6 +104,30 @@ class Service:
         retries = Schedule(redis, names["deliver_retry"])
         events = EventHub(redis, names["events"])
         policy = AddressPolicy.for_settings(settings)
+        poller = Poller(
+            pool=pool,
+            schedule=polls,
+            deliveries=deliveries,
+            bakong=bakong,
+            credentials=credentials,
+            interval_s=settings.poll_interval_s,
+            grace_s=settings.bakong_grace_s,
+            events=events,
+            limits=limits,
+            tick_s=poll_tick_s(settings),
+            window=settings.late_window,
+        )
+        late = LateWatch(
+            pool=pool,
+            schedule=Schedule(redis, names["late"]),
+            polls=polls,
+            deliveries=deliveries,
+            checker=poller.checker,
+            window=settings.late_window,
+            poll_interval_s=settings.poll_interval_s,
+            events=events,
+        )
+        poller.on_timeouts = late.watch
         service = cls(
             settings=settings,
             pool=pool,
@@ -110,18 +137,8 @@ class Service:
             polls=polls,
             deliveries=deliveries,
             retries=retries,
-            poller=Poller(
-                pool=pool,
-                schedule=polls,
-                deliveries=deliveries,
-                bakong=bakong,
-                credentials=credentials,
-                interval_s=settings.poll_interval_s,
-                grace_s=settings.bakong_grace_s,
-                events=events,
-                limits=limits,
-                tick_s=poll_tick_s(settings),
-            ),
+            poller=poller,
+            late=late,
             deliverer=Deliverer(
                 pool=pool,
                 first=deliveries,
@@ -137,6 +154,7 @@ class Service:
             ingest=Ingest(pool, polls, interval_s=settings.poll_interval_s),
         )
         service.poller.on_deliveries = service.deliverer.kick
+        service.late.on_deliveries = service.deliverer.kick
         await service._setup_credentials()
         return service
 
@@ -151,6 +169,7 @@ class Service:
 
     def start_ticks(self) -> None:
         self.ticks.add("poll", poll_tick_s(self.settings), self.poller.tick)
+        self.ticks.add("late", late_tick_s(self.settings), self.late.tick)
         self.ticks.add("deliver", 0.1, self.deliverer.tick)
         self.ticks.add("reconcile", RECONCILE_INTERVAL_S, self.reconcile)
         self.ticks.add("token", TOKEN_INTERVAL_S, self.credentials.tick)
@@ -175,6 +194,7 @@ class Service:
             "poll": await self.polls.size(),
             "deliver": await self.deliveries.size(),
             "deliver_retry": await self.retries.size(),
+            "late": await self.late.schedule.size(),
         }
         oldest_due_ms = await self.polls.oldest_due_ms()
         now = datetime.now(UTC)
@@ -185,6 +205,7 @@ class Service:
             queues=queues,
             poll_lag_s=round(max(0.0, lag_ms / 1000), 3),
             oldest_pending_s=await tx_store.oldest_pending_seconds(self.pool),
+            late_payments=await tx_store.late_payments(self.pool),
             read_at=now,
         )
         self.figures = figures
@@ -193,6 +214,7 @@ class Service:
     async def reconcile(self) -> None:
         """Put back in Redis whatever Postgres says is pending and Redis lost."""
         await self._reconcile_polls()
+        await self._reconcile_late()
         await self._reconcile_deliveries()
         await tx_store.expire_idempotency_keys(self.pool)
 
@@ -209,6 +231,18 @@ class Service:
             if added:
                 log.warning("reconcile: %d pending transactions rescheduled", added)
             after = rows[-1]["id"]
+
+    async def _reconcile_late(self) -> None:
+        now_ms = int(time.time() * 1000)
+        after = None
+        while True:
+            rows = await tx_store.late_watch_page(self.pool, after=after, limit=RECONCILE_PAGE)
+            if not rows:
+                break
+            added = await self.late.schedule.add_missing([(str(r["id"]), now_ms) for r in rows])
+            if added:
+                log.warning("reconcile: %d late watches rescheduled", added)
+            after = (rows[-1]["late_watch_until"], rows[-1]["id"])
 
     async def _reconcile_deliveries(self) -> None:
         after = None
@@ -233,6 +267,11 @@ SERVICE_KEY = web.AppKey("service", Service)
 def poll_tick_s(settings: Settings) -> float:
     """How often the poll tick runs: often enough that a check is never a tick late."""
     return min(0.1, settings.poll_interval_s / 4)
+
+
+def late_tick_s(settings: Settings) -> float:
+    """How often the late tick runs: its checks are slow (30 s), a second late is nothing."""
+    return min(1.0, settings.late_check_interval_s / 4)
 
 
 def _export(figures: Figures) -> None:

@@ -9,7 +9,7 @@ import secrets
 import time
 from asyncio import FIRST_COMPLETED
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -25,7 +25,15 @@ from khqr_gateway.bakong.client import MAX_BATCH, BakongClient
 from khqr_gateway.credentials import Credentials
 from khqr_gateway.events import EventHub
 from khqr_gateway.metrics import MD5_CHECKS, TRANSITIONS
-from khqr_gateway.models import CheckKind, CheckResult, Expected, PollItem, Status, Transition
+from khqr_gateway.models import (
+    CheckKind,
+    CheckResult,
+    Expected,
+    LateWindow,
+    PollItem,
+    Status,
+    Transition,
+)
 from khqr_gateway.store import transactions as store
 from khqr_gateway.store.db import write_isolated
 from khqr_gateway.store.ratelimit import RateLimit
@@ -104,10 +112,21 @@ def new_delivery_id() -> str:
     return "msg_" + secrets.token_urlsafe(20)[:26]
 
 
-def webhook_body(*, job_id: UUID, md5: str, outcome: Outcome, metadata: Any = None) -> bytes:
-    """The webhook body of rachhen/khqr-webhook, plus `reason` and `metadata` when present."""
-    body: dict[str, Any] = {
-        "status": outcome.status.value,
+def webhook_body(
+    *,
+    job_id: UUID,
+    md5: str,
+    outcome: Outcome,
+    metadata: Any = None,
+    late_from: Status | None = None,
+) -> bytes:
+    """The webhook body of rachhen/khqr-webhook, plus `reason` and `metadata` when present;
+    a late payment says so and what the transaction was before (`late_from`)."""
+    body: dict[str, Any] = {"status": outcome.status.value}
+    if late_from is not None:
+        body["late"] = True
+        body["previousStatus"] = late_from.value
+    body |= {
         "data": outcome.data,
         "md5": md5,
         "jobId": str(job_id),
@@ -119,10 +138,14 @@ def webhook_body(*, job_id: UUID, md5: str, outcome: Outcome, metadata: Any = No
     return orjson.dumps(body)
 
 
-def transition(item: PollItem, outcome: Outcome, metadata: Any = None) -> Transition:
+def transition(
+    item: PollItem, outcome: Outcome, metadata: Any = None, late_from: Status | None = None
+) -> Transition:
     delivery_id = new_delivery_id() if outcome.status.notifies else None
     payload = (
-        webhook_body(job_id=item.id, md5=item.md5, outcome=outcome, metadata=metadata)
+        webhook_body(
+            job_id=item.id, md5=item.md5, outcome=outcome, metadata=metadata, late_from=late_from
+        )
         if delivery_id
         else None
     )
@@ -151,9 +174,14 @@ class Poller:
         on_deliveries: Callable[[], None] | None = None,
         events: EventHub | None = None,
         limits: RateLimit | None = None,
+        window: LateWindow,
+        on_timeouts: Callable[[Sequence[str]], Awaitable[None]] | None = None,
     ) -> None:
         self.pool = pool
         self.schedule = schedule
+        self.window = window
+        # Timeouts that happened, for their late watch to start (late.LateWatch.watch).
+        self.on_timeouts = on_timeouts
         self.deliveries = deliveries
         self.bakong = bakong
         self.credentials = credentials
@@ -282,7 +310,7 @@ class Poller:
         )
         transitions = [transition(i, o, metadata.get(i.id)) for i, o in ending]
         happened, refused = await write_isolated(
-            partial(store.record_transitions, self.pool), transitions
+            partial(store.record_transitions, self.pool, window=self.window), transitions
         )
         if refused:
             transitions = self._keep_pending(transitions, refused, reschedule, base_ms)
@@ -297,6 +325,9 @@ class Poller:
             except Exception as exc:  # live status re-reads Postgres on its heartbeat
                 log.warning("could not publish status changes: %s", exc)
         done = {job for job, _ in happened}
+        timed_out = [str(t.id) for t in transitions if t.status is Status.TIMEOUT and t.id in done]
+        if timed_out and self.on_timeouts is not None:
+            await self.on_timeouts(timed_out)
         for t in transitions:
             if t.id in done:
                 TRANSITIONS.labels(t.status.value).inc()

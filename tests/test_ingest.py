@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from khqr_gateway.app import unavailable_dependency
+from khqr_gateway.config import Settings
 from khqr_gateway.models import Expected
 from khqr_gateway.store import db
 from khqr_gateway.store import transactions as store
@@ -156,7 +157,7 @@ async def test_an_md5_that_turned_terminal_is_the_same_transaction(
     """One md5 is one payment: once ended it is never tracked a second time."""
     ingest = Ingest(pool, polls, interval_s=3)
     first, _ = await ingest.create(new())
-    await store.cancel(pool, first["id"])
+    await store.cancel(pool, first["id"], window=Settings().late_window)
     polled = await polls.size()
     again, created = await ingest.create(new(first["md5"]))
     assert not created and again["id"] == first["id"] and again["status"] == "cancelled"

@@ -211,7 +211,7 @@ async def test_a_transition_postgres_refuses_stays_pending_alone(
         Transition(i, Status.SUCCESS, None, {"hash": "h"}, d, b"{}")
         for i, d in zip(ids, ["msg_same", "msg_same", "msg_other"], strict=True)
     )
-    write = partial(record_transitions, gw.service.pool)
+    write = partial(record_transitions, gw.service.pool, window=gw.service.settings.late_window)
     happened, refused = await write_isolated(write, [first, clash, third])
     assert happened == [(first.id, "msg_same"), (third.id, "msg_other")]
     assert [t for t, _ in refused] == [clash]

@@ -156,6 +156,7 @@ async def stats(request: web.Request) -> web.Response:
         "queues": figures.queues,
         "pollLagSeconds": figures.poll_lag_s,
         "oldestPendingSeconds": round(oldest, 3) if oldest else None,
+        "latePayments": figures.late_payments,
         "asOf": iso(figures.read_at),
         "bakong": {
             **service.bakong.recent.summary(),

@@ -389,7 +389,25 @@ class TransactionSchema(TransactionCreatedSchema):
     data = fields.Dict(allow_none=True, metadata={"description": "Bakong transaction data"})
     updatedAt = fields.DateTime()
     completedAt = fields.DateTime(allow_none=True)
-    delivery = fields.Nested(DeliverySummarySchema, allow_none=True)
+    late = fields.Boolean(
+        metadata={"description": "Paid after the gateway had given up on it (a late payment)"}
+    )
+    previousStatus = fields.String(
+        allow_none=True,
+        metadata={"description": "For a late payment: `timeout` or `cancelled`, before it"},
+    )
+    lateWatchUntil = fields.DateTime(
+        allow_none=True,
+        metadata={
+            "description": "After a timeout or a cancel, the md5 is still checked for a late "
+            "payment until then (the QR's expiry plus LATE_MARGIN_S, else LATE_WATCH_S)"
+        },
+    )
+    delivery = fields.Nested(
+        DeliverySummarySchema,
+        allow_none=True,
+        metadata={"description": "Its latest webhook delivery (a late payment's, once made)"},
+    )
 
 
 class TransactionPageSchema(Schema):
@@ -590,6 +608,11 @@ class StatsSchema(Schema):
     queues = fields.Dict(keys=fields.String(), values=fields.Integer())
     pollLagSeconds = fields.Float()
     oldestPendingSeconds = fields.Float(allow_none=True)
+    latePayments = fields.Dict(
+        keys=fields.String(),
+        values=fields.Integer(),
+        metadata={"description": "Payments found after a timeout or a cancel, by status"},
+    )
     asOf = fields.DateTime(
         metadata={"description": "When the counts, queues and ages above were read"}
     )
@@ -606,7 +629,7 @@ class DeliveryListQuerySchema(Schema):
         unknown = RAISE
 
     status = fields.String(validate=validate.OneOf(DELIVERY_STATUSES))
-    jobId = fields.UUID(metadata={"description": "Only the delivery of this transaction"})
+    jobId = fields.UUID(metadata={"description": "Only the deliveries of this transaction"})
     transactionId = fields.UUID(metadata={"description": "The same as jobId"})
     since = Instant(
         metadata={"description": "Only deliveries created at or after this ISO 8601 time"}

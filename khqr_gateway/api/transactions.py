@@ -172,6 +172,9 @@ def transaction_json(row: asyncpg.Record) -> dict[str, Any]:
         "updatedAt": iso(row["updated_at"]),
         "deadlineAt": iso(row["deadline_at"]),
         "completedAt": iso(row["completed_at"]),
+        "late": row["late"],
+        "previousStatus": row["previous_status"],
+        "lateWatchUntil": iso(row["late_watch_until"]),
         "delivery": _delivery_json(row),
     }
 
@@ -195,8 +198,9 @@ def created_json(row: asyncpg.Record) -> dict[str, Any]:
     }
 
 
-def _from_qr(data: dict[str, Any]) -> None:
-    """Fill md5 and expectations from a KHQR string; explicit fields win."""
+def _from_qr(data: dict[str, Any]) -> datetime | None:
+    """Fill md5 and expectations from a KHQR string (explicit fields win); returns when the
+    QR expires, when it says."""
     try:
         parsed = khqr.parse(data["qr"])
     except khqr.KhqrError as exc:
@@ -214,6 +218,9 @@ def _from_qr(data: dict[str, Any]) -> None:
     expected = {k: v for k, v in derived.items() if v is not None}
     expected.update(data.get("expected") or {})
     data["expected"] = expected
+    if parsed.expires_at_ms is None:
+        return None
+    return datetime.fromtimestamp(parsed.expires_at_ms / 1000, UTC)
 
 
 async def _credential_id(service: Service, data: dict[str, Any]) -> int | None:
@@ -243,10 +250,13 @@ async def create(
     refused = AddressPolicy.for_settings(service.settings).check_url(data["webhookUrl"])
     if refused:
         raise _invalid("webhookUrl", refused)
-    if "qr" in data:
-        _from_qr(data)
+    qr_expires_at = _from_qr(data) if "qr" in data else None
     credential_id = await _credential_id(service, data)
     timeout_s = data.get("timeoutSeconds", service.settings.poll_timeout_s)
+    deadline_at = datetime.now(UTC) + timedelta(seconds=timeout_s)
+    if qr_expires_at is not None:
+        # The tracking window never outlives the QR: past its expiry it cannot be paid.
+        deadline_at = min(deadline_at, qr_expires_at)
     expected = data.get("expected")
     new = NewTransaction(
         id=uuid.uuid4(),
@@ -262,7 +272,8 @@ async def create(
         else None,
         metadata=data.get("metadata"),
         qr=data.get("qr"),
-        deadline_at=datetime.now(UTC) + timedelta(seconds=timeout_s),
+        deadline_at=deadline_at,
+        qr_expires_at=qr_expires_at,
     )
     # Written together with the creates of other requests waiting at the same moment.
     row, created = await service.ingest.create(new)
@@ -466,7 +477,7 @@ async def delete_transaction(request: web.Request) -> web.Response:
     """DELETE /api/v1/transactions/{jobId}: cancel a pending transaction; no webhook."""
     service = request.app[SERVICE_KEY]
     job_id = _job_id(request)
-    cancelled = await store.cancel(service.pool, job_id)
+    cancelled = await store.cancel(service.pool, job_id, window=service.settings.late_window)
     row = await store.get(service.pool, job_id)
     if row is None:
         raise ApiError(404, "not_found", "no transaction with this jobId")
@@ -481,6 +492,8 @@ async def delete_transaction(request: web.Request) -> web.Response:
         await service.polls.remove([str(job_id)])
     except Exception as exc:  # the poll tick drops it anyway: it is no longer pending
         log.warning("could not unschedule a cancelled transaction: %s", exc)
+    # The QR can still be paid: a payment made after the cancel is reported all the same.
+    await service.late.watch([str(job_id)])
     await service.events.publish([Change(job_id, Status.CANCELLED, row["reason"])])
     log.info("transaction cancelled", extra={"jobId": str(job_id), "md5": row["md5"]})
     return json_response(transaction_json(row))

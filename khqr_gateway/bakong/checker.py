@@ -128,8 +128,14 @@ class Checker:
             if b.state(now) is not CircuitState.CLOSED
         }
 
-    async def check(self, items: Sequence[PollItem], now: datetime) -> dict[UUID, CheckResult]:
-        """Ask Bakong about every item; each gets an answer or the reason it has none."""
+    async def check(
+        self, items: Sequence[PollItem], now: datetime, *, late: bool = False
+    ) -> dict[UUID, CheckResult]:
+        """Ask Bakong about every item; each gets an answer or the reason it has none.
+
+        `late` checks (md5s given up on, watched for a late payment) make no final checks
+        and book no turn in the rate limit: they take only what is free now, behind the
+        live checks, and an md5 the limit puts off is simply checked at its next turn."""
         groups: dict[int | None, list[PollItem]] = defaultdict(list)
         for item in items:
             credential = item.credential_id
@@ -139,9 +145,9 @@ class Checker:
         results: dict[UUID, CheckResult] = {}
         calls: list[Call] = []
         for credential, group in groups.items():
-            calls += await self._plan(credential, group, now, results)
-        follow_ups = await self._send(calls, results)
-        await self._send(follow_ups, results)  # per-md5 calls: they have no follow-ups
+            calls += await self._plan(credential, group, now, results, late=late)
+        follow_ups = await self._send(calls, results, queue=not late)
+        await self._send(follow_ups, results, queue=not late)  # per-md5: no follow-ups
         return results
 
     async def _plan(
@@ -150,6 +156,8 @@ class Checker:
         group: list[PollItem],
         now: datetime,
         results: dict[UUID, CheckResult],
+        *,
+        late: bool = False,
     ) -> list[Call]:
         """The calls one credential's items need, minus those its breaker holds back."""
         try:
@@ -157,8 +165,8 @@ class Checker:
         except NoToken:
             results.update(_all(group, CheckResult(CheckKind.ERROR, error=NO_TOKEN)))
             return []
-        final = [i for i in group if now >= i.deadline_at]
-        regular = [i for i in group if now < i.deadline_at]
+        final = [] if late else [i for i in group if now >= i.deadline_at]
+        regular = group if late else [i for i in group if now < i.deadline_at]
         calls = [Call(credential, token, [i], single=True, final=True) for i in final]
         if self._list_disabled_until.get(credential, 0.0) > time.monotonic():
             calls += [Call(credential, token, [i], single=True) for i in regular]
@@ -175,13 +183,15 @@ class Checker:
             calls = calls[:allowed]
         return calls
 
-    async def _send(self, calls: list[Call], results: dict[UUID, CheckResult]) -> list[Call]:
+    async def _send(
+        self, calls: list[Call], results: dict[UUID, CheckResult], *, queue: bool = True
+    ) -> list[Call]:
         """Send what the rate limit allows now, final checks first, then in the claim's
         oldest-due-first order; returns follow-up calls."""
         if not calls:
             return []
         calls = sorted(calls, key=lambda c: not c.final)
-        grant = await self._take(Counter(c.credential for c in calls))
+        grant = await self._take(Counter(c.credential for c in calls), queue=queue)
         runnable: list[Call] = []
         deferred: list[Call] = []
         for call in calls:
@@ -209,10 +219,10 @@ class Checker:
             follow_ups += answer.follow_ups
         return follow_ups
 
-    async def _take(self, wanted: Mapping[int | None, int]) -> Grant:
+    async def _take(self, wanted: Mapping[int | None, int], *, queue: bool = True) -> Grant:
         if self.limits is None:
             return Grant(sum(wanted.values()), {})
-        return await self.limits.take(wanted)
+        return await self.limits.take(wanted, queue=queue)
 
     async def _call(self, call: Call) -> Answer:
         async with self._slots:

@@ -65,10 +65,12 @@
       card("paid", t.success || 0),
       card("failed / timeout", (t.failed || 0) + (t.timeout || 0)),
       card("mismatch", t.mismatch || 0),
+      card("paid late", (stats.latePayments || {}).success || 0),
       card("webhooks delivered", d.delivered || 0),
       card("webhooks failed", d.failed || 0),
       card("poll queue", q.poll || 0),
       card("delivery queue", (q.deliver || 0) + (q.deliver_retry || 0)),
+      card("late watch", q.late || 0),
       card("poll lag (s)", stats.pollLagSeconds),
       card("Bakong errors (5 min)", stats.bakong ? stats.bakong.errors : 0),
     );
@@ -112,7 +114,8 @@
   function recentRow(t) {
     const tr = document.createElement("tr");
     const hook = t.delivery ? t.delivery.status + " (" + t.delivery.attempts + ")" : "";
-    tr.append(cell(t.jobId, "mono"), cell(t.md5, "mono"), cell(t.status, "status-" + t.status),
+    const status = t.late ? t.status + " (late, was " + t.previousStatus + ")" : t.status;
+    tr.append(cell(t.jobId, "mono"), cell(t.md5, "mono"), cell(status, "status-" + t.status),
       cell(t.reason), cell(hook, t.delivery ? "status-" + t.delivery.status : ""), cell(time(t.updatedAt)));
     return tr;
   }

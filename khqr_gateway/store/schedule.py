@@ -276,6 +276,8 @@ def keys(namespace: str) -> dict[str, str]:
         "poll": f"{tag}:poll",
         "deliver": f"{tag}:deliver",
         "deliver_retry": f"{tag}:deliver:retry",
+        # Timed-out and cancelled transactions watched for a late payment.
+        "late": f"{tag}:late",
         "events": f"{tag}:events",
         # Bakong: the shared rate-limit bucket; prefixes of per-credential keys
         # (`<prefix>:<credential id>`) for 429 pauses and token-renewal locks.

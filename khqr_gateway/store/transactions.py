@@ -12,18 +12,31 @@ from uuid import UUID
 import asyncpg
 import orjson
 
-from khqr_gateway.models import Expected, PollItem, Status, Transition
+from khqr_gateway.models import (
+    Expected,
+    LateItem,
+    LateTransition,
+    LateWindow,
+    PollItem,
+    Status,
+    Transition,
+)
 from khqr_gateway.store import keyset
 from khqr_gateway.store.db import safe_text
 
 TRANSACTION_COLUMNS = """
     t.id, t.md5, t.status, t.reason, t.webhook_url, t.expected, t.metadata, t.bakong_data,
-    t.created_at, t.updated_at, t.deadline_at, t.completed_at,
+    t.created_at, t.updated_at, t.deadline_at, t.completed_at, t.late, t.previous_status,
+    t.late_watch_until,
     d.id as delivery_id, d.status as delivery_status, d.attempt_count as delivery_attempts,
     d.last_status_code as delivery_last_status, d.next_attempt_at as delivery_next_attempt_at,
     d.delivered_at as delivery_delivered_at
 """
-_FROM = "transactions t left join deliveries d on d.transaction_id = t.id"
+# A transaction's delivery is its latest: a late payment's, once there is one.
+_FROM = """transactions t left join lateral (
+    select * from deliveries where transaction_id = t.id
+    order by created_at desc, id desc limit 1
+) d on true"""
 # What the answer to a create needs of a new row (api.transactions.created_json).
 CREATED_COLUMNS = "id, md5, status, created_at, deadline_at"
 
@@ -38,6 +51,7 @@ class NewTransaction:
     metadata: Any
     qr: str | None
     deadline_at: datetime
+    qr_expires_at: datetime | None = None
 
 
 def fingerprint(value: str) -> str:
@@ -50,8 +64,9 @@ async def insert_or_get(pool: asyncpg.Pool, new: NewTransaction) -> tuple[asyncp
         inserted = await conn.fetchval(
             """
             insert into transactions
-                (id, md5, webhook_url, credential_id, expected, metadata, qr, deadline_at)
-            values ($1, $2, $3, $4, $5, $6, $7, $8)
+                (id, md5, webhook_url, credential_id, expected, metadata, qr, deadline_at,
+                 qr_expires_at)
+            values ($1, $2, $3, $4, $5, $6, $7, $8, $9)
             on conflict (md5) where not superseded do nothing
             returning id
             """,
@@ -63,6 +78,7 @@ async def insert_or_get(pool: asyncpg.Pool, new: NewTransaction) -> tuple[asyncp
             new.metadata,
             new.qr,
             new.deadline_at,
+            new.qr_expires_at,
         )
         row = await conn.fetchrow(
             f"select {TRANSACTION_COLUMNS} from {_FROM} where "
@@ -86,12 +102,14 @@ async def insert_pending(
     rows: list[asyncpg.Record] = await pool.fetch(
         f"""
         insert into transactions
-            (id, md5, webhook_url, credential_id, expected, metadata, qr, deadline_at)
+            (id, md5, webhook_url, credential_id, expected, metadata, qr, deadline_at,
+             qr_expires_at)
         select id, md5, webhook_url, credential_id, expected::jsonb, metadata::json, qr,
-               deadline_at
+               deadline_at, qr_expires_at
         from unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[],
-                    $7::text[], $8::timestamptz[])
-            as u(id, md5, webhook_url, credential_id, expected, metadata, qr, deadline_at)
+                    $7::text[], $8::timestamptz[], $9::timestamptz[])
+            as u(id, md5, webhook_url, credential_id, expected, metadata, qr, deadline_at,
+                 qr_expires_at)
         order by md5
         on conflict (md5) where not superseded do nothing
         returning {CREATED_COLUMNS}
@@ -104,6 +122,7 @@ async def insert_pending(
         [_json_text(n.metadata) for n in news],
         [n.qr for n in news],
         [n.deadline_at for n in news],
+        [n.qr_expires_at for n in news],
     )
     return rows
 
@@ -131,15 +150,19 @@ async def list_page(
     )
 
 
-async def cancel(pool: asyncpg.Pool, job_id: UUID) -> asyncpg.Record | None:
-    """Cancel if pending; returns the updated row, or None when it was not pending."""
+async def cancel(pool: asyncpg.Pool, job_id: UUID, *, window: LateWindow) -> asyncpg.Record | None:
+    """Cancel if pending, starting its late watch; returns (id, late_watch_until), or None
+    when it was not pending."""
     return await pool.fetchrow(
-        """
-        update transactions set status = 'cancelled', reason = 'cancelled_by_request',
-            completed_at = now(), updated_at = now()
-        where id = $1 and status = 'pending' returning id
+        f"""
+        update transactions t set status = 'cancelled', reason = 'cancelled_by_request',
+            completed_at = now(), updated_at = now(),
+            late_watch_until = {late_watch_sql("now()", "$2", "$3")}
+        where id = $1 and status = 'pending' returning id, late_watch_until
         """,
         job_id,
+        window.margin_s,
+        window.watch_s,
     )
 
 
@@ -183,20 +206,19 @@ async def metadata_of(pool: asyncpg.Pool, ids: Sequence[UUID]) -> dict[UUID, Any
 
 
 async def record_transitions(
-    pool: asyncpg.Pool,
-    transitions: Sequence[Transition],
-    webhook_urls: dict[UUID, str] | None = None,
+    pool: asyncpg.Pool, transitions: Sequence[Transition], *, window: LateWindow
 ) -> list[tuple[UUID, str | None]]:
     """Apply terminal transitions that are still allowed, with their deliveries, atomically.
 
     One statement: the conditional UPDATE decides which transitions happen (a transaction
-    leaves `pending` once), and only those get their delivery row. Returns the
-    (transaction id, delivery id) of each transition that happened.
+    leaves `pending` once), and only those get their delivery row. A timeout starts its late
+    watch (see `late_watch_sql`). Returns the (transaction id, delivery id) of each
+    transition that happened.
     """
     if not transitions:
         return []
     rows = await pool.fetch(
-        """
+        f"""
         with input as (
             select * from unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
                                  $6::bytea[])
@@ -204,7 +226,9 @@ async def record_transitions(
         ), done as (
             update transactions t
             set status = input.status, reason = input.reason, bakong_data = input.data::json,
-                completed_at = now(), updated_at = now()
+                completed_at = now(), updated_at = now(),
+                late_watch_until = case when input.status = 'timeout'
+                    then {late_watch_sql("t.deadline_at", "$7", "$8")} end
             from input
             where t.id = input.id and t.status = 'pending'
             returning t.id, t.webhook_url
@@ -225,8 +249,108 @@ async def record_transitions(
         [_json_text(t.data) for t in transitions],
         [t.delivery_id for t in transitions],
         [t.payload for t in transitions],
+        window.margin_s,
+        window.watch_s,
     )
     return [(r["id"], r["delivery_id"]) for r in rows]
+
+
+def late_watch_sql(given_up_at: str, margin: str, watch: str) -> str:
+    """Until when a transaction given up on at `given_up_at` is watched for a late payment:
+    its QR's expiry plus the margin when known, else the watch past `given_up_at`."""
+    return (
+        f"coalesce(t.qr_expires_at + {margin}::int * interval '1 second', "
+        f"{given_up_at} + {watch}::int * interval '1 second')"
+    )
+
+
+async def load_late(pool: asyncpg.Pool, ids: Sequence[UUID | str]) -> list[LateItem]:
+    """The transactions among `ids` still watched for a late payment, in the order of `ids`."""
+    rows = await pool.fetch(
+        """
+        select t.id, t.md5, t.deadline_at, t.credential_id, t.expected, t.status,
+               t.late_watch_until
+        from unnest($1::uuid[]) with ordinality as wanted (id, n)
+        join transactions t on t.id = wanted.id
+        where t.status in ('timeout', 'cancelled') and t.late_watch_until is not null
+        order by wanted.n
+        """,
+        list(ids),
+    )
+    return [
+        LateItem(
+            poll=PollItem(
+                id=r["id"],
+                md5=r["md5"],
+                deadline_at=r["deadline_at"],
+                credential_id=r["credential_id"],
+                expected=Expected.from_json(r["expected"]),
+            ),
+            status=Status(r["status"]),
+            watch_until=r["late_watch_until"],
+        )
+        for r in rows
+    ]
+
+
+async def record_late(
+    pool: asyncpg.Pool, late: Sequence[LateTransition]
+) -> list[tuple[UUID, str | None]]:
+    """Record late payments with their deliveries, atomically, each at most once: only a
+    transaction still in the state it was watched in moves. Returns, like
+    `record_transitions`, the (transaction id, delivery id) of each that happened."""
+    if not late:
+        return []
+    rows = await pool.fetch(
+        """
+        with input as (
+            select * from unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                 $6::bytea[], $7::text[])
+                as u(id, status, reason, data, delivery_id, payload, previous)
+        ), done as (
+            update transactions t
+            set previous_status = t.status, status = input.status, reason = input.reason,
+                bakong_data = input.data::json, late = true, completed_at = now(),
+                updated_at = now()
+            from input
+            where t.id = input.id and t.status = input.previous
+            returning t.id, t.webhook_url
+        ), delivered as (
+            insert into deliveries (id, transaction_id, url, payload, next_attempt_at)
+            select input.delivery_id, done.id, done.webhook_url, input.payload, now()
+            from done join input on input.id = done.id
+            returning id, transaction_id
+        )
+        select done.id, delivered.id as delivery_id
+        from done left join delivered on delivered.transaction_id = done.id
+        """,
+        [x.transition.id for x in late],
+        [x.transition.status.value for x in late],
+        [safe_text(x.transition.reason) for x in late],
+        [_json_text(x.transition.data) for x in late],
+        [x.transition.delivery_id for x in late],
+        [x.transition.payload for x in late],
+        [x.previous.value for x in late],
+    )
+    return [(r["id"], r["delivery_id"]) for r in rows]
+
+
+async def late_watch_page(
+    pool: asyncpg.Pool, *, after: tuple[datetime, UUID] | None, limit: int
+) -> list[asyncpg.Record]:
+    """A page of the late watches still running (id, late_watch_until), for reconcile."""
+    rows: list[asyncpg.Record] = await pool.fetch(
+        """
+        select id, late_watch_until from transactions
+        where status in ('timeout', 'cancelled') and late_watch_until > now()
+          and ($1::timestamptz is null or (late_watch_until, id) > ($1, $2::uuid))
+        order by late_watch_until, id limit $3
+        """,
+        after[0] if after else None,
+        after[1] if after else None,
+        limit,
+    )
+    return rows
 
 
 def _json_text(value: Any) -> str | None:
@@ -251,6 +375,12 @@ async def pending_ids(
 
 async def counts_by_status(pool: asyncpg.Pool) -> dict[str, int]:
     rows = await pool.fetch("select status, count(*) as n from transactions group by status")
+    return {r["status"]: r["n"] for r in rows}
+
+
+async def late_payments(pool: asyncpg.Pool) -> dict[str, int]:
+    """Late payments by their status (`success`, `mismatch`), from their partial index."""
+    rows = await pool.fetch("select status, count(*) as n from transactions where late group by 1")
     return {r["status"]: r["n"] for r in rows}
 
 
