@@ -115,6 +115,27 @@ async def test_page_shows_the_qr_and_turns_paid_without_a_reload(
         assert_clean(tab)
 
 
+async def test_no_qr_is_left_to_scan_once_the_page_is_final(
+    browser: Browser, gateway: Gateway, bakong: SimulatedBakong, receiver: Receiver
+) -> None:
+    """Paid while open: the QR leaves the page (not faded: gone) and a receipt takes its
+    place; a page opened once final never had one."""
+    made = await khqr(gateway, receiver)
+    async with browser.tab() as tab:
+        await tab.navigate(made["payUrl"])
+        await tab.wait_for(f"document.querySelector('#qr svg') && {STATUS} === 'pending'")
+        bakong.pay(made["md5"], **PAY)
+        await tab.wait_for(f"{STATUS} === 'success'")
+        assert await tab.evaluate("document.querySelectorAll('#qr, svg, canvas, img').length") == 0
+        receipt = await tab.evaluate("document.getElementById('receipt').innerText")
+        assert "3.75 USD to Coffee & <Tea>" in receipt
+        await tab.navigate(made["payUrl"])
+        await tab.wait_for("document.getElementById('receipt') !== null")
+        assert await tab.evaluate("document.querySelectorAll('#qr, svg, canvas, img').length") == 0
+        assert "(Phnom Penh)" in await tab.evaluate("document.getElementById('receipt').innerText")
+        assert_clean(tab)
+
+
 async def test_sdk_opens_the_page_in_a_modal_and_reports_success(
     browser: Browser,
     gateway: Gateway,

@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
+import pytest
 
 from tests.conftest import Gateway, Receiver, SimulatedBakong
 from tests.sse import Reader
@@ -146,3 +147,49 @@ async def test_assets_and_sdk(gateway: Gateway) -> None:
     assert len(sdk.encode()) < 4096, "small: no framework"
     for name in ("pay.html", "../config.py", "dashboard.js"):
         assert (await gateway.client.get(f"/static/{name}")).status == 404
+
+
+async def final_page(gw: Gateway, made: dict[str, Any], status: str) -> str:
+    await gw.wait_status(made["jobId"], status)
+    resp = await gw.client.get(f"{made['path']}?t={made['token']}")
+    assert resp.status == 200
+    page = await resp.text()
+    assert f'data-status="{status}"' in page
+    # No QR at all: not faded, not hidden, absent.
+    assert "<svg" not in page and 'class="qr"' not in page and made["qr"] not in page
+    return page
+
+
+async def test_a_paid_page_is_a_receipt_with_no_qr(
+    gateway: Gateway, receiver: Receiver, bakong: SimulatedBakong
+) -> None:
+    made = await checkout(gateway, receiver, billNumber="INV-42")
+    bakong.pay(made["md5"], amount=12500, currency="KHR", toAccountId="shop@aclb")
+    page = await final_page(gateway, made, "success")
+    receipt = re.search(r'<ul class="receipt" id="receipt">(.*?)</ul>', page)
+    assert receipt, page
+    assert "12500 KHR to Coffee Shop" in receipt.group(1)
+    assert "(Phnom Penh)" in receipt.group(1) and "Reference INV-42" in receipt.group(1)
+
+
+@pytest.mark.parametrize(
+    ("status", "says"),
+    [
+        ("mismatch", "Please contact Coffee Shop, quoting reference"),
+        ("timeout", "This QR code can no longer be paid"),
+        ("cancelled", "Coffee Shop cancelled this payment"),
+    ],
+)
+async def test_a_page_that_ended_unpaid_has_no_qr_and_says_what_to_do(
+    gateway: Gateway, receiver: Receiver, bakong: SimulatedBakong, status: str, says: str
+) -> None:
+    made = await checkout(gateway, receiver, expiresInSeconds=1 if status == "timeout" else 300)
+    if status == "mismatch":
+        bakong.pay(made["md5"], amount=100, currency="KHR", toAccountId="shop@aclb")
+    elif status == "cancelled":
+        resp = await gateway.client.delete(
+            f"/api/v1/transactions/{made['jobId']}", headers=gateway.headers
+        )
+        assert resp.status == 200
+    page = await final_page(gateway, made, status)
+    assert says in page

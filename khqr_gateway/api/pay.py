@@ -7,8 +7,10 @@ the key never reaches a browser.
 from __future__ import annotations
 
 import html
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from string import Template
+from typing import Any
 from urllib.parse import quote
 from uuid import UUID
 
@@ -41,6 +43,18 @@ STATUS_TEXT = {
     Status.MISMATCH: "The payment did not match this request",
     Status.CANCELLED: "This payment was cancelled",
 }
+# What a customer should do once the page is final; {merchant} and {reference} are filled in.
+NEXT_TEXT = {
+    Status.FAILED: "Bakong reports this payment as failed. To pay, ask {merchant} for a new "
+    "QR code.",
+    Status.TIMEOUT: "This QR code can no longer be paid. To pay, ask {merchant} for a new one.",
+    Status.MISMATCH: "Your payment did not match this request (amount, currency or account). "
+    "Please contact {merchant}, quoting reference {reference}.",
+    Status.CANCELLED: "{merchant} cancelled this payment. Ask them for a new QR code if you "
+    "still want to pay.",
+}
+# Cambodia keeps UTC+7 all year: receipts show the time there.
+PHNOM_PENH = timezone(timedelta(hours=7), "ICT")
 TOKEN_PARAM = {"in": "query", "name": "t", "required": True, "schema": {"type": "string"}}
 NOT_FOUND_PAGE = (
     b'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Not found</title>'
@@ -74,13 +88,16 @@ def _amount(value: Decimal | None) -> str:
 
 
 def render(page: pages.Page, token: str) -> bytes:
-    """The page's HTML; every value from a request or Bakong is escaped."""
+    """The page's HTML; every value from a request or Bakong is escaped. A final page has no
+    QR at all: a paid, expired or mismatched QR must not be scannable."""
     parsed = khqr.parse(page.qr) if page.qr else None
     expires_ms = int(page.deadline_at.timestamp() * 1000)
     if parsed is not None and parsed.expires_at_ms is not None:
         expires_ms = parsed.expires_at_ms
+    merchant = parsed.merchant_name if parsed else ""
+    reference = reference_of(page, parsed)
     values = {
-        "merchant": parsed.merchant_name if parsed else "",
+        "merchant": merchant,
         "amount": _amount(parsed.amount if parsed else None),
         "currency": parsed.currency if parsed else "",
         "status": page.status.value,
@@ -89,10 +106,59 @@ def render(page: pages.Page, token: str) -> bytes:
         "events_url": f"/pay/{page.id}/events?t={quote(token, safe='')}",
         "return_url": page.return_url or "",
         "job_id": str(page.id),
+        "reference": reference,
     }
     escaped = {key: html.escape(value, quote=True) for key, value in values.items()}
-    escaped["qr_svg"] = qr_svg_inline(page.qr) if page.qr else ""
+    escaped["qr_figure"] = _qr_figure(page) if page.status is Status.PENDING else ""
+    escaped["next"] = _next(page, merchant or "the merchant", reference)
     return Template(assets.read("pay.html").decode()).substitute(escaped).encode()
+
+
+def reference_of(page: pages.Page, parsed: khqr.Khqr | None) -> str:
+    """What a customer quotes to the merchant: the bill number, else the start of the jobId."""
+    if parsed is not None and parsed.bill_number:
+        return parsed.bill_number
+    return str(page.id)[:8].upper()
+
+
+def _qr_figure(page: pages.Page) -> str:
+    svg = qr_svg_inline(page.qr) if page.qr else ""
+    return f'<figure class="qr" id="qr" aria-label="KHQR code">{svg}</figure>'
+
+
+def _next(page: pages.Page, merchant: str, reference: str) -> str:
+    """The final page's next step (HTML, escaped): a receipt once paid, else what to do."""
+    if page.status is Status.PENDING:
+        return ""
+    if page.status is Status.SUCCESS:
+        return _receipt(page, merchant, reference)
+    text = NEXT_TEXT[page.status].format(merchant=merchant, reference=reference)
+    return f"<p>{html.escape(text)}</p>"
+
+
+def _receipt(page: pages.Page, merchant: str, reference: str) -> str:
+    paid = page.paid or {}
+    amount = paid.get("amount")
+    what = f"{amount} {paid.get('currency', '')}".strip() if amount is not None else "Paid"
+    lines = [f"{what} to {merchant}"]
+    when = _paid_at(paid) or page.completed_at
+    if when is not None:
+        lines.append(when.astimezone(PHNOM_PENH).strftime("%d %b %Y, %H:%M (Phnom Penh)"))
+    lines.append(f"Reference {reference}")
+    if isinstance(paid.get("hash"), str):
+        lines.append(f"Bakong hash {paid['hash'][:8]}")
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+    return f'<ul class="receipt" id="receipt">{items}</ul>'
+
+
+def _paid_at(paid: dict[str, Any]) -> datetime | None:
+    stamp = paid.get("acknowledgedDateMs") or paid.get("createdDateMs")
+    if not isinstance(stamp, int) or isinstance(stamp, bool):
+        return None
+    try:
+        return datetime.fromtimestamp(stamp / 1000, UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 @docs(

@@ -15,6 +15,16 @@
     mismatch: "The payment did not match this request",
     cancelled: "This payment was cancelled"
   };
+  // What to do next once final (the server renders the same on a final page, with Bakong's
+  // time and hash on the receipt).
+  var NEXT = {
+    failed: "Bakong reports this payment as failed. To pay, ask {merchant} for a new QR code.",
+    timeout: "This QR code can no longer be paid. To pay, ask {merchant} for a new one.",
+    mismatch: "Your payment did not match this request (amount, currency or account). " +
+      "Please contact {merchant}, quoting reference {reference}.",
+    cancelled: "{merchant} cancelled this payment. Ask them for a new QR code if you " +
+      "still want to pay."
+  };
   var source = null;
   var timer = null;
   var finished = false;
@@ -35,12 +45,43 @@
       { type: "khqr:status", status: status, jobId: root.getAttribute("data-job") }, target);
   }
 
+  function text(id) {
+    var el = document.getElementById(id);
+    return el ? el.textContent.replace(/\s+/g, " ").trim() : "";
+  }
+
+  // A final page shows no QR at all: a paid, expired or mismatched QR must not be scanned.
+  function finish(status) {
+    var qr = document.getElementById("qr");
+    if (!qr) return;  // rendered final by the server, receipt included
+    qr.remove();
+    var next = document.getElementById("next");
+    var merchant = text("merchant") || "the merchant";
+    var reference = next.getAttribute("data-ref");
+    var line = document.createElement(status === "success" ? "ul" : "p");
+    if (status === "success") {
+      line.className = "receipt";
+      line.id = "receipt";
+      [text("amount") + " to " + merchant, new Date().toLocaleString(), "Reference " + reference]
+        .forEach(function (t) {
+          var li = document.createElement("li");
+          li.textContent = t;
+          line.appendChild(li);
+        });
+    } else {
+      line.textContent = (NEXT[status] || "").replace("{merchant}", merchant)
+        .replace("{reference}", reference);
+    }
+    next.replaceChildren(line);
+  }
+
   function show(status) {
     if (finished || typeof status !== "string") return;
     root.setAttribute("data-status", status);
     statusEl.textContent = TEXT[status] || status;
     if (status === "pending") return;
     finished = true;
+    finish(status);
     if (source) source.close();
     if (timer) clearInterval(timer);
     notify(status);

@@ -25,6 +25,9 @@ class Page:
     expected: dict[str, Any] | None
     deadline_at: datetime
     return_url: str | None
+    # Once paid: Bakong's data (its time and hash make the receipt); once final, when.
+    paid: dict[str, Any] | None = None
+    completed_at: datetime | None = None
 
 
 def token_hash(token: str) -> str:
@@ -51,7 +54,8 @@ async def page(pool: asyncpg.Pool, job_id: UUID, token: str) -> Page | None:
     """The page of a transaction when `token` is its page token; None otherwise."""
     row = await pool.fetchrow(
         """
-        select id, md5, status, qr, expected, deadline_at, return_url, page_token_hash
+        select id, md5, status, qr, expected, deadline_at, return_url, page_token_hash,
+               bakong_data, completed_at
         from transactions where id = $1
         """,
         job_id,
@@ -69,4 +73,6 @@ async def page(pool: asyncpg.Pool, job_id: UUID, token: str) -> Page | None:
         expected=row["expected"],
         deadline_at=row["deadline_at"],
         return_url=row["return_url"],
+        paid=row["bakong_data"],
+        completed_at=row["completed_at"],
     )
