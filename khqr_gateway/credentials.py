@@ -20,7 +20,7 @@ import base64
 import contextlib
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -50,6 +50,8 @@ SANDBOX_TOKEN_EMAIL = "sandbox@khqr-gateway.local"
 ACTIVE = "active"
 EXPIRED = "expired"
 _CACHE_TTL_S = 30.0
+# Tokens and emails a process remembers having stored (see `Credentials.add`).
+KNOWN_MAX = 10_000
 # Longer than a renew_token call can take, so a live holder never loses the lock.
 RENEW_LOCK_TTL_MS = 30_000
 # Renewal failures that no retry will fix.
@@ -148,6 +150,8 @@ class Credentials:
         self.lock_wait_s = lock_wait_s
         self.default_id: int | None = None
         self._cache: dict[int, tuple[float, Credential]] = {}
+        # fingerprint -> (credential id, the token last stored with it), least recent first.
+        self._known: OrderedDict[str, tuple[int, str | None]] = OrderedDict()
         self._locks: dict[int, asyncio.Lock] = {}
         # Per process: after a restart a refused credential is asked about once at once.
         self._refusals: dict[int, _Refusal] = {}
@@ -166,10 +170,24 @@ class Credentials:
         self.default_id = cred.id
 
     async def add(self, *, token: str | None, email: str | None) -> int:
+        """The id of the credential of this token or email, stored if new.
+
+        The rachhen/khqr-webhook route sends a token with every request: one this process
+        has stored already costs no write (the same token has the same expiry; ids never
+        change). A refused one is revived by its probe, not by being sent again.
+        """
+        key = store.credential_fingerprint(token=token, email=email)
+        known = self._known.get(key)
+        if known is not None and known[1] == token:
+            self._known.move_to_end(key)
+            return known[0]
         cred = await store.upsert_credential(
             self.pool, token=token, email=email, expires_at=jwt_expiry(token) if token else None
         )
         self._cache.pop(cred.id, None)
+        self._known[key] = (cred.id, token)
+        if len(self._known) > KNOWN_MAX:
+            self._known.popitem(last=False)
         return cred.id
 
     async def save(self, *, token: str | None, email: str | None) -> tuple[Credential, bool]:

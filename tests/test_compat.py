@@ -6,6 +6,9 @@ import asyncio
 import time
 import uuid
 from typing import Any
+from uuid import UUID
+
+import asyncpg
 
 from khqr_gateway.bakong.sandbox import make_token
 from tests.conftest import Gateway, GatewayFactory, Receiver, SimulatedBakong, random_md5
@@ -75,6 +78,36 @@ async def test_a_paid_md5_posted_again_answers_201_with_its_job_and_no_second_no
     assert again == (201, first)
     await asyncio.sleep(1)
     assert len(receiver.received) == 1
+
+
+async def test_a_token_sent_with_every_request_is_stored_once(
+    make_gateway: GatewayFactory, receiver: Receiver, pg: asyncpg.Connection
+) -> None:
+    """That service's clients send the token with every create: once stored, it costs no
+    write (each upsert of the one row bloated it and made the inserts wait on its lock)."""
+    one, two = await make_gateway(), await make_gateway()
+    token = make_token()
+    for gw in (one, two):
+        status, _ = await post(
+            gw, "token", {"md5": random_md5(), "webhookUrl": receiver.url, "token": token}
+        )
+        assert status == 201
+    query = "select id, xmin::text as version from credentials where token = $1"
+    before = await pg.fetch(query, token)
+    results = await asyncio.gather(
+        *(
+            post(gw, "token", {"md5": random_md5(), "webhookUrl": receiver.url, "token": token})
+            for gw in (one, two) * 20
+        )
+    )
+    assert [s for s, _ in results] == [201] * 40
+    assert await pg.fetch(query, token) == before
+    assert len(before) == 1
+    jobs = [UUID(body["jobId"]) for _, body in results]
+    ids = await pg.fetch(
+        "select distinct credential_id from transactions where id = any($1::uuid[])", jobs
+    )
+    assert [r["credential_id"] for r in ids] == [before[0]["id"]]
 
 
 async def test_create_with_email_renews_through_it_and_tracks(
