@@ -65,6 +65,7 @@ class Settings:
     shutdown_grace_s: float = 10.0
     public_url: str | None = None
     api_rate_limit: int = 1000
+    bakong_proxy_url: str | None = field(default=None, repr=False)
     late_check_interval_s: float = 30.0
     late_margin_s: int = 60
     late_watch_s: int = 3600
@@ -227,6 +228,7 @@ def _build(r: _Reader) -> Settings:
         shutdown_grace_s=r.number("SHUTDOWN_GRACE_S", 10.0, 0, 600),
         public_url=r.parse("PUBLIC_URL", _url(("http", "https")), None),
         api_rate_limit=r.integer("API_RATE_LIMIT", 1000, 0, 1_000_000),
+        bakong_proxy_url=r.parse("BAKONG_PROXY_URL", _url(("http", "https")), None),
         late_check_interval_s=r.number("LATE_CHECK_INTERVAL_S", 30.0, 0.1, 3600),
         late_margin_s=r.integer("LATE_MARGIN_S", 60, 0, 86_400),
         late_watch_s=r.integer("LATE_WATCH_S", 3600, 0, 7 * 86_400),

@@ -32,6 +32,12 @@ BAKONG_LATENCY = Histogram(
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
     registry=REGISTRY,
 )
+BAKONG_GEO_BLOCKED = Gauge(
+    "khqr_bakong_refusing_everything",
+    "1 while Bakong has answered 403 to every call for a minute or more (hosts outside "
+    "Cambodia are refused: set BAKONG_PROXY_URL)",
+    registry=REGISTRY,
+)
 MD5_CHECKS = Counter(
     "khqr_md5_checks_total",
     "md5 checks by what Bakong said (paid, failed, not_found, error)",

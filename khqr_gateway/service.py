@@ -86,7 +86,9 @@ class Service:
             raise
         redis = Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
         names = keys(settings.redis_namespace)
-        bakong = BakongClient(bakong_url, timeout_s=settings.bakong_timeout_s)
+        bakong = BakongClient(
+            bakong_url, timeout_s=settings.bakong_timeout_s, proxy_url=settings.bakong_proxy_url
+        )
         credentials = Credentials(
             pool,
             bakong,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Awaitable
 from typing import Any
 
@@ -93,8 +94,18 @@ async def bakong_health(service: Service) -> dict[str, Any]:
         "moreExpired": len(expired) > EXPIRED_SHOWN,
         "circuits": service.poller.checker.circuits(),
     }
+    problems = []
     if default is not None and default.status == "expired":
-        health["problem"] = _problem(default)
+        problems.append(_problem(default))
+    refused_s = service.bakong.refusals.blocked_for(time.monotonic())
+    if refused_s is not None:
+        problems.append(
+            f"Bakong has answered 403 to every call for {refused_s:.0f} s. It refuses hosts "
+            "outside Cambodia: run the gateway there, or set BAKONG_PROXY_URL to an http(s) "
+            "proxy in Cambodia."
+        )
+    if problems:
+        health["problem"] = " ".join(problems)
     return health
 
 

@@ -13,12 +13,15 @@ from typing import Any
 import aiohttp
 import orjson
 
-from khqr_gateway.metrics import BAKONG_CALLS, BAKONG_LATENCY
+from khqr_gateway.metrics import BAKONG_CALLS, BAKONG_GEO_BLOCKED, BAKONG_LATENCY
 from khqr_gateway.models import CheckKind, CheckResult
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 50
+# Bakong answering 403 to every call for this long is taken for its refusal of hosts
+# outside Cambodia (/ready says so and names BAKONG_PROXY_URL).
+GEO_BLOCK_AFTER_S = 60.0
 NOT_FOUND_CODE = 1
 STATIC_QR_CODE = 2
 FAILED_CODE = 3
@@ -74,6 +77,8 @@ def _retry_after(headers: Any) -> float | None:
 
 
 def _error_for_status(status: int, headers: Any) -> BakongError:
+    if status == 407:
+        return BakongError("proxy_refused", "BAKONG_PROXY_URL answered 407", status=status)
     if status == 401:
         return BakongError("unauthorized", "Bakong answered 401", status=status)
     if status == 403:
@@ -180,18 +185,63 @@ class RecentCalls:
         }
 
 
+class Refusals:
+    """Whether Bakong has answered 403 to every call for a while: how it treats a host
+    outside Cambodia (a bare nginx page). One warning per episode, and a gauge."""
+
+    def __init__(self, after_s: float) -> None:
+        self.after_s = after_s
+        self._since: float | None = None
+        self._reported = False
+
+    def refused(self, now: float) -> None:
+        if self._since is None:
+            self._since = now
+        if not self._reported and now - self._since >= self.after_s:
+            self._reported = True
+            BAKONG_GEO_BLOCKED.set(1)
+            log.warning(
+                "Bakong has refused every call with 403 for %.0f s: it refuses hosts outside "
+                "Cambodia; set BAKONG_PROXY_URL to an http(s) proxy there",
+                now - self._since,
+            )
+
+    def answered(self) -> None:
+        if self._reported:
+            BAKONG_GEO_BLOCKED.set(0)
+            log.info("Bakong answers again after refusing every call")
+        self._since = None
+        self._reported = False
+
+    def blocked_for(self, now: float) -> float | None:
+        """Seconds Bakong has refused every call, once that is `after_s` or more."""
+        if self._since is None or now - self._since < self.after_s:
+            return None
+        return now - self._since
+
+
 class BakongClient:
-    """One per process: a keep-alive session with explicit timeouts."""
+    """One per process: a keep-alive session with explicit timeouts, through
+    BAKONG_PROXY_URL when one is set."""
 
     def __init__(
-        self, base_url: str, *, timeout_s: float = 10.0, max_connections: int = 32
+        self,
+        base_url: str,
+        *,
+        timeout_s: float = 10.0,
+        max_connections: int = 32,
+        proxy_url: str | None = None,
+        geo_block_after_s: float = GEO_BLOCK_AFTER_S,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = aiohttp.ClientTimeout(total=timeout_s, connect=min(timeout_s, 5.0))
         self._max_connections = max_connections
+        # aiohttp sends the URL's user:password as Proxy-Authorization (CONNECT for https).
+        self.proxy_url = proxy_url
         self._session: aiohttp.ClientSession | None = None
         self.calls = 0
         self.recent = RecentCalls()
+        self.refusals = Refusals(geo_block_after_s)
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -220,9 +270,14 @@ class BakongClient:
         except BakongError as exc:
             BAKONG_CALLS.labels(name, exc.kind).inc()
             self.recent.add(exc.kind)
+            if exc.status == 403:
+                self.refusals.refused(time.monotonic())
+            elif exc.status is not None:
+                self.refusals.answered()
             raise
         finally:
             BAKONG_LATENCY.labels(name).observe(time.perf_counter() - start)
+        self.refusals.answered()
         BAKONG_CALLS.labels(name, "ok").inc()
         self.recent.add("ok")
         return reply
@@ -230,13 +285,19 @@ class BakongClient:
     async def _send(self, name: str, body: Any, headers: dict[str, str]) -> Any:
         try:
             async with self.session.post(
-                f"{self.base_url}/v1/{name}", data=orjson.dumps(body), headers=headers
+                f"{self.base_url}/v1/{name}",
+                data=orjson.dumps(body),
+                headers=headers,
+                proxy=self.proxy_url,
             ) as resp:
                 raw = await resp.read()
                 if resp.status != 200:
                     raise _error_for_status(resp.status, resp.headers)
         except TimeoutError:
             raise BakongError("timeout", f"Bakong {name} timed out") from None
+        except aiohttp.ClientProxyConnectionError:
+            # Never the proxy's URL: it may hold a password.
+            raise BakongError("proxy_unreachable", "BAKONG_PROXY_URL is unreachable") from None
         except aiohttp.ClientError as exc:
             raise BakongError("network", f"Bakong {name}: {type(exc).__name__}") from None
         try:

@@ -13,7 +13,7 @@ Control routes (under `/control`, JSON in and out):
 - `POST /control/transactions/{md5}/fail`: failed (errorCode 3).
 - `GET /control/transactions/{md5}`: its status and how often it was checked.
 - `GET /control/stats`: calls per endpoint, md5s checked (distinct, and checks in all),
-  the most calls that were in flight at once.
+  the most calls that were in flight at once, calls that came through a proxy (`Via`).
 - `POST /control/faults`: replaces the injected faults (`{}` clears them). Fields:
   `status` (HTTP status for every Bakong call, e.g. 500, 429, 401, 403),
   `listStatus` (status for the list endpoint only, e.g. 403; wins over `status` there),
@@ -21,7 +21,8 @@ Control routes (under `/control`, JSON in and out):
   `delayS` (seconds to wait before answering: slow replies, client timeouts),
   `malformed` (`true` or `"html"`: a 200 that is not JSON; `"shape"`: JSON that is not
   a Bakong envelope), `endpoints` (names the faults apply to; default all three),
-  `count` (how many calls the faults last; default until replaced).
+  `count` (how many calls the faults last; default until replaced), `geoBlock` (`true`:
+  a bare nginx 403 page to every Bakong call, as Bakong answers hosts outside Cambodia).
 - `POST /control/token` `{email?, exp?}`: a token the sandbox accepts (expired if `exp`
   is past).
 - `POST /control/tokens/revoke` `{token}`: refuse that token from now on (401).
@@ -92,6 +93,7 @@ class Faults:
     malformed: str | None = None  # "html" or "shape"
     endpoints: frozenset[str] | None = None  # None = every Bakong endpoint
     remaining: int | None = None
+    geo_block: bool = False
 
     def applies(self, endpoint: str) -> bool:
         return self.endpoints is None or endpoint in self.endpoints
@@ -117,6 +119,10 @@ class SandboxState:
     inboxes: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     # (time.monotonic(), endpoint) of recent Bakong calls, for rate assertions in tests.
     call_log: deque[tuple[float, str]] = field(default_factory=lambda: deque(maxlen=100_000))
+    # Bakong calls that came through a proxy (BAKONG_PROXY_URL): on a connection whose first
+    # request carried its `Via` header (a proxy passes later ones on unchanged).
+    proxied: int = 0
+    proxied_peers: set[Any] = field(default_factory=set)
     in_flight: int = 0
     peak_in_flight: int = 0
 
@@ -153,8 +159,18 @@ LIST_ENDPOINT = "check_transaction_by_md5_list"
 ENDPOINTS = frozenset({"check_transaction_by_md5", LIST_ENDPOINT, "renew_token"})
 
 
+# What Bakong answers a host outside Cambodia, as other clients report it: every call.
+GEO_BLOCK_PAGE = (
+    "<html>\r\n<head><title>403 Forbidden</title></head>\r\n<body>\r\n"
+    "<center><h1>403 Forbidden</h1></center>\r\n<hr><center>nginx</center>\r\n"
+    "</body>\r\n</html>\r\n"
+)
+
+
 async def _fault_response(state: SandboxState, endpoint: str) -> web.Response | None:
     faults = state.faults
+    if faults.geo_block:
+        return web.Response(status=403, text=GEO_BLOCK_PAGE, content_type="text/html")
     if not faults.applies(endpoint):
         return None
     status = faults.list_status if endpoint == LIST_ENDPOINT and faults.list_status else None
@@ -326,6 +342,7 @@ async def control_stats(request: web.Request) -> web.Response:
             "md5sChecked": len(state.checks),
             "md5Checks": sum(state.checks.values()),
             "peakInFlight": state.peak_in_flight,
+            "proxied": state.proxied,
         }
     )
 
@@ -348,6 +365,7 @@ def parse_faults(body: Any) -> Faults:
         "malformed",
         "endpoints",
         "count",
+        "geoBlock",
     }
     if unknown:
         raise ValueError(f"unknown fields: {', '.join(sorted(unknown))}")
@@ -373,6 +391,9 @@ def parse_faults(body: Any) -> Faults:
     count = body.get("count")
     if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
         raise ValueError("count must be a whole number")
+    geo_block = body.get("geoBlock", False)
+    if not isinstance(geo_block, bool):
+        raise ValueError("geoBlock must be true or false")
     return Faults(
         status=status("status"),
         list_status=status("listStatus"),
@@ -381,6 +402,7 @@ def parse_faults(body: Any) -> Faults:
         malformed="html" if malformed is True else (malformed or None),
         endpoints=frozenset(endpoints) if endpoints is not None else None,
         remaining=count,
+        geo_block=geo_block,
     )
 
 
@@ -467,6 +489,11 @@ async def _count_calls(
         return await handler(request)
     state = request.app[STATE_KEY]
     state.call_log.append((time.monotonic(), request.path.rsplit("/", 1)[-1]))
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    if "Via" in request.headers:
+        state.proxied_peers.add(peer)
+    if peer in state.proxied_peers:
+        state.proxied += 1
     state.in_flight += 1
     state.peak_in_flight = max(state.peak_in_flight, state.in_flight)
     try:
