@@ -114,8 +114,6 @@ class LateWatch:
             MD5_CHECKS.labels(result.kind.value).inc()
             if result.kind is CheckKind.PAID:
                 paid.append(item)
-            elif result.kind is CheckKind.FAILED:
-                done.append(str(item.poll.id))  # final at Bakong: this QR will not be paid
             elif (due := self._next_due(item, result, now_ms)) is not None:
                 reschedule.append((str(item.poll.id), due))
             else:
