@@ -11,7 +11,8 @@ from typing import Any
 from bakong_khqr import KHQR
 from bakong_khqr.sdk.emv_parser import EMVParser
 
-from khqr_gateway.bakong.khqr import crc16, md5_of, parse
+from khqr_gateway.bakong.khqr import crc16, md5_of, parse, verify
+from tests import khqr_sdk
 from tests.conftest import Gateway, GatewayFactory, Receiver, SimulatedBakong
 
 MERCHANT = {"accountId": "shop@aclb", "merchantName": "Coffee Shop", "merchantCity": "Siem Reap"}
@@ -63,6 +64,38 @@ async def test_khqr_decodes_back_to_the_request_with_a_valid_crc(gateway: Gatewa
     assert before + 120_000 <= parsed.expires_at_ms <= int(time.time() * 1000) + 120_000
     # An independent decoder reads the same amount (written as the official SDK does).
     assert EMVParser(qr).get("54") == "1.50"
+
+
+async def test_khqr_is_exactly_what_the_official_sdk_generates(gateway: Gateway) -> None:
+    sdk = khqr_sdk.shared()
+    fields = {"merchantName": "Noodle \U0001f35c", "merchantCity": "ភ្នំពេញ", "billNumber": "INV-7"}
+    body = await generate(gateway, amount="2.5", currency="USD", accountId="noodle@aclb", **fields)
+    stamps = parse(body["qr"])
+    assert stamps.created_at_ms is not None and stamps.expires_at_ms is not None
+    theirs = sdk.generate(
+        stamps.created_at_ms,
+        account_id="noodle@aclb",
+        merchant_name="Noodle \U0001f35c",
+        merchant_city="ភ្នំពេញ",
+        bill_number="INV-7",
+        amount=Decimal("2.5"),
+        currency="USD",
+        expires_at_ms=stamps.expires_at_ms,
+    )
+    assert body["qr"] == theirs
+    assert sdk.verify(body["qr"], stamps.created_at_ms).valid
+    assert verify(body["qr"]).merchant_name == "Noodle \U0001f35c"
+
+
+async def test_a_name_payer_apps_count_as_too_long_is_422(gateway: Gateway) -> None:
+    # 13 emoji are 13 code points but 26 UTF-16 units: the SDK and payer apps refuse it.
+    name = "\U0001f35c" * 13
+    body = await generate(
+        gateway, 422, amount=1000, currency="KHR", **MERCHANT | {"merchantName": name}
+    )
+    [detail] = body["error"]["details"]
+    assert detail["field"] == "merchantName", detail
+    assert "26 UTF-16 units" in detail["message"]
 
 
 async def test_merchant_defaults_come_from_settings(make_gateway: GatewayFactory) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from khqr_gateway.bakong.khqr import crc16, md5_of
 from khqr_gateway.service import FIGURES_INTERVAL_S
 from tests.conftest import Gateway, GatewayFactory, random_md5
 
@@ -520,3 +521,119 @@ async def test_metadata_keeps_64_bit_integers_floats_and_long_digit_strings(
         "digits": "123456789012345678901234567890",
     }
     assert type(row["metadata"]["max"]) is int and type(row["metadata"]["float"]) is float
+
+
+# A `qr` that payer apps would refuse is refused at the door, naming the rule it breaks.
+
+QrFields = dict[str, str | list[tuple[str, str]] | None]
+
+
+def _tlv16(tag: str, value: str) -> str:
+    # KHQR lengths count UTF-16 units, as the official SDK (JavaScript) does.
+    return f"{tag}{len(value.encode('utf-16-le')) // 2:02d}{value}"
+
+
+def _qr(changes: QrFields, *, crc: str | None = None) -> str:
+    """A dynamic KHQR good for ten minutes, but for `changes` (None leaves a tag out)."""
+    now = int(time.time() * 1000)
+    fields: QrFields = {
+        "00": "01",
+        "01": "12",
+        "29": [("00", "shop@aclb")],
+        "52": "5999",
+        "53": "840",
+        "54": "1.50",
+        "58": "KH",
+        "59": "Coffee Shop",
+        "60": "Siem Reap",
+        "62": [("01", "INV-1")],
+        "99": [("00", str(now)), ("01", str(now + 600_000))],
+    }
+    fields.update(changes)
+    body = ""
+    for tag, value in fields.items():
+        if isinstance(value, list):
+            value = "".join(_tlv16(sub, text) for sub, text in value)
+        if value is not None:
+            body += _tlv16(tag, value)
+    body += "6304"
+    return body + (crc or crc16(body))
+
+
+def _stamps(created_s: float, expires_s: float, width: int = 13) -> list[tuple[str, str]]:
+    now = time.time()
+    return [
+        ("00", str(int((now + created_s) * 1000))),
+        ("01", str(int((now + expires_s) * 1000)).rjust(width, "1")),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("rule", "changes"),
+    [
+        ("merchant_name.length", {"59": "x" * 26}),
+        ("merchant_name.length", {"59": "Noodle " + "\U0001f35c" * 10}),  # 27 UTF-16 units
+        ("merchant_name.empty", {"59": ""}),
+        ("merchant_city.length", {"60": "x" * 16}),
+        ("merchant_city.empty", {"60": ""}),
+        ("account_id.length", {"29": [("00", "a" * 28 + "@aclb")]}),
+        ("account_information.length", {"29": [("00", "shop@aclb"), ("01", "1" * 33)]}),
+        ("acquiring_bank.empty", {"29": [("00", "shop@aclb"), ("02", "")]}),
+        ("bill_number.length", {"62": [("01", "x" * 26)]}),
+        ("mobile_number.length", {"62": [("02", "8" * 26)]}),
+        ("store_label.empty", {"62": [("03", "")]}),
+        ("terminal_label.length", {"62": [("07", "x" * 26)]}),
+        ("purpose.length", {"62": [("08", "x" * 26)]}),
+        ("merchant_name_alternate.required", {"64": [("00", "km")]}),
+        ("merchant_category_code.format", {"52": "59999"}),
+        ("merchant_category_code.format", {"52": "599"}),
+        ("amount.required", {"54": None}),
+        ("amount.zero", {"54": "0"}),
+        ("amount.length", {"54": "12345678901.50"}),
+        ("country_code.value", {"58": "US"}),
+        ("timestamps.required", {"99": None}),
+        ("created_at.required", {"99": _stamps(0, 600)[1:]}),
+        ("created_at.format", {"99": [("00", "1" * 14), _stamps(0, 600)[1]]}),
+        ("expires_at.required", {"99": _stamps(0, 600)[:1]}),
+        ("expires_at.format", {"99": _stamps(0, 600, width=14)}),
+        ("expires_at.order", {"99": _stamps(1200, 600)}),
+        ("expires_at.past", {"99": _stamps(-1200, -600)}),
+    ],
+)
+async def test_a_qr_payer_apps_refuse_is_422_naming_the_rule(
+    gateway: Gateway, rule: str, changes: QrFields
+) -> None:
+    status, body = await gateway.post(
+        "/api/v1/transactions", {"qr": _qr(changes), "webhookUrl": HOOK}
+    )
+    assert status == 422, body
+    [detail] = body["error"]["details"]
+    assert (detail["field"], detail["rule"]) == ("qr", rule), detail
+
+
+async def test_a_qr_with_a_wrong_crc_is_422_naming_the_rule(gateway: Gateway) -> None:
+    good = _qr({})
+    wrong = "0000" if good[-4:] != "0000" else "FFFF"
+    status, body = await gateway.post(
+        "/api/v1/transactions", {"qr": _qr({}, crc=wrong), "webhookUrl": HOOK}
+    )
+    assert status == 422, body
+    assert body["error"]["details"][0]["rule"] == "crc"
+
+
+async def test_a_qr_the_sdk_would_make_is_tracked_with_its_expiry(gateway: Gateway) -> None:
+    # "Noodle 🍜" is 9 UTF-16 units: the official SDK writes 5909, and payer apps read that.
+    qr = _qr({"59": "Noodle \U0001f35c"})
+    assert "5909Noodle \U0001f35c60" in qr
+    status, body = await gateway.post("/api/v1/transactions", {"qr": qr, "webhookUrl": HOOK})
+    assert status == 201, body
+    assert body["md5"] == md5_of(qr)
+
+
+async def test_a_qr_counting_code_points_is_refused(gateway: Gateway) -> None:
+    # Written 5908: the length ends inside the emoji's surrogate pair, so no app reads it.
+    qr = _qr({"59": "Noodle \U0001f35c"}).replace("5909Noodle", "5908Noodle")
+    qr = qr[:-4] + crc16(qr[:-4])
+    status, body = await gateway.post("/api/v1/transactions", {"qr": qr, "webhookUrl": HOOK})
+    assert status == 422, body
+    assert body["error"]["details"][0]["rule"] == "qr.tlv"

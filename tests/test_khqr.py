@@ -10,10 +10,21 @@ from typing import Any
 import bakong_khqr.sdk.timestamp
 import pytest
 from bakong_khqr import KHQR
-from hypothesis import given
+from hypothesis import assume, event, example, given, settings
 from hypothesis import strategies as st
 
-from khqr_gateway.bakong.khqr import Khqr, KhqrError, build, crc16, md5_of, parse
+from khqr_gateway.bakong.khqr import (
+    Khqr,
+    KhqrError,
+    build,
+    crc16,
+    md5_of,
+    parse,
+    utf16_length,
+    verify,
+)
+from tests import khqr_sdk
+from tests.khqr_sdk import Sdk
 
 NOW_MS = 1_700_000_000_500
 DAY_MS = 86_400_000
@@ -313,12 +324,14 @@ def test_a_qr_is_dynamic_exactly_when_it_has_an_amount_by_default() -> None:
     assert dynamic.expires_at_ms == NOW_MS + DAY_MS
 
 
-def test_dynamic_can_be_chosen_either_way() -> None:
-    open_amount = parse(sample(amount=None, dynamic=True))
-    fixed_price = parse(sample(dynamic=False, created_at_ms=None, expires_at_ms=None))
-    assert (open_amount.dynamic, open_amount.amount) == (True, None)
-    assert (fixed_price.dynamic, fixed_price.amount) == (False, Decimal(1000))
-    assert "99" not in fixed_price.fields
+def test_dynamic_must_agree_with_the_amount_as_the_sdk_makes_it() -> None:
+    assert parse(sample(dynamic=True)).dynamic
+    # Payer apps refuse a dynamic QR without an amount, and an amount without an expiry.
+    with pytest.raises(KhqrError, match="amount") as open_amount:
+        sample(amount=None, dynamic=True)
+    with pytest.raises(KhqrError, match="amount") as fixed_price:
+        sample(dynamic=False, created_at_ms=None, expires_at_ms=None)
+    assert (open_amount.value.rule, fixed_price.value.rule) == ("amount.required", "amount.static")
 
 
 def test_creation_time_defaults_to_now() -> None:
@@ -329,10 +342,18 @@ def test_creation_time_defaults_to_now() -> None:
     assert before <= khqr.created_at_ms <= after
 
 
-def test_lengths_are_written_in_characters_not_bytes() -> None:
-    qr = sample(merchant_name="ចន ស្មីន", merchant_name_alternate="ចន ស្មីន")
+def test_lengths_are_written_in_utf16_units_not_bytes() -> None:
+    qr = sample(merchant_name="ចន ស្មីន", merchant_name_alternate="ចន ស្មីន", language_preference="km")
     assert "5908ចន ស្មីន" in qr
     assert parse(qr).merchant_name == "ចន ស្មីន"
+    # Outside the BMP a character is two UTF-16 units, as the SDK (JavaScript) counts.
+    noodle = sample(merchant_name="Noodle \U0001f35c")
+    assert "5909Noodle \U0001f35c6010" in noodle
+    assert parse(noodle).merchant_name == "Noodle \U0001f35c"
+    assert build(account_id=ACCOUNT, merchant_name="\U0001f35c" * 12 + "x")
+    with pytest.raises(KhqrError, match="26 UTF-16 units") as too_long:
+        build(account_id=ACCOUNT, merchant_name="\U0001f35c" * 13)
+    assert too_long.value.rule == "merchant_name.length"
 
 
 def test_each_dynamic_qr_gets_its_own_md5() -> None:
@@ -544,12 +565,14 @@ def near_khqr(draw: st.DrawFn) -> str:
 
 
 @given(st.text(st.characters(exclude_categories=())) | near_khqr())
-def test_parse_raises_only_khqr_error(qr: str) -> None:
-    try:
-        result = parse(qr)
-    except KhqrError:
-        return
-    assert isinstance(result, Khqr)
+def test_parse_and_verify_raise_only_khqr_error(qr: str) -> None:
+    for read in (parse, verify):
+        try:
+            result = read(qr)
+        except KhqrError as exc:
+            assert exc.rule
+            continue
+        assert isinstance(result, Khqr)
 
 
 SIGNED = sample(bill_number="INV-1", store_label="Shop", merchant_name="Sok Dara")
@@ -566,9 +589,17 @@ def test_any_single_character_change_is_caught(position: int, char: str) -> None
             parse(tampered)
 
 
+def fit(text: str, units: int) -> str:
+    """`text` cut to at most `units` UTF-16 units."""
+    while utf16_length(text) > units:
+        text = text[:-1]
+    return text
+
+
 def texts(max_size: int, exclude: str = "") -> st.SearchStrategy[str]:
     alphabet = st.characters(exclude_categories=["Cs"], exclude_characters=exclude)
-    return st.text(alphabet, min_size=1, max_size=max_size)
+    # At most max_size UTF-16 units: characters outside the BMP count two.
+    return st.text(alphabet, min_size=1, max_size=max_size).map(lambda s: fit(s, max_size) or "x")
 
 
 def optional(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
@@ -584,6 +615,8 @@ def build_requests(draw: st.DrawFn) -> dict[str, Any]:
     amount = draw(optional(whole if currency == "KHR" else whole | cents))
     merchant_type = draw(st.sampled_from(["individual", "merchant"]))
     created = draw(st.integers(10**12, 10**13 - 2))
+    # The SDK writes the language preference only with the alternate name, and the reverse.
+    language = draw(optional(st.tuples(texts(2).filter(lambda s: utf16_length(s) == 2), texts(25))))
     request: dict[str, Any] = {
         "account_id": draw(texts(15, "@")) + "@" + draw(texts(16)),
         "merchant_name": draw(texts(25)),
@@ -592,8 +625,8 @@ def build_requests(draw: st.DrawFn) -> dict[str, Any]:
         "currency": currency,
         "merchant_type": merchant_type,
         "merchant_category_code": draw(st.from_regex(r"[0-9]{4}", fullmatch=True)),
-        "language_preference": draw(optional(texts(2).filter(lambda s: len(s) == 2))),
-        "merchant_name_alternate": draw(optional(texts(25))),
+        "language_preference": language and language[0],
+        "merchant_name_alternate": language and language[1],
         "merchant_city_alternate": draw(optional(texts(15))),
     }
     for name in ("bill_number", "mobile_number", "store_label", "terminal_label", "purpose"):
@@ -621,3 +654,301 @@ def test_build_then_parse_round_trips(kwargs: dict[str, Any]) -> None:
     for name, value in kwargs.items():
         if name not in skip:
             assert getattr(khqr, name) == value, name
+
+
+# The official SDK itself (npm bakong-khqr 1.0.20, tests/khqr_oracle) as the oracle
+
+
+@pytest.fixture(scope="module")
+def sdk() -> Sdk:
+    return khqr_sdk.shared()
+
+
+# Text as merchants type it: ASCII, Khmer, emoji and other characters outside the BMP
+# (two UTF-16 units each, as the SDK counts them), and anything else but lone surrogates.
+CHARS = st.one_of(
+    st.characters(min_codepoint=0x20, max_codepoint=0x7E),
+    st.characters(min_codepoint=0x1780, max_codepoint=0x17FF),
+    st.characters(min_codepoint=0x1F300, max_codepoint=0x1FAFF),
+    st.characters(min_codepoint=0x10000, exclude_categories=["Cs"]),
+    st.characters(exclude_categories=["Cs"]),
+)
+
+
+@st.composite
+def text_near(draw: st.DrawFn, limit: int, *, over: bool = True, empty: bool = False) -> str:
+    """Text of a drawn UTF-16 length, often right at `limit` or (with `over`) one past it."""
+    top = limit + 2 if over else limit
+    edges = [limit, limit + 1] if over else [limit]
+    target = draw(st.sampled_from(edges) | st.integers(0 if empty else 1, top))
+    text = ""
+    while utf16_length(text) < target:
+        char = draw(CHARS)
+        text += char if utf16_length(text + char) <= target else "x"
+    return text
+
+
+def sometimes(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """None three times in four, so a template of five optional fields mostly fits in 99."""
+    return st.sampled_from([None, None, None]) | strategy
+
+
+def amounts(currency: str) -> st.SearchStrategy[Decimal]:
+    whole = st.integers(1, 10**13).map(Decimal)  # 10**13 is one character too many
+    cents = st.integers(1, 10**13).map(lambda n: Decimal(n) / 100)
+    mills = st.integers(1, 10**6).map(lambda n: Decimal(n) / 1000)  # refused by both
+    return whole | cents | mills if currency == "USD" else whole | cents
+
+
+@st.composite
+def sdk_cases(draw: st.DrawFn) -> tuple[int, dict[str, Any]]:
+    """A moment and build() arguments, valid or just past a limit, for the SDK and for us."""
+    now = draw(st.integers(10**12, 10**13 - 10**10))
+    currency = draw(st.sampled_from(["KHR", "USD"]))
+    merchant = draw(st.booleans())
+    kwargs: dict[str, Any] = {
+        "account_id": draw(text_near(15)) + "@" + draw(text_near(16)),
+        "merchant_name": draw(text_near(25, empty=True)),
+        "merchant_city": draw(text_near(15)),
+        "currency": currency,
+        "amount": draw(st.none() | amounts(currency)),
+        "merchant_type": "merchant" if merchant else "individual",
+        "merchant_category_code": draw(st.from_regex(r"[0-9]{4}", fullmatch=True)),
+        "account_information": draw(
+            (st.none() | text_near(32)) if merchant else sometimes(text_near(32))
+        ),
+        "acquiring_bank": draw(
+            (st.none() | text_near(32)) if merchant else sometimes(text_near(32))
+        ),
+        "language_preference": draw(sometimes(text_near(2))),
+        "merchant_name_alternate": draw(sometimes(text_near(25))),
+        "merchant_city_alternate": draw(sometimes(text_near(15))),
+    }
+    for name in ("bill_number", "mobile_number", "store_label", "terminal_label", "purpose"):
+        kwargs[name] = draw(sometimes(text_near(25)))
+    if kwargs["amount"] is not None:
+        life = st.integers(1, 10**9) | st.integers(-(10**7), -1) | st.just(10**13)
+        kwargs["created_at_ms"] = now
+        kwargs["expires_at_ms"] = now + draw(life)
+    return now, kwargs
+
+
+def ours_or_none(kwargs: dict[str, Any]) -> str | None:
+    try:
+        return build(**kwargs)
+    except KhqrError:
+        return None
+
+
+@settings(max_examples=250)
+@given(case=sdk_cases())
+@example(
+    case=(NOW_MS, {"account_id": "noodle@aclb", "merchant_name": "Noodle \U0001f35c", "amount": 1})
+)
+def test_build_makes_exactly_what_the_sdk_generates(sdk: Sdk, case: Any) -> None:
+    now, kwargs = case
+    if kwargs.get("amount") is not None:
+        kwargs = {"created_at_ms": now, "expires_at_ms": now + DAY_MS} | kwargs
+    theirs = sdk.generate(now, **kwargs)
+    if theirs is not None and not sdk.verify(theirs, now).valid:
+        theirs = None  # made, but unreadable even by the SDK: a template over 99 units
+    ours = ours_or_none(kwargs)
+    assert ours == theirs
+    if ours is not None:
+        khqr = verify(ours, now_ms=now)
+        assert (khqr.merchant_name, khqr.account_id) == (
+            kwargs["merchant_name"],
+            kwargs["account_id"],
+        )
+        assert khqr.expires_at_ms == kwargs.get("expires_at_ms")
+
+
+# Where verify is stricter than the SDK's verify, on purpose: the NBC sheet's rules that the
+# SDK does not check (country, amount, MCC, creation time), and empty fields and expiries of
+# no length, which no payer can use. Everything else the SDK refuses, we refuse too.
+STRICTER_THAN_SDK = {
+    "country_code.value",
+    "amount.zero",
+    "amount.format",
+    "merchant_category_code.format",
+    "created_at.required",
+    "created_at.format",
+    "expires_at.format",  # leading zeros: the SDK reads the digits as a number
+    "expires_at.order",  # an expiry equal to the creation
+    "expires_at.past",  # an expiry equal to now
+    "account_id.format",  # "name@" with no bank
+    "account_information.empty",
+    "language_preference.empty",
+    "additional_data.empty",
+    "language_template.empty",
+}
+
+
+def tlv16(tag: str, value: str) -> str:
+    return f"{tag}{utf16_length(value):02d}{value}"
+
+
+def flat(fields: dict[str, Any]) -> dict[str, str]:
+    """Each template (a dict of sub-tags) written out; None leaves a field out."""
+    written = {}
+    for tag, value in fields.items():
+        if isinstance(value, dict):
+            value = "".join(tlv16(sub, text) for sub, text in value.items() if text is not None)
+        if value is not None:
+            written[tag] = value
+    return written
+
+
+def encode(fields: dict[str, Any]) -> str:
+    """A KHQR string of `fields`, with a good CRC."""
+    return with_crc("".join(tlv16(tag, value) for tag, value in flat(fields).items()))
+
+
+def stamp(now: int) -> st.SearchStrategy[str | None]:
+    near = st.integers(-(10**7), 10**7).map(lambda delta: str(now + delta))
+    return st.none() | near | st.from_regex(r"[0-9]{11,15}", fullmatch=True) | st.just("")
+
+
+@st.composite
+def spoiled_qrs(draw: st.DrawFn) -> tuple[int, str]:
+    """A valid dynamic KHQR string with one to three fields spoiled, and a moment to read it."""
+    now = draw(st.integers(10**12 + 10**8, 10**13 - 10**8))
+    valid = {
+        "00": "01",
+        "01": "12",
+        "29": {"00": "shop@aclb", "01": "012345678", "02": "Dev Bank"},
+        "52": "5999",
+        "53": draw(st.sampled_from(["116", "840"])),
+        "54": "1000",
+        "58": "KH",
+        "59": draw(text_near(25, over=False)),
+        "60": draw(text_near(15, over=False)),
+        "62": {"01": draw(text_near(25, over=False)), "03": "Shop"},
+        "64": {"00": "km", "01": draw(text_near(25, over=False))},
+        "99": {"00": str(now - 1000), "01": str(now + 600_000)},
+    }
+    spoils: dict[tuple[str, str | None], st.SearchStrategy[Any]] = {
+        ("01", None): st.sampled_from(["11", "12", "13", "1"]),
+        ("52", None): st.from_regex(r"[0-9]{0,5}", fullmatch=True) | st.just("59a9"),
+        ("53", None): st.sampled_from(["116", "840", "978", "0116", "11"]),
+        ("54", None): st.none()
+        | st.sampled_from(["0", "0.00", "00", ".5", "1.", "-1", "1e5", "abc", "1,5"])
+        | st.from_regex(r"[0-9]{1,15}(\.[0-9]{1,3})?", fullmatch=True),
+        ("58", None): st.sampled_from(["KH", "US", "KHM", "KHMR", "", "kh"]),
+        ("59", None): text_near(25, empty=True),
+        ("60", None): text_near(15, empty=True),
+        ("62", None): st.just(""),
+        ("64", None): st.just(""),
+        ("99", None): st.none(),
+        ("29", "00"): st.tuples(text_near(15), st.sampled_from(["", "@", "@aclb"])).map("".join)
+        | text_near(32),
+        ("29", "01"): st.none() | text_near(32, empty=True),
+        ("29", "02"): st.none() | text_near(32, empty=True),
+        ("62", "01"): st.none() | text_near(25, empty=True),
+        ("62", "02"): st.none() | text_near(25, empty=True),
+        ("62", "07"): st.none() | text_near(25, empty=True),
+        ("62", "08"): st.none() | text_near(25, empty=True),
+        ("64", "00"): st.none() | text_near(2, empty=True),
+        ("64", "01"): st.none() | text_near(25, empty=True),
+        ("64", "02"): st.none() | text_near(15, empty=True),
+        ("99", "00"): stamp(now),
+        ("99", "01"): stamp(now),
+    }
+    for tag, sub in draw(st.lists(st.sampled_from(list(spoils)), min_size=1, max_size=3)):
+        value = draw(spoils[tag, sub])
+        if sub is None:
+            valid[tag] = value
+        elif isinstance(valid[tag], dict):
+            valid[tag] = {**valid[tag], sub: value}
+    assume(all(utf16_length(value) <= 99 for value in flat(valid).values()))
+    return now, encode(valid)
+
+
+@settings(max_examples=300)
+@given(case=spoiled_qrs())
+def test_verify_refuses_whatever_the_sdk_refuses(sdk: Sdk, case: tuple[int, str]) -> None:
+    now, qr = case
+    theirs = sdk.verify(qr, now)
+    try:
+        verify(qr, now_ms=now)
+    except KhqrError as exc:
+        event(f"SDK {'accepts' if theirs.valid else 'refuses'}, we refuse: {exc.rule}")
+        if theirs.valid:
+            # A refusal the SDK does not share must be one of the rules it lacks.
+            assert exc.rule in STRICTER_THAN_SDK, (exc.rule, str(exc))
+            # The two time rules differ from the SDK's only at equality.
+            if exc.rule == "expires_at.past":
+                assert parse(qr).expires_at_ms == now
+            if exc.rule == "expires_at.order":
+                assert parse(qr).expires_at_ms == parse(qr).created_at_ms
+    else:
+        event("both accept")
+        assert theirs.valid, theirs.reason
+        read, decoded = parse(qr), sdk.decode(qr)
+        assert (decoded["merchantName"], decoded["merchantCity"]) == (
+            read.merchant_name,
+            read.merchant_city,
+        )
+        assert decoded["billNumber"] == read.bill_number
+        assert decoded["transactionAmount"] == read.fields.get("54")
+        expires = read.expires_at_ms
+        assert decoded["expirationTimestamp"] == (None if expires is None else str(expires))
+
+
+@pytest.mark.parametrize(
+    ("changes", "rule"),
+    [
+        ({"58": "US"}, "country_code.value"),
+        ({"54": "0"}, "amount.zero"),
+        ({"54": "abc"}, "amount.format"),
+        ({"52": "599"}, "merchant_category_code.format"),
+        ({"99": {"01": str(NOW_MS + DAY_MS)}}, "created_at.required"),
+        ({"99": {"00": str(NOW_MS), "01": str(NOW_MS)}}, "expires_at.order"),
+        ({"99": {"00": str(NOW_MS - 1), "01": str(NOW_MS)}}, "expires_at.past"),
+        ({"99": {"00": str(NOW_MS), "01": f"00{NOW_MS + DAY_MS}"}}, "expires_at.format"),
+        ({"29": {"00": "shop@"}}, "account_id.format"),
+        ({"29": {"00": "shop@aclb", "01": ""}}, "account_information.empty"),
+        ({"62": ""}, "additional_data.empty"),
+    ],
+)
+def test_where_verify_is_stricter_than_the_sdk_on_purpose(
+    sdk: Sdk, changes: dict[str, Any], rule: str
+) -> None:
+    fields: dict[str, Any] = {
+        "00": "01",
+        "01": "12",
+        "29": {"00": "shop@aclb"},
+        "52": "5999",
+        "53": "840",
+        "54": "1.50",
+        "58": "KH",
+        "59": "Coffee Shop",
+        "60": "Siem Reap",
+        "99": {"00": str(NOW_MS - 1000), "01": str(NOW_MS + DAY_MS)},
+    }
+    qr = encode(fields | changes)
+    assert sdk.verify(qr, NOW_MS).valid
+    with pytest.raises(KhqrError) as refused:
+        verify(qr, now_ms=NOW_MS)
+    assert refused.value.rule == rule
+
+
+def test_verify_reads_the_expiry_and_accepts_what_the_sdk_makes(sdk: Sdk) -> None:
+    expires = NOW_MS + 600_000
+    theirs = sdk.generate(
+        NOW_MS,
+        account_id="noodle@aclb",
+        merchant_name="Noodle \U0001f35c",
+        merchant_city="ភ្នំពេញ",
+        amount=Decimal("2.5"),
+        currency="USD",
+        expires_at_ms=expires,
+    )
+    assert theirs is not None
+    khqr = verify(theirs, now_ms=NOW_MS)
+    assert (khqr.created_at_ms, khqr.expires_at_ms) == (NOW_MS, expires)
+    assert (khqr.merchant_name, khqr.merchant_city) == ("Noodle \U0001f35c", "ភ្នំពេញ")
+    with pytest.raises(KhqrError) as late:
+        verify(theirs, now_ms=expires)
+    assert late.value.rule == "expires_at.past"
+    assert not sdk.verify(theirs, expires + 1).valid

@@ -202,9 +202,11 @@ def _from_qr(data: dict[str, Any]) -> datetime | None:
     """Fill md5 and expectations from a KHQR string (explicit fields win); returns when the
     QR expires, when it says."""
     try:
-        parsed = khqr.parse(data["qr"])
+        # Every rule payer apps apply: a QR they refuse can never be paid.
+        parsed = khqr.verify(data["qr"])
     except khqr.KhqrError as exc:
-        raise _invalid("qr", str(exc)) from None
+        detail = {"field": "qr", "message": str(exc), "rule": exc.rule}
+        raise ApiError(422, "validation_error", "some fields are not valid", [detail]) from None
     if not parsed.dynamic:
         raise _invalid("qr", "a static KHQR cannot be tracked by md5; use a dynamic one")
     if "md5" in data and data["md5"] != parsed.md5:
