@@ -193,3 +193,15 @@ async def test_a_page_that_ended_unpaid_has_no_qr_and_says_what_to_do(
         assert resp.status == 200
     page = await final_page(gateway, made, status)
     assert says in page
+
+
+async def test_a_stored_qr_that_no_longer_parses_still_renders_its_page(
+    gateway: Gateway, receiver: Receiver, pg: asyncpg.Connection
+) -> None:
+    """A QR stored before a codec fix (lengths counted in code points) must not make its
+    page a 500 for the rest of its life."""
+    made = await checkout(gateway, receiver)
+    await pg.execute("update transactions set qr = 'not a khqr' where id = $1", made["jobId"])
+    resp = await gateway.client.get(f"{made['path']}?t={made['token']}")
+    assert resp.status == 200
+    assert 'data-status="pending"' in await resp.text()

@@ -90,7 +90,7 @@ def _amount(value: Decimal | None) -> str:
 def render(page: pages.Page, token: str) -> bytes:
     """The page's HTML; every value from a request or Bakong is escaped. A final page has no
     QR at all: a paid, expired or mismatched QR must not be scannable."""
-    parsed = khqr.parse(page.qr) if page.qr else None
+    parsed = _parsed(page.qr)
     expires_ms = int(page.deadline_at.timestamp() * 1000)
     if parsed is not None and parsed.expires_at_ms is not None:
         expires_ms = parsed.expires_at_ms
@@ -112,6 +112,17 @@ def render(page: pages.Page, token: str) -> bytes:
     escaped["qr_figure"] = _qr_figure(page) if page.status is Status.PENDING else ""
     escaped["next"] = _next(page, merchant or "the merchant", reference)
     return Template(assets.read("pay.html").decode()).substitute(escaped).encode()
+
+
+def _parsed(qr: str | None) -> khqr.Khqr | None:
+    """The page's QR, read leniently; one stored before a codec fix may not parse now (its
+    lengths counted otherwise), and the page still shows its status."""
+    if not qr:
+        return None
+    try:
+        return khqr.parse(qr)
+    except khqr.KhqrError:
+        return None
 
 
 def reference_of(page: pages.Page, parsed: khqr.Khqr | None) -> str:
