@@ -13,7 +13,7 @@ from uuid import UUID
 
 import asyncpg
 
-from khqr_gateway.bakong.checker import Checker
+from khqr_gateway.bakong.checker import THROTTLED, Checker
 from khqr_gateway.bakong.client import MAX_BATCH
 from khqr_gateway.events import EventHub
 from khqr_gateway.metrics import LATE_PAYMENTS, MD5_CHECKS
@@ -25,8 +25,9 @@ from khqr_gateway.tracking import decide, transition
 
 log = logging.getLogger(__name__)
 
-# md5s one tick claims at most: 10 list calls.
-CLAIM_LIMIT = 500
+# md5s one tick claims at most: 2 list calls, so a late tick never holds the calls in flight
+# that live polls and final checks need.
+CLAIM_LIMIT = 100
 LEASE_MS = 5_000
 # The last check of a watch is made this long before it ends, not after.
 LAST_CHECK_LEAD_MS = 1_000
@@ -46,6 +47,7 @@ class LateWatch:
         checker: Checker,
         window: LateWindow,
         poll_interval_s: float,
+        grace_s: float,
         events: EventHub | None = None,
         on_deliveries: Callable[[], None] | None = None,
     ) -> None:
@@ -57,6 +59,8 @@ class LateWatch:
         self.window = window
         self.interval_ms = int(window.check_interval_s * 1000)
         self.poll_interval_ms = int(poll_interval_s * 1000)
+        # Past the watch's end, an md5 Bakong gave no answer for is asked this much longer.
+        self.grace_ms = int(grace_s * 1000)
         self.events = events
         self.on_deliveries = on_deliveries
 
@@ -101,17 +105,21 @@ class LateWatch:
         found = {str(i.poll.id) for i in items}
         done = [m for m in members if m not in found]
         now = datetime.now(UTC)
-        watching = [i for i in items if now < i.watch_until]
-        done += [str(i.poll.id) for i in items if now >= i.watch_until]
+        # Past its end a watch still gets the check it is owed (a tick skipped while live
+        # polls were behind, Bakong silent at the end), within the grace.
+        ends = {i.poll.id: int(i.watch_until.timestamp() * 1000) + self.grace_ms for i in items}
+        now_ms = int(now.timestamp() * 1000)
+        watching = [i for i in items if now_ms < ends[i.poll.id]]
+        done += [str(i.poll.id) for i in items if now_ms >= ends[i.poll.id]]
         results = (
             await self.checker.check([i.poll for i in watching], now, late=True) if watching else {}
         )
         reschedule: list[tuple[str, int]] = []
         paid: list[LateItem] = []
-        now_ms = int(now.timestamp() * 1000)
         for item in watching:
             result = results.get(item.poll.id, CheckResult(CheckKind.ERROR, error="no_result"))
-            MD5_CHECKS.labels(result.kind.value).inc()
+            if result.error != THROTTLED:
+                MD5_CHECKS.labels(result.kind.value).inc()
             if result.kind is CheckKind.PAID:
                 paid.append(item)
             elif (due := self._next_due(item, result, now_ms)) is not None:
@@ -125,16 +133,20 @@ class LateWatch:
         return len(watching)
 
     def _next_due(self, item: LateItem, result: CheckResult, now_ms: int) -> int | None:
-        """When to check again, or None once the watch is over."""
-        wait_ms = self.interval_ms
-        if result.retry_after is not None:  # the rate limit or Bakong asked for a pause
-            wait_ms = min(wait_ms, max(int(result.retry_after * 1000), 1000))
-        end_ms = int(item.watch_until.timestamp() * 1000)
-        if now_ms + wait_ms < end_ms - LAST_CHECK_LEAD_MS:
+        """When to check again, or None once the watch is over: after a real answer at its
+        end, or once the grace past its end is spent without one."""
+        # Put off by the rate limit, paused by a 429 or an open circuit: a late turn later.
+        wait_ms = max(self.interval_ms, int((result.retry_after or 0) * 1000))
+        last_ms = int(item.watch_until.timestamp() * 1000) - LAST_CHECK_LEAD_MS
+        if now_ms + wait_ms < last_ms:
             return now_ms + wait_ms
-        if now_ms < end_ms - LAST_CHECK_LEAD_MS:
-            return end_ms - LAST_CHECK_LEAD_MS
-        return None
+        if now_ms < last_ms:
+            return last_ms  # the last check, just before the QR stops being payable
+        answered = result.kind in (CheckKind.NOT_FOUND, CheckKind.FAILED)
+        give_up_ms = last_ms + LAST_CHECK_LEAD_MS + self.grace_ms
+        if answered or now_ms >= give_up_ms:
+            return None
+        return min(now_ms + wait_ms, give_up_ms - 1)
 
     async def _record(
         self, paid: list[LateItem], results: dict[UUID, CheckResult], now: datetime

@@ -127,6 +127,7 @@ class Service:
             checker=poller.checker,
             window=settings.late_window,
             poll_interval_s=settings.poll_interval_s,
+            grace_s=settings.bakong_grace_s,
             events=events,
         )
         poller.on_timeouts = late.watch

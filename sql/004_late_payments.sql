@@ -6,6 +6,11 @@ alter table transactions add column late_watch_until timestamptz;
 alter table transactions add column late boolean not null default false;
 alter table transactions add column previous_status text
     check (previous_status in ('timeout', 'cancelled'));
+-- What timed out or was cancelled within the last hour (the default LATE_WATCH_S) before
+-- this version is watched too: the reconcile tick schedules these.
+update transactions set late_watch_until = case
+        when status = 'timeout' then deadline_at else completed_at end + interval '1 hour'
+where status in ('timeout', 'cancelled') and completed_at > now() - interval '1 hour';
 -- The watches still running, for the reconcile tick: ended ones drop out of the range scan.
 create index transactions_late_watch on transactions (late_watch_until, id)
     where status in ('timeout', 'cancelled');

@@ -41,6 +41,7 @@ async def test_an_md5_tracked_twice_before_keeps_one_transaction_for_it(
         (paid, "timeout", timedelta(minutes=60)),
         (paid, "success", timedelta(minutes=50)),
         (paid, "cancelled", timedelta(minutes=40)),
+        (paid, "pending", timedelta(minutes=5)),  # a repeat still being polled
         (timed_out, "timeout", timedelta(minutes=30)),
         (timed_out, "pending", timedelta(minutes=20)),
         (old, "timeout", timedelta(minutes=20)),
@@ -66,6 +67,13 @@ async def test_an_md5_tracked_twice_before_keeps_one_transaction_for_it(
         pending: "pending",
     }
     assert await blank.fetchval("select count(*) from transactions") == len(rows)
+    # The repeat of the paid md5 is no longer polled: it would report the payment again.
+    assert (
+        await blank.fetchval(
+            "select count(*) from transactions where md5 = $1 and status = 'pending'", paid
+        )
+        == 0
+    )
     with pytest.raises(asyncpg.UniqueViolationError):
         await blank.execute(
             "insert into transactions (id, md5, status, webhook_url, deadline_at)"

@@ -8,6 +8,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from aiohttp import web
 
 from khqr_gateway.bakong import khqr
 from khqr_gateway.metrics import REGISTRY
@@ -130,6 +131,8 @@ async def test_late_checks_are_batched_in_list_calls(
     gateway = await make_gateway(**{**LATE, "late_watch_s": 30})
     created = await asyncio.gather(*(timed_out(gateway, receiver) for _ in range(120)))
     await receiver.wait_for(120)
+    # The final checks booked turns in the rate limit: late checks wait for those to pass.
+    await asyncio.sleep(2.5)
     md5s = [c["md5"] for c in created]
     singles = sum(bakong.state.single_checks[m] for m in md5s)
     checks = sum(bakong.state.checks[m] for m in md5s)
@@ -190,3 +193,45 @@ async def test_the_tracking_window_never_outlives_the_qr(
     )
     assert row["deadline_at"].timestamp() * 1000 == pytest.approx(expires_ms, abs=1)
     assert row["qr_expires_at"] == row["deadline_at"]
+
+
+async def test_a_late_payment_stops_the_timeout_webhook_still_being_retried(
+    make_gateway: GatewayFactory,
+    bakong: SimulatedBakong,
+    aiohttp_server: Any,
+    pg: asyncpg.Connection,
+) -> None:
+    """A `timeout` retried after the late `success` arrived would read as the last word."""
+    got: list[str] = []
+
+    async def refuses_timeouts(request: web.Request) -> web.Response:
+        status = (await request.json())["status"]
+        got.append(status)
+        return web.Response(status=500 if status == "timeout" else 200)
+
+    app = web.Application()
+    app.router.add_post("/hook", refuses_timeouts)
+    server = await aiohttp_server(app)
+    gw = await make_gateway(**LATE, webhook_retry_schedule=(0.5,) * 8)
+    status, created = await gw.post(
+        "/api/v1/transactions",
+        {"md5": random_md5(), "webhookUrl": str(server.make_url("/hook")), "timeoutSeconds": 1},
+    )
+    assert status == 201
+    await gw.wait_status(created["jobId"], "timeout")
+    bakong.pay(created["md5"])
+    await gw.wait_status(created["jobId"], "success")
+    deadline = time.monotonic() + 5
+    while "success" not in got:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(1.5)  # three retry intervals of the timeout webhook
+    assert got[got.index("success") :].count("timeout") <= 1  # at most one already in flight
+    rows = await pg.fetch(
+        "select d.status, d.last_error, t.status as tx from deliveries d"
+        " join transactions t on t.id = d.transaction_id order by d.created_at"
+    )
+    assert [(r["status"], r["last_error"]) for r in rows] == [
+        ("failed", "superseded_by_late_payment"),
+        ("delivered", None),
+    ]

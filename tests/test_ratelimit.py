@@ -82,3 +82,20 @@ async def test_pauses_run_out(redis: Any, namespace: str) -> None:
     await asyncio.sleep(0.15)
     grant = await bucket.take({3: 1})
     assert grant.calls == 1 and grant.paused_s == {}
+
+
+async def test_calls_that_may_wait_get_nothing_while_queued_calls_wait_their_turn(
+    redis: Any, namespace: str
+) -> None:
+    """Late checks take only what no live check is queued for: they never push a live
+    check's turn back, and they book none of their own."""
+    bucket = limit(redis, namespace, rate=10)
+    t = 1_000_000
+    assert (await bucket.take({None: 5}, now_ms=t, behind=True)).calls == 5, "nobody waits"
+    live = await bucket.take({1: 30}, now_ms=t)  # more than the bucket holds: turns booked
+    assert live.calls == 5 and live.turn_s is not None
+    later = t + 1_000  # 10 tokens back in the bucket, the live queue still 2.5 s long
+    assert (await bucket.take({None: 5}, now_ms=later, behind=True)).calls == 0
+    assert (await bucket.take({1: 1}, now_ms=later, queue=False)).calls == 1, "a one-off still"
+    after_queue = t + 4_000
+    assert (await bucket.take({None: 5}, now_ms=after_queue, behind=True)).calls == 5

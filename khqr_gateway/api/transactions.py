@@ -265,13 +265,7 @@ async def create(
         md5=data["md5"],
         webhook_url=data["webhookUrl"],
         credential_id=credential_id,
-        expected=Expected(
-            amount=expected.get("amount"),
-            currency=expected.get("currency"),
-            to_account_id=expected.get("toAccountId"),
-        )
-        if expected
-        else None,
+        expected=_expected(expected),
         metadata=data.get("metadata"),
         qr=data.get("qr"),
         deadline_at=deadline_at,
@@ -284,6 +278,16 @@ async def create(
     elif repeat_must_match:
         _check_repeat(row, new)
     return row, created
+
+
+def _expected(given: dict[str, Any] | None) -> Expected | None:
+    """What the request expects of the payment; None when it expects nothing (as stored)."""
+    expected = Expected(
+        amount=(given or {}).get("amount"),
+        currency=(given or {}).get("currency"),
+        to_account_id=(given or {}).get("toAccountId"),
+    )
+    return None if expected == Expected() else expected
 
 
 def _check_repeat(row: asyncpg.Record, new: NewTransaction) -> None:

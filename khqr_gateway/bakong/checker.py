@@ -134,8 +134,8 @@ class Checker:
         """Ask Bakong about every item; each gets an answer or the reason it has none.
 
         `late` checks (md5s given up on, watched for a late payment) make no final checks
-        and book no turn in the rate limit: they take only what is free now, behind the
-        live checks, and an md5 the limit puts off is simply checked at its next turn."""
+        and book no turn in the rate limit: they take only what no live check is waiting
+        for, and an md5 the limit puts off is checked at its next late turn."""
         groups: dict[int | None, list[PollItem]] = defaultdict(list)
         for item in items:
             credential = item.credential_id
@@ -146,8 +146,8 @@ class Checker:
         calls: list[Call] = []
         for credential, group in groups.items():
             calls += await self._plan(credential, group, now, results, late=late)
-        follow_ups = await self._send(calls, results, queue=not late)
-        await self._send(follow_ups, results, queue=not late)  # per-md5: no follow-ups
+        follow_ups = await self._send(calls, results, late=late)
+        await self._send(follow_ups, results, late=late)  # per-md5 calls: no follow-ups
         return results
 
     async def _plan(
@@ -184,14 +184,14 @@ class Checker:
         return calls
 
     async def _send(
-        self, calls: list[Call], results: dict[UUID, CheckResult], *, queue: bool = True
+        self, calls: list[Call], results: dict[UUID, CheckResult], *, late: bool = False
     ) -> list[Call]:
         """Send what the rate limit allows now, final checks first, then in the claim's
         oldest-due-first order; returns follow-up calls."""
         if not calls:
             return []
         calls = sorted(calls, key=lambda c: not c.final)
-        grant = await self._take(Counter(c.credential for c in calls), queue=queue)
+        grant = await self._take(Counter(c.credential for c in calls), late=late)
         runnable: list[Call] = []
         deferred: list[Call] = []
         for call in calls:
@@ -219,10 +219,10 @@ class Checker:
             follow_ups += answer.follow_ups
         return follow_ups
 
-    async def _take(self, wanted: Mapping[int | None, int], *, queue: bool = True) -> Grant:
+    async def _take(self, wanted: Mapping[int | None, int], *, late: bool = False) -> Grant:
         if self.limits is None:
             return Grant(sum(wanted.values()), {})
-        return await self.limits.take(wanted, queue=queue)
+        return await self.limits.take(wanted, queue=not late, behind=late)
 
     async def _call(self, call: Call) -> Answer:
         async with self._slots:

@@ -62,15 +62,18 @@
     if (status === "success") {
       line.className = "receipt";
       line.id = "receipt";
-      [text("amount") + " to " + merchant, new Date().toLocaleString(), "Reference " + reference]
+      var when = new Date().toLocaleString("en-GB", { timeZone: "Asia/Phnom_Penh",
+        dateStyle: "medium", timeStyle: "short" }) + " (Phnom Penh)";
+      [text("amount") + " to " + merchant, when, "Reference " + reference]
         .forEach(function (t) {
           var li = document.createElement("li");
           li.textContent = t;
           line.appendChild(li);
         });
     } else {
-      line.textContent = (NEXT[status] || "").replace("{merchant}", merchant)
-        .replace("{reference}", reference);
+      // Functions, not strings, as replacements: a `$&` in a name stays as written.
+      line.textContent = (NEXT[status] || "").replace("{merchant}", function () { return merchant; })
+        .replace("{reference}", function () { return reference; });
     }
     next.replaceChildren(line);
   }

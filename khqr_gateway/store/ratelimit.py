@@ -10,7 +10,8 @@ from redis.asyncio import Redis
 
 # KEYS[1] the bucket (a hash: tokens, ts, qend); KEYS[2..] the pause key of each credential.
 # ARGV[1] rate (tokens a second), ARGV[2] capacity, ARGV[3] now in ms ('' = Redis's clock, so
-# that processes with skewed clocks share one bucket fairly), ARGV[4] 1 to queue (below),
+# that processes with skewed clocks share one bucket fairly), ARGV[4] 1 to queue (below), 0
+# for a one-off call, 2 for calls that only take what nobody queued is waiting for,
 # ARGV[5..] the calls each credential wants, in the order of KEYS[2..].
 # A paused credential gets nothing and is told how long its pause lasts; the others share
 # what the bucket holds. While the demand exceeds the rate, every call asked for (granted
@@ -25,6 +26,7 @@ local rate = tonumber(ARGV[1])
 local capacity = tonumber(ARGV[2])
 local now = tonumber(ARGV[3])
 local queue = ARGV[4] == '1'
+local behind = ARGV[4] == '2'
 if not now then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -49,6 +51,9 @@ if now > ts then
   ts = now
 end
 local granted = math.min(wanted, math.floor(tokens))
+if behind and qend > now then
+  granted = 0
+end
 tokens = tokens - granted
 local start = -1
 if queue and wanted > 0 and (wanted > granted or qend > now) then
@@ -115,16 +120,24 @@ class RateLimit:
         return f"{self.pause_prefix}:{'default' if credential is None else credential}"
 
     async def take(
-        self, wanted: Mapping[int | None, int], now_ms: int | None = None, *, queue: bool = True
+        self,
+        wanted: Mapping[int | None, int],
+        now_ms: int | None = None,
+        *,
+        queue: bool = True,
+        behind: bool = False,
     ) -> Grant:
         """Take tokens for the calls each credential wants; paused credentials get none.
 
-        `queue=False` for a one-off call (a retry after renewal) that books no turn.
+        `queue=False` for a one-off call (a retry after renewal) that books no turn;
+        `behind=True` for calls that may wait (late checks): they book no turn and get
+        nothing while calls that booked one are still waiting for it.
         """
         credentials = list(wanted)
+        mode = 2 if behind else int(queue)
         reply = await self._take(
             keys=[self.bucket_key, *(self.pause_key(c) for c in credentials)],
-            args=[self.rate, self.capacity, "" if now_ms is None else now_ms, int(queue)]
+            args=[self.rate, self.capacity, "" if now_ms is None else now_ms, mode]
             + [wanted[c] for c in credentials],
         )
         paused = {c: int(ms) / 1000 for c, ms in zip(credentials, reply[2:], strict=True) if ms}

@@ -297,8 +297,10 @@ async def record_late(
     pool: asyncpg.Pool, late: Sequence[LateTransition]
 ) -> list[tuple[UUID, str | None]]:
     """Record late payments with their deliveries, atomically, each at most once: only a
-    transaction still in the state it was watched in moves. Returns, like
-    `record_transitions`, the (transaction id, delivery id) of each that happened."""
+    transaction still in the state it was watched in moves. A `timeout` webhook still being
+    retried stops (failed, `superseded_by_late_payment`): arriving after the late `success`
+    it would read as the last word. Returns, like `record_transitions`, the (transaction id,
+    delivery id) of each that happened."""
     if not late:
         return []
     rows = await pool.fetch(
@@ -315,6 +317,10 @@ async def record_late(
             from input
             where t.id = input.id and t.status = input.previous
             returning t.id, t.webhook_url
+        ), superseded as (
+            update deliveries d set status = 'failed', last_error = 'superseded_by_late_payment',
+                next_attempt_at = null, updated_at = now()
+            from done where d.transaction_id = done.id and d.status = 'pending'
         ), delivered as (
             insert into deliveries (id, transaction_id, url, payload, next_attempt_at)
             select input.delivery_id, done.id, done.webhook_url, input.payload, now()
