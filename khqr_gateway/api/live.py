@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from uuid import UUID
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp_apigami import docs, match_info_schema
 
 from khqr_gateway.api.errors import ApiError, error_response
@@ -98,6 +98,8 @@ async def stream(request: web.Request, job_id: UUID, fmt: Format) -> web.StreamR
     service = request.app[SERVICE_KEY]
     if fmt.ids and _already_ended(request):
         return web.Response(status=204)
+    if request.method == hdrs.METH_HEAD:
+        return await _head(request, job_id)
     try:
         async with service.events.subscribe(job_id) as sub:
             # Subscribed first, read second: a change in between is queued, not lost.
@@ -117,6 +119,14 @@ async def stream(request: web.Request, job_id: UUID, fmt: Format) -> web.StreamR
             "this process has too many open streams; try again shortly",
             headers={"Retry-After": RETRY_AFTER_S},
         )
+
+
+async def _head(request: web.Request, job_id: UUID) -> web.StreamResponse:
+    """GET's status and headers, no body and no stream: an event written after a bodiless
+    answer would be read as the next response on this keep-alive connection."""
+    if await pages.status_of(request.app[SERVICE_KEY].pool, job_id) is None:
+        raise ApiError(404, "not_found", "no transaction with this jobId")
+    return web.StreamResponse(headers=SSE_HEADERS)
 
 
 async def _pump(
