@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -24,6 +26,15 @@ from khqr_gateway.models import Status, Transition
 log = logging.getLogger(__name__)
 
 MAX_STREAMS = 1000
+# Of MAX_STREAMS, kept for the API's streams: public page streams (anyone with a link) never
+# take these, so a flood of the payment page cannot starve the merchant's backend.
+API_RESERVED_SHARE = 0.25
+# A customer's few tabs and devices on one payment link; more is a flood of that link.
+PAGE_STREAMS_PER_JOB = 5
+# Per connecting address, across links. Behind a reverse proxy every customer shares the
+# proxy's address (X-Forwarded-For is anyone's to write, so it is not read): 50 of the
+# 750 page slots bounds one address without making a proxied shop's checkout the limit.
+PAGE_STREAMS_PER_CLIENT = 50
 HEARTBEAT_S = 15.0
 # How long a new stream waits for the pub/sub connection before relying on re-reads alone.
 READY_TIMEOUT_S = 2.0
@@ -63,8 +74,20 @@ class Signal(Enum):
     CLOSE = "close"  # the process is shutting down
 
 
+class Scope(Enum):
+    """Whose stream limit was reached."""
+
+    PROCESS = "process"  # this process's streams, or its share for public pages
+    TRANSACTION = "transaction"  # public page streams of one transaction
+    CLIENT = "client"  # public page streams from one address
+
+
 class StreamLimit(Exception):
-    """This process already holds its maximum of open streams."""
+    """No room for another stream; `scope` says whose limit it is."""
+
+    def __init__(self, scope: Scope) -> None:
+        super().__init__(scope.value)
+        self.scope = scope
 
 
 class Subscription:
@@ -86,16 +109,37 @@ class Subscription:
             return None
 
 
+def _release(counts: Counter[Any], key: Any) -> None:
+    # Drop keys at zero: a counter of every address ever seen would only grow.
+    counts[key] -= 1
+    if counts[key] <= 0:
+        del counts[key]
+
+
 class EventHub:
     """Publishes changes and fans them out to the local subscriptions of this process."""
 
-    def __init__(self, redis: Redis, channel: str, *, max_streams: int = MAX_STREAMS) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        channel: str,
+        *,
+        max_streams: int = MAX_STREAMS,
+        api_reserved_share: float = API_RESERVED_SHARE,
+        page_per_job: int = PAGE_STREAMS_PER_JOB,
+        page_per_client: int = PAGE_STREAMS_PER_CLIENT,
+    ) -> None:
         self.redis = redis
         self.channel = channel
         self.max_streams = max_streams
+        self.api_reserved_share = api_reserved_share
+        self.page_per_job = page_per_job
+        self.page_per_client = page_per_client
         self.heartbeat_s = HEARTBEAT_S
         self._subs: dict[UUID, set[Subscription]] = {}
         self._open = 0
+        self._pages: Counter[UUID] = Counter()
+        self._page_clients: Counter[str] = Counter()
         self._ready = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
         self._closing = False
@@ -124,23 +168,49 @@ class EventHub:
         done = {job_id for job_id, _ in happened}
         await self.publish(Change(t.id, t.status, t.reason) for t in transitions if t.id in done)
 
+    @property
+    def page_streams(self) -> int:
+        return self._pages.total()
+
+    def check(self, job_id: UUID, client: str | None = None) -> None:
+        """Raise StreamLimit unless a stream could open now; `client` marks a public one."""
+        if self._closing or self._open >= self.max_streams:
+            raise StreamLimit(Scope.PROCESS)
+        if client is None:
+            return
+        if self._pages[job_id] >= self.page_per_job:
+            raise StreamLimit(Scope.TRANSACTION)
+        if self._page_clients[client] >= self.page_per_client:
+            raise StreamLimit(Scope.CLIENT)
+        reserved = math.ceil(self.max_streams * self.api_reserved_share)
+        if self.page_streams >= self.max_streams - reserved:
+            raise StreamLimit(Scope.PROCESS)
+
     @contextlib.asynccontextmanager
-    async def subscribe(self, job_id: UUID) -> AsyncIterator[Subscription]:
+    async def subscribe(
+        self, job_id: UUID, client: str | None = None
+    ) -> AsyncIterator[Subscription]:
         """Watch one transaction; the Redis subscription is live before this yields.
 
+        `client` is the address of a public (payment page) stream, None for the API's.
         Read the current status after entering, never before: a change made in between
         then arrives here rather than being lost.
         """
-        if self._closing or self._open >= self.max_streams:
-            raise StreamLimit
+        self.check(job_id, client)
         sub = Subscription(job_id)
         self._open += 1
         self._subs.setdefault(job_id, set()).add(sub)
+        if client is not None:
+            self._pages[job_id] += 1
+            self._page_clients[client] += 1
         try:
             await self._wait_ready()
             yield sub
         finally:
             self._open -= 1
+            if client is not None:
+                _release(self._pages, job_id)
+                _release(self._page_clients, client)
             watchers = self._subs.get(job_id)
             if watchers is not None:
                 watchers.discard(sub)

@@ -10,6 +10,8 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import orjson
+import pytest
 from aiohttp import web
 from redis.asyncio import Redis
 
@@ -23,6 +25,7 @@ from khqr_gateway.store.schedule import keys
 from tests.conftest import REDIS_URL, Gateway, GatewayFactory, Receiver, SimulatedBakong
 from tests.sse import Reader
 from tests.test_api_transactions import create
+from tests.test_pay import checkout
 
 
 async def events(gw: Gateway, job_id: str, **headers: str) -> Reader:
@@ -116,6 +119,8 @@ async def test_unknown_transaction_is_404(gateway: Gateway) -> None:
         resp = await gateway.client.get(f"/api/v1/transactions/{job_id}/events")
         assert resp.status == 404
         assert (await resp.json())["error"]["code"] == "not_found"
+        head = await gateway.client.head(f"/api/v1/transactions/{job_id}/events")
+        assert head.status == 404
     assert gateway.service.events.open_streams == 0
 
 
@@ -212,3 +217,47 @@ async def test_shutdown_ends_open_streams_at_once(
         await runner.cleanup()  # would wait out shutdown_timeout (30 s) for a stuck stream
         assert time.monotonic() - started < 5
         assert await stream.next() is None
+
+
+async def _raw_response(reader: asyncio.StreamReader) -> tuple[bytes, dict[str, str]]:
+    """One response's status line and headers, read off a raw socket."""
+    status = (await reader.readline()).rstrip(b"\r\n")
+    headers: dict[str, str] = {}
+    while line := (await reader.readline()).decode("latin-1").rstrip("\r\n"):
+        name, _, value = line.partition(":")
+        headers[name.lower()] = value.strip()
+    return status, headers
+
+
+@pytest.mark.parametrize("kind", ["events", "track", "page"])
+async def test_head_on_a_stream_answers_headers_only_and_keeps_the_connection_clean(
+    gateway: Gateway, receiver: Receiver, kind: str
+) -> None:
+    if kind == "page":
+        made = await checkout(gateway, receiver)
+        path = f"{made['path']}/events?t={made['token']}"
+    else:
+        job_id = (await create(gateway, receiver))["jobId"]
+        path = {
+            "events": f"/api/v1/transactions/{job_id}/events",
+            "track": f"/api/v1/transaction/{job_id}/track",
+        }[kind]
+    server = gateway.client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    try:
+        # Both requests at once on one keep-alive connection, as a proxy's pool reuses it.
+        writer.write(
+            f"HEAD {path} HTTP/1.1\r\nHost: gw\r\n\r\n"
+            "GET /health HTTP/1.1\r\nHost: gw\r\n\r\n".encode()
+        )
+        async with asyncio.timeout(5):
+            status, headers = await _raw_response(reader)
+            assert status == b"HTTP/1.1 200 OK"
+            assert headers["content-type"] == "text/event-stream"
+            status, headers = await _raw_response(reader)
+            assert status == b"HTTP/1.1 200 OK", "the HEAD answer had a body"
+            body = await reader.readexactly(int(headers["content-length"]))
+        assert orjson.loads(body)["status"] == "ok"
+    finally:
+        writer.close()
+    assert gateway.service.events.open_streams == 0, "HEAD holds no stream"

@@ -8,9 +8,13 @@ import uuid
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import aiohttp
 import asyncpg
 import pytest
+from aiohttp.test_utils import make_mocked_request
 
+from khqr_gateway.api.pay import client_of
+from khqr_gateway.events import PAGE_STREAMS_PER_JOB
 from tests.conftest import Gateway, Receiver, SimulatedBakong
 from tests.sse import Reader
 
@@ -205,3 +209,94 @@ async def test_a_stored_qr_that_no_longer_parses_still_renders_its_page(
     resp = await gateway.client.get(f"{made['path']}?t={made['token']}")
     assert resp.status == 200
     assert 'data-status="pending"' in await resp.text()
+
+
+async def page_stream(gw: Gateway, made: dict[str, Any], **headers: str) -> aiohttp.ClientResponse:
+    return await gw.client.get(f"{made['path']}/events?t={made['token']}", headers=headers)
+
+
+async def assert_refused(resp: aiohttp.ClientResponse, status: int) -> None:
+    assert resp.status == status  # no body in the message: a 200 here is an endless stream
+    assert resp.headers["Retry-After"].isdigit()
+    error = (await resp.json())["error"]
+    assert error["code"] == "too_many_streams"
+    assert error["message"]
+
+
+async def test_a_flood_of_one_link_is_refused_and_api_streams_still_open(
+    gateway: Gateway, receiver: Receiver
+) -> None:
+    hub = gateway.service.events
+    hub.max_streams = 20  # the process's 1,000, scaled down
+    made = await checkout(gateway, receiver)
+    flood = [await page_stream(gateway, made) for _ in range(25)]
+    assert [r.status for r in flood].count(200) == PAGE_STREAMS_PER_JOB
+    for resp in flood[PAGE_STREAMS_PER_JOB:]:
+        await assert_refused(resp, 429)
+    api = await gateway.client.get(f"/api/v1/transactions/{made['jobId']}/events")
+    assert api.status == 200, "a flood of the public page must not starve the API's streams"
+    assert hub.open_streams == PAGE_STREAMS_PER_JOB + 1
+
+
+async def test_one_address_is_capped_across_links_by_its_transport_peer(
+    gateway: Gateway, receiver: Receiver
+) -> None:
+    hub = gateway.service.events
+    hub.page_per_job, hub.page_per_client = 2, 3
+    links = [await checkout(gateway, receiver) for _ in range(3)]
+    opened = [await page_stream(gateway, made) for made in (links[0], links[0], links[1])]
+    assert [r.status for r in opened] == [200, 200, 200]
+    # X-Forwarded-For is anyone's to write: the address is the connection's.
+    await assert_refused(
+        await page_stream(gateway, links[2], **{"X-Forwarded-For": "192.0.2.7"}), 429
+    )
+    elsewhere = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+    async with aiohttp.ClientSession(connector=elsewhere) as other:
+        made = links[2]
+        resp = await other.get(gateway.client.make_url(f"{made['path']}/events?t={made['token']}"))
+        assert resp.status == 200, "another address has its own allowance"
+        resp.close()
+
+
+async def test_page_streams_leave_the_api_its_share_of_the_process(
+    gateway: Gateway, receiver: Receiver
+) -> None:
+    hub = gateway.service.events
+    hub.max_streams, hub.page_per_client = 8, 100  # pages may hold 6, the API keeps 2
+    links = [await checkout(gateway, receiver) for _ in range(7)]
+    pages = [await page_stream(gateway, made) for made in links]
+    assert [r.status for r in pages[:6]] == [200] * 6
+    await assert_refused(pages[6], 503)
+    path = f"/api/v1/transactions/{links[0]['jobId']}/events"
+    api = [await gateway.client.get(path) for _ in range(3)]
+    assert [r.status for r in api[:2]] == [200, 200]
+    await assert_refused(api[2], 503)
+
+
+class _Peer:
+    """The one thing client_of asks of a transport."""
+
+    def __init__(self, peername: Any) -> None:
+        self.peername = peername
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.peername if name == "peername" else default
+
+
+@pytest.mark.parametrize(
+    ("peername", "client"),
+    [
+        (("203.0.113.9", 5000), "203.0.113.9"),
+        (("::ffff:203.0.113.9", 5000, 0, 0), "203.0.113.9"),
+        (("2001:db8:1:2::1", 5000, 0, 0), "2001:db8:1:2::/64"),
+        (("2001:db8:1:2:ffff::9", 5000, 0, 0), "2001:db8:1:2::/64"),
+        ("", ""),
+    ],
+)
+def test_the_client_is_the_transport_peer_and_an_ipv6_host_its_64(
+    peername: Any, client: str
+) -> None:
+    request = make_mocked_request(
+        "GET", "/", headers={"X-Forwarded-For": "192.0.2.1"}, transport=_Peer(peername)
+    )
+    assert client_of(request) == client

@@ -1,21 +1,28 @@
 """Schemathesis against our own /openapi.json: no server error, no answer that breaks the spec.
 
 The real process (development mode, the in-process sandbox Bakong, real Postgres and Redis)
-is fuzzed from the spec it serves, with the API key, a fixed seed and a time budget.
-Reproduce by hand against a running `khqr-gateway serve` (API_KEY set, API_RATE_LIMIT=0):
+is fuzzed from the spec it serves, with the API key, a fixed seed and a time budget: every
+operation (HEAD included) through the examples, coverage and fuzzing phases, then the
+stateful phase (links from one answer to the next request, over kept-alive connections)
+with a budget of its own, so that the first phases can never spend it. Reproduce by hand
+against a running `khqr-gateway serve` (API_KEY set, API_RATE_LIMIT=0):
 
     SCHEMATHESIS_HOOKS=tests/schemathesis_hooks.py \\
     KHQR_WEBHOOK_SINK=http://127.0.0.1:3000/sandbox/control/inbox/st \\
-    .venv/bin/st run http://127.0.0.1:3000/openapi.json -H "Authorization: Bearer $API_KEY" \\
+    .venv/bin/st --config-file tests/schemathesis.toml \\
+        run http://127.0.0.1:3000/openapi.json -H "Authorization: Bearer $API_KEY" \\
         --checks not_a_server_error,status_code_conformance,content_type_conformance,\\
     response_schema_conformance,response_headers_conformance \\
-        --exclude-method HEAD --max-examples 25 --max-time 45 --seed 1
+        --phases stateful --max-examples 25 --max-time 45 --seed 1
+
+(and `--phases examples,coverage,fuzzing` for the first run).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import secrets
 import signal
 import sys
@@ -32,6 +39,7 @@ pytestmark = pytest.mark.slow
 
 ST = Path(sys.executable).with_name("st")
 HOOKS = Path(__file__).with_name("schemathesis_hooks.py")
+CONFIG = Path(__file__).with_name("schemathesis.toml")
 # What a server must get right whatever it is sent. Left out on purpose:
 # positive_data_acceptance and negative_data_rejection, because some rules cannot be
 # said in a schema (a cursor must be one we issued, `until` after `since`, a credential
@@ -50,11 +58,14 @@ CHECKS = ",".join(
 SEED = 1
 MAX_EXAMPLES = 25
 MAX_TIME_S = 45
+STATEFUL_TIME_S = 45
 TAIL_LINES = 80
 ERROR = 50  # pino's level number
 
 
-async def _fuzz(proc: Proc, api_key: str, cwd: Path) -> tuple[int, str]:
+async def _fuzz(
+    proc: Proc, api_key: str, cwd: Path, phases: str, max_time_s: int
+) -> tuple[int, str]:
     env = {
         **os.environ,
         "SCHEMATHESIS_HOOKS": str(HOOKS),
@@ -63,19 +74,20 @@ async def _fuzz(proc: Proc, api_key: str, cwd: Path) -> tuple[int, str]:
     }
     st = await asyncio.create_subprocess_exec(
         str(ST),
+        "--config-file",
+        str(CONFIG),
         "run",
         f"{proc.url}/openapi.json",
         "--header",
         f"Authorization: Bearer {api_key}",
         "--checks",
         CHECKS,
-        # HEAD answers as GET does, without the body the checks look at.
-        "--exclude-method",
-        "HEAD",
+        "--phases",
+        phases,
         "--max-examples",
         str(MAX_EXAMPLES),
         "--max-time",
-        str(MAX_TIME_S),
+        str(max_time_s),
         "--seed",
         str(SEED),
         # A stream that never ends fails the run instead of hanging it.
@@ -90,13 +102,19 @@ async def _fuzz(proc: Proc, api_key: str, cwd: Path) -> tuple[int, str]:
         stderr=asyncio.subprocess.STDOUT,
     )
     try:
-        output, _ = await asyncio.wait_for(st.communicate(), MAX_TIME_S + 60)
+        output, _ = await asyncio.wait_for(st.communicate(), max_time_s + 60)
     finally:
         if st.returncode is None:
             st.kill()
             await st.wait()
     assert st.returncode is not None
     return st.returncode, output.decode(errors="replace")
+
+
+def _scenarios(report: str) -> int:
+    """How many stateful scenarios the report says ran."""
+    found = re.search(r"Scenarios:\s+(\d+)", report)
+    return int(found.group(1)) if found else 0
 
 
 def _errors(output: str) -> list[str]:
@@ -133,7 +151,8 @@ async def test_the_api_keeps_to_its_own_openapi_spec(
         # Read the log as it comes, so that a chatty run never blocks the gateway on its pipe.
         log = asyncio.create_task(proc.read_all())
         started = time.monotonic()
-        code, report = await _fuzz(proc, api_key, tmp_path)
+        code, report = await _fuzz(proc, api_key, tmp_path, "examples,coverage,fuzzing", MAX_TIME_S)
+        stateful_code, stateful = await _fuzz(proc, api_key, tmp_path, "stateful", STATEFUL_TIME_S)
         took = time.monotonic() - started
         proc.proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.proc.wait(), 20) == 0
@@ -144,9 +163,13 @@ async def test_the_api_keeps_to_its_own_openapi_spec(
             await proc.proc.wait()
     tail = "\n".join(report.splitlines()[-TAIL_LINES:])
     assert code == 0, f"schemathesis found problems (exit {code}):\n{tail}"
+    tail = "\n".join(stateful.splitlines()[-TAIL_LINES:])
+    assert stateful_code == 0, f"the stateful phase found problems (exit {stateful_code}):\n{tail}"
+    scenarios = _scenarios(stateful)
+    assert scenarios > 0, f"the stateful phase ran nothing:\n{tail}"
     assert not _errors(output), _errors(output)
     assert api_key not in output
     # The hooks kept every webhook on this host: no URL the fuzzer made up was stored.
     urls = [r["webhook_url"] for r in await pg.fetch("select webhook_url from transactions")]
     assert all(url.startswith(proc.url) for url in urls), urls[:5]
-    print(f"schemathesis: {took:.1f} s, {len(urls)} transactions created")
+    print(f"schemathesis: {took:.1f} s, {scenarios} stateful scenarios, {len(urls)} transactions")

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from uuid import UUID
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp_apigami import docs, match_info_schema
 
 from khqr_gateway.api.errors import ApiError, error_response
 from khqr_gateway.api.openapi import errors
 from khqr_gateway.api.schemas import ErrorSchema, JobIdPathSchema
-from khqr_gateway.events import Change, EventHub, Signal, StreamLimit, Subscription
+from khqr_gateway.events import Change, EventHub, Scope, Signal, StreamLimit, Subscription
 from khqr_gateway.models import Status
 from khqr_gateway.service import SERVICE_KEY
 from khqr_gateway.store import pages
@@ -28,6 +28,12 @@ SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache, no-store",
     "X-Accel-Buffering": "no",  # nginx and friends: do not buffer the stream
+}
+# A public page's own limits are the caller's (429); the process's are everyone's (503).
+LIMIT_ANSWERS = {
+    Scope.PROCESS: (503, "this process has too many open streams; try again shortly"),
+    Scope.TRANSACTION: (429, "this payment link has too many open streams; close some first"),
+    Scope.CLIENT: (429, "this address has too many open payment page streams; close some first"),
 }
 STREAM_LIMIT = {
     503: {
@@ -93,13 +99,20 @@ def _already_ended(request: web.Request) -> bool:
         return False
 
 
-async def stream(request: web.Request, job_id: UUID, fmt: Format) -> web.StreamResponse:
-    """Answer with the live status of `job_id` in `fmt`; 404 when there is no such id."""
+async def stream(
+    request: web.Request, job_id: UUID, fmt: Format, client: str | None = None
+) -> web.StreamResponse:
+    """Answer with the live status of `job_id` in `fmt`; 404 when there is no such id.
+
+    `client` is the address of a public stream (the payment page's), None for the API's.
+    """
     service = request.app[SERVICE_KEY]
     if fmt.ids and _already_ended(request):
         return web.Response(status=204)
     try:
-        async with service.events.subscribe(job_id) as sub:
+        if request.method == hdrs.METH_HEAD:
+            return await _head(request, job_id, client)
+        async with service.events.subscribe(job_id, client) as sub:
             # Subscribed first, read second: a change in between is queued, not lost.
             current = await pages.status_of(service.pool, job_id)
             if current is None:
@@ -110,13 +123,21 @@ async def stream(request: web.Request, job_id: UUID, fmt: Format) -> web.StreamR
                 await _pump(request, response, service.events, sub, current, fmt)
                 await response.write_eof()
             return response
-    except StreamLimit:
+    except StreamLimit as exc:
+        status, message = LIMIT_ANSWERS[exc.scope]
         return error_response(
-            503,
-            "too_many_streams",
-            "this process has too many open streams; try again shortly",
-            headers={"Retry-After": RETRY_AFTER_S},
+            status, "too_many_streams", message, headers={"Retry-After": RETRY_AFTER_S}
         )
+
+
+async def _head(request: web.Request, job_id: UUID, client: str | None) -> web.StreamResponse:
+    """GET's status and headers, no body and no stream: an event written after a bodiless
+    answer would be read as the next response on this keep-alive connection."""
+    service = request.app[SERVICE_KEY]
+    service.events.check(job_id, client)
+    if await pages.status_of(service.pool, job_id) is None:
+        raise ApiError(404, "not_found", "no transaction with this jobId")
+    return web.StreamResponse(headers=SSE_HEADERS)
 
 
 async def _pump(

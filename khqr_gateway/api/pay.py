@@ -7,6 +7,7 @@ the key never reaches a browser.
 from __future__ import annotations
 
 import html
+import ipaddress
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from string import Template
@@ -22,7 +23,7 @@ from khqr_gateway.api import assets, live
 from khqr_gateway.api.errors import ApiError
 from khqr_gateway.api.khqr import qr_svg_inline
 from khqr_gateway.api.openapi import errors
-from khqr_gateway.api.schemas import JobIdPathSchema
+from khqr_gateway.api.schemas import ErrorSchema, JobIdPathSchema
 from khqr_gateway.bakong import khqr
 from khqr_gateway.models import Status
 from khqr_gateway.service import SERVICE_KEY
@@ -207,12 +208,18 @@ PAGE_EVENTS = live.Format(event=_page_event, heartbeat=live.V1.heartbeat)
     tags=["payment page"],
     summary="Live status of the payment page (Server-Sent Events, public)",
     description="As /api/v1/transactions/{jobId}/events, guarded by the page token; events "
-    "carry only `{status}`.",
+    "carry only `{status}`. A few streams per link and per address (429 past them), and a "
+    "share of the process's streams kept for the API (503 when the pages have used theirs).",
     parameters=[TOKEN_PARAM],
     responses={
         200: live.SSE_RESPONSE,
         204: {"description": "The stream already ended with a final status"},
         404: {"description": "No page for this jobId and token"},
+        429: {
+            "description": "This link or this address already has its most open streams; "
+            "try again after Retry-After",
+            "schema": ErrorSchema,
+        },
         **live.STREAM_LIMIT,
     },
 )
@@ -222,7 +229,23 @@ async def pay_events(request: web.Request) -> web.StreamResponse:
     page, _ = await _page_of(request)
     if page is None:
         raise ApiError(404, "not_found", "no payment page for this jobId and token")
-    return await live.stream(request, page.id, PAGE_EVENTS)
+    return await live.stream(request, page.id, PAGE_EVENTS, client_of(request))
+
+
+def client_of(request: web.Request) -> str:
+    """The connection's peer address, never X-Forwarded-For (anyone can write that header).
+
+    An IPv6 client is its /64: one host is handed a whole /64 and may use any address in it.
+    """
+    try:
+        address = ipaddress.ip_address(request.remote or "")
+    except ValueError:
+        return ""  # a Unix socket has no peer address: its clients share one allowance
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
 
 
 @docs(
