@@ -136,6 +136,24 @@ async def test_no_qr_is_left_to_scan_once_the_page_is_final(
         assert_clean(tab)
 
 
+async def test_a_page_refused_its_stream_asks_again_and_still_turns_paid(
+    browser: Browser, gateway: Gateway, bakong: SimulatedBakong, receiver: Receiver
+) -> None:
+    """A page whose live stream was refused (its link or the process at the limit: 429, 503)
+    tries again later rather than waiting forever on a closed EventSource."""
+    made = await khqr(gateway, receiver)
+    hub = gateway.service.events
+    hub.page_per_job = 0
+    async with browser.tab() as tab:
+        await tab.navigate(made["payUrl"])
+        await tab.wait_for(f"document.querySelector('#qr svg') && {STATUS} === 'pending'")
+        bakong.pay(made["md5"], **PAY)
+        await gateway.wait_status(made["jobId"], "success")
+        hub.page_per_job = 5
+        await tab.wait_for(f"{STATUS} === 'success'", timeout=15)
+        assert await tab.evaluate("document.querySelectorAll('#qr').length") == 0
+
+
 async def test_sdk_opens_the_page_in_a_modal_and_reports_success(
     browser: Browser,
     gateway: Gateway,

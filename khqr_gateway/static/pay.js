@@ -99,8 +99,20 @@
   var initial = root.getAttribute("data-status");
   if (initial !== "pending") { show(initial); return; }
   if (!window.EventSource) return;
-  source = new EventSource(root.getAttribute("data-events"));
-  source.onmessage = function (event) {
-    try { show(JSON.parse(event.data).status); } catch (e) { /* not ours */ }
-  };
+  var wait = 5000;
+  function listen() {
+    source = new EventSource(root.getAttribute("data-events"));
+    source.onopen = function () { wait = 5000; };
+    source.onmessage = function (event) {
+      try { show(JSON.parse(event.data).status); } catch (e) { /* not ours */ }
+    };
+    // A refused stream (429 or 503: this link or the process is at its limit) is closed
+    // for good by the browser: ask again later, so that the page still turns paid.
+    source.onerror = function () {
+      if (finished || source.readyState !== EventSource.CLOSED) return;
+      setTimeout(listen, wait);
+      wait = Math.min(wait * 2, 60000);
+    };
+  }
+  listen();
 })();
