@@ -21,10 +21,13 @@ CSP = (
 )
 
 
+def enabled(settings: Settings) -> bool:
+    # Without a key the dashboard would show payments to anyone: off in production.
+    return not (settings.production and not settings.api_keys)
+
+
 def _check_enabled(request: web.Request) -> None:
-    settings = request.app[SETTINGS]
-    if settings.production and not settings.api_keys:
-        # Without a key the dashboard would show payments to anyone: off in production.
+    if not enabled(request.app[SETTINGS]):
         raise ApiError(404, "not_found", "the dashboard is off in production without API_KEY")
 
 
