@@ -182,6 +182,11 @@ def _warn(settings: Settings) -> None:
         log.warning("WEBHOOK_SECRET is not set: webhooks are sent unsigned")
     if settings.production and not settings.api_keys:
         log.warning("API_KEY is not set: the API is open to anyone who can reach it")
+    if not settings.sandbox and not (settings.bakong_token or settings.bakong_email):
+        log.warning(
+            "BAKONG_TOKEN and BAKONG_EMAIL are not set: a transaction that brings no token "
+            "or email of its own is refused (422), and /ready says degraded"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
