@@ -91,6 +91,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as exc:
+        if compat.is_compat(request):
+            return compat.compat_error(exc)
         return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
     except web.HTTPException as exc:
         if exc.status < 400:
