@@ -2,33 +2,39 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# The service needs only its runtime (and uvloop); the suite's toolchain comes with `make test`.
+RUN_STAMP := $(VENV)/.installed-run
+DEV_STAMP := $(VENV)/.installed-dev
 
 .PHONY: run test sandbox migrate lint typecheck clean
 
-$(STAMP): pyproject.toml
+$(RUN_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,fast]'
-	touch $(STAMP)
+	$(BIN)/pip install --quiet -e '.[fast]'
+	touch $(RUN_STAMP)
 
-run: $(STAMP)
+$(DEV_STAMP): $(RUN_STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,fast]'
+	touch $(DEV_STAMP)
+
+run: $(RUN_STAMP)
 	$(BIN)/khqr-gateway serve
 
-test: $(STAMP)
+test: $(DEV_STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-sandbox: $(STAMP)
+sandbox: $(RUN_STAMP)
 	$(BIN)/khqr-gateway sandbox
 
-migrate: $(STAMP)
+migrate: $(RUN_STAMP)
 	$(BIN)/khqr-gateway migrate
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check khqr_gateway tests
 	$(BIN)/ruff format --check khqr_gateway tests
 
-typecheck: $(STAMP)
+typecheck: $(DEV_STAMP)
 	$(BIN)/mypy
 
 clean:
