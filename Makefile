@@ -2,18 +2,24 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# The service needs only its runtime (and uvloop); the suite's toolchain comes with `make test`.
+RUN_STAMP := $(VENV)/.installed-run
+DEV_STAMP := $(VENV)/.installed-dev
 # The official KHQR SDK (npm), the oracle of the KHQR tests; npm ci rewrites this file.
 ORACLE := tests/khqr_oracle
 ORACLE_STAMP := $(ORACLE)/node_modules/.package-lock.json
 
 .PHONY: run test sandbox migrate lint typecheck clean
 
-$(STAMP): pyproject.toml
+$(RUN_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[fast]'
+	touch $(RUN_STAMP)
+
+$(DEV_STAMP): $(RUN_STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,fast]'
-	touch $(STAMP)
+	touch $(DEV_STAMP)
 
 # Without npm the oracle's tests skip (and fail under CI, whose .ci/run installs it).
 $(ORACLE_STAMP): $(ORACLE)/package-lock.json
@@ -21,23 +27,23 @@ $(ORACLE_STAMP): $(ORACLE)/package-lock.json
 		npm ci --prefix $(ORACLE) --silent --no-audit --no-fund; \
 	else echo "npm not found: the KHQR SDK oracle tests will skip"; fi
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/khqr-gateway serve
 
-test: $(STAMP) $(ORACLE_STAMP)
+test: $(DEV_STAMP) $(ORACLE_STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-sandbox: $(STAMP)
+sandbox: $(RUN_STAMP)
 	$(BIN)/khqr-gateway sandbox
 
-migrate: $(STAMP)
+migrate: $(RUN_STAMP)
 	$(BIN)/khqr-gateway migrate
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check khqr_gateway tests
 	$(BIN)/ruff format --check khqr_gateway tests
 
-typecheck: $(STAMP)
+typecheck: $(DEV_STAMP)
 	$(BIN)/mypy
 
 clean:

@@ -29,9 +29,10 @@ from khqr_gateway.api import (
 )
 from khqr_gateway.api.errors import ApiError, error_response
 from khqr_gateway.api.openapi import setup_openapi
-from khqr_gateway.bakong.sandbox import create_sandbox_app
+from khqr_gateway.bakong.sandbox import Expectations, create_sandbox_app
 from khqr_gateway.config import Settings
 from khqr_gateway.service import SERVICE_KEY, Service
+from khqr_gateway.store import transactions as tx_store
 from khqr_gateway.store.schedule import keys
 
 log = logging.getLogger("khqr_gateway.http")
@@ -72,8 +73,10 @@ async def request_log(request: web.Request, handler: Handler) -> web.StreamRespo
         response.headers["x-request-id"] = request_id
         return response
     finally:
-        if log.isEnabledFor(logging.INFO) and request.path not in ("/health", "/metrics"):
-            log.info(
+        level = _request_level(request.path)
+        if level is not None and log.isEnabledFor(level):
+            log.log(
+                level,
                 "request",
                 extra={
                     "method": request.method,
@@ -85,12 +88,22 @@ async def request_log(request: web.Request, handler: Handler) -> web.StreamRespo
             )
 
 
+def _request_level(path: str) -> int | None:
+    # Probes and scrapes would drown the requests that users make, and so would the
+    # in-process sandbox's own polls (a third of the lines in sandbox mode): at debug.
+    if path in ("/health", "/metrics"):
+        return None
+    return logging.DEBUG if path.startswith("/sandbox/") else logging.INFO
+
+
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error as `{"error": {...}}`; never a stack trace to the client."""
     try:
         return await handler(request)
     except ApiError as exc:
+        if compat.is_compat(request):
+            return compat.compat_error(exc)
         return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -218,7 +231,7 @@ def create_app(
     )
     app[SETTINGS_KEY] = settings
     if settings.sandbox:
-        app.add_subapp("/sandbox", create_sandbox_app())
+        app.add_subapp("/sandbox", create_sandbox_app(expectations=_expectations(app)))
     url = bakong_url or _bakong_url(settings)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -249,6 +262,16 @@ def create_app(
     dashboard.add_routes(app, settings)
     setup_openapi(app)
     return app
+
+
+def _expectations(app: web.Application) -> Expectations:
+    """What the mounted sandbox pays by default: what the md5's transaction expects."""
+
+    async def expected(md5: str) -> dict[str, str]:
+        found = await tx_store.expected_of(app[SERVICE_KEY].pool, md5)
+        return found.to_json() if found else {}
+
+    return expected
 
 
 def _bakong_url(settings: Settings) -> str:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import replace
 
 from aiohttp import web
 
@@ -60,7 +61,7 @@ def _install_signals(stop: asyncio.Event) -> None:
             loop.add_signal_handler(signum, on_signal, signum)
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, sockets: list[socket.socket]) -> None:
     from khqr_gateway.app import create_app
     from khqr_gateway.server import serve_app
 
@@ -69,19 +70,42 @@ async def serve(settings: Settings) -> None:
     async with _storage(settings) as (database_url, redis_url):
         app = create_app(settings, database_url=database_url, redis_url=redis_url)
         runner = await serve_app(
-            app, settings.host, settings.port, shutdown_timeout=settings.shutdown_grace_s
-        )
-        log.info(
-            "khqr-gateway %s listening on http://%s:%d (%s)",
-            __version__,
+            app,
             settings.host,
             settings.port,
-            settings.app_env.value,
+            shutdown_timeout=settings.shutdown_grace_s,
+            sockets=sockets,
         )
+        _log_listening(settings)
         try:
             await stop.wait()
         finally:
             await runner.cleanup()
+
+
+def _log_listening(settings: Settings) -> None:
+    from khqr_gateway.api.dashboard import enabled
+
+    base = (settings.public_url or local_url(settings.host, settings.port)).rstrip("/")
+    dashboard = f"{base}/queue" if enabled(settings) else "off (production without API_KEY)"
+    log.info(
+        "khqr-gateway %s listening on http://%s:%d (%s); API docs %s/reference, dashboard %s",
+        __version__,
+        settings.host,
+        settings.port,
+        settings.app_env.value,
+        base,
+        dashboard,
+    )
+
+
+def local_url(host: str, port: int) -> str:
+    """The URL a browser on this machine opens to reach host:port."""
+    if host in ("", "0.0.0.0", "::"):
+        host = "localhost"
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
 
 
 async def migrate(settings: Settings) -> None:
@@ -98,14 +122,15 @@ async def migrate(settings: Settings) -> None:
     log.info("migrations applied: %s", ", ".join(applied) or "none (up to date)")
 
 
-async def sandbox(settings: Settings, port: int) -> None:
+async def sandbox(settings: Settings, sockets: list[socket.socket], port: int) -> None:
     from khqr_gateway.bakong.sandbox import create_sandbox_app
 
     stop = asyncio.Event()
     _install_signals(stop)
     runner = web.AppRunner(create_sandbox_app(), access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, settings.host, port).start()
+    for sock in sockets:
+        await web.SockSite(runner, sock).start()
     log.info("simulated Bakong listening on http://%s:%d", settings.host, port)
     try:
         await stop.wait()
@@ -133,6 +158,37 @@ def _run(coro: object) -> None:
         asyncio.run(coro)  # type: ignore[arg-type]
 
 
+def _bind(command: str, host: str, port: int) -> list[socket.socket] | None:
+    """The listening sockets, or None after one line saying why there are none."""
+    from khqr_gateway.server import bind
+
+    try:
+        return bind(host, port)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            change = "--port or PORT" if command == "sandbox" else "PORT"
+            why = (
+                f"port {port} is already in use on {host or '*'} (another khqr-gateway?): "
+                f"stop it, or set {change} to a free port"
+            )
+        else:
+            why = f"cannot listen on {host or '*'} port {port}: {exc.strerror or exc}"
+        print(f"khqr-gateway: {why}", file=sys.stderr)
+        return None
+
+
+def _warn(settings: Settings) -> None:
+    if settings.production and not settings.webhook_secrets:
+        log.warning("WEBHOOK_SECRET is not set: webhooks are sent unsigned")
+    if settings.production and not settings.api_keys:
+        log.warning("API_KEY is not set: the API is open to anyone who can reach it")
+    if not settings.sandbox and not (settings.bakong_token or settings.bakong_email):
+        log.warning(
+            "BAKONG_TOKEN and BAKONG_EMAIL are not set: a transaction that brings no token "
+            "or email of its own is refused (422), and /ready says degraded"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -141,17 +197,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"khqr-gateway: configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level)
+    if args.command == "migrate":
+        _run(migrate(settings))
+        return 0
+    port = settings.port
     if args.command == "sandbox":
         port = args.port or (settings.port if "PORT" in os.environ else 3001)
-        _run(sandbox(replace(settings), port))
-    elif args.command == "migrate":
-        _run(migrate(settings))
+    # Before anything starts: a second process on a taken port must run no tick.
+    sockets = _bind(args.command, settings.host, port)
+    if sockets is None:
+        return 1
+    if args.command == "sandbox":
+        _run(sandbox(settings, sockets, port))
     else:
-        if settings.production and not settings.webhook_secrets:
-            log.warning("WEBHOOK_SECRET is not set: webhooks are sent unsigned")
-        if settings.production and not settings.api_keys:
-            log.warning("API_KEY is not set: the API is open to anyone who can reach it")
-        _run(serve(settings))
+        _warn(settings)
+        _run(serve(settings, sockets))
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from typing import Any
 
 from aiohttp import web
@@ -124,6 +125,32 @@ class _Runner(web.AppRunner):
         return server
 
 
+BACKLOG = 128
+
+
+def bind(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on host:port (every address `host` names, as asyncio binds them);
+    OSError when the port is taken. Binding comes before anything starts, so that a
+    second process on one port stops before it runs a tick."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            # Listening now holds the port: a peer that binds too cannot listen as well.
+            sock.listen(BACKLOG)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
 async def serve_app(
     app: web.Application,
     host: str,
@@ -132,8 +159,11 @@ async def serve_app(
     shutdown_timeout: float,
     header_timeout: float = HEADER_READ_TIMEOUT_S,
     keepalive_timeout: float = KEEPALIVE_TIMEOUT_S,
+    sockets: list[socket.socket] | None = None,
 ) -> web.AppRunner:
-    """Serve `app` on host:port as `khqr-gateway serve` does; `runner.cleanup()` stops it."""
+    """Serve `app` on host:port as `khqr-gateway serve` does (on `sockets` when they were
+    bound beforehand by `bind`); `runner.cleanup()` stops it."""
+    sockets = sockets if sockets is not None else bind(host, port)
     runner = _Runner(
         app,
         header_timeout=header_timeout,
@@ -141,6 +171,12 @@ async def serve_app(
         access_log=None,
         shutdown_timeout=shutdown_timeout,
     )
-    await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    try:
+        await runner.setup()
+        for sock in sockets:
+            await web.SockSite(runner, sock, backlog=BACKLOG).start()
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
     return runner

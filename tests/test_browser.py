@@ -246,3 +246,23 @@ async def test_dashboard_lists_transactions_and_its_retry_button_sends_again(
         problems = [p for p in tab.problems() if "401" not in p and "favicon" not in p]
         assert problems == []
     assert receiver.received[1].headers["webhook-id"] == receiver.received[0].headers["webhook-id"]
+
+
+async def test_dashboard_asks_for_a_key_without_an_error_until_one_is_refused(
+    browser: Browser, make_gateway: Any
+) -> None:
+    gw = await make_gateway(api_keys=("dashboard-key-" + "k" * 20,))
+    error = "document.getElementById('error')"
+    async with browser.tab() as tab:
+        await tab.navigate(str(gw.client.make_url("/queue")))
+        await tab.wait_for("!document.getElementById('login').hidden")
+        # Every request of the first refresh has been answered 401 by now.
+        await tab.evaluate("new Promise(r => setTimeout(r, 500))")
+        assert await tab.evaluate(f"{error}.hidden"), await tab.evaluate(f"{error}.textContent")
+        await tab.evaluate(
+            "document.getElementById('key').value = 'not-the-key';"
+            "document.getElementById('login').requestSubmit()"
+        )
+        shown = await tab.wait_for(f"!{error}.hidden && {error}.textContent")
+        assert "refused" in shown
+        assert await tab.evaluate("!document.getElementById('login').hidden"), "asked again"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import os
@@ -11,17 +12,19 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import orjson
 import pytest
 from aiohttp.http_exceptions import BadHttpMessage
 
+from khqr_gateway.bakong.sandbox import make_token
 from khqr_gateway.logs import pino_handler
-from tests.conftest import REDIS_URL
+from tests.conftest import REDIS_URL, SimulatedBakong
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "test-api-key-" + secrets.token_hex(12)
@@ -69,8 +72,10 @@ class Proc:
         return self.output.decode(errors="replace")
 
 
-async def start(env: dict[str, str], cwd: Path) -> Proc:
-    port = free_port()
+async def start(
+    env: dict[str, str], cwd: Path, command: str = "serve", port: int | None = None
+) -> Proc:
+    port = port or free_port()
     full = {
         k: v
         for k, v in os.environ.items()
@@ -81,7 +86,7 @@ async def start(env: dict[str, str], cwd: Path) -> Proc:
         sys.executable,
         "-m",
         "khqr_gateway",
-        "serve",
+        command,
         cwd=cwd,
         env=full,
         stdout=asyncio.subprocess.PIPE,
@@ -179,6 +184,8 @@ async def test_logs_are_pino_lines_without_secrets_and_sigterm_is_clean(
     requests = [line for line in lines if line["msg"] == "request"]
     assert any(r["requestId"] == "req-1" and r["method"] == "POST" for r in requests)
     assert any("shutting down" in line["msg"] for line in lines)
+    [listening] = [line["msg"] for line in lines if "listening on" in line["msg"]]
+    assert f"{proc.url}/reference" in listening and f"{proc.url}/queue" in listening
 
 
 def test_aiohttp_log_lines_lose_what_the_client_sent() -> None:
@@ -240,3 +247,56 @@ async def test_serve_answers_an_unparseable_request_line_as_json_and_logs_no_tok
     output = await proc.read_all()
     assert "unparseable request" in output
     assert token not in output and token[:24] not in output
+
+
+@contextlib.contextmanager
+def taken_port() -> Iterator[int]:
+    """A port another process already listens on."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        yield int(other.getsockname()[1])
+
+
+async def test_serve_on_a_taken_port_says_so_in_one_line_and_starts_nothing(
+    tmp_path: Path,
+    procs: list[Proc],
+    database_url: str,
+    pg: asyncpg.Connection,
+    bakong: SimulatedBakong,
+) -> None:
+    # A token that is due for renewal: a token tick that ran would renew it at once.
+    soon = make_token("shop@example.com", exp=int(time.time()) + 3600)
+    env = {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": REDIS_URL,
+        "REDIS_NAMESPACE": "cli-" + secrets.token_hex(4),
+        "BAKONG_BASE_URL": bakong.url,
+        "BAKONG_TOKEN": soon,
+        "BAKONG_EMAIL": "shop@example.com",
+        "PYTHONPATH": str(ROOT),
+    }
+    with taken_port() as port:
+        proc = await start(env, tmp_path, port=port)
+        procs.append(proc)
+        code = await asyncio.wait_for(proc.proc.wait(), 30)
+    lines = (await proc.read_all()).strip().splitlines()
+    assert code == 1
+    assert len(lines) == 1, lines
+    assert f"port {port}" in lines[0] and "already in use" in lines[0], lines[0]
+    assert soon not in lines[0]
+    assert bakong.state.calls["renew_token"] == 0, "no tick ran"
+    assert await pg.fetchval("select count(*) from credentials") == 0, "nothing started"
+
+
+async def test_sandbox_on_a_taken_port_says_so_in_one_line(
+    tmp_path: Path, procs: list[Proc]
+) -> None:
+    with taken_port() as port:
+        proc = await start({"PYTHONPATH": str(ROOT)}, tmp_path, command="sandbox", port=port)
+        procs.append(proc)
+        code = await asyncio.wait_for(proc.proc.wait(), 30)
+    lines = (await proc.read_all()).strip().splitlines()
+    assert code == 1
+    assert len(lines) == 1, lines
+    assert f"port {port}" in lines[0] and "already in use" in lines[0], lines[0]

@@ -289,3 +289,25 @@ async def test_track_of_an_unknown_job_is_404(gateway: Gateway) -> None:
     status, body = await gateway.get(f"/api/v1/transaction/{uuid.uuid4()}/track")
     assert status == 404
     assert body["name"] == "NOT_FOUND"
+
+
+async def test_a_missing_api_key_on_the_compat_routes_is_answered_in_that_services_shape(
+    make_gateway: GatewayFactory, receiver: Receiver
+) -> None:
+    gw = await make_gateway(api_keys=(KEY,))
+    md5 = random_md5()
+    body = {"md5": md5, "webhookUrl": receiver.url, "token": make_token()}
+    for method, path in (
+        ("POST", "/api/v1/transaction/token"),
+        ("POST", "/api/v1/transaction/email"),
+        ("GET", f"/api/v1/transaction/{md5}/md5"),
+        ("GET", f"/api/v1/transaction/{uuid.uuid4()}/track"),
+    ):
+        resp = await gw.client.request(method, path, json=body if method == "POST" else None)
+        answer = await resp.json()
+        assert resp.status == 401, path
+        assert answer["name"] == "UNAUTHORIZED", path
+        assert answer["message"] == answer["error"]["message"], path
+        assert answer["error"]["code"] == "unauthorized", path
+    v1 = await (await gw.client.get("/api/v1/transactions")).json()
+    assert "name" not in v1, "the v1 API keeps its own shape"

@@ -14,6 +14,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from khqr_gateway.bakong.sandbox import make_token
+from khqr_gateway.config import AppEnv, Settings
 from khqr_gateway.credentials import NoToken, expiry_seconds, jwt_expiry, token_expired
 from khqr_gateway.metrics import REGISTRY
 from khqr_gateway.store.transactions import Credential
@@ -486,3 +487,37 @@ async def test_a_refused_token_is_asked_about_once_per_doubling_backoff(
     assert probes() == 2
     _, page = await gw.get("/api/v1/credentials")
     assert page["data"][0]["status"] == "active"
+
+
+async def test_ready_is_degraded_naming_the_variables_when_there_is_no_bakong_credential(
+    make_gateway: GatewayFactory,
+) -> None:
+    """In production with neither BAKONG_TOKEN nor BAKONG_EMAIL, every transaction that
+    brings no token is refused: /ready says so before the first one does."""
+    gw = await make_gateway(app_env=AppEnv.PRODUCTION, bakong_token=None, bakong_email=None)
+    resp = await gw.client.get("/ready")
+    ready = await resp.json()
+    assert resp.status == 200, "the API still works for transactions with their own token"
+    assert ready["status"] == "degraded"
+    assert ready["bakong"]["defaultCredential"] is None
+    assert "BAKONG_TOKEN" in ready["bakong"]["problem"]
+    assert "BAKONG_EMAIL" in ready["bakong"]["problem"]
+
+
+async def test_ready_is_ok_with_a_default_credential(gateway: Gateway) -> None:
+    ready = await (await gateway.client.get("/ready")).json()
+    assert ready["status"] == "ok" and "problem" not in ready["bakong"]
+
+
+def test_start_up_warns_when_there_is_no_bakong_credential(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from khqr_gateway.cli import _warn
+
+    caplog.set_level(logging.WARNING)
+    _warn(Settings(app_env=AppEnv.PRODUCTION, api_keys=("k" * 32,)))
+    [line] = [r.getMessage() for r in caplog.records if "BAKONG" in r.getMessage()]
+    assert "BAKONG_TOKEN" in line and "BAKONG_EMAIL" in line
+    caplog.clear()
+    _warn(Settings(app_env=AppEnv.PRODUCTION, bakong_email="shop@example.com"))
+    assert not [r for r in caplog.records if "BAKONG" in r.getMessage()]

@@ -27,3 +27,31 @@ async def test_dashboard_is_off_in_production_without_an_api_key(
     keyed = await make_gateway(app_env=AppEnv.PRODUCTION, api_keys=("k" * 32,))
     assert (await keyed.client.get("/queue")).status == 200
     assert (await keyed.client.get("/api/v1/stats")).status == 401
+
+
+async def test_the_root_is_a_page_that_links_the_docs_and_the_dashboard(
+    make_gateway: GatewayFactory,
+) -> None:
+    gw = await make_gateway()
+    resp = await gw.client.get("/")
+    assert resp.status == 200
+    assert resp.content_type == "text/html"
+    assert "default-src 'none'" in resp.headers["Content-Security-Policy"]
+    page = await resp.text()
+    assert 'href="/reference"' in page and 'href="/queue"' in page
+    assert "walk-through" not in page, "the walk-through needs sandbox mode"
+    off = await make_gateway(app_env=AppEnv.PRODUCTION)
+    assert 'href="/queue"' not in await (await off.client.get("/")).text()
+
+
+async def test_the_root_shows_the_walk_through_in_sandbox_mode(
+    make_gateway: GatewayFactory,
+) -> None:
+    gw = await make_gateway(
+        app_env=AppEnv.DEVELOPMENT, bakong_base_url=None, bakong_token=None, run_ticks=False
+    )
+    page = await (await gw.client.get("/", headers={"Host": 'x"><script>'})).text()
+    base = str(gw.client.make_url("")).rstrip("/")
+    assert "walk-through" in page
+    assert f"{base}/sandbox/control/inbox/demo" in await (await gw.client.get("/")).text()
+    assert "<script>" not in page, "the Host header is written as text"

@@ -86,3 +86,33 @@ async def test_every_json_success_of_the_api_has_a_schema(gateway: Gateway) -> N
                     if not any("schema" in c for c in content.values()):
                         missing.append(f"{method.upper()} {path} {code}")
     assert missing == []
+
+
+async def test_the_reference_lists_the_v1_api_first_and_no_head_duplicates(
+    gateway: Gateway,
+) -> None:
+    spec = await (await gateway.client.get("/openapi.json")).json()
+    heads = [path for path, ops in spec["paths"].items() if "head" in ops]
+    assert heads == [], "every GET was listed twice"
+    tags = [tag["name"] for tag in spec["tags"]]
+    assert tags[0] == "transactions" and tags[-1] == "operations", tags
+    first = next(iter(spec["paths"]))
+    assert first == "/api/v1/transactions", first
+    order = [next(iter(op["tags"])) for ops in spec["paths"].values() for op in ops.values()]
+    assert order == sorted(order, key=tags.index), "paths follow the order of the tags"
+
+
+async def test_the_webhook_body_and_headers_are_documented(gateway: Gateway) -> None:
+    spec = await (await gateway.client.get("/openapi.json")).json()
+    body = spec["components"]["schemas"]["WebhookBody"]
+    assert set(body["properties"]["status"]["enum"]) == {"success", "failed", "timeout", "mismatch"}
+    assert {"status", "data", "md5", "jobId"} <= set(body["required"])
+    assert {"reason", "metadata", "late", "previousStatus"} <= set(body["properties"])
+    assert "transaction_failed" in body["properties"]["reason"]["description"]
+    headers = spec["components"]["headers"]
+    assert {"webhook-id", "webhook-timestamp", "webhook-signature", "x-webhook-signature"} <= set(
+        headers
+    )
+    assert "body only" in headers["x-webhook-signature"]["description"]
+    assert "WebhookBody" in spec["info"]["description"]
+    validate(spec)

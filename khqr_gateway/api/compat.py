@@ -26,7 +26,6 @@ from khqr_gateway.api.schemas import (
     CompatErrorSchema,
     CompatMd5QuerySchema,
     CompatTokenCreateSchema,
-    ErrorSchema,
     JobIdPathSchema,
     Md5PathSchema,
     check_md5,
@@ -49,6 +48,7 @@ NAMES = {
     415: "UNSUPPORTED_MEDIA_TYPE",
     417: "EXPECTATION_FAILED",
     422: "VALIDATION_ERROR",
+    429: "TOO_MANY_REQUESTS",
     502: "BAD_GATEWAY",
     503: "SERVICE_UNAVAILABLE",
 }
@@ -74,7 +74,7 @@ def compat_error(exc: ApiError) -> web.Response:
         body["code"] = exc.bakong_code
     body.update(message=exc.message, details=exc.details)
     body.update(error_body(exc.code, exc.message, exc.details))
-    return json_response(body, exc.status)
+    return json_response(body, exc.status, exc.headers)
 
 
 def compat_errors(handler: Handler) -> Handler:
@@ -91,14 +91,11 @@ def compat_errors(handler: Handler) -> Handler:
 
 
 def _documented_errors(*codes: int) -> dict[int, dict[str, Any]]:
-    documented: dict[int, dict[str, Any]] = {
-        code: {"description": NAMES[code], "schema": CompatErrorSchema} for code in codes
+    # The middlewares' refusals (API key, rate limit) come in that shape too.
+    return {
+        code: {"description": NAMES[code], "schema": CompatErrorSchema}
+        for code in (*codes, 401, 429)
     }
-    if 401 in documented:
-        # The route's own refusals come in that service's shape; a missing API key is
-        # refused by the middleware before the route, in ours.
-        documented[401]["schema"] = {"anyOf": [CompatErrorSchema, ErrorSchema]}
-    return documented
 
 
 async def _email_token(service: Service, email: str) -> tuple[int, str | None]:
@@ -267,8 +264,25 @@ async def track(request: web.Request) -> web.StreamResponse:
     return await live.stream(request, live.job_id_of(request), TRACK)
 
 
+ROUTES: tuple[tuple[str, str, Handler], ...] = (
+    ("POST", "/api/v1/transaction/token", create_with_token),
+    ("POST", "/api/v1/transaction/email", create_with_email),
+    ("GET", "/api/v1/transaction/{md5}/md5", get_by_md5),
+    ("GET", "/api/v1/transaction/{jobId}/track", track),
+)
+PATHS = frozenset(path for _, path, _ in ROUTES)
+
+
+def is_compat(request: web.Request) -> bool:
+    """True for a request to one of these routes: the middlewares' errors (a missing API
+    key, a rate limit, a store down) are then answered in that service's shape too."""
+    resource = request.match_info.route.resource
+    return resource is not None and resource.canonical in PATHS
+
+
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/api/v1/transaction/token", create_with_token)
-    app.router.add_post("/api/v1/transaction/email", create_with_email)
-    app.router.add_get("/api/v1/transaction/{md5}/md5", get_by_md5)
-    app.router.add_get("/api/v1/transaction/{jobId}/track", track)
+    for method, path, handler in ROUTES:
+        if method == "GET":
+            app.router.add_get(path, handler)
+        else:
+            app.router.add_route(method, path, handler)

@@ -64,9 +64,128 @@ def _add_errors(operation: dict[str, Any], codes: tuple[int, ...]) -> None:
             }
 
 
+# The order of /reference: the v1 API first, what receivers and operators need after it.
+TAGS = (
+    ("transactions", "Track a payment by md5 (or KHQR), read it, cancel it, follow it live."),
+    ("khqr", "Make a dynamic KHQR for an amount, and track it."),
+    (
+        "deliveries",
+        "Webhook deliveries and their attempts; send again. The body sent is "
+        "`WebhookBody` (under Schemas), with the headers described at the top.",
+    ),
+    ("credentials", "Bakong tokens and emails the gateway checks payments with."),
+    ("payment page", "The hosted payment page and the checkout script."),
+    ("compatibility", "The routes of rachhen/khqr-webhook, unchanged."),
+    ("operations", "Health, readiness, metrics, figures, the dashboard."),
+)
+WEBHOOK_DESCRIPTION = """
+
+## Webhooks
+
+When a transaction ends the gateway POSTs `WebhookBody` (see Schemas) to its `webhookUrl`,
+`content-type: application/json`, and retries until the receiver answers 2xx (410 stops
+retries; redirects are not followed). Headers:
+
+- `webhook-id`: the same on every retry of one delivery: dedupe on it.
+- `webhook-timestamp`: unix seconds of this attempt.
+- `webhook-signature` (with `WEBHOOK_SECRET`): Standard Webhooks, `v1,` + base64
+  HMAC-SHA256 of `id.timestamp.body`. Verify this one, and refuse a timestamp more than
+  5 minutes away.
+- `x-webhook-signature` (with `WEBHOOK_SECRET`): `sha256=` + hex HMAC-SHA256 of the body
+  only, for simple receivers. It covers no id or time, so a captured request can be
+  replayed: prefer `webhook-signature`.
+"""
+_STATUS_REASONS = (
+    "Why, for every status but success: failed `transaction_failed`; timeout `not_paid` "
+    "(the final check at the deadline found nothing), `bakong_unreachable` or "
+    "`bakong_unauthorized` (Bakong gave no answer through the deadline and its grace); "
+    "mismatch each field that differs, `; `-separated, e.g. `amount: expected 5, got 4`."
+)
+WEBHOOK_BODY: dict[str, Any] = {
+    "type": "object",
+    "description": "The body of the webhook POSTed to `webhookUrl` (that of "
+    "rachhen/khqr-webhook, plus `reason`, `metadata` and the late-payment fields). The "
+    "exact bytes signed are the bytes sent.",
+    "required": ["status", "data", "md5", "jobId"],
+    "properties": {
+        "status": {"type": "string", "enum": ["success", "failed", "timeout", "mismatch"]},
+        "late": {
+            "type": "boolean",
+            "description": "Present (true) on a payment found after a timeout or a cancel: "
+            "one more webhook, with its own webhook-id",
+        },
+        "previousStatus": {
+            "type": "string",
+            "enum": ["timeout", "cancelled"],
+            "description": "With `late`: what the transaction was before",
+        },
+        "data": {
+            "allOf": [{"$ref": "#/components/schemas/BakongTransaction"}],
+            "nullable": True,
+            "description": "Bakong's transaction data when paid (success and mismatch: the "
+            "payment as made); null for failed and timeout",
+        },
+        "md5": {"type": "string", "description": "The md5 tracked"},
+        "jobId": {"type": "string", "format": "uuid"},
+        "reason": {"type": "string", "description": _STATUS_REASONS},
+        "metadata": {
+            "type": "object",
+            "additionalProperties": True,
+            "description": "As given when the transaction was created, when it was given",
+        },
+    },
+    "example": {
+        "status": "mismatch",
+        "data": {"hash": "...", "toAccountId": "shop@aclb", "currency": "USD", "amount": 4},
+        "md5": "0f2a8c4e6b1d3f5a7c9e0b2d4f6a8c1e",
+        "jobId": "5d0c6a3e-2f41-4c7b-9a55-1c2e3f4a5b6c",
+        "reason": "amount: expected 5, got 4",
+        "metadata": {"orderId": "A-1"},
+    },
+}
+WEBHOOK_HEADERS = {
+    "webhook-id": "The delivery's id (`msg_...`), the same on every retry: dedupe on it.",
+    "webhook-timestamp": "Unix seconds of this attempt.",
+    "webhook-signature": "With WEBHOOK_SECRET: `v1,` + base64 HMAC-SHA256 of "
+    "`id.timestamp.body` (Standard Webhooks); one per secret, space-separated, while "
+    "secrets rotate.",
+    "x-webhook-signature": "With WEBHOOK_SECRET: `sha256=` + hex HMAC-SHA256 of the body "
+    "only: no id, no time, so a captured request can be replayed; prefer "
+    "webhook-signature.",
+}
+
+
+def _document_webhooks(spec: dict[str, Any]) -> None:
+    components = spec.setdefault("components", {})
+    components.setdefault("schemas", {})["WebhookBody"] = WEBHOOK_BODY
+    components["headers"] = {
+        name: {"description": text, "schema": {"type": "string"}}
+        for name, text in WEBHOOK_HEADERS.items()
+    }
+    info = spec.setdefault("info", {})
+    info["description"] = info.get("description", "") + WEBHOOK_DESCRIPTION
+
+
+def _order(spec: dict[str, Any]) -> None:
+    """HEAD (aiohttp adds one to every GET) out, tags and paths in the order of TAGS."""
+    rank = {name: index for index, (name, _) in enumerate(TAGS)}
+    paths: dict[str, Any] = spec.get("paths", {})
+    for operations in paths.values():
+        operations.pop("head", None)
+
+    def first_rank(item: tuple[str, Any]) -> int:
+        tags = [t for op in item[1].values() if isinstance(op, dict) for t in op.get("tags", ())]
+        return min((rank.get(t, len(rank)) for t in tags), default=len(rank))
+
+    spec["paths"] = dict(sorted(paths.items(), key=first_rank))
+    spec["tags"] = [{"name": name, "description": text} for name, text in TAGS]
+
+
 async def _finish_spec(app: web.Application) -> None:
     spec = app[SWAGGER_DICT]
     _strip_produces(spec)
+    _order(spec)
+    _document_webhooks(spec)
     components = spec.setdefault("components", {})
     components["securitySchemes"] = {
         "bearer": {"type": "http", "scheme": "bearer", "description": "API_KEY"},

@@ -41,8 +41,10 @@ async def _check(aw: Awaitable[object]) -> str:
     tags=["operations"],
     summary="Ready: Postgres, Redis and the scheduler",
     description="503 when Postgres, Redis or the ticks are down. An expired default Bakong "
-    "credential makes `status` `degraded` (still 200: restarting or rerouting cannot fix a "
-    "token, and everything else still works); `bakong` says which credentials are expired. "
+    "credential, or none at all (neither `BAKONG_TOKEN` nor `BAKONG_EMAIL` set, outside "
+    "sandbox mode), makes `status` `degraded` (still 200: restarting or rerouting cannot fix "
+    "a token, and everything else still works); `bakong.problem` says what to do and "
+    "`bakong` which credentials are expired. "
     "A token-only default that Bakong refused (401) before its `exp` is asked about again "
     "with backoff: `degraded` lasts only while Bakong refuses it.",
     responses={503: {"description": "Not ready", "schema": ReadySchema}},
@@ -74,7 +76,7 @@ EXPIRED_SHOWN = 20
 
 async def bakong_health(service: Service) -> dict[str, Any]:
     """The default credential, expired ones and open circuits; `problem` if the default is
-    expired (readiness stays 200: restarting cannot fix a token)."""
+    expired or missing (readiness stays 200: restarting cannot fix a token)."""
     default_id = service.credentials.default_id
     found = await tx_store.credentials_by_id(service.pool, [default_id] if default_id else [])
     default = found.get(default_id) if default_id else None
@@ -97,6 +99,8 @@ async def bakong_health(service: Service) -> dict[str, Any]:
     problems = []
     if default is not None and default.status == "expired":
         problems.append(_problem(default))
+    elif default is None and not service.settings.sandbox:
+        problems.append(NO_DEFAULT)
     refused_s = service.bakong.refusals.blocked_for(time.monotonic())
     if refused_s is not None:
         problems.append(
@@ -107,6 +111,13 @@ async def bakong_health(service: Service) -> dict[str, Any]:
     if problems:
         health["problem"] = " ".join(problems)
     return health
+
+
+NO_DEFAULT = (
+    "no default Bakong credential: neither BAKONG_TOKEN nor BAKONG_EMAIL is set, so every "
+    "transaction that brings no token or email of its own is refused (422). Set BAKONG_TOKEN "
+    "or BAKONG_EMAIL (a registered email renews the token by itself) and restart."
+)
 
 
 def _problem(default: Credential) -> str:

@@ -597,7 +597,8 @@ class ReadySchema(Schema):
     bakong = fields.Dict(
         metadata={
             "description": "defaultCredential, expiredCredentials (ids), circuits (open "
-            "breakers by credential id) and `problem` when the default credential is expired"
+            "breakers by credential id) and `problem` when the default credential is expired "
+            "or missing"
         }
     )
 

@@ -8,8 +8,11 @@ Bakong endpoints (`POST /v1/<name>`, bearer token required except for renew_toke
 md5s, or `{"md5List": [...]}`) and `renew_token` (`{"email"}`). A token is refused with
 401 / errorCode 6 once its JWT `exp` has passed or after it was revoked.
 
-Control routes (under `/control`, JSON in and out):
-- `POST /control/transactions/{md5}/pay` `{amount?, currency?, toAccountId?, ...}`: paid.
+Control routes (under `/control`, JSON in and out; errors as the gateway's
+`{"error": {"code", "message", "details"}}`; all state is in memory, lost on restart):
+- `POST /control/transactions/{md5}/pay` `{amount?, currency?, toAccountId?, ...}`: paid;
+  a field left out is what the gateway expects of that md5 when the sandbox is mounted in
+  it and the transaction has expectations, else 1 USD to `merchant@devb`.
 - `POST /control/transactions/{md5}/fail`: failed (errorCode 3).
 - `GET /control/transactions/{md5}`: its status and how often it was checked.
 - `GET /control/stats`: calls per endpoint, md5s checked (distinct, and checks in all),
@@ -41,7 +44,7 @@ import hashlib
 import secrets
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -49,7 +52,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from khqr_gateway.api.errors import error_response
+
 TOKEN_LIFETIME_S = 90 * 24 * 3600
+# What the gateway expects of an md5 (`amount`, `currency`, `toAccountId`, any absent).
+Expectations = Callable[[str], Awaitable[Mapping[str, Any]]]
 
 
 def make_token(email: str = "dev@example.com", *, exp: int | None = None) -> str:
@@ -128,6 +135,25 @@ class SandboxState:
 
 
 STATE_KEY = web.AppKey("sandbox_state", SandboxState)
+EXPECTATIONS_KEY: web.AppKey[Expectations] = web.AppKey("sandbox_expectations")
+
+
+class SandboxError(Exception):
+    """A control request refused, answered in the gateway's error shape by `_errors`.
+
+    Not an aiohttp HTTPException: mounted in the gateway, its error middleware would answer
+    one with the bare reason ("Unprocessable Entity") and lose the message."""
+
+    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+def _invalid(name: str, message: str) -> SandboxError:
+    return SandboxError(422, "validation_error", message, [{"field": name, "message": message}])
 
 
 def _envelope(code: int, message: str, error: int | None, data: Any) -> web.Response:
@@ -272,21 +298,31 @@ async def renew_token(request: web.Request) -> web.Response:
     return _envelope(0, "Token has been issued", None, {"token": make_token(email)})
 
 
-def _payment_data(md5: str, body: dict[str, Any]) -> dict[str, Any]:
-    now = int(time.time() * 1000)
-    amount = body.get("amount", 1)
+PAYMENT_DEFAULTS = {"amount": 1, "currency": "USD", "toAccountId": "merchant@devb"}
+
+
+def _amount(value: Any) -> int | float:
+    """A JSON number as Bakong sends one: whole amounts as integers."""
     try:
-        amount_value: Any = Decimal(str(amount))
-        amount_value = (
-            int(amount_value) if amount_value == amount_value.to_integral() else float(amount_value)
-        )
+        amount = Decimal(str(value))
     except InvalidOperation:
-        raise web.HTTPUnprocessableEntity(text='{"error":"amount must be a number"}') from None
+        amount = None
+    if isinstance(value, bool) or amount is None or not amount.is_finite():
+        raise _invalid("amount", "amount must be a number")
+    return int(amount) if amount == amount.to_integral() else float(amount)
+
+
+def _payment_data(
+    md5: str, body: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    now = int(time.time() * 1000)
+    body = {**PAYMENT_DEFAULTS, **(defaults or {}), **body}
+    amount_value = _amount(body["amount"])
     return {
         "hash": hashlib.sha256(f"{md5}:{now}".encode()).hexdigest(),
         "fromAccountId": body.get("fromAccountId", "customer@aclb"),
-        "toAccountId": body.get("toAccountId", "merchant@devb"),
-        "currency": body.get("currency", "USD"),
+        "toAccountId": body["toAccountId"],
+        "currency": body["currency"],
         "amount": amount_value,
         "description": body.get("description", ""),
         "createdDateMs": now,
@@ -302,14 +338,34 @@ def _payment_data(md5: str, body: dict[str, Any]) -> dict[str, Any]:
 def _md5_param(request: web.Request) -> str:
     md5 = request.match_info["md5"].lower()
     if len(md5) != 32 or any(c not in "0123456789abcdef" for c in md5):
-        raise web.HTTPUnprocessableEntity(text='{"error":"md5 must be 32 hex characters"}')
+        raise _invalid("md5", "md5 must be 32 hex characters")
     return md5
+
+
+async def _object(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object; no body is `{}`, anything else is a 400."""
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise SandboxError(400, "bad_request", "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise SandboxError(400, "bad_request", "the body must be a JSON object")
+    return body
 
 
 async def control_pay(request: web.Request) -> web.Response:
     md5 = _md5_param(request)
-    body = await _json(request) if request.can_read_body else {}
-    data = _payment_data(md5, body if isinstance(body, dict) else {})
+    body = await _object(request)
+    expectations = request.app.get(EXPECTATIONS_KEY)
+    defaults: Mapping[str, Any] = {}
+    if expectations is not None and not PAYMENT_DEFAULTS.keys() <= body.keys():
+        # Paying what the transaction expects, so that trying a payment out is a success,
+        # not a mismatch; what the body names is paid as named.
+        defaults = await expectations(md5)
+    data = _payment_data(md5, body, defaults)
     request.app[STATE_KEY].payments[md5] = Payment("paid", data)
     return web.json_response({"md5": md5, "status": "paid", "data": data})
 
@@ -347,10 +403,8 @@ async def control_stats(request: web.Request) -> web.Response:
     )
 
 
-def _bad_request(message: str) -> web.HTTPBadRequest:
-    return web.HTTPBadRequest(
-        text=orjson.dumps({"error": message}).decode(), content_type="application/json"
-    )
+def _bad_request(message: str) -> SandboxError:
+    return SandboxError(400, "bad_request", message)
 
 
 def parse_faults(body: Any) -> Faults:
@@ -408,7 +462,7 @@ def parse_faults(body: Any) -> Faults:
 
 async def control_faults(request: web.Request) -> web.Response:
     try:
-        faults = parse_faults(await _json(request))
+        faults = parse_faults(await _object(request))
     except ValueError as exc:
         raise _bad_request(str(exc)) from None
     request.app[STATE_KEY].faults = faults
@@ -416,8 +470,7 @@ async def control_faults(request: web.Request) -> web.Response:
 
 
 async def control_revoke(request: web.Request) -> web.Response:
-    body = await _json(request)
-    token = body.get("token") if isinstance(body, dict) else None
+    token = (await _object(request)).get("token")
     if not isinstance(token, str) or not token:
         raise _bad_request("give the token to revoke")
     request.app[STATE_KEY].revoked.add(token)
@@ -425,8 +478,8 @@ async def control_revoke(request: web.Request) -> web.Response:
 
 
 async def control_emails(request: web.Request) -> web.Response:
-    body = await _json(request)
-    if not isinstance(body, dict) or "registered" not in body:
+    body = await _object(request)
+    if "registered" not in body:
         raise _bad_request("give registered: a list of emails, or null for every email")
     registered = body["registered"]
     if registered is not None and (
@@ -440,10 +493,11 @@ async def control_emails(request: web.Request) -> web.Response:
 
 
 async def control_token(request: web.Request) -> web.Response:
-    body = await _json(request) if request.can_read_body else {}
-    body = body if isinstance(body, dict) else {}
-    exp = body.get("exp")
-    return web.json_response({"token": make_token(body.get("email", "dev@example.com"), exp=exp)})
+    body = await _object(request)
+    email, exp = body.get("email", "dev@example.com"), body.get("exp")
+    if not isinstance(email, str) or (exp is not None and type(exp) is not int):
+        raise _bad_request("email must be a string and exp a unix time in seconds")
+    return web.json_response({"token": make_token(email, exp=exp)})
 
 
 async def control_reset(request: web.Request) -> web.Response:
@@ -502,10 +556,25 @@ async def _count_calls(
         state.in_flight -= 1
 
 
-def create_sandbox_app(state: SandboxState | None = None) -> web.Application:
-    """The simulated Bakong as an aiohttp application."""
-    app = web.Application(client_max_size=1024 * 1024, middlewares=[_count_calls])
+@web.middleware
+async def _errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except SandboxError as exc:
+        return error_response(exc.status, exc.code, exc.message, exc.details)
+
+
+def create_sandbox_app(
+    state: SandboxState | None = None, *, expectations: Expectations | None = None
+) -> web.Application:
+    """The simulated Bakong as an aiohttp application; `expectations` (mounted in the
+    gateway) tells what a pay with no amount, currency or account pays."""
+    app = web.Application(client_max_size=1024 * 1024, middlewares=[_errors, _count_calls])
     app[STATE_KEY] = state or SandboxState()
+    if expectations is not None:
+        app[EXPECTATIONS_KEY] = expectations
     app.router.add_post("/v1/check_transaction_by_md5", check_md5)
     app.router.add_post("/v1/check_transaction_by_md5_list", check_md5_list)
     app.router.add_post("/v1/renew_token", renew_token)

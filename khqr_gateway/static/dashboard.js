@@ -5,17 +5,24 @@
   const $ = (id) => document.getElementById(id);
   let timer = null;
 
-  function headers() {
-    const key = sessionStorage.getItem(KEY);
-    return key ? { Authorization: "Bearer " + key } : {};
-  }
-
   async function api(path, options = {}) {
-    const resp = await fetch(path, { ...options, headers: { ...headers(), ...(options.headers || {}) } });
-    if (resp.status === 401) { showLogin(); throw new Error("A valid API key is required."); }
+    const key = sessionStorage.getItem(KEY);
+    const auth = key ? { Authorization: "Bearer " + key } : {};
+    const resp = await fetch(path, { ...options, headers: { ...auth, ...(options.headers || {}) } });
+    if (resp.status === 401) throw refused(key !== null);
     const body = await resp.json();
     if (!resp.ok) throw new Error((body.error && body.error.message) || resp.statusText);
     return body;
+  }
+
+  // A 401 before any key was given is how the page learns that it must ask for one: it
+  // asks, with no error. A key given and refused is said so, and forgotten.
+  function refused(given) {
+    sessionStorage.removeItem(KEY);
+    showLogin();
+    const err = new Error(given ? "That API key was refused: check it and try again." : "");
+    err.quiet = !given;
+    return err;
   }
 
   function cell(text, className) {
@@ -143,6 +150,7 @@
   }
 
   function showError(err) {
+    if (err.quiet) return;
     $("error").textContent = err.message;
     $("error").hidden = false;
   }
@@ -155,6 +163,7 @@
 
   $("login").addEventListener("submit", (event) => {
     event.preventDefault();
+    $("error").hidden = true;
     sessionStorage.setItem(KEY, $("key").value);
     $("key").value = "";
     start();

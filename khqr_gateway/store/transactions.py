@@ -131,6 +131,14 @@ async def get(pool: asyncpg.Pool, job_id: UUID) -> asyncpg.Record | None:
     return await pool.fetchrow(f"select {TRANSACTION_COLUMNS} from {_FROM} where t.id = $1", job_id)
 
 
+async def expected_of(pool: asyncpg.Pool, md5: str) -> Expected | None:
+    """What the md5's transaction expects of its payment, if it is tracked with any."""
+    value = await pool.fetchval(
+        "select expected from transactions where md5 = $1 and not superseded", md5
+    )
+    return Expected.from_json(value)
+
+
 async def list_page(
     pool: asyncpg.Pool,
     *,
