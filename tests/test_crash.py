@@ -89,9 +89,9 @@ async def stack(
         "PYTHONPATH": str(ROOT),
     }
 
-    async def start_gateway() -> Proc:
+    async def start_gateway(**extra: str) -> Proc:
         port = free_port()
-        full = {**os.environ, **env, "PORT": str(port)}
+        full = {**os.environ, **env, **extra, "PORT": str(port)}
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -122,11 +122,11 @@ async def stack(
 
 
 async def create_many(
-    http: aiohttp.ClientSession, gateway: Proc, hook: str, n: int
+    http: aiohttp.ClientSession, gateway: Proc, hook: str, n: int, timeout_s: int = 600
 ) -> dict[str, str]:
     async def one() -> tuple[str, str]:
         md5 = secrets.token_hex(16)
-        body = {"md5": md5, "webhookUrl": hook, "timeoutSeconds": 600}
+        body = {"md5": md5, "webhookUrl": hook, "timeoutSeconds": timeout_s}
         async with http.post(f"{gateway.url}/api/v1/transactions", json=body) as resp:
             assert resp.status == 201, await resp.text()
             return (await resp.json())["jobId"], md5
@@ -207,3 +207,27 @@ async def test_two_instances_share_the_work_and_never_double_a_webhook(
     # 500 md5s every 0.5 s for 3 s, 50 a call: what one instance needs is about 60 calls.
     assert calls <= 80, f"{calls} list calls: the two instances polled the same md5s"
     assert await pg.fetchval("select count(*) from deliveries") == 500
+
+
+async def test_kill_9_during_late_watches_loses_no_late_payment_and_doubles_none(
+    stack: dict[str, Any],
+) -> None:
+    """50 md5s timed out and watched for a late payment; the gateway is killed while it checks
+    them, they are paid while it is down: after the restart each gets its late webhook, once."""
+    hooks: Hooks = stack["hooks"]
+    late = {"LATE_CHECK_INTERVAL_S": "0.3", "LATE_WATCH_S": "120", "BAKONG_GRACE_S": "1"}
+    gateway = await stack["start"](**late)
+    async with aiohttp.ClientSession() as http:
+        jobs = await create_many(http, gateway, stack["hook"], 50, timeout_s=1)
+        await hooks.wait_jobs(set(jobs), timeout=30)  # the 50 timeouts
+        await asyncio.sleep(0.5)  # late checks under way
+        gateway.proc.send_signal(signal.SIGKILL)
+        await gateway.proc.wait()
+        await pay_all(http, stack["bakong"], jobs.values())
+        await stack["start"](**late)
+        deadline = time.monotonic() + 30
+        while sum(len(hooks.ids[j]) for j in jobs) < 100:
+            assert time.monotonic() < deadline, "late payments missing after the restart"
+            await asyncio.sleep(0.1)
+    await asyncio.sleep(1.5)  # any duplicate would arrive now
+    assert all(len(hooks.ids[j]) == 2 for j in jobs), "a timeout, then one late success each"
