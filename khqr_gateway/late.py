@@ -21,7 +21,7 @@ from khqr_gateway.models import CheckKind, CheckResult, LateItem, LateTransition
 from khqr_gateway.store import transactions as store
 from khqr_gateway.store.db import write_isolated
 from khqr_gateway.store.schedule import Lease, Schedule
-from khqr_gateway.tracking import decide, transition
+from khqr_gateway.tracking import announce, decide, transition
 
 log = logging.getLogger(__name__)
 
@@ -179,16 +179,13 @@ class LateWatch:
     async def _announce(
         self, late: list[LateTransition], happened: list[tuple[UUID, str | None]]
     ) -> None:
-        now_ms = int(time.time() * 1000)
-        new = [(d, now_ms) for _, d in happened if d is not None]
-        if await self.deliveries.add(new, only_new=True) and self.on_deliveries is not None:
-            self.on_deliveries()
-        transitions = [x.transition for x in late]
-        if self.events is not None:
-            try:
-                await self.events.publish_transitions(transitions, happened)
-            except Exception as exc:  # live status re-reads Postgres on its heartbeat
-                log.warning("could not publish late payments: %s", exc)
+        await announce(
+            [x.transition for x in late],
+            happened,
+            deliveries=self.deliveries,
+            on_deliveries=self.on_deliveries,
+            events=self.events,
+        )
         done = {job for job, _ in happened}
         for x in late:
             if x.transition.id in done:

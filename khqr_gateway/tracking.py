@@ -152,6 +152,28 @@ def transition(
     return Transition(item.id, outcome.status, outcome.reason, outcome.data, delivery_id, payload)
 
 
+async def announce(
+    transitions: Sequence[Transition],
+    happened: Sequence[tuple[UUID, str | None]],
+    *,
+    deliveries: Schedule,
+    on_deliveries: Callable[[], None] | None,
+    events: EventHub | None,
+) -> None:
+    """Queue the webhooks of the transitions that happened, send them now rather than at the
+    next delivery tick, and tell live status."""
+    now_ms = int(time.time() * 1000)
+    # only_new: reconcile may already have queued one, and a deliverer leased it.
+    new = [(d, now_ms) for _, d in happened if d is not None]
+    if await deliveries.add(new, only_new=True) and on_deliveries is not None:
+        on_deliveries()
+    if events is not None:
+        try:
+            await events.publish_transitions(transitions, happened)
+        except Exception as exc:  # live status re-reads Postgres on its heartbeat
+            log.warning("could not publish status changes: %s", exc)
+
+
 # The poll tick ------------------------------------------------------------------------
 
 
@@ -314,16 +336,13 @@ class Poller:
         )
         if refused:
             transitions = self._keep_pending(transitions, refused, reschedule, base_ms)
-        now_ms = int(now.timestamp() * 1000)
-        # only_new: reconcile may already have queued one, and a deliverer leased it.
-        new = [(d, now_ms) for _, d in happened if d is not None]
-        if await self.deliveries.add(new, only_new=True) and self.on_deliveries is not None:
-            self.on_deliveries()  # send now rather than at the next delivery tick
-        if self.events is not None:
-            try:
-                await self.events.publish_transitions(transitions, happened)
-            except Exception as exc:  # live status re-reads Postgres on its heartbeat
-                log.warning("could not publish status changes: %s", exc)
+        await announce(
+            transitions,
+            happened,
+            deliveries=self.deliveries,
+            on_deliveries=self.on_deliveries,
+            events=self.events,
+        )
         done = {job for job, _ in happened}
         timed_out = [str(t.id) for t in transitions if t.status is Status.TIMEOUT and t.id in done]
         if timed_out and self.on_timeouts is not None:
