@@ -29,7 +29,7 @@ from khqr_gateway.api import (
 )
 from khqr_gateway.api.errors import ApiError, error_response
 from khqr_gateway.api.openapi import setup_openapi
-from khqr_gateway.bakong.sandbox import create_sandbox_app
+from khqr_gateway.bakong.sandbox import MOUNT_PATH, create_sandbox_app
 from khqr_gateway.config import Settings
 from khqr_gateway.service import SERVICE_KEY, Service
 from khqr_gateway.store.schedule import keys
@@ -218,7 +218,7 @@ def create_app(
     )
     app[SETTINGS_KEY] = settings
     if settings.sandbox:
-        app.add_subapp("/sandbox", create_sandbox_app())
+        app.add_subapp(MOUNT_PATH, create_sandbox_app())
     url = bakong_url or _bakong_url(settings)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -255,4 +255,4 @@ def _bakong_url(settings: Settings) -> str:
     if not settings.sandbox:
         return settings.bakong_url
     host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
-    return f"http://{host}:{settings.port}/sandbox"
+    return f"http://{host}:{settings.port}{MOUNT_PATH}"

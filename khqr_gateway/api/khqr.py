@@ -8,6 +8,7 @@ import io
 import secrets
 import time
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 import asyncpg
@@ -110,6 +111,13 @@ def qr_image(qr: str, kind: str) -> str:
     return f"data:{IMAGE_TYPES[kind]};base64,{base64.b64encode(buffer.getvalue()).decode()}"
 
 
+# Payment pages drawn at once: the QR of each is drawn once (8 ms of CPU, several KB each);
+# without it every view of a page drew it again, and a link open on many screens slowed the
+# whole process.
+QR_CACHE_SIZE = 1024
+
+
+@lru_cache(maxsize=QR_CACHE_SIZE)
 def qr_svg_inline(qr: str) -> str:
     """The QR code of `qr` as an <svg> element that scales to its box (for HTML pages)."""
     svg: str = segno.make_qr(qr, error="m").svg_inline(scale=1, border=4, omitsize=True)

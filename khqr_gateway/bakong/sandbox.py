@@ -58,6 +58,8 @@ from aiohttp import web
 from khqr_gateway.bakong import khqr
 
 TOKEN_LIFETIME_S = 90 * 24 * 3600
+# Where the gateway mounts the sandbox in sandbox mode (its payment page's simulate buttons).
+MOUNT_PATH = "/sandbox"
 # Deep links kept (the oldest forgotten first): a long sandbox session must not grow forever.
 LINKS_MAX = 10_000
 
