@@ -37,7 +37,9 @@ def browser() -> Iterator[Browser]:
 
 
 SHOP_PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>shop</title><script src="%(sdk)s"></script></head>
+<html><head><meta charset="utf-8"><title>shop</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<script src="%(sdk)s"></script></head>
 <body><h1>Shop</h1><script>
 window.outcome = [];
 var checkout = new KhqrCheckout({
@@ -262,6 +264,7 @@ ARTIFACTS = Path(__file__).with_name("artifacts")
 # The README's and the dashboard's picture of the page, made here: KHQR_DOCS_SCREENSHOTS=1.
 DOCS_SCREENSHOT = Path(__file__).parents[1] / "khqr_gateway" / "static" / "phone-checkout.png"
 PHONE = (390, 844)
+PAGE_GREY = (246, 247, 249)  # the page's background around its card (pay.css)
 DESKTOP = (1280, 800)
 
 
@@ -416,3 +419,34 @@ async def test_a_sandbox_page_simulates_the_payment_or_its_failure(
     done = await sandbox_gateway.wait_status(made["jobId"], status)
     if status == "success":
         assert (done["data"]["amount"], done["data"]["currency"]) == (3.75, "USD")
+
+
+async def test_the_sdk_modal_is_the_card_itself_and_fills_a_phone(
+    browser: Browser, gateway: Gateway, receiver: Receiver, aiohttp_server: Any
+) -> None:
+    site = await shop(aiohttp_server, gateway)
+    made = await khqr(gateway, receiver)
+    frame = "document.querySelector('iframe')"
+    rect = "(e => (r => [r.left, r.top, r.right, r.bottom])(e.getBoundingClientRect()))"
+    async with browser.tab() as tab:
+        await tab.viewport(*DESKTOP, phone=False)
+        await tab.navigate(f"{site}/checkout?pay={quote(made['payUrl'], safe='')}")
+        await tab.wait_for(f"{frame} !== null")
+        await tab.evaluate("new Promise(r => setTimeout(r, 1000))")  # the page drawn in it
+        left, top, right, bottom = await tab.evaluate(f"{rect}({frame})")
+        close = await tab.evaluate(f"{rect}(document.querySelector('[aria-label=Close]'))")
+        assert left <= close[0] and close[2] <= right and top <= close[1] and close[3] <= bottom, (
+            "the close control is inside the modal"
+        )
+        shot = Image.open(io.BytesIO(await tab.screenshot(ARTIFACTS / "sdk-desktop.png")))
+        modal = shot.convert("RGB").crop((int(left), int(top), int(right), int(bottom)))
+        assert PAGE_GREY not in {colour for _, colour in modal.getcolors(1 << 16) or []}, (
+            "no grey frame around the card"
+        )
+
+        await tab.viewport(*PHONE, phone=True)
+        await tab.evaluate("new Promise(r => setTimeout(r, 300))")
+        assert await tab.evaluate(f"{rect}({frame})") == [0, 0, *PHONE], "full screen on a phone"
+        await tab.screenshot(ARTIFACTS / "sdk-phone.png")
+        await tab.click("[aria-label=Close]")
+        await tab.wait_for(f"{frame} === null")
