@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import io
+
+from PIL import Image
+
 from khqr_gateway.config import AppEnv
 from tests.conftest import Gateway, GatewayFactory
 
@@ -27,3 +31,14 @@ async def test_dashboard_is_off_in_production_without_an_api_key(
     keyed = await make_gateway(app_env=AppEnv.PRODUCTION, api_keys=("k" * 32,))
     assert (await keyed.client.get("/queue")).status == 200
     assert (await keyed.client.get("/api/v1/stats")).status == 401
+
+
+async def test_dashboard_shows_the_payment_page_on_a_phone(gateway: Gateway) -> None:
+    """What customers see, as the test suite's browser took it (tests/test_browser.py)."""
+    html = await (await gateway.client.get("/queue")).text()
+    assert '<img src="/queue/phone-checkout.png"' in html
+    resp = await gateway.client.get("/queue/phone-checkout.png")
+    assert resp.status == 200
+    assert resp.content_type == "image/png"
+    image = Image.open(io.BytesIO(await resp.read()))
+    assert image.format == "PNG" and image.height > image.width, "a phone, upright"
