@@ -40,6 +40,13 @@ PAGE_CSP = (
 # Cambodia keeps UTC+7 all year: receipts show the time there.
 PHNOM_PENH = timezone(timedelta(hours=7), "ICT")
 TOKEN_PARAM = {"in": "query", "name": "t", "required": True, "schema": {"type": "string"}}
+LANG_PARAM = {
+    "in": "query",
+    "name": "lang",
+    "required": False,
+    "description": "The page's language; another value is as none (Accept-Language decides)",
+    "schema": {"type": "string", "enum": list(i18n.LANGUAGES)},
+}
 NOT_FOUND_PAGE = (
     '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Not found</title>'
     '<link rel="stylesheet" href="/static/pay.css"></head><body><main class="checkout">'
@@ -249,10 +256,12 @@ def _paid_at(paid: dict[str, Any]) -> datetime | None:
 @docs(
     tags=["payment page"],
     summary="Hosted payment page (public, guarded by its token)",
-    description="The QR, amount, merchant name, a countdown to expiry and the live status; "
-    "once paid it goes to the `returnUrl` of POST /api/v1/khqr. The URL comes from that "
-    "call's `payUrl`; a wrong or missing token is 404.",
-    parameters=[TOKEN_PARAM],
+    description="The QR, amount, merchant name, bill number, a countdown to expiry and the "
+    'live status; on a phone also "Open in Bakong" (the deep link) and "Save QR image". '
+    "Once final it shows no QR, and a receipt or what to do next; once paid it goes to the "
+    "`returnUrl` of POST /api/v1/khqr. In Khmer or English: `lang`, else Accept-Language. "
+    "The URL comes from that call's `payUrl`; a wrong or missing token is 404.",
+    parameters=[TOKEN_PARAM, LANG_PARAM],
     responses={
         200: {"description": "HTML page", "content": {"text/html": {}}},
         404: {"description": "No page for this jobId and token", "content": {"text/html": {}}},
