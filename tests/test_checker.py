@@ -13,6 +13,7 @@ from uuid import uuid4
 
 import asyncpg
 import pytest
+from redis.asyncio import Redis
 
 from khqr_gateway.bakong import khqr
 from khqr_gateway.bakong.checker import BREAKER_THRESHOLD, THROTTLED, Checker
@@ -223,3 +224,19 @@ async def test_deeplinks_wait_for_the_open_breaker_and_the_shared_limit(
     assert links[0] is not None
     assert links[1:] == [None, None], "past the shared limit: no link rather than a wait"
     await slow.bakong.close()
+
+
+async def test_no_shared_limit_to_ask_is_no_link_not_an_error(
+    pool: asyncpg.Pool, redis: Any, namespace: str, bakong: SimulatedBakong
+) -> None:
+    """A QR made while Redis is away (the shared limit lives there) still comes back."""
+    checker = await process(pool, redis, namespace, bakong, rate=50)
+    unreachable = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.5)
+    assert checker.limits is not None
+    checker.limits = RateLimit(
+        unreachable, bucket_key="b", pause_prefix="p", rate=checker.limits.rate
+    )
+    assert await checker.deeplink(None, a_qr(), SOURCE) is None
+    assert bakong.state.calls["generate_deeplink_by_qr"] == 0
+    await unreachable.aclose()
+    await checker.bakong.close()

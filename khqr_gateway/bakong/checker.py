@@ -173,6 +173,10 @@ class Checker:
                 "bakong gave no deep link: %s", exc.kind, extra={"credentialId": credential}
             )
             return None
+        except Exception as exc:
+            # Redis or Postgres away (the shared limit, the token), a bug: still the QR.
+            log.error("no deep link: %s", type(exc).__name__, extra={"credentialId": credential})
+            return None
         await self._health(credential, None, None)
         return link
 
