@@ -450,3 +450,35 @@ async def test_the_sdk_modal_is_the_card_itself_and_fills_a_phone(
         await tab.screenshot(ARTIFACTS / "sdk-phone.png")
         await tab.click("[aria-label=Close]")
         await tab.wait_for(f"{frame} === null")
+
+
+async def test_the_keyboard_reaches_every_control_and_shows_where_it_is(
+    browser: Browser, gateway: Gateway, receiver: Receiver
+) -> None:
+    made = await khqr(gateway, receiver)
+    async with browser.tab() as tab:
+        await pending_page(tab, made["payUrl"], phone=False)
+        reached = []
+        for _ in range(3):
+            for kind in ("keyDown", "keyUp"):
+                await tab.send(
+                    "Input.dispatchKeyEvent",
+                    type=kind,
+                    key="Tab",
+                    code="Tab",
+                    windowsVirtualKeyCode=9,
+                )
+            reached.append(
+                await tab.evaluate(
+                    "(e => [e.id, getComputedStyle(e).outlineStyle, e.innerText.trim() ||"
+                    " e.getAttribute('aria-label')])(document.activeElement)"
+                )
+            )
+        assert [r[0] for r in reached] == ["save", "lang-en", "lang-km"]
+        assert all(r[1] != "none" for r in reached), "a visible focus ring"
+        assert all(r[2] for r in reached), "each has a name"
+        labels = await tab.evaluate(
+            "[document.getElementById('qr').getAttribute('aria-label'),"
+            " document.querySelector('nav.lang').getAttribute('aria-label')]"
+        )
+        assert labels == ["KHQR code of 3.75 USD to Coffee & <Tea>", "Language"]
