@@ -29,7 +29,7 @@ from khqr_gateway.api import (
 )
 from khqr_gateway.api.errors import ApiError, error_response
 from khqr_gateway.api.openapi import setup_openapi
-from khqr_gateway.bakong.sandbox import Expectations, create_sandbox_app
+from khqr_gateway.bakong.sandbox import MOUNT_PATH, Expectations, create_sandbox_app
 from khqr_gateway.config import Settings
 from khqr_gateway.service import SERVICE_KEY, Service
 from khqr_gateway.store import transactions as tx_store
@@ -93,7 +93,7 @@ def _request_level(path: str) -> int | None:
     # in-process sandbox's own polls (a third of the lines in sandbox mode): at debug.
     if path in ("/health", "/metrics"):
         return None
-    return logging.DEBUG if path.startswith("/sandbox/") else logging.INFO
+    return logging.DEBUG if path.startswith(MOUNT_PATH + "/") else logging.INFO
 
 
 @web.middleware
@@ -231,7 +231,7 @@ def create_app(
     )
     app[SETTINGS_KEY] = settings
     if settings.sandbox:
-        app.add_subapp("/sandbox", create_sandbox_app(expectations=_expectations(app)))
+        app.add_subapp(MOUNT_PATH, create_sandbox_app(expectations=_expectations(app)))
     url = bakong_url or _bakong_url(settings)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -278,4 +278,4 @@ def _bakong_url(settings: Settings) -> str:
     if not settings.sandbox:
         return settings.bakong_url
     host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
-    return f"http://{host}:{settings.port}/sandbox"
+    return f"http://{host}:{settings.port}{MOUNT_PATH}"

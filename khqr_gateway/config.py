@@ -17,6 +17,8 @@ from khqr_gateway.webhooks.retry import DEFAULT_SCHEDULE, parse_schedule
 from khqr_gateway.webhooks.signing import SecretError, parse_secrets
 
 PRODUCTION_BAKONG_URL = "https://api-bakong.nbc.gov.kh"
+# What the Bakong app shows as the app that sent the payer (deep links).
+APP_NAME_MAX = 64
 LOG_LEVELS = ("trace", "debug", "info", "warn", "warning", "error", "fatal", "silent")
 
 T = TypeVar("T")
@@ -61,6 +63,8 @@ class Settings:
     khqr_account_id: str | None = None
     khqr_merchant_name: str | None = None
     khqr_merchant_city: str | None = None
+    khqr_app_name: str | None = None
+    khqr_app_icon_url: str | None = None
     data_dir: Path = Path(".khqr-data")
     shutdown_grace_s: float = 10.0
     public_url: str | None = None
@@ -190,6 +194,12 @@ def _api_keys(value: str) -> tuple[str, ...]:
     return keys
 
 
+def _app_name(value: str) -> str:
+    if len(value) > APP_NAME_MAX:
+        raise ValueError(f"must be at most {APP_NAME_MAX} characters")
+    return value
+
+
 def _namespace(value: str) -> str:
     if not value.replace("-", "").replace("_", "").isalnum():
         raise ValueError("may hold only letters, digits, '-' and '_'")
@@ -224,6 +234,8 @@ def _build(r: _Reader) -> Settings:
         khqr_account_id=r.raw("KHQR_ACCOUNT_ID"),
         khqr_merchant_name=r.raw("KHQR_MERCHANT_NAME"),
         khqr_merchant_city=r.raw("KHQR_MERCHANT_CITY"),
+        khqr_app_name=r.parse("KHQR_APP_NAME", _app_name, None),
+        khqr_app_icon_url=r.parse("KHQR_APP_ICON_URL", _url(("https", "http")), None),
         data_dir=Path(r.raw("DATA_DIR") or ".khqr-data"),
         shutdown_grace_s=r.number("SHUTDOWN_GRACE_S", 10.0, 0, 600),
         public_url=r.parse("PUBLIC_URL", _url(("http", "https")), None),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
 import os
@@ -34,6 +35,12 @@ FLAGS = (
 )
 
 
+def keep(path: Path, data: bytes) -> None:
+    """Write a test artifact (a screenshot), making its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
 def chromium_path() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -51,11 +58,15 @@ class Browser:
         return f"ws://127.0.0.1:{self.port}{self.browser_path}"
 
     @contextlib.asynccontextmanager
-    async def tab(self) -> AsyncIterator[Tab]:
-        """A fresh tab, closed afterwards."""
+    async def tab(self, downloads: Path | None = None) -> AsyncIterator[Tab]:
+        """A fresh tab, closed afterwards; what it downloads lands in `downloads`."""
         async with aiohttp.ClientSession() as session:
             async with session.ws_connect(self.ws_url, max_msg_size=0) as ws:
                 browser = Cdp(ws)
+                if downloads is not None:
+                    await browser.send(
+                        "Browser.setDownloadBehavior", behavior="allow", downloadPath=str(downloads)
+                    )
                 target = await browser.send("Target.createTarget", url="about:blank")
                 page_url = f"ws://127.0.0.1:{self.port}/devtools/page/{target['targetId']}"
                 try:
@@ -166,6 +177,42 @@ class Tab(Cdp):
                     return last
             await asyncio.sleep(0.1)
         raise AssertionError(f"never true: {expression} (last {last!r})")
+
+    async def viewport(self, width: int, height: int, *, phone: bool) -> None:
+        """Be a phone (touch, a device scale of 2) or a desktop window of this size."""
+        await self.send(
+            "Emulation.setDeviceMetricsOverride",
+            width=width,
+            height=height,
+            deviceScaleFactor=2 if phone else 1,
+            mobile=phone,
+        )
+        await self.send("Emulation.setTouchEmulationEnabled", enabled=phone, maxTouchPoints=5)
+
+    async def click(self, selector: str) -> None:
+        """A real click (pressed and released at its centre), as a person's: a user gesture."""
+        box = await self.wait_for(
+            "(e => { if (!e) return null; e.scrollIntoView({block: 'center'});"
+            " const r = e.getBoundingClientRect();"
+            " return r.width > 0 && {x: r.x + r.width / 2, y: r.y + r.height / 2}; })"
+            f"(document.querySelector({orjson.dumps(selector).decode()}))"
+        )
+        for kind in ("mousePressed", "mouseReleased"):
+            await self.send(
+                "Input.dispatchMouseEvent",
+                type=kind,
+                x=box["x"],
+                y=box["y"],
+                button="left",
+                clickCount=1,
+            )
+
+    async def screenshot(self, path: Path) -> bytes:
+        """The tab as it looks now, as PNG bytes, also written to `path`."""
+        shot = await self.send("Page.captureScreenshot", format="png")
+        data = base64.b64decode(shot["data"])
+        keep(path, data)
+        return data
 
     def problems(self) -> list[str]:
         """Errors the page logged: CSP violations, uncaught exceptions, failed loads."""

@@ -9,6 +9,7 @@ import io
 import logging
 import os
 import secrets
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -285,8 +286,13 @@ async def make_gateway(
     async def make(**overrides: Any) -> Gateway:
         run_ticks = overrides.pop("run_ticks", True)
         these = replace(settings, **overrides)
+        port = None
+        if these.sandbox:
+            # The gateway asks the simulated Bakong mounted in it at its own host and port.
+            port = free_port()
+            these = replace(these, host="127.0.0.1", port=port)
         app = create_app(these, database_url=database_url, redis_url=REDIS_URL, run_ticks=run_ticks)
-        client = TestClient(TestServer(app))
+        client = TestClient(TestServer(app, host="127.0.0.1", port=port))
         await client.start_server()
         for value in these.api_keys:
             secret(value)
@@ -305,6 +311,19 @@ async def make_gateway(
 @pytest.fixture
 async def gateway(make_gateway: GatewayFactory) -> Gateway:
     return await make_gateway()
+
+
+@pytest.fixture
+async def sandbox_gateway(make_gateway: GatewayFactory) -> Gateway:
+    """A gateway in sandbox mode: development, no Bakong configured, the simulated one
+    mounted in it under /sandbox."""
+    return await make_gateway(app_env=AppEnv.DEVELOPMENT, bakong_base_url=None, bakong_token=None)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def random_md5() -> str:

@@ -8,10 +8,12 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+import pytest
 from bakong_khqr import KHQR
 from bakong_khqr.sdk.emv_parser import EMVParser
 
 from khqr_gateway.bakong.khqr import crc16, md5_of, parse, verify
+from khqr_gateway.bakong.sandbox import parse_faults
 from tests import khqr_sdk
 from tests.conftest import Gateway, GatewayFactory, Receiver, SimulatedBakong
 
@@ -43,7 +45,7 @@ async def test_khqr_decodes_back_to_the_request_with_a_valid_crc(gateway: Gatewa
         **MERCHANT,
     )
     qr = body["qr"]
-    assert set(body) == {"qr", "md5", "expiresAt"}
+    assert set(body) == {"qr", "md5", "expiresAt", "deeplink"}
     assert qr[-4:] == crc16(qr[:-4])
     assert body["md5"] == md5_of(qr) == KHQR().generate_md5(qr)
     parsed = parse(qr)
@@ -200,3 +202,121 @@ async def test_pay_url_uses_public_url_when_set(
         gw, expect=201, amount=1, currency="USD", webhookUrl=receiver.url, **MERCHANT
     )
     assert body["payUrl"].startswith(f"https://pay.example.com/pay/{body['jobId']}?t=")
+
+
+# Deep links: checkout on the phone that shows the QR ------------------------------------
+
+SOURCE = {
+    "appName": "Coffee App",
+    "appIconUrl": "https://shop.example/icon.png",
+    "callbackUrl": "coffeeapp://orders/7",
+}
+
+
+def asked_with(bakong: SimulatedBakong, link: str) -> dict[str, Any]:
+    """The sourceInfo the simulated Bakong was asked for `link` with."""
+    return dict(bakong.state.links[link.rsplit("/", 1)[1]].source)
+
+
+async def test_khqr_answers_bakongs_deeplink_asked_with_the_bodys_source(
+    gateway: Gateway, bakong: SimulatedBakong, receiver: Receiver
+) -> None:
+    body = await generate(
+        gateway,
+        expect=201,
+        amount="3.75",
+        currency="USD",
+        webhookUrl=receiver.url,
+        deeplink=SOURCE,
+        **MERCHANT,
+    )
+    assert body["deeplink"].startswith(f"{bakong.url}/link/"), body
+    assert bakong.state.links[body["deeplink"].rsplit("/", 1)[1]].qr == body["qr"]
+    assert asked_with(bakong, body["deeplink"]) == {
+        "appName": "Coffee App",
+        "appIconUrl": "https://shop.example/icon.png",
+        "appDeepLinkCallback": "coffeeapp://orders/7",
+    }
+    _, tx = await gateway.get(f"/api/v1/transactions/{body['jobId']}")
+    assert tx["deeplink"] == body["deeplink"], "the link is kept on the transaction"
+
+    # Opening it is paying in the (simulated) Bakong app: the transaction turns paid.
+    page = await gateway.client.session.get(body["deeplink"])
+    assert page.status == 200
+    assert "Paid 3.75 USD to Coffee Shop" in await page.text()
+    await gateway.wait_status(body["jobId"], "success")
+
+
+async def test_the_source_defaults_to_the_settings_and_returns_to_the_page(
+    make_gateway: GatewayFactory, bakong: SimulatedBakong, receiver: Receiver
+) -> None:
+    gw = await make_gateway(
+        khqr_app_name="Noodle Bar", khqr_app_icon_url="https://noodle.example/i.png"
+    )
+    tracked = await generate(
+        gw, expect=201, amount=1, currency="USD", webhookUrl=receiver.url, **MERCHANT
+    )
+    assert asked_with(bakong, tracked["deeplink"]) == {
+        "appName": "Noodle Bar",
+        "appIconUrl": "https://noodle.example/i.png",
+        "appDeepLinkCallback": tracked["payUrl"],  # back to the page, which shows it paid
+    }
+    untracked = await generate(gw, amount=1, currency="USD", **MERCHANT)
+    assert asked_with(bakong, untracked["deeplink"])["appName"] == "Noodle Bar"
+    plain = await generate(
+        await make_gateway(),
+        amount=1,
+        currency="USD",
+        deeplink={"callbackUrl": "https://s.example"},
+        **MERCHANT,
+    )
+    asked = asked_with(bakong, plain["deeplink"])
+    assert asked["appName"] == "Coffee Shop", "no app name set: the merchant's"
+    assert asked["appDeepLinkCallback"] == "https://s.example"
+    assert asked["appIconUrl"].startswith("https://")
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [{"deeplinkError": True}, {"status": 500}, {"status": 429}, {"malformed": "html"}],
+)
+async def test_no_deeplink_never_fails_the_qr(
+    gateway: Gateway, bakong: SimulatedBakong, receiver: Receiver, faults: dict[str, Any]
+) -> None:
+    bakong.state.faults = parse_faults({**faults, "endpoints": ["generate_deeplink_by_qr"]})
+    body = await generate(
+        gateway, expect=201, amount=1, currency="USD", webhookUrl=receiver.url, **MERCHANT
+    )
+    assert body["deeplink"] is None
+    _, tx = await gateway.get(f"/api/v1/transactions/{body['jobId']}")
+    assert tx["deeplink"] is None
+    assert (await gateway.client.get(body["payUrl"].split("/", 3)[3])).status == 200
+    bakong.pay(body["md5"], amount=1, currency="USD", toAccountId="shop@aclb")
+    await gateway.wait_status(body["jobId"], "success")
+
+
+@pytest.mark.parametrize(
+    ("deeplink", "field"),
+    [
+        ({"appIconUrl": "javascript:alert(1)"}, "deeplink.appIconUrl"),
+        ({"appIconUrl": "ftp://x.example/i.png"}, "deeplink.appIconUrl"),
+        ({"callbackUrl": "javascript:alert(1)//"}, "deeplink.callbackUrl"),
+        ({"callbackUrl": "no scheme"}, "deeplink.callbackUrl"),
+        ({"callbackUrl": "app://\x00"}, "deeplink.callbackUrl"),
+        ({"appName": ""}, "deeplink.appName"),
+        ({"appName": "x" * 65}, "deeplink.appName"),
+        ({"appName": 7}, "deeplink.appName"),
+        ({"colour": "red"}, "deeplink.colour"),
+        ("yes", "deeplink"),
+    ],
+)
+async def test_a_bad_deeplink_source_is_422_naming_the_field(
+    gateway: Gateway, bakong: SimulatedBakong, deeplink: Any, field: str
+) -> None:
+    status, body = await gateway.post(
+        "/api/v1/khqr", {"amount": 1, "currency": "USD", "deeplink": deeplink, **MERCHANT}
+    )
+    assert status == 422, body
+    assert body["error"]["code"] == "validation_error"
+    assert [d["field"] for d in body["error"]["details"]] == [field]
+    assert bakong.state.calls["generate_deeplink_by_qr"] == 0

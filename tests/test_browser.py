@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
+import os
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import pytest
+import zxingcpp
 from aiohttp import web
+from PIL import Image
 
-from tests.browser import Browser, Tab, chromium_path, launch
+from khqr_gateway.bakong.sandbox import Faults
+from tests.browser import Browser, Tab, chromium_path, keep, launch
 from tests.conftest import Gateway, Receiver, SimulatedBakong
 
 pytestmark = pytest.mark.slow
@@ -29,7 +37,9 @@ def browser() -> Iterator[Browser]:
 
 
 SHOP_PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>shop</title><script src="%(sdk)s"></script></head>
+<html><head><meta charset="utf-8"><title>shop</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<script src="%(sdk)s"></script></head>
 <body><h1>Shop</h1><script>
 window.outcome = [];
 var checkout = new KhqrCheckout({
@@ -266,3 +276,229 @@ async def test_dashboard_asks_for_a_key_without_an_error_until_one_is_refused(
         shown = await tab.wait_for(f"!{error}.hidden && {error}.textContent")
         assert "refused" in shown
         assert await tab.evaluate("!document.getElementById('login').hidden"), "asked again"
+
+
+# Checkout on a phone ----------------------------------------------------------------------
+
+ARTIFACTS = Path(__file__).with_name("artifacts")
+# The README's and the dashboard's picture of the page, made here: KHQR_DOCS_SCREENSHOTS=1.
+DOCS_SCREENSHOT = Path(__file__).parents[1] / "khqr_gateway" / "static" / "phone-checkout.png"
+PHONE = (390, 844)
+PAGE_GREY = (246, 247, 249)  # the page's background around its card (pay.css)
+DESKTOP = (1280, 800)
+
+
+def shown(element_id: str) -> str:
+    """A JS expression: the element exists and takes room on the screen."""
+    return f"(e => !!e && e.getClientRects().length > 0)(document.getElementById('{element_id}'))"
+
+
+async def pending_page(tab: Tab, url: str, *, phone: bool) -> None:
+    await tab.viewport(*(PHONE if phone else DESKTOP), phone=phone)
+    await tab.navigate(url)
+    await tab.wait_for(f"{shown('save')} && {STATUS} === 'pending'")
+
+
+async def saved_image(tab: Tab, downloads: Path) -> bytes:
+    """Press "Save QR image" and read the PNG it saves."""
+    await tab.click("#save")
+    deadline = time.monotonic() + 10
+    while (png := _saved(downloads)) is None:
+        assert time.monotonic() < deadline, "nothing was saved"
+        await asyncio.sleep(0.1)
+    return png
+
+
+def _saved(downloads: Path) -> bytes | None:
+    done = [p for p in downloads.glob("*.png") if p.stat().st_size > 0]
+    return done[0].read_bytes() if done else None
+
+
+def read_qr(png: bytes) -> tuple[str, int, int]:
+    """What a bank app's "scan from gallery" would read: the QR's text, and the image's size."""
+    image = Image.open(io.BytesIO(png))
+    assert image.format == "PNG"
+    found = zxingcpp.read_barcodes(image.convert("L"))
+    assert len(found) == 1, f"{len(found)} codes in the saved image"
+    return found[0].text, image.width, image.height
+
+
+async def test_a_phone_opens_bakong_or_saves_a_qr_image_a_bank_app_reads(
+    browser: Browser,
+    gateway: Gateway,
+    bakong: SimulatedBakong,
+    receiver: Receiver,
+    tmp_path: Path,
+) -> None:
+    made = await khqr(gateway, receiver, merchantName="Riverside Coffee", billNumber="INV-1042")
+    async with browser.tab(downloads=tmp_path) as tab:
+        await pending_page(tab, made["payUrl"], phone=True)
+        assert await tab.evaluate(shown("deeplink")), "Open in Bakong, on a phone"
+        assert await tab.evaluate("document.getElementById('deeplink').href") == made["deeplink"]
+        assert await tab.evaluate(shown("how")), "and the line on how"
+        assert await tab.evaluate("document.getElementById('bill').textContent") == (
+            "Bill number INV-1042"
+        )
+        shot = await tab.screenshot(ARTIFACTS / "phone-pending.png")
+        if os.environ.get("KHQR_DOCS_SCREENSHOTS"):
+            keep(DOCS_SCREENSHOT, shot)
+
+        text, width, height = read_qr(await saved_image(tab, tmp_path))
+        assert text == made["qr"], "the saved image holds the very QR"
+        assert width >= 600 and height > width
+        assert (tmp_path / "khqr-INV-1042.png").exists()
+        assert "saved" in await tab.evaluate("document.getElementById('note').textContent")
+
+        # The simulated Bakong's link pays, as its app would, and comes back to the page.
+        await tab.click("#deeplink")
+        await tab.wait_for(
+            "document.getElementById('paid') && "
+            "document.getElementById('paid').textContent.startsWith('Paid 3.75 USD')"
+        )
+        await tab.wait_for(f"location.href === {json.dumps(made['payUrl'])}", timeout=10)
+        await tab.wait_for(f"{STATUS} === 'success'", timeout=10)
+        assert await tab.evaluate("document.querySelectorAll('#qr, #save, #deeplink').length") == 0
+        await tab.screenshot(ARTIFACTS / "phone-paid.png")
+        assert_clean(tab)
+
+
+async def test_a_desktop_shows_the_qr_and_saves_it_but_no_app_link(
+    browser: Browser, gateway: Gateway, receiver: Receiver, tmp_path: Path
+) -> None:
+    made = await khqr(gateway, receiver)
+    async with browser.tab(downloads=tmp_path) as tab:
+        await pending_page(tab, made["payUrl"], phone=False)
+        assert await tab.evaluate(shown("qr")) and await tab.evaluate(shown("scan"))
+        assert not await tab.evaluate(shown("deeplink")), "no Bakong app on a desktop"
+        await tab.screenshot(ARTIFACTS / "desktop-pending.png")
+        text, width, _ = read_qr(await saved_image(tab, tmp_path))
+        assert text == made["qr"] and width >= 600
+        assert_clean(tab)
+
+
+async def test_with_no_deeplink_a_phone_can_still_save_the_qr(
+    browser: Browser,
+    gateway: Gateway,
+    bakong: SimulatedBakong,
+    receiver: Receiver,
+    tmp_path: Path,
+) -> None:
+    bakong.state.faults = Faults(deeplink_error=True)
+    made = await khqr(gateway, receiver)
+    assert made["deeplink"] is None
+    async with browser.tab(downloads=tmp_path) as tab:
+        await pending_page(tab, made["payUrl"], phone=True)
+        assert await tab.evaluate("document.getElementById('deeplink') === null")
+        assert "Scan from gallery" in await tab.evaluate("document.getElementById('how').innerText")
+        text, _, _ = read_qr(await saved_image(tab, tmp_path))
+        assert text == made["qr"]
+        assert_clean(tab)
+
+
+async def test_the_page_in_khmer_and_its_switch_to_english(
+    browser: Browser, gateway: Gateway, bakong: SimulatedBakong, receiver: Receiver
+) -> None:
+    made = await khqr(gateway, receiver, billNumber="INV-7")
+    async with browser.tab() as tab:
+        await pending_page(tab, made["payUrl"] + "&lang=km", phone=True)
+        assert await tab.evaluate("document.documentElement.lang") == "km"
+        assert await tab.evaluate("document.getElementById('status').textContent") == (
+            "កំពុងរង់ចាំការទូទាត់…"
+        )
+        assert await tab.evaluate("document.getElementById('save').textContent") == (
+            "រក្សាទុករូបភាព QR"
+        )
+        assert "INV-7" in await tab.evaluate("document.getElementById('bill').textContent")
+        await tab.screenshot(ARTIFACTS / "phone-km.png")
+        bakong.pay(made["md5"], **PAY)
+        # pay.js says it in Khmer too, from the page's own catalogue.
+        await tab.wait_for(f"{STATUS} === 'success'")
+        assert await tab.evaluate("document.getElementById('status').textContent") == (
+            "បានទូទាត់រួចរាល់។ សូមអរគុណ!"
+        )
+        assert "ទៅ" in await tab.evaluate("document.getElementById('receipt').innerText")
+        await tab.click("#lang-en")
+        await tab.wait_for("document.documentElement.lang === 'en'")
+        assert await tab.evaluate("document.getElementById('status').textContent") == (
+            "Paid. Thank you!"
+        )
+        assert_clean(tab)
+
+
+@pytest.mark.parametrize(("button", "status"), [("pay", "success"), ("fail", "failed")])
+async def test_a_sandbox_page_simulates_the_payment_or_its_failure(
+    browser: Browser, sandbox_gateway: Gateway, receiver: Receiver, button: str, status: str
+) -> None:
+    made = await khqr(sandbox_gateway, receiver)
+    async with browser.tab() as tab:
+        await pending_page(tab, made["payUrl"], phone=True)
+        await tab.click(f"#simulate-{button}")
+        await tab.wait_for(f"{STATUS} === {json.dumps(status)}")
+        assert await tab.evaluate("document.querySelectorAll('#qr, #sandbox').length") == 0
+        assert_clean(tab)
+    done = await sandbox_gateway.wait_status(made["jobId"], status)
+    if status == "success":
+        assert (done["data"]["amount"], done["data"]["currency"]) == (3.75, "USD")
+
+
+async def test_the_sdk_modal_is_the_card_itself_and_fills_a_phone(
+    browser: Browser, gateway: Gateway, receiver: Receiver, aiohttp_server: Any
+) -> None:
+    site = await shop(aiohttp_server, gateway)
+    made = await khqr(gateway, receiver)
+    frame = "document.querySelector('iframe')"
+    rect = "(e => (r => [r.left, r.top, r.right, r.bottom])(e.getBoundingClientRect()))"
+    async with browser.tab() as tab:
+        await tab.viewport(*DESKTOP, phone=False)
+        await tab.navigate(f"{site}/checkout?pay={quote(made['payUrl'], safe='')}")
+        await tab.wait_for(f"{frame} !== null")
+        await tab.evaluate("new Promise(r => setTimeout(r, 1000))")  # the page drawn in it
+        left, top, right, bottom = await tab.evaluate(f"{rect}({frame})")
+        close = await tab.evaluate(f"{rect}(document.querySelector('[aria-label=Close]'))")
+        assert left <= close[0] and close[2] <= right and top <= close[1] and close[3] <= bottom, (
+            "the close control is inside the modal"
+        )
+        shot = Image.open(io.BytesIO(await tab.screenshot(ARTIFACTS / "sdk-desktop.png")))
+        modal = shot.convert("RGB").crop((int(left), int(top), int(right), int(bottom)))
+        assert PAGE_GREY not in {colour for _, colour in modal.getcolors(1 << 16) or []}, (
+            "no grey frame around the card"
+        )
+
+        await tab.viewport(*PHONE, phone=True)
+        await tab.evaluate("new Promise(r => setTimeout(r, 300))")
+        assert await tab.evaluate(f"{rect}({frame})") == [0, 0, *PHONE], "full screen on a phone"
+        await tab.screenshot(ARTIFACTS / "sdk-phone.png")
+        await tab.click("[aria-label=Close]")
+        await tab.wait_for(f"{frame} === null")
+
+
+async def test_the_keyboard_reaches_every_control_and_shows_where_it_is(
+    browser: Browser, gateway: Gateway, receiver: Receiver
+) -> None:
+    made = await khqr(gateway, receiver)
+    async with browser.tab() as tab:
+        await pending_page(tab, made["payUrl"], phone=False)
+        reached = []
+        for _ in range(3):
+            for kind in ("keyDown", "keyUp"):
+                await tab.send(
+                    "Input.dispatchKeyEvent",
+                    type=kind,
+                    key="Tab",
+                    code="Tab",
+                    windowsVirtualKeyCode=9,
+                )
+            reached.append(
+                await tab.evaluate(
+                    "(e => [e.id, getComputedStyle(e).outlineStyle, e.innerText.trim() ||"
+                    " e.getAttribute('aria-label')])(document.activeElement)"
+                )
+            )
+        assert [r[0] for r in reached] == ["save", "lang-en", "lang-km"]
+        assert all(r[1] != "none" for r in reached), "a visible focus ring"
+        assert all(r[2] for r in reached), "each has a name"
+        labels = await tab.evaluate(
+            "[document.getElementById('qr').getAttribute('aria-label'),"
+            " document.querySelector('nav.lang').getAttribute('aria-label')]"
+        )
+        assert labels == ["KHQR code of 3.75 USD to Coffee & <Tea>", "Language"]

@@ -13,10 +13,12 @@ from uuid import uuid4
 
 import asyncpg
 import pytest
+from redis.asyncio import Redis
 
+from khqr_gateway.bakong import khqr
 from khqr_gateway.bakong.checker import BREAKER_THRESHOLD, THROTTLED, Checker
-from khqr_gateway.bakong.client import BakongClient
-from khqr_gateway.bakong.sandbox import Faults, make_token
+from khqr_gateway.bakong.client import BakongClient, SourceInfo
+from khqr_gateway.bakong.sandbox import Faults, make_token, parse_faults
 from khqr_gateway.credentials import Credentials
 from khqr_gateway.metrics import REGISTRY
 from khqr_gateway.models import CheckKind, PollItem
@@ -125,4 +127,116 @@ async def test_open_circuits_of_many_credentials_share_one_series(
     await asyncio.sleep(checker.backoff_base_s)  # each breaker lets its probe through
     await checker.check(items, datetime.now(UTC))
     assert circuit_series() == {"default": 0, "per_transaction": 0}
+    await checker.bakong.close()
+
+
+# Deep links ------------------------------------------------------------------------------
+
+SOURCE = SourceInfo(
+    app_name="Coffee Shop",
+    app_icon_url="https://shop.example/icon.png",
+    callback_url="https://shop.example/paid",
+)
+
+
+def a_qr() -> str:
+    expires = int(time.time() * 1000) + 300_000
+    return khqr.build(
+        account_id="shop@aclb",
+        merchant_name="Coffee Shop",
+        amount="3.75",
+        currency="USD",
+        dynamic=True,
+        expires_at_ms=expires,
+    )
+
+
+async def test_a_deeplink_is_bakongs_link_for_the_qr_and_the_source(
+    pool: asyncpg.Pool, redis: Any, namespace: str, bakong: SimulatedBakong
+) -> None:
+    checker = await process(pool, redis, namespace, bakong, rate=50)
+    qr = a_qr()
+    link = await checker.deeplink(None, qr, SOURCE)
+    assert link is not None and link.startswith(f"{bakong.url}/link/"), link
+    asked = bakong.state.links[link.rsplit("/", 1)[1]]
+    assert asked.qr == qr
+    assert asked.source == {
+        "appName": "Coffee Shop",
+        "appIconUrl": "https://shop.example/icon.png",
+        "appDeepLinkCallback": "https://shop.example/paid",
+    }
+    await checker.bakong.close()
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [
+        {"deeplinkError": True},  # errorCode 4: the link provider failed
+        {"status": 500},
+        {"status": 401},
+        {"malformed": "html"},
+        {"malformed": "shape"},
+        {"delayS": 2.5},  # past the client's 2 s timeout
+    ],
+)
+async def test_a_deeplink_bakong_does_not_give_is_none_never_an_error(
+    pool: asyncpg.Pool,
+    redis: Any,
+    namespace: str,
+    bakong: SimulatedBakong,
+    faults: dict[str, Any],
+) -> None:
+    checker = await process(pool, redis, namespace, bakong, rate=50)
+    bakong.state.faults = parse_faults({**faults, "endpoints": ["generate_deeplink_by_qr"]})
+    assert await checker.deeplink(None, a_qr(), SOURCE) is None
+    assert bakong.state.calls["generate_deeplink_by_qr"] >= 1
+    await checker.bakong.close()
+
+
+async def test_a_link_that_is_not_a_url_is_no_link(
+    pool: asyncpg.Pool, redis: Any, namespace: str, bakong: SimulatedBakong
+) -> None:
+    """Bakong's reply ends up in a link on the page: only a plain URL is taken."""
+    checker = await process(pool, redis, namespace, bakong, rate=50)
+    for link in ("javascript:alert(1)", "data:text/html,x", "not a url", "", 42):
+        bakong.state.faults = Faults(short_link=link)
+        assert await checker.deeplink(None, a_qr(), SOURCE) is None, link
+    await checker.bakong.close()
+
+
+async def test_deeplinks_wait_for_the_open_breaker_and_the_shared_limit(
+    pool: asyncpg.Pool, redis: Any, namespace: str, bakong: SimulatedBakong
+) -> None:
+    checker = await process(pool, redis, namespace, bakong, rate=50)
+    bakong.state.faults = Faults(status=500)
+    for _ in range(BREAKER_THRESHOLD):
+        assert await checker.deeplink(None, a_qr(), SOURCE) is None
+    default = str(checker.credentials.default_id)
+    assert checker.circuits() == {default: "open"}, "deeplink failures count as the checks'"
+    sent = bakong.state.calls["generate_deeplink_by_qr"]
+    assert await checker.deeplink(None, a_qr(), SOURCE) is None
+    assert bakong.state.calls["generate_deeplink_by_qr"] == sent, "an open breaker sends nothing"
+    await checker.bakong.close()
+
+    bakong.state.faults = Faults()
+    slow = await process(pool, redis, f"{namespace}-slow", bakong, rate=1)
+    links = [await slow.deeplink(None, a_qr(), SOURCE) for _ in range(3)]
+    assert links[0] is not None
+    assert links[1:] == [None, None], "past the shared limit: no link rather than a wait"
+    await slow.bakong.close()
+
+
+async def test_no_shared_limit_to_ask_is_no_link_not_an_error(
+    pool: asyncpg.Pool, redis: Any, namespace: str, bakong: SimulatedBakong
+) -> None:
+    """A QR made while Redis is away (the shared limit lives there) still comes back."""
+    checker = await process(pool, redis, namespace, bakong, rate=50)
+    unreachable = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.5)
+    assert checker.limits is not None
+    checker.limits = RateLimit(
+        unreachable, bucket_key="b", pause_prefix="p", rate=checker.limits.rate
+    )
+    assert await checker.deeplink(None, a_qr(), SOURCE) is None
+    assert bakong.state.calls["generate_deeplink_by_qr"] == 0
+    await unreachable.aclose()
     await checker.bakong.close()

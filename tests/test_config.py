@@ -51,6 +51,8 @@ def test_node_env_is_an_alias_and_app_env_wins() -> None:
         ("API_KEY", "short"),
         ("ALLOW_PRIVATE_WEBHOOK_URLS", "maybe"),
         ("LOG_LEVEL", "loud"),
+        ("KHQR_APP_ICON_URL", "icon.png"),
+        ("KHQR_APP_NAME", "x" * 65),
     ],
 )
 def test_bad_value_names_the_variable(name: str, value: str) -> None:
@@ -61,6 +63,11 @@ def test_bad_value_names_the_variable(name: str, value: str) -> None:
     assert "\n" not in message
     if name == "WEBHOOK_SECRET":
         assert value not in message, "a secret is never echoed"
+
+
+def test_the_deep_links_app_is_read() -> None:
+    s = load(KHQR_APP_NAME="Noodle Bar", KHQR_APP_ICON_URL="https://noodle.example/i.png")
+    assert (s.khqr_app_name, s.khqr_app_icon_url) == ("Noodle Bar", "https://noodle.example/i.png")
 
 
 def test_secrets_are_not_in_repr() -> None:

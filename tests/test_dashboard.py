@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import io
+
+from PIL import Image
+
 from khqr_gateway.config import AppEnv
 from tests.conftest import Gateway, GatewayFactory
 
@@ -55,3 +59,14 @@ async def test_the_root_shows_the_walk_through_in_sandbox_mode(
     assert "walk-through" in page
     assert f"{base}/sandbox/control/inbox/demo" in await (await gw.client.get("/")).text()
     assert "<script>" not in page, "the Host header is written as text"
+
+
+async def test_dashboard_shows_the_payment_page_on_a_phone(gateway: Gateway) -> None:
+    """What customers see, as the test suite's browser took it (tests/test_browser.py)."""
+    html = await (await gateway.client.get("/queue")).text()
+    assert '<img src="/queue/phone-checkout.png"' in html
+    resp = await gateway.client.get("/queue/phone-checkout.png")
+    assert resp.status == 200
+    assert resp.content_type == "image/png"
+    image = Image.open(io.BytesIO(await resp.read()))
+    assert image.format == "PNG" and image.height > image.width, "a phone, upright"

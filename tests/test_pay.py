@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import html
+import json
 import re
 import uuid
 from typing import Any
@@ -11,9 +13,12 @@ from urllib.parse import parse_qs, urlsplit
 import aiohttp
 import asyncpg
 import pytest
+import segno
 from aiohttp.test_utils import make_mocked_request
 
+from khqr_gateway.api import khqr as khqr_api
 from khqr_gateway.api.pay import client_of
+from khqr_gateway.bakong.sandbox import Faults
 from khqr_gateway.events import PAGE_STREAMS_PER_JOB
 from tests.conftest import Gateway, Receiver, SimulatedBakong
 from tests.sse import Reader
@@ -172,7 +177,7 @@ async def test_a_paid_page_is_a_receipt_with_no_qr(
     page = await final_page(gateway, made, "success")
     receipt = re.search(r'<ul class="receipt" id="receipt">(.*?)</ul>', page)
     assert receipt, page
-    assert "12500 KHR to Coffee Shop" in receipt.group(1)
+    assert "12,500 KHR to Coffee Shop" in receipt.group(1)
     assert "(Phnom Penh)" in receipt.group(1) and "Reference INV-42" in receipt.group(1)
 
 
@@ -300,3 +305,151 @@ def test_the_client_is_the_transport_peer_and_an_ipv6_host_its_64(
         "GET", "/", headers={"X-Forwarded-For": "192.0.2.1"}, transport=_Peer(peername)
     )
     assert client_of(request) == client
+
+
+# Checkout on a phone ----------------------------------------------------------------------
+
+
+async def page_of(gw: Gateway, made: dict[str, Any], query: str = "", **headers: str) -> str:
+    resp = await gw.client.get(f"{made['path']}?t={made['token']}{query}", headers=headers)
+    assert resp.status == 200
+    return await resp.text()
+
+
+def element(page: str, element_id: str) -> str:
+    """The opening tag of the element with this id (empty when there is none)."""
+    found = re.search(rf'<[a-z]+ [^>]*id="{element_id}"[^>]*>', page)
+    return found.group(0) if found else ""
+
+
+async def test_a_phone_gets_open_in_bakong_and_save_qr_image(
+    gateway: Gateway, receiver: Receiver
+) -> None:
+    made = await checkout(gateway, receiver)
+    assert made["deeplink"], "the simulated Bakong gives a link"
+    page = await page_of(gateway, made)
+    link = element(page, "deeplink")
+    assert f'href="{made["deeplink"]}"' in link
+    assert "Open in Bakong" in page
+    assert element(page, "save"), "the Save QR image button"
+    assert "Save QR image" in page
+    assert "Scan from gallery" in page, "one line on how to pay a saved QR"
+
+
+async def test_with_no_deeplink_the_qr_image_can_still_be_saved(
+    gateway: Gateway, receiver: Receiver, bakong: SimulatedBakong
+) -> None:
+    bakong.state.faults = Faults(deeplink_error=True)
+    made = await checkout(gateway, receiver)
+    assert made["deeplink"] is None
+    page = await page_of(gateway, made)
+    assert element(page, "deeplink") == "" and ">Open in Bakong<" not in page
+    assert element(page, "save") and "Scan from gallery" in page
+    assert re.search(r'<figure class="qr"[^>]*><svg viewBox=', page)
+
+
+async def test_the_page_speaks_khmer_or_english(gateway: Gateway, receiver: Receiver) -> None:
+    made = await checkout(gateway, receiver)
+    km = await page_of(gateway, made, "&lang=km")
+    assert '<html lang="km">' in km
+    assert "កំពុងរង់ចាំការទូទាត់" in km and "រក្សាទុករូបភាព QR" in km
+    assert "Waiting for payment" not in km
+    by_header = await page_of(gateway, made, **{"Accept-Language": "km-KH,km;q=0.9,en;q=0.8"})
+    assert '<html lang="km">' in by_header
+    for query, header in (
+        ("", "en-US,en;q=0.9,km;q=0.5"),
+        ("", "fr-FR, de"),
+        ("", ""),
+        ("&lang=en", "km"),
+        ("&lang=xx", "en"),
+        ("&lang=", "en"),
+    ):
+        page = await page_of(gateway, made, query, **{"Accept-Language": header})
+        assert '<html lang="en">' in page, (query, header)
+        assert "Waiting for payment" in page
+    resp = await gateway.client.get(f"{made['path']}?t={made['token']}")
+    assert "Accept-Language" in resp.headers["Vary"]
+
+
+async def test_the_language_switch_keeps_the_page(gateway: Gateway, receiver: Receiver) -> None:
+    made = await checkout(gateway, receiver)
+    page = await page_of(gateway, made)
+    token = made["token"]
+    assert f'href="?t={token}&amp;lang=km"' in page
+    assert f'href="?t={token}&amp;lang=en"' in page
+    assert 'aria-current="true"' in element(page, "lang-en")
+
+
+async def test_the_words_of_the_script_come_with_the_page(
+    gateway: Gateway, receiver: Receiver
+) -> None:
+    """pay.js says what the server would, in the page's language: the same catalogue."""
+    made = await checkout(gateway, receiver)
+    page = await page_of(gateway, made, "&lang=km")
+    text = re.search(r'data-text="([^"]*)"', page)
+    assert text, "the catalogue is handed to the script"
+    words = json.loads(html.unescape(text.group(1)))
+    assert words["status.success"] == "បានទូទាត់រួចរាល់។ សូមអរគុណ!"
+    assert "{merchant}" in words["next.timeout"]
+
+
+async def test_the_bill_number_and_amounts_are_written_alike(
+    gateway: Gateway, receiver: Receiver
+) -> None:
+    made = await checkout(gateway, receiver, billNumber="INV-42")
+    page = await page_of(gateway, made)
+    assert re.search(r'id="bill"[^>]*>Bill number <strong[^>]*>INV-42</strong>', page), page
+    assert '12,500 <span class="currency">KHR</span>' in page
+    made = await checkout(gateway, receiver, amount=1, currency="USD")
+    page = await page_of(gateway, made)
+    assert '1.00 <span class="currency">USD</span>' in page
+    assert re.search(r'id="bill"[^>]*>Reference <strong[^>]*>[0-9A-F]{8}</strong>', page)
+
+
+async def test_a_final_page_in_khmer_says_what_to_do_in_khmer(
+    gateway: Gateway, receiver: Receiver
+) -> None:
+    made = await checkout(gateway, receiver)
+    resp = await gateway.client.delete(
+        f"/api/v1/transactions/{made['jobId']}", headers=gateway.headers
+    )
+    assert resp.status == 200
+    page = await page_of(gateway, made, "&lang=km")
+    assert "Coffee Shop បានលុបចោលការទូទាត់នេះ" in page
+    assert element(page, "save") == "" and element(page, "deeplink") == ""
+
+
+async def test_the_qr_is_drawn_once_per_transaction(
+    gateway: Gateway, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each view drew it anew (8 ms of CPU): 32 customers on one link slowed every request."""
+    drawn: list[str] = []
+    make_qr = segno.make_qr
+
+    def counting(content: str, **kwargs: Any) -> Any:
+        drawn.append(content)
+        return make_qr(content, **kwargs)
+
+    monkeypatch.setattr(khqr_api.segno, "make_qr", counting)
+    made = await checkout(gateway, receiver)
+    pages = [await page_of(gateway, made) for _ in range(5)]
+    assert drawn == [made["qr"]]
+    assert len(set(pages)) == 1
+
+
+async def test_only_a_sandbox_page_can_simulate_a_payment(
+    gateway: Gateway, sandbox_gateway: Gateway, receiver: Receiver
+) -> None:
+    made = await checkout(gateway, receiver)
+    assert element(await page_of(gateway, made), "simulate-pay") == ""
+    made = await checkout(sandbox_gateway, receiver, billNumber="INV-9")
+    page = await page_of(sandbox_gateway, made)
+    assert element(page, "simulate-pay") and element(page, "simulate-fail")
+    control = element(page, "sandbox")
+    assert f'data-control="/sandbox/control/transactions/{made["md5"]}"' in control
+    pay = re.search(r'data-pay="([^"]*)"', control)
+    assert pay and json.loads(html.unescape(pay.group(1))) == {
+        "amount": "12500",
+        "currency": "KHR",
+        "toAccountId": "shop@aclb",
+    }

@@ -18,6 +18,8 @@ SETTINGS = web.AppKey("dashboard_settings", Settings)
 ASSETS = {
     "dashboard.js": "application/javascript",
     "dashboard.css": "text/css",
+    # The payment page on a phone, as tests/test_browser.py's Chromium took it.
+    "phone-checkout.png": "image/png",
 }
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "

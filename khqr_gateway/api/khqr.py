@@ -1,4 +1,5 @@
-"""POST /api/v1/khqr: a dynamic KHQR for an amount, its image, and tracking with a payment page."""
+"""POST /api/v1/khqr: a dynamic KHQR for an amount, its image, its Bakong deep link, and
+tracking with a payment page."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import io
 import secrets
 import time
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 import asyncpg
@@ -19,6 +21,7 @@ from khqr_gateway.api.errors import ApiError, iso, json_response
 from khqr_gateway.api.openapi import errors
 from khqr_gateway.api.schemas import KhqrCreatedSchema, KhqrCreateSchema
 from khqr_gateway.bakong import khqr
+from khqr_gateway.bakong.client import SourceInfo
 from khqr_gateway.config import Settings
 from khqr_gateway.service import SERVICE_KEY, Service
 from khqr_gateway.store import pages
@@ -26,6 +29,10 @@ from khqr_gateway.store import pages
 PAGE_TOKEN_BYTES = 16  # 128 bits
 DEFAULT_CITY = "Phnom Penh"
 IMAGE_TYPES = {"svg": "image/svg+xml", "png": "image/png"}
+# A deep link's sourceInfo when neither the request nor the settings give one: what the
+# bakong-khqr package sends, which Bakong is known to take.
+DEFAULT_ICON_URL = "https://bakong.nbc.gov.kh/images/logo.svg"
+DEFAULT_CALLBACK_URL = "https://bakong.nbc.gov.kh"
 # One instance: loading keeps no state in a schema, and building one costs more.
 CREATE_SCHEMA = KhqrCreateSchema()
 # build()'s argument names as the request spells them, for errors that point at a field.
@@ -104,6 +111,13 @@ def qr_image(qr: str, kind: str) -> str:
     return f"data:{IMAGE_TYPES[kind]};base64,{base64.b64encode(buffer.getvalue()).decode()}"
 
 
+# Payment pages drawn at once: the QR of each is drawn once (8 ms of CPU, several KB each);
+# without it every view of a page drew it again, and a link open on many screens slowed the
+# whole process.
+QR_CACHE_SIZE = 1024
+
+
+@lru_cache(maxsize=QR_CACHE_SIZE)
 def qr_svg_inline(qr: str) -> str:
     """The QR code of `qr` as an <svg> element that scales to its box (for HTML pages)."""
     svg: str = segno.make_qr(qr, error="m").svg_inline(scale=1, border=4, omitsize=True)
@@ -116,15 +130,44 @@ def base_url(request: web.Request, settings: Settings) -> str:
     return f"{request.scheme}://{request.host}"
 
 
-async def _track(
-    service: Service, data: dict[str, Any], qr: str, expires_s: int
-) -> tuple[asyncpg.Record, str]:
+def _tracking(data: dict[str, Any], qr: str, expires_s: int) -> dict[str, Any]:
+    """The POST /api/v1/transactions body that tracks this QR."""
     request = {"qr": qr, "webhookUrl": data["webhookUrl"], "timeoutSeconds": expires_s}
     request.update({k: data[k] for k in ("token", "email", "metadata") if k in data})
-    row, _ = await transactions.create(service, request)
+    return request
+
+
+def source_info(settings: Settings, data: dict[str, Any], callback: str | None) -> SourceInfo:
+    """The deep link's sourceInfo: the request's, else the settings', else defaults."""
+    given = data.get("deeplink") or {}
+    return SourceInfo(
+        app_name=given.get("appName") or settings.khqr_app_name or _merchant(settings, data)[1],
+        app_icon_url=given.get("appIconUrl") or settings.khqr_app_icon_url or DEFAULT_ICON_URL,
+        callback_url=given.get("callbackUrl") or callback or DEFAULT_CALLBACK_URL,
+    )
+
+
+async def _deeplink(
+    service: Service, data: dict[str, Any], qr: str, credential: int | None, page: str | None
+) -> str | None:
+    source = source_info(service.settings, data, page)
+    return await service.poller.checker.deeplink(credential, qr, source)
+
+
+async def _track(
+    request: web.Request, data: dict[str, Any], qr: str, expires_s: int
+) -> tuple[asyncpg.Record, str, str | None]:
+    """Track the QR and open its payment page; returns the row, the page URL and the deep
+    link, which returns the payer to that page once paid (unless the request says where)."""
+    service = request.app[SERVICE_KEY]
+    tracking = _tracking(data, qr, expires_s)
+    row, _ = await transactions.create(service, tracking)
     token = secrets.token_urlsafe(PAGE_TOKEN_BYTES)
-    await pages.open_page(service.pool, row["id"], token, data.get("returnUrl"))
-    return row, token
+    pay_url = f"{base_url(request, service.settings)}/pay/{row['id']}?t={token}"
+    credential = await transactions.credential_id(service, tracking)
+    deeplink = await _deeplink(service, data, qr, credential, pay_url)
+    await pages.open_page(service.pool, row["id"], token, data.get("returnUrl"), deeplink)
+    return row, pay_url, deeplink
 
 
 @docs(
@@ -134,7 +177,11 @@ async def _track(
     "(default KHQR_ACCOUNT_ID), valid for `expiresInSeconds` (default POLL_TIMEOUT_S). "
     '`image: "svg"|"png"` adds the QR image as a data URL. With `webhookUrl` it also starts '
     "tracking (the amount, currency and account are expected of the payment; 201) and "
-    "returns `jobId` and `payUrl`, the hosted payment page; without it, 200.",
+    "returns `jobId` and `payUrl`, the hosted payment page; without it, 200. `deeplink` is "
+    "Bakong's link that opens its app with the payment filled in (generate_deeplink_by_qr, "
+    "presented as `deeplink: {appName, appIconUrl, callbackUrl}` or KHQR_APP_NAME and "
+    "KHQR_APP_ICON_URL say), for a customer on the phone that shows the QR; null when Bakong "
+    "gives none, and the QR works all the same.",
     responses={
         200: {"description": "Generated; nothing tracked", "schema": KhqrCreatedSchema},
         **errors(400, 401, 413, 415, 422),
@@ -158,10 +205,10 @@ async def post_khqr(request: web.Request) -> web.Response:
     if "image" in data:
         out["image"] = qr_image(qr, data["image"])
     if "webhookUrl" not in data:
+        out["deeplink"] = await _deeplink(service, data, qr, None, None)
         return json_response(out, 200)
-    row, token = await _track(service, data, qr, expires_s)
+    row, out["payUrl"], out["deeplink"] = await _track(request, data, qr, expires_s)
     out.update(transactions.created_json(row))
-    out["payUrl"] = f"{base_url(request, service.settings)}/pay/{row['id']}?t={token}"
     return json_response(out, 201)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import html
 import ipaddress
 from datetime import UTC, datetime, timedelta, timezone
-from decimal import Decimal
+from functools import cache
 from string import Template
 from typing import Any
 from urllib.parse import quote
@@ -19,12 +19,13 @@ import orjson
 from aiohttp import web
 from aiohttp_apigami import docs, match_info_schema
 
-from khqr_gateway.api import assets, live
+from khqr_gateway.api import assets, i18n, live
 from khqr_gateway.api.errors import ApiError
 from khqr_gateway.api.khqr import qr_svg_inline
 from khqr_gateway.api.openapi import errors
 from khqr_gateway.api.schemas import ErrorSchema, JobIdPathSchema
 from khqr_gateway.bakong import khqr
+from khqr_gateway.bakong.sandbox import MOUNT_PATH
 from khqr_gateway.models import Status
 from khqr_gateway.service import SERVICE_KEY
 from khqr_gateway.store import pages
@@ -36,32 +37,22 @@ PAGE_CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors *"
 )
-STATUS_TEXT = {
-    Status.PENDING: "Waiting for payment\u2026",
-    Status.SUCCESS: "Paid. Thank you!",
-    Status.FAILED: "The payment failed",
-    Status.TIMEOUT: "This QR code has expired",
-    Status.MISMATCH: "The payment did not match this request",
-    Status.CANCELLED: "This payment was cancelled",
-}
-# What a customer should do once the page is final; {merchant} and {reference} are filled in.
-NEXT_TEXT = {
-    Status.FAILED: "Bakong reports this payment as failed. To pay, ask {merchant} for a new "
-    "QR code.",
-    Status.TIMEOUT: "This QR code can no longer be paid. To pay, ask {merchant} for a new one.",
-    Status.MISMATCH: "Your payment did not match this request (amount, currency or account). "
-    "Please contact {merchant}, quoting reference {reference}.",
-    Status.CANCELLED: "{merchant} cancelled this payment. Ask them for a new QR code if you "
-    "still want to pay.",
-}
 # Cambodia keeps UTC+7 all year: receipts show the time there.
 PHNOM_PENH = timezone(timedelta(hours=7), "ICT")
 TOKEN_PARAM = {"in": "query", "name": "t", "required": True, "schema": {"type": "string"}}
+LANG_PARAM = {
+    "in": "query",
+    "name": "lang",
+    "required": False,
+    "description": "The page's language; another value is as none (Accept-Language decides)",
+    "schema": {"type": "string", "enum": list(i18n.LANGUAGES)},
+}
 NOT_FOUND_PAGE = (
-    b'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Not found</title>'
-    b'<link rel="stylesheet" href="/static/pay.css"></head><body><main class="checkout">'
-    b"<p>This payment link is not valid.</p></main></body></html>"
-)
+    '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Not found</title>'
+    '<link rel="stylesheet" href="/static/pay.css"></head><body><main class="checkout">'
+    "<p>This payment link is not valid.</p>"
+    '<p lang="km">តំណទូទាត់នេះមិនត្រឹមត្រូវទេ។</p></main></body></html>'
+).encode()
 
 
 def _asset_headers(content_type: str) -> dict[str, str]:
@@ -84,35 +75,55 @@ async def _page_of(request: web.Request) -> tuple[pages.Page | None, str]:
     return await pages.page(request.app[SERVICE_KEY].pool, job_id, token), token
 
 
-def _amount(value: Decimal | None) -> str:
-    return "" if value is None else f"{value:,}"
-
-
-def render(page: pages.Page, token: str) -> bytes:
-    """The page's HTML; every value from a request or Bakong is escaped. A final page has no
-    QR at all: a paid, expired or mismatched QR must not be scannable."""
+def render(
+    page: pages.Page, token: str, lang: str = i18n.ENGLISH, *, sandbox: bool = False
+) -> bytes:
+    """The page's HTML in `lang`; every value from a request or Bakong is escaped. A final
+    page has no QR at all: a paid, expired or mismatched QR must not be scannable."""
     parsed = _parsed(page.qr)
     expires_ms = int(page.deadline_at.timestamp() * 1000)
     if parsed is not None and parsed.expires_at_ms is not None:
         expires_ms = parsed.expires_at_ms
     merchant = parsed.merchant_name if parsed else ""
     reference = reference_of(page, parsed)
+    has_bill = parsed is not None and bool(parsed.bill_number)
     values = {
+        "lang": lang,
+        "title": i18n.say(lang, "title", merchant=merchant),
         "merchant": merchant,
-        "amount": _amount(parsed.amount if parsed else None),
+        "amount": _amount(parsed),
         "currency": parsed.currency if parsed else "",
         "status": page.status.value,
-        "status_text": STATUS_TEXT[page.status],
+        "status_text": i18n.say(lang, f"status.{page.status.value}"),
         "expires_ms": str(expires_ms),
         "events_url": f"/pay/{page.id}/events?t={quote(token, safe='')}",
         "return_url": page.return_url or "",
         "job_id": str(page.id),
         "reference": reference,
+        "reference_label": i18n.say(lang, "bill" if has_bill else "reference"),
+        "expires_in": i18n.say(lang, "expires_in"),
+        "language": i18n.say(lang, "language"),
+        "text": _catalogue(lang),
     }
     escaped = {key: html.escape(value, quote=True) for key, value in values.items()}
-    escaped["qr_figure"] = _qr_figure(page) if page.status is Status.PENDING else ""
-    escaped["next"] = _next(page, merchant or "the merchant", reference)
+    escaped["payable"] = (
+        _payable(page, lang, parsed, sandbox) if page.status is Status.PENDING else ""
+    )
+    escaped["next"] = _next(page, lang, merchant or i18n.say(lang, "the_merchant"), reference)
+    escaped["languages"] = _languages(token, lang)
     return Template(assets.read("pay.html").decode()).substitute(escaped).encode()
+
+
+def _amount(parsed: khqr.Khqr | None) -> str:
+    if parsed is None or parsed.amount is None:
+        return ""
+    return i18n.amount_number(parsed.amount, parsed.currency)
+
+
+@cache
+def _catalogue(lang: str) -> str:
+    """The words pay.js says once the page changes (data-text), in the page's language."""
+    return orjson.dumps(i18n.TEXT[lang]).decode()
 
 
 def _parsed(qr: str | None) -> khqr.Khqr | None:
@@ -133,33 +144,102 @@ def reference_of(page: pages.Page, parsed: khqr.Khqr | None) -> str:
     return str(page.id)[:8].upper()
 
 
-def _qr_figure(page: pages.Page) -> str:
+def _payable(page: pages.Page, lang: str, parsed: khqr.Khqr | None, sandbox: bool) -> str:
+    """What a pending page offers: the QR to scan, "Open in Bakong" (the deep link, on a
+    phone), "Save QR image" (for a bank app's scan from gallery), and the sandbox's buttons."""
+    parts = [_qr_figure(page, lang, parsed), '<div class="actions">']
+    if page.deeplink:
+        parts.append(
+            f'<a class="button primary phone" id="deeplink" href="{_esc(page.deeplink)}" '
+            f'rel="noopener">{_esc(i18n.say(lang, "open_bakong"))}</a>'
+        )
+    # Shown by pay.js, which draws the image: without it the button would do nothing.
+    parts.append(
+        f'<button type="button" class="button" id="save" hidden>'
+        f"{_esc(i18n.say(lang, 'save_qr'))}</button></div>"
+    )
+    how = i18n.say(lang, "how_with_link" if page.deeplink else "how")
+    parts.append(f'<p class="how phone" id="how">{_esc(how)}</p>')
+    parts.append(f'<p class="scan" id="scan">{_esc(i18n.say(lang, "scan"))}</p>')
+    if sandbox and parsed is not None:
+        parts.append(_simulate(page, lang, parsed))
+    return f'<section class="payable" id="payable">{"".join(parts)}</section>'
+
+
+def _qr_figure(page: pages.Page, lang: str, parsed: khqr.Khqr | None) -> str:
     svg = qr_svg_inline(page.qr) if page.qr else ""
-    return f'<figure class="qr" id="qr" aria-label="KHQR code">{svg}</figure>'
+    amount = i18n.amount_text(parsed.amount, parsed.currency) if parsed and parsed.amount else ""
+    label = i18n.say(
+        lang, "qr_label", amount=amount, merchant=parsed.merchant_name if parsed else ""
+    )
+    return f'<figure class="qr" id="qr" role="img" aria-label="{_esc(label)}">{svg}</figure>'
 
 
-def _next(page: pages.Page, merchant: str, reference: str) -> str:
+def _simulate(page: pages.Page, lang: str, parsed: khqr.Khqr) -> str:
+    """Sandbox mode: buttons that pay (what the QR asks) or fail this md5 in the simulated
+    Bakong, as a payer's app would; shown by pay.js."""
+    control = f"{MOUNT_PATH}/control/transactions/{page.md5}"
+    pay = {
+        "amount": str(parsed.amount),
+        "currency": parsed.currency,
+        "toAccountId": parsed.account_id,
+    }
+    return (
+        f'<div class="sandbox" id="sandbox" data-control="{_esc(control)}" '
+        f'data-pay="{_esc(orjson.dumps(pay).decode())}" hidden>'
+        f"<p>{_esc(i18n.say(lang, 'sandbox'))}</p>"
+        f'<button type="button" class="button" id="simulate-pay">'
+        f"{_esc(i18n.say(lang, 'simulate_pay'))}</button>"
+        f'<button type="button" class="button" id="simulate-fail">'
+        f"{_esc(i18n.say(lang, 'simulate_fail'))}</button></div>"
+    )
+
+
+def _languages(token: str, lang: str) -> str:
+    """Links to this page in each language (no script needed), the current one marked."""
+    links = []
+    for code in i18n.LANGUAGES:
+        href = f"?t={quote(token, safe='')}&lang={code}"
+        current = ' aria-current="true"' if code == lang else ""
+        links.append(
+            f'<a id="lang-{code}" href="{_esc(href)}" lang="{code}" hreflang="{code}"{current}>'
+            f"{i18n.NATIVE_NAMES[code]}</a>"
+        )
+    return " \u00b7 ".join(links)
+
+
+def _esc(value: str) -> str:
+    return html.escape(value, quote=True)
+
+
+def _next(page: pages.Page, lang: str, merchant: str, reference: str) -> str:
     """The final page's next step (HTML, escaped): a receipt once paid, else what to do."""
     if page.status is Status.PENDING:
         return ""
     if page.status is Status.SUCCESS:
-        return _receipt(page, merchant, reference)
-    text = NEXT_TEXT[page.status].format(merchant=merchant, reference=reference)
-    return f"<p>{html.escape(text)}</p>"
+        return _receipt(page, lang, merchant, reference)
+    text = i18n.say(lang, f"next.{page.status.value}", merchant=merchant, reference=reference)
+    return f"<p>{_esc(text)}</p>"
 
 
-def _receipt(page: pages.Page, merchant: str, reference: str) -> str:
+def _receipt(page: pages.Page, lang: str, merchant: str, reference: str) -> str:
     paid = page.paid or {}
     amount = paid.get("amount")
-    what = f"{amount} {paid.get('currency', '')}".strip() if amount is not None else "Paid"
-    lines = [f"{what} to {merchant}"]
+    what = (
+        i18n.amount_text(amount, paid.get("currency"))
+        if amount is not None
+        else i18n.say(lang, "status.success")
+    )
+    lines = [i18n.say(lang, "receipt_to", amount=what, merchant=merchant)]
     when = _paid_at(paid) or page.completed_at
     if when is not None:
-        lines.append(when.astimezone(PHNOM_PENH).strftime("%d %b %Y, %H:%M (Phnom Penh)"))
-    lines.append(f"Reference {reference}")
+        local = when.astimezone(PHNOM_PENH)
+        stamp = local.strftime("%d %b %Y, %H:%M" if lang == i18n.ENGLISH else "%d/%m/%Y %H:%M")
+        lines.append(f"{stamp} {i18n.say(lang, 'phnom_penh')}")
+    lines.append(f"{i18n.say(lang, 'reference')} {reference}")
     if isinstance(paid.get("hash"), str):
-        lines.append(f"Bakong hash {paid['hash'][:8]}")
-    items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+        lines.append(i18n.say(lang, "bakong_hash", hash=paid["hash"][:8]))
+    items = "".join(f"<li>{_esc(line)}</li>" for line in lines)
     return f'<ul class="receipt" id="receipt">{items}</ul>'
 
 
@@ -176,10 +256,12 @@ def _paid_at(paid: dict[str, Any]) -> datetime | None:
 @docs(
     tags=["payment page"],
     summary="Hosted payment page (public, guarded by its token)",
-    description="The QR, amount, merchant name, a countdown to expiry and the live status; "
-    "once paid it goes to the `returnUrl` of POST /api/v1/khqr. The URL comes from that "
-    "call's `payUrl`; a wrong or missing token is 404.",
-    parameters=[TOKEN_PARAM],
+    description="The QR, amount, merchant name, bill number, a countdown to expiry and the "
+    'live status; on a phone also "Open in Bakong" (the deep link) and "Save QR image". '
+    "Once final it shows no QR, and a receipt or what to do next; once paid it goes to the "
+    "`returnUrl` of POST /api/v1/khqr. In Khmer or English: `lang`, else Accept-Language. "
+    "The URL comes from that call's `payUrl`; a wrong or missing token is 404.",
+    parameters=[TOKEN_PARAM, LANG_PARAM],
     responses={
         200: {"description": "HTML page", "content": {"text/html": {}}},
         404: {"description": "No page for this jobId and token", "content": {"text/html": {}}},
@@ -193,7 +275,10 @@ async def pay_page(request: web.Request) -> web.Response:
     headers = assets.page_headers("text/html; charset=utf-8", PAGE_CSP)
     if page is None:
         return web.Response(status=404, body=NOT_FOUND_PAGE, headers=headers)
-    return web.Response(body=render(page, token), headers=headers)
+    lang = i18n.language(request.query.get("lang"), request.headers.get("Accept-Language"))
+    headers["Vary"] = "Accept-Language"
+    sandbox = request.app[SERVICE_KEY].settings.sandbox
+    return web.Response(body=render(page, token, lang, sandbox=sandbox), headers=headers)
 
 
 def _page_event(job_id: UUID, status: Status, reason: str | None) -> bytes:

@@ -22,6 +22,7 @@ from marshmallow import (
     validates_schema,
 )
 
+from khqr_gateway.config import APP_NAME_MAX
 from khqr_gateway.models import DeliveryStatus, Status
 from khqr_gateway.webhooks.ssrf import client_url
 
@@ -396,6 +397,9 @@ class TransactionSchema(TransactionCreatedSchema):
         allow_none=True,
         metadata={"description": "For a late payment: `timeout` or `cancelled`, before it"},
     )
+    deeplink = fields.String(
+        allow_none=True, metadata={"description": "POST /api/v1/khqr's deep link, if any"}
+    )
     lateWatchUntil = fields.DateTime(
         allow_none=True,
         metadata={
@@ -505,6 +509,41 @@ class BakongTransactionSchema(Schema):
 
 # KHQR generation ------------------------------------------------------------------------
 
+# Where the Bakong app returns after a payment: an https URL or an app's own scheme
+# (`myshop://orders/7`); never one a browser would run or read as a document.
+CALLBACK_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:[!-~]+$")
+REFUSED_SCHEMES = frozenset({"javascript", "data", "vbscript", "file", "blob"})
+
+
+def check_callback(value: str) -> str:
+    if value.split(":", 1)[0].lower() in REFUSED_SCHEMES:
+        raise ValidationError("must be an https URL or an app link, not a script or a document")
+    return value
+
+
+class DeeplinkSourceSchema(Schema):
+    """What the Bakong app shows of the app that sent the payer (generate_deeplink_by_qr)."""
+
+    class Meta:
+        unknown = RAISE
+
+    appName = fields.String(
+        validate=validate.Length(min=1, max=APP_NAME_MAX),
+        metadata={"description": "Default KHQR_APP_NAME, else merchantName"},
+    )
+    appIconUrl = url_field("Default KHQR_APP_ICON_URL, else Bakong's logo")
+    callbackUrl = fields.String(
+        validate=[
+            validate.Length(min=3, max=URL_MAX),
+            Pattern(CALLBACK_RE, error="must be an https URL or an app link (myapp://...)"),
+            check_callback,
+        ],
+        metadata={
+            "description": "Where the Bakong app returns once paid: an https URL or an app "
+            "link; default the payment page (with webhookUrl), else Bakong's site"
+        },
+    )
+
 
 class KhqrCreateSchema(Schema):
     """POST /api/v1/khqr."""
@@ -548,6 +587,13 @@ class KhqrCreateSchema(Schema):
     )
     webhookUrl = url_field("Given: tracking starts at once")
     returnUrl = url_field("The payment page goes here once paid")
+    deeplink = fields.Nested(
+        DeeplinkSourceSchema,
+        metadata={
+            "description": "How the Bakong app presents the deep link of the answer (each "
+            "field has a default)"
+        },
+    )
     token = token_field("Bakong token for the tracking (else the default)")
     email = email_field("Registered Bakong email for the tracking")
     metadata = fields.Dict(
@@ -582,6 +628,15 @@ class KhqrCreatedSchema(Schema):
     createdAt = fields.DateTime()
     deadlineAt = fields.DateTime()
     payUrl = fields.String(metadata={"description": "With webhookUrl: the hosted payment page"})
+    deeplink = fields.String(
+        required=True,
+        allow_none=True,
+        metadata={
+            "description": "Bakong's link that opens its app with this payment filled in, for a "
+            "customer on the phone that shows the QR; null when Bakong gave none (the QR "
+            "still works). Opaque: use it as given"
+        },
+    )
 
 
 class HealthSchema(Schema):

@@ -175,6 +175,7 @@ def transaction_json(row: asyncpg.Record) -> dict[str, Any]:
         "late": row["late"],
         "previousStatus": row["previous_status"],
         "lateWatchUntil": iso(row["late_watch_until"]),
+        "deeplink": row["deeplink"],
         "delivery": _delivery_json(row),
     }
 
@@ -225,7 +226,8 @@ def _from_qr(data: dict[str, Any]) -> datetime | None:
     return datetime.fromtimestamp(parsed.expires_at_ms / 1000, UTC)
 
 
-async def _credential_id(service: Service, data: dict[str, Any]) -> int | None:
+async def credential_id(service: Service, data: dict[str, Any]) -> int | None:
+    """The Bakong credential a request names (None: the default); stored once, then cached."""
     token, email = data.get("token"), data.get("email")
     if token:
         if token_expired(token):
@@ -253,7 +255,7 @@ async def create(
     if refused:
         raise _invalid("webhookUrl", refused)
     qr_expires_at = _from_qr(data) if "qr" in data else None
-    credential_id = await _credential_id(service, data)
+    credential = await credential_id(service, data)
     timeout_s = data.get("timeoutSeconds", service.settings.poll_timeout_s)
     deadline_at = datetime.now(UTC) + timedelta(seconds=timeout_s)
     if qr_expires_at is not None:
@@ -264,7 +266,7 @@ async def create(
         id=uuid.uuid4(),
         md5=data["md5"],
         webhook_url=data["webhookUrl"],
-        credential_id=credential_id,
+        credential_id=credential,
         expected=_expected(expected),
         metadata=data.get("metadata"),
         qr=data.get("qr"),

@@ -1,10 +1,11 @@
-"""Asking Bakong about due md5s without hurting it or lying about it.
+"""Asking Bakong about due md5s (and for deep links) without hurting it or lying about it.
 
 Batched per credential (50 md5s a list call; per-md5 for final checks, unclear list items
 and where the list endpoint is refused), a bounded number of calls in flight, the rate limit
 that every process shares (taken once per wave of calls), 429 pauses per credential and a
 circuit breaker per credential. Every item gets a CheckResult: an answer, or an ERROR that
-says why there is none (never evidence that a payment did not happen).
+says why there is none (never evidence that a payment did not happen). Deep links go the
+same way, one call each: the same breaker, limit and pauses, and no link when they say no.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import TypeVar
 from uuid import UUID
 
 from khqr_gateway.bakong.breaker import RATE_LIMITED, UNHEALTHY, Breaker, CircuitState
-from khqr_gateway.bakong.client import MAX_BATCH, BakongClient, BakongError
+from khqr_gateway.bakong.client import MAX_BATCH, BakongClient, BakongError, SourceInfo
 from khqr_gateway.credentials import Credentials, NoToken
 from khqr_gateway.metrics import (
     BAKONG_CIRCUIT,
@@ -149,6 +150,35 @@ class Checker:
         follow_ups = await self._send(calls, results, late=late)
         await self._send(follow_ups, results, late=late)  # per-md5 calls: no follow-ups
         return results
+
+    async def deeplink(self, credential: int | None, qr: str, source: SourceInfo) -> str | None:
+        """Bakong's deep link for `qr`, or None: a QR works without one, so an open breaker,
+        a full rate limit or a failed call means no link, never a wait or an error."""
+        if credential is None:
+            credential = self.credentials.default_id
+        if self.breaker(credential).allowed_calls(time.monotonic()) == 0:
+            return None
+        try:
+            call = Call(credential, await self.credentials.token(credential), [], single=True)
+            if not await self._retry_allowed(credential):
+                return None
+            link = await self._with_renewal(
+                call, lambda token: self.bakong.deeplink(token, qr, source)
+            )
+        except NoToken:
+            return None
+        except BakongError as exc:
+            await self._health(credential, exc.kind, exc.retry_after)
+            log.warning(
+                "bakong gave no deep link: %s", exc.kind, extra={"credentialId": credential}
+            )
+            return None
+        except Exception as exc:
+            # Redis or Postgres away (the shared limit, the token), a bug: still the QR.
+            log.error("no deep link: %s", type(exc).__name__, extra={"credentialId": credential})
+            return None
+        await self._health(credential, None, None)
+        return link
 
     async def _plan(
         self,

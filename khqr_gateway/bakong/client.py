@@ -1,12 +1,14 @@
-"""Async Bakong Open API client: batched md5 checks, per-md5 checks, token renewal."""
+"""Async Bakong Open API client: batched md5 checks, per-md5 checks, deep links, token renewal."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -25,8 +27,13 @@ GEO_BLOCK_AFTER_S = 60.0
 NOT_FOUND_CODE = 1
 STATIC_QR_CODE = 2
 FAILED_CODE = 3
+LINK_PROVIDER_CODE = 4
 UNAUTHORIZED_CODE = 6
 NOT_REGISTERED_CODE = 10
+# A deep link ends up in a page's href: a plain URL (https, or an app's own scheme), never
+# javascript: or data:, whatever Bakong (or whatever answers in its place) sends.
+LINK_MAX = 2048
+_LINK = re.compile(r"^(?!(?:javascript|data|vbscript|file|blob):)[a-z][a-z0-9+.-]*://[!-~]+$", re.I)
 
 
 class BakongError(Exception):
@@ -153,6 +160,40 @@ def _list_item_result(item: dict[str, Any]) -> CheckResult | None:
     if status == "NOT_FOUND":
         return CheckResult(CheckKind.NOT_FOUND)
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class SourceInfo:
+    """What the Bakong app shows of the app that sent the payer, and where it returns them."""
+
+    app_name: str
+    app_icon_url: str
+    callback_url: str
+
+    def to_json(self) -> dict[str, str]:
+        return {
+            "appName": self.app_name,
+            "appIconUrl": self.app_icon_url,
+            "appDeepLinkCallback": self.callback_url,
+        }
+
+
+def link_from_envelope(body: Any) -> str:
+    """The short link of a generate_deeplink_by_qr reply; BakongError when there is none."""
+    if not isinstance(body, dict):
+        raise BakongError("malformed_reply", "Bakong deeplink reply is not an object")
+    if body.get("responseCode") != 0:
+        error_code = body.get("errorCode")
+        if error_code == UNAUTHORIZED_CODE:
+            raise BakongError("unauthorized", "Bakong deeplink: token expired or invalid")
+        if error_code == LINK_PROVIDER_CODE:
+            raise BakongError("link_provider_failed", "Bakong deeplink: the link provider failed")
+        raise BakongError("bakong_error", f"Bakong deeplink errorCode {error_code}")
+    data = body.get("data")
+    link = data.get("shortLink") if isinstance(data, dict) else None
+    if not isinstance(link, str) or len(link) > LINK_MAX or not _LINK.fullmatch(link):
+        raise BakongError("malformed_reply", "Bakong deeplink reply has no usable shortLink")
+    return link
 
 
 class RecentCalls:
@@ -321,6 +362,11 @@ class BakongClient:
         except BakongError as exc:
             return CheckResult(CheckKind.ERROR, error=exc.kind, retry_after=exc.retry_after)
         return result_from_envelope(body)
+
+    async def deeplink(self, token: str | None, qr: str, source: SourceInfo) -> str:
+        """A link that opens the Bakong app with `qr` filled in; BakongError when none."""
+        body = {"qr": qr, "sourceInfo": source.to_json()}
+        return link_from_envelope(await self._post("generate_deeplink_by_qr", body, token))
 
     async def renew_token(self, email: str) -> str:
         """Ask Bakong for a fresh token for a registered email."""

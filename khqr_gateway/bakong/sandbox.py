@@ -5,8 +5,11 @@ in development when no Bakong is configured.
 
 Bakong endpoints (`POST /v1/<name>`, bearer token required except for renew_token):
 `check_transaction_by_md5`, `check_transaction_by_md5_list` (a bare array of at most 50
-md5s, or `{"md5List": [...]}`) and `renew_token` (`{"email"}`). A token is refused with
-401 / errorCode 6 once its JWT `exp` has passed or after it was revoked.
+md5s, or `{"md5List": [...]}`), `generate_deeplink_by_qr` (`{qr, sourceInfo}`: a link to
+this sandbox's own `GET /link/{id}`, which pays the QR's amount to its account when opened,
+as paying in the Bakong app would, then goes back to `appDeepLinkCallback`) and
+`renew_token` (`{"email"}`). A token is refused with 401 / errorCode 6 once its JWT `exp`
+has passed or after it was revoked.
 
 Control routes (under `/control`, JSON in and out; errors as the gateway's
 `{"error": {"code", "message", "details"}}`; all state is in memory, lost on restart):
@@ -23,7 +26,9 @@ Control routes (under `/control`, JSON in and out; errors as the gateway's
   `retryAfter` (Retry-After header sent with those statuses, e.g. "2"),
   `delayS` (seconds to wait before answering: slow replies, client timeouts),
   `malformed` (`true` or `"html"`: a 200 that is not JSON; `"shape"`: JSON that is not
-  a Bakong envelope), `endpoints` (names the faults apply to; default all three),
+  a Bakong envelope), `endpoints` (names the faults apply to; default every endpoint),
+  `deeplinkError` (`true`: generate_deeplink_by_qr answers errorCode 4, the link provider
+  failed), `shortLink` (generate_deeplink_by_qr answers this as its link, whatever it is),
   `count` (how many calls the faults last; default until replaced), `geoBlock` (`true`:
   a bare nginx 403 page to every Bakong call, as Bakong answers hosts outside Cambodia).
 - `POST /control/token` `{email?, exp?}`: a token the sandbox accepts (expired if `exp`
@@ -41,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import html
 import secrets
 import time
 from collections import Counter, deque
@@ -53,10 +59,15 @@ import orjson
 from aiohttp import web
 
 from khqr_gateway.api.errors import error_response
+from khqr_gateway.bakong import khqr
 
 TOKEN_LIFETIME_S = 90 * 24 * 3600
 # What the gateway expects of an md5 (`amount`, `currency`, `toAccountId`, any absent).
 Expectations = Callable[[str], Awaitable[Mapping[str, Any]]]
+# Where the gateway mounts the sandbox in sandbox mode (its payment page's simulate buttons).
+MOUNT_PATH = "/sandbox"
+# Deep links kept (the oldest forgotten first): a long sandbox session must not grow forever.
+LINKS_MAX = 10_000
 
 
 def make_token(email: str = "dev@example.com", *, exp: int | None = None) -> str:
@@ -101,6 +112,8 @@ class Faults:
     endpoints: frozenset[str] | None = None  # None = every Bakong endpoint
     remaining: int | None = None
     geo_block: bool = False
+    deeplink_error: bool = False
+    short_link: Any = None  # None: a link to this sandbox
 
     def applies(self, endpoint: str) -> bool:
         return self.endpoints is None or endpoint in self.endpoints
@@ -115,6 +128,14 @@ class Faults:
 
 
 @dataclass
+class Link:
+    """A deep link handed out: the QR it pays and the sourceInfo it was asked with."""
+
+    qr: str
+    source: dict[str, Any]
+
+
+@dataclass
 class SandboxState:
     payments: dict[str, Payment] = field(default_factory=dict)
     calls: Counter[str] = field(default_factory=Counter)
@@ -124,6 +145,7 @@ class SandboxState:
     revoked: set[str] = field(default_factory=set)
     registered_emails: set[str] | None = None  # None = every email is registered
     inboxes: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    links: dict[str, Link] = field(default_factory=dict)
     # (time.monotonic(), endpoint) of recent Bakong calls, for rate assertions in tests.
     call_log: deque[tuple[float, str]] = field(default_factory=lambda: deque(maxlen=100_000))
     # Bakong calls that came through a proxy (BAKONG_PROXY_URL): on a connection whose first
@@ -182,7 +204,8 @@ def _authorized(request: web.Request, state: SandboxState) -> bool:
 
 
 LIST_ENDPOINT = "check_transaction_by_md5_list"
-ENDPOINTS = frozenset({"check_transaction_by_md5", LIST_ENDPOINT, "renew_token"})
+DEEPLINK_ENDPOINT = "generate_deeplink_by_qr"
+ENDPOINTS = frozenset({"check_transaction_by_md5", LIST_ENDPOINT, DEEPLINK_ENDPOINT, "renew_token"})
 
 
 # What Bakong answers a host outside Cambodia, as other clients report it: every call.
@@ -296,6 +319,85 @@ async def renew_token(request: web.Request) -> web.Response:
     if state.registered_emails is not None and email.lower() not in state.registered_emails:
         return _envelope(1, "Not registered yet", 10, None)
     return _envelope(0, "Token has been issued", None, {"token": make_token(email)})
+
+
+async def generate_deeplink(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    state.calls[DEEPLINK_ENDPOINT] += 1
+    if fault := await _fault_response(state, DEEPLINK_ENDPOINT):
+        return fault
+    if not _authorized(request, state):
+        return _unauthorized()
+    body = await _json(request)
+    qr = body.get("qr") if isinstance(body, dict) else None
+    source = body.get("sourceInfo") if isinstance(body, dict) else None
+    if not isinstance(qr, str) or not isinstance(source, dict) or not _payable(qr):
+        return _envelope(1, "Missing required fields", 5, None)
+    if state.faults.deeplink_error:
+        return _envelope(1, "Failed to generate deeplink", 4, None)
+    if state.faults.short_link is not None:
+        return _envelope(0, "Success", None, {"shortLink": state.faults.short_link})
+    key = secrets.token_urlsafe(12)
+    state.links[key] = Link(qr, source)
+    while len(state.links) > LINKS_MAX:
+        del state.links[next(iter(state.links))]
+    # Where this sandbox is mounted (its own port, or /sandbox in the gateway).
+    base = str(request.url.with_query(None)).rsplit("/v1/", 1)[0]
+    return _envelope(0, "Success", None, {"shortLink": f"{base}/link/{key}"})
+
+
+def _payable(qr: str) -> bool:
+    try:
+        return khqr.parse(qr).dynamic
+    except khqr.KhqrError:
+        return False
+
+
+LINK_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">%(refresh)s
+<title>Simulated Bakong</title></head>
+<body>
+<p><strong>Simulated Bakong</strong> (sandbox: no real money)</p>
+<h1 id="paid">%(what)s</h1>
+<p>%(back)s</p></body></html>"""
+
+
+async def open_link(request: web.Request) -> web.Response:
+    """GET /link/{id}: what paying in the Bakong app does: the QR is paid, then back."""
+    state = request.app[STATE_KEY]
+    link = state.links.get(request.match_info["key"])
+    if link is None:
+        return web.Response(status=404, text="no such link", content_type="text/plain")
+    parsed = khqr.parse(link.qr)
+    if parsed.md5 not in state.payments:  # opened twice, paid once
+        state.payments[parsed.md5] = Payment("paid", _qr_payment(parsed))
+    what = f"Paid {parsed.amount} {parsed.currency} to {parsed.merchant_name}"
+    callback = str(link.source.get("appDeepLinkCallback") or "")
+    name = str(link.source.get("appName") or "the app")
+    back, refresh = "", ""
+    if callback.lower().startswith(("https://", "http://")):
+        href = html.escape(callback, quote=True)
+        back = f'<a id="back" href="{href}">Back to {html.escape(name)}</a>'
+        refresh = f'\n<meta http-equiv="refresh" content="2;url={href}">'
+    page = LINK_PAGE % {"what": html.escape(what), "back": back, "refresh": refresh}
+    return web.Response(
+        text=page,
+        content_type="text/html",
+        headers={"Content-Security-Policy": "default-src 'none'"},
+    )
+
+
+def _qr_payment(parsed: khqr.Khqr) -> dict[str, Any]:
+    return _payment_data(
+        parsed.md5,
+        {
+            "amount": str(parsed.amount or 0),
+            "currency": parsed.currency,
+            "toAccountId": parsed.account_id,
+            "fromAccountId": "sandbox@bakong",
+        },
+    )
 
 
 PAYMENT_DEFAULTS = {"amount": 1, "currency": "USD", "toAccountId": "merchant@devb"}
@@ -420,6 +522,8 @@ def parse_faults(body: Any) -> Faults:
         "endpoints",
         "count",
         "geoBlock",
+        "deeplinkError",
+        "shortLink",
     }
     if unknown:
         raise ValueError(f"unknown fields: {', '.join(sorted(unknown))}")
@@ -448,6 +552,9 @@ def parse_faults(body: Any) -> Faults:
     geo_block = body.get("geoBlock", False)
     if not isinstance(geo_block, bool):
         raise ValueError("geoBlock must be true or false")
+    deeplink_error = body.get("deeplinkError", False)
+    if not isinstance(deeplink_error, bool):
+        raise ValueError("deeplinkError must be true or false")
     return Faults(
         status=status("status"),
         list_status=status("listStatus"),
@@ -457,6 +564,8 @@ def parse_faults(body: Any) -> Faults:
         endpoints=frozenset(endpoints) if endpoints is not None else None,
         remaining=count,
         geo_block=geo_block,
+        deeplink_error=deeplink_error,
+        short_link=body.get("shortLink"),
     )
 
 
@@ -578,6 +687,8 @@ def create_sandbox_app(
     app.router.add_post("/v1/check_transaction_by_md5", check_md5)
     app.router.add_post("/v1/check_transaction_by_md5_list", check_md5_list)
     app.router.add_post("/v1/renew_token", renew_token)
+    app.router.add_post(f"/v1/{DEEPLINK_ENDPOINT}", generate_deeplink)
+    app.router.add_get("/link/{key}", open_link)
     app.router.add_post("/control/transactions/{md5}/pay", control_pay)
     app.router.add_post("/control/transactions/{md5}/fail", control_fail)
     app.router.add_get("/control/transactions/{md5}", control_get)

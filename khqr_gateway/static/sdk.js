@@ -28,33 +28,48 @@
     });
     overlay.setAttribute("role", "dialog");
     overlay.setAttribute("aria-modal", "true");
+    // The page is the card: the modal is its size, with the close control on it.
+    var box = css(doc.createElement("div"), {
+      position: "relative", overflow: "hidden", background: "#fff"
+    });
     var frame = css(doc.createElement("iframe"), {
-      width: "min(380px, 100vw)", height: "min(600px, 100vh)", border: "0",
-      borderRadius: "14px", background: "#fff"
+      width: "100%", height: "100%", border: "0", display: "block"
     });
     frame.title = "KHQR payment";
     frame.src = this.url.href;
     var close = css(doc.createElement("button"), {
-      position: "absolute", top: "12px", right: "16px", font: "28px/1 sans-serif",
-      color: "#fff", background: "none", border: "0", cursor: "pointer"
+      position: "absolute", top: "8px", right: "8px", width: "36px", height: "36px",
+      font: "24px sans-serif", color: "#fff", background: "rgba(0,0,0,.25)", border: "0",
+      borderRadius: "50%", cursor: "pointer"
     });
     close.type = "button";
     close.setAttribute("aria-label", "Close");
     close.textContent = "\u00d7";
     close.onclick = this.close.bind(this);
-    overlay.appendChild(frame);
-    overlay.appendChild(close);
+    box.appendChild(frame);
+    box.appendChild(close);
+    overlay.appendChild(box);
     doc.body.appendChild(overlay);
     this.overlay = overlay;
     this.frame = frame;
+    // Full screen on a phone, a card elsewhere; again whenever the window changes.
+    var phone = window.matchMedia("(max-width: 480px)");
+    this._fit = function () {
+      css(box, phone.matches ? { width: "100vw", height: "100vh", borderRadius: "0" }
+        : { width: "min(380px, 100vw)", height: "min(640px, 100vh)", borderRadius: "14px" });
+    };
+    this._fit();
+    window.addEventListener("resize", this._fit);
     window.addEventListener("message", this._onMessage);
     doc.addEventListener("keydown", this._onKey);
+    close.focus();
     return this;
   };
 
   KhqrCheckout.prototype.close = function () {
     if (!this.overlay) return;
     window.removeEventListener("message", this._onMessage);
+    window.removeEventListener("resize", this._fit);
     window.document.removeEventListener("keydown", this._onKey);
     this.overlay.parentNode.removeChild(this.overlay);
     this.overlay = this.frame = null;

@@ -28,6 +28,7 @@ class Page:
     # Once paid: Bakong's data (its time and hash make the receipt); once final, when.
     paid: dict[str, Any] | None = None
     completed_at: datetime | None = None
+    deeplink: str | None = None  # Bakong's "open in the app" link for this QR, if it gave one
 
 
 def token_hash(token: str) -> str:
@@ -40,13 +41,21 @@ async def status_of(pool: asyncpg.Pool, job_id: UUID) -> tuple[Status, str | Non
     return None if row is None else (Status(row["status"]), row["reason"])
 
 
-async def open_page(pool: asyncpg.Pool, job_id: UUID, token: str, return_url: str | None) -> None:
+async def open_page(
+    pool: asyncpg.Pool,
+    job_id: UUID,
+    token: str,
+    return_url: str | None,
+    deeplink: str | None = None,
+) -> None:
     """Guard the page of a transaction with `token` (only its hash is kept)."""
     await pool.execute(
-        "update transactions set page_token_hash = $2, return_url = $3 where id = $1",
+        "update transactions set page_token_hash = $2, return_url = $3, deeplink = $4"
+        " where id = $1",
         job_id,
         token_hash(token),
         return_url,
+        deeplink,
     )
 
 
@@ -55,7 +64,7 @@ async def page(pool: asyncpg.Pool, job_id: UUID, token: str) -> Page | None:
     row = await pool.fetchrow(
         """
         select id, md5, status, qr, expected, deadline_at, return_url, page_token_hash,
-               bakong_data, completed_at
+               bakong_data, completed_at, deeplink
         from transactions where id = $1
         """,
         job_id,
@@ -75,4 +84,5 @@ async def page(pool: asyncpg.Pool, job_id: UUID, token: str) -> Page | None:
         return_url=row["return_url"],
         paid=row["bakong_data"],
         completed_at=row["completed_at"],
+        deeplink=row["deeplink"],
     )

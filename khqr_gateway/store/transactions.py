@@ -27,7 +27,7 @@ from khqr_gateway.store.db import safe_text
 TRANSACTION_COLUMNS = """
     t.id, t.md5, t.status, t.reason, t.webhook_url, t.expected, t.metadata, t.bakong_data,
     t.created_at, t.updated_at, t.deadline_at, t.completed_at, t.late, t.previous_status,
-    t.late_watch_until,
+    t.late_watch_until, t.deeplink,
     d.id as delivery_id, d.status as delivery_status, d.attempt_count as delivery_attempts,
     d.last_status_code as delivery_last_status, d.next_attempt_at as delivery_next_attempt_at,
     d.delivered_at as delivery_delivered_at
