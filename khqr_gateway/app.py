@@ -21,6 +21,7 @@ from khqr_gateway.api import (
     credentials,
     dashboard,
     deliveries,
+    exports,
     khqr,
     live,
     ops,
@@ -252,7 +253,7 @@ def create_app(
 
     app.cleanup_ctx.append(lifecycle)
     ops.add_routes(app)
-    transactions.add_routes(app)
+    transactions.add_routes(app, before_job_id=exports.add_routes)
     credentials.add_routes(app)
     live.add_routes(app)
     compat.add_routes(app)

@@ -8,7 +8,7 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -505,8 +505,14 @@ async def delete_transaction(request: web.Request) -> web.Response:
     return json_response(transaction_json(row))
 
 
-def add_routes(app: web.Application) -> None:
+def add_routes(
+    app: web.Application, before_job_id: Callable[[web.Application], None] | None = None
+) -> None:
+    """The routes; `before_job_id` adds those under /api/v1/transactions/ that the {jobId}
+    route, matched in the order added, would otherwise take for a jobId."""
     app.router.add_post("/api/v1/transactions", post_transaction)
     app.router.add_get("/api/v1/transactions", list_transactions)
+    if before_job_id is not None:
+        before_job_id(app)
     app.router.add_get("/api/v1/transactions/{jobId}", get_transaction)
     app.router.add_delete("/api/v1/transactions/{jobId}", delete_transaction)
