@@ -354,12 +354,22 @@ def _quick_expected(value: Any) -> dict[str, Any] | None:
     return expected
 
 
+SEARCH_MAX = 200
+
+
 class TransactionListQuerySchema(Schema):
     class Meta:
         unknown = RAISE
 
     md5 = md5_field("Only transactions of this md5")
     status = fields.String(validate=validate.OneOf([s.value for s in Status]))
+    q = fields.String(
+        validate=validate.Length(min=1, max=SEARCH_MAX),
+        metadata={
+            "description": "A jobId, an md5 prefix (4 hex digits or more), a bill number, or "
+            "a value anywhere in the metadata (the whole value, any case)"
+        },
+    )
     limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
     cursor = cursor_field()
 
