@@ -18,6 +18,7 @@ from khqr_gateway.credentials import SANDBOX_TOKEN_EMAIL, Credentials
 from khqr_gateway.events import EventHub
 from khqr_gateway.late import LateWatch
 from khqr_gateway.metrics import PENDING, POLL_LAG, QUEUE_DEPTH
+from khqr_gateway.notify import Notifier
 from khqr_gateway.scheduler import Ticks
 from khqr_gateway.store import db
 from khqr_gateway.store import deliveries as delivery_store
@@ -38,6 +39,7 @@ RECONCILE_PAGE = 5000
 # /metrics and /api/v1/stats show figures at most this old (plus one read): a scrape or a
 # stats call costs no query, so however many come they cannot take the database pool.
 FIGURES_INTERVAL_S = 2.0
+TELEGRAM_INTERVAL_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +75,7 @@ class Service:
     ticks: Ticks = field(default_factory=Ticks)
     started_at: float = field(default_factory=time.time)
     figures: Figures | None = None  # None until the figures tick first ran
+    notifier: Notifier | None = None  # None without TELEGRAM_BOT_TOKEN and TELEGRAM_CHAT_ID
 
     @classmethod
     async def create(
@@ -156,6 +159,7 @@ class Service:
             events=events,
             ingest=Ingest(pool, polls, interval_s=settings.poll_interval_s),
         )
+        service.notifier = notifier_for(settings, pool)
         service.poller.on_deliveries = service.deliverer.kick
         service.late.on_deliveries = service.deliverer.kick
         await service._setup_credentials()
@@ -177,6 +181,8 @@ class Service:
         self.ticks.add("reconcile", RECONCILE_INTERVAL_S, self.reconcile)
         self.ticks.add("token", TOKEN_INTERVAL_S, self.credentials.tick)
         self.ticks.add("figures", FIGURES_INTERVAL_S, self.refresh_figures)
+        if self.notifier is not None:
+            self.ticks.add("telegram", TELEGRAM_INTERVAL_S, self.notifier.tick)
         self.ticks.start()
 
     async def stop(self) -> None:
@@ -186,6 +192,8 @@ class Service:
         await self.poller.hand_back()
         await self.deliverer.drain(grace)
         await self.deliverer.close()
+        if self.notifier is not None:
+            await self.notifier.close()
         await self.bakong.close()
         await self.events.stop()
         await self.redis.aclose()
@@ -265,6 +273,20 @@ class Service:
 
 
 SERVICE_KEY = web.AppKey("service", Service)
+
+
+def notifier_for(settings: Settings, pool: asyncpg.Pool) -> Notifier | None:
+    """The Telegram lane of the default app, when it has a bot and a chat."""
+    if not (settings.telegram_bot_token and settings.telegram_chat_id):
+        return None
+    return Notifier(
+        pool=pool,
+        api_url=settings.telegram_api_url,
+        token=settings.telegram_bot_token,
+        chat_id=settings.telegram_chat_id,
+        language=settings.telegram_language,
+        retry_schedule=settings.webhook_retry_schedule,
+    )
 
 
 def poll_tick_s(settings: Settings) -> float:
