@@ -130,6 +130,45 @@ def read_answer(status: int, body: bytes) -> BotAnswer:
     return BotAnswer(status, error, text, float(retry_after) if retry_after is not None else None)
 
 
+class BotApi:
+    """sendMessage of one bot, over a session of its own; the token stays in here."""
+
+    def __init__(self, api_url: str, token: str) -> None:
+        self._url = f"{api_url.rstrip('/')}/bot{token}/sendMessage"
+        self._token = token
+        self._session: aiohttp.ClientSession | None = None
+
+    def scrub(self, text: str) -> str:
+        """`text` without the bot token, which an error naming the URL would carry."""
+        return text.replace(self._token, "<token>")
+
+    async def send(self, chat_id: str, text: str) -> BotAnswer:
+        try:
+            async with self.session.post(self._url, json={"chat_id": chat_id, "text": text}) as r:
+                return read_answer(r.status, await r.content.read(RESPONSE_BODY_LIMIT))
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return BotAnswer(None, self.scrub(f"{type(exc).__name__}: {exc}"), None, None)
+
+    async def sent(self, chat_id: str, text: str) -> bool:
+        """`send`, saying only whether it arrived (what operator alerts need)."""
+        answer = await self.send(chat_id, text)
+        if answer.error is not None:
+            log.warning("telegram message not sent: %s", answer.error)
+        return answer.error is None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=SEND_TIMEOUT_S)
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
 class Notifier:
     """The Telegram lane: its own tick, table, lease and HTTP session, so that a slow or
     refusing Bot API never delays a webhook."""
@@ -138,24 +177,17 @@ class Notifier:
         self,
         *,
         pool: asyncpg.Pool,
-        api_url: str,
-        token: str,
+        bot: BotApi,
         chat_id: str,
         language: str,
         retry_schedule: Sequence[float],
     ) -> None:
         self.pool = pool
-        self._url = f"{api_url.rstrip('/')}/bot{token}/sendMessage"
-        self._token = token
+        self.bot = bot
         self.chat_id = chat_id
         self.language = language
         self.retry_schedule = tuple(retry_schedule)
         self._since: datetime | None = None
-        self._session: aiohttp.ClientSession | None = None
-
-    def scrub(self, text: str) -> str:
-        """`text` without the bot token, which an error naming the URL would carry."""
-        return text.replace(self._token, "<token>")
 
     async def tick(self) -> None:
         """Make the notices of new payments, then send what is due."""
@@ -170,14 +202,9 @@ class Notifier:
             await store.record(self.pool, attempts)
 
     async def _send(self, notice: DueNotice) -> NoticeAttempt:
-        body = {"chat_id": notice.chat_id, "text": message_text(notice, self.language)}
         started = datetime.now(UTC)
         clock = time.monotonic()
-        try:
-            async with self.session.post(self._url, json=body) as resp:
-                answer = read_answer(resp.status, await resp.content.read(RESPONSE_BODY_LIMIT))
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            answer = BotAnswer(None, self.scrub(f"{type(exc).__name__}: {exc}"), None, None)
+        answer = await self.bot.send(notice.chat_id, message_text(notice, self.language))
         duration_ms = int((time.monotonic() - clock) * 1000)
         return self._outcome(notice, answer, started, duration_ms)
 
@@ -213,15 +240,3 @@ class Notifier:
             next_attempt_at=next_at,
             failed=failed,
         )
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=SEND_TIMEOUT_S)
-            )
-        return self._session
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
