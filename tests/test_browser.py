@@ -311,6 +311,11 @@ async def test_dashboard_shows_money_retrying_webhooks_search_and_one_transactio
         assert await tab.evaluate("document.querySelector('#attention td.next').textContent")
         recent = "document.getElementById('recent').textContent"
         await tab.wait_for(f"{recent}.includes('3.75') && {recent}.includes('USD')")
+        # The charts: 24 bars each; this hour's payment bar is drawn, with its tooltip.
+        bars = "document.querySelectorAll('#chart-paid rect')"
+        await tab.wait_for(f"{bars}.length === 24")
+        assert float(await tab.evaluate(f"[...{bars}].at(-1).getAttribute('height')")) > 50
+        assert "1 paid" in await tab.evaluate(f"[...{bars}].at(-1).textContent")
         shot = tmp_path / "dashboard.png"
         shot.write_bytes(base64.b64decode((await tab.send("Page.captureScreenshot"))["data"]))
         # The search box asks the API's q= and shows only what it finds.

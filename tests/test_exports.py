@@ -298,3 +298,33 @@ async def test_daily_report_refuses_bad_days(gateway: Gateway) -> None:
         status, body = await gateway.get(f"/api/v1/reports/daily?{query}")
         assert status == 422, (query, body)
         assert body["error"]["code"] == "validation_error"
+
+
+async def test_hourly_figures_count_payments_and_webhook_outcomes_of_the_last_day(
+    gateway: Gateway, pg: asyncpg.Connection
+) -> None:
+    now = datetime.now(UTC)
+    hour_ago = now - timedelta(hours=1)
+    for at, status in ((now, "success"), (now, "mismatch"), (hour_ago, "success")):
+        await insert(pg, status=status, completed_at=at, data=paid(1))
+    await insert(pg, status="success", completed_at=now - timedelta(hours=30), data=paid(1))
+    await insert(pg, status="timeout", completed_at=now)
+    job = await insert(pg, status="success", completed_at=now, data=paid(2))
+    for n, status in enumerate(("delivered", "delivered", "failed", "pending")):
+        await pg.execute(
+            "insert into deliveries (id, transaction_id, url, payload, status, attempt_count)"
+            " values ($1, $2, 'http://x', '{}', $3, 1)",
+            f"msg_{n}",
+            uuid.UUID(job),
+            status,
+        )
+    status, body = await gateway.get("/api/v1/reports/hourly")
+    assert status == 200, body
+    hours = body["data"]
+    assert len(hours) == 24
+    assert [h["hour"] for h in hours] == sorted(h["hour"] for h in hours)
+    last = hours[-1]
+    assert (last["paid"], last["mismatch"]) == (2, 1)
+    assert hours[-2]["paid"] == 1
+    assert sum(h["paid"] for h in hours) == 3, "30 hours ago is outside the day"
+    assert (last["delivered"], last["failed"], last["retrying"]) == (2, 1, 1)

@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp_apigami import docs, request_schema, response_schema
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
-from khqr_gateway.api.errors import ApiError, json_response
+from khqr_gateway.api.errors import ApiError, iso, json_response
 from khqr_gateway.api.openapi import errors
 from khqr_gateway.api.schemas import Instant
 from khqr_gateway.api.transactions import load
@@ -227,8 +227,50 @@ async def daily_report(request: web.Request) -> web.Response:
     )
 
 
+class HourSchema(Schema):
+    hour = fields.DateTime(required=True)
+    paid = fields.Integer()
+    mismatch = fields.Integer()
+    delivered = fields.Integer(metadata={"description": "Webhooks made this hour, delivered"})
+    failed = fields.Integer()
+    retrying = fields.Integer()
+
+
+class HourlySchema(Schema):
+    data = fields.List(fields.Nested(HourSchema))
+
+
+@docs(
+    tags=["transactions"],
+    summary="The last 24 hours, hour by hour: payments and webhook outcomes",
+    description="What the dashboard's charts draw: per hour (UTC), payments and mismatches "
+    "completed, and the webhooks made that hour by their outcome so far.",
+    responses=errors(401),
+)
+@response_schema(HourlySchema, 200)
+async def hourly_report(request: web.Request) -> web.Response:
+    """GET /api/v1/reports/hourly."""
+    rows = await store.hourly(request.app[SERVICE_KEY].pool)
+    return json_response(
+        {
+            "data": [
+                {
+                    "hour": iso(r["hour"]),
+                    "paid": r["paid"],
+                    "mismatch": r["mismatch"],
+                    "delivered": r["delivered"],
+                    "failed": r["failed"],
+                    "retrying": r["retrying"],
+                }
+                for r in rows
+            ]
+        }
+    )
+
+
 def add_routes(app: web.Application) -> None:
     """Added before /api/v1/transactions/{jobId}, which would take `export` for a jobId."""
     app[EXPORT_SLOTS] = asyncio.Semaphore(EXPORTS_AT_ONCE)
     app.router.add_get("/api/v1/transactions/export", export_transactions)
     app.router.add_get("/api/v1/reports/daily", daily_report)
+    app.router.add_get("/api/v1/reports/hourly", hourly_report)

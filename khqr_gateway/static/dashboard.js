@@ -161,6 +161,46 @@
     return tr;
   }
 
+  const SVG = "http://www.w3.org/2000/svg";
+
+  // Bars drawn as SVG elements with presentation attributes: no markup, no inline style,
+  // so the strict CSP holds. `values` are 0..max; `titles` become each bar's tooltip.
+  function bars(svgId, values, max, titles, className) {
+    const svg = $(svgId);
+    const width = 480 / values.length;
+    const nodes = values.map((value, i) => {
+      const height = max > 0 ? Math.max(value > 0 ? 2 : 0, (value / max) * 100) : 0;
+      const rect = document.createElementNS(SVG, "rect");
+      rect.setAttribute("x", String(i * width + 1));
+      rect.setAttribute("y", String(110 - height));
+      rect.setAttribute("width", String(Math.max(1, width - 2)));
+      rect.setAttribute("height", String(height));
+      rect.setAttribute("class", className);
+      const title = document.createElementNS(SVG, "title");
+      title.textContent = titles[i];
+      rect.append(title);
+      return rect;
+    });
+    const axis = document.createElementNS(SVG, "line");
+    axis.setAttribute("x1", "0"); axis.setAttribute("x2", "480");
+    axis.setAttribute("y1", "110"); axis.setAttribute("y2", "110");
+    axis.setAttribute("class", "axis");
+    svg.replaceChildren(axis, ...nodes);
+  }
+
+  function renderCharts(hours) {
+    const label = (h) => new Date(h.hour).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+    const paid = hours.map((h) => h.paid + h.mismatch);
+    bars("chart-paid", paid, Math.max(1, ...paid),
+      hours.map((h) => label(h) + ": " + h.paid + " paid, " + h.mismatch + " mismatched"), "bar");
+    const rates = hours.map((h) => {
+      const made = h.delivered + h.failed + h.retrying;
+      return made ? (100 * h.delivered) / made : 0;
+    });
+    bars("chart-hooks", rates, 100, hours.map((h, i) => label(h) + ": " + rates[i].toFixed(0) +
+      "% delivered (" + h.delivered + " of " + (h.delivered + h.failed + h.retrying) + ")"), "bar hooks");
+  }
+
   function listQuery() {
     const params = new URLSearchParams({ limit: "50" });
     const q = $("q").value.trim();
@@ -222,13 +262,15 @@
 
   async function refresh() {
     try {
-      const [stats, failed, waiting, pending, recent] = await Promise.all([
+      const [stats, failed, waiting, pending, recent, hourly] = await Promise.all([
         api("/api/v1/stats"),
         api("/api/v1/deliveries?status=failed&limit=50").catch(() => ({ data: [] })),
         api("/api/v1/deliveries?status=pending&limit=100").catch(() => ({ data: [] })),
         api("/api/v1/transactions?status=pending&limit=50"),
         api(listQuery()),
+        api("/api/v1/reports/hourly").catch(() => ({ data: [] })),
       ]);
+      renderCharts(hourly.data || []);
       // A pending delivery with attempts behind it is one being retried: it needs an eye
       // as much as one that gave up.
       const retrying = (waiting.data || []).filter((d) => d.attemptCount > 0);

@@ -166,3 +166,41 @@ async def daily_report(pool: asyncpg.Pool, first: date, last: date) -> list[asyn
     ones included), mismatches, failures and timeouts, from `first` to `last` included."""
     rows: list[asyncpg.Record] = await pool.fetch(DAILY_REPORT_SQL, first, last)
     return rows
+
+
+# The dashboard's charts: two range reads of indexes (transactions_completed,
+# deliveries_created) over the last 24 hours, grouped by hour.
+HOURLY_SQL = """
+    with hours as (
+        select generate_series(date_trunc('hour', now()) - interval '23 hours',
+                               date_trunc('hour', now()), interval '1 hour') as hour
+    ), paid as (
+        select date_trunc('hour', completed_at) as hour,
+               count(*) filter (where status = 'success') as paid,
+               count(*) filter (where status = 'mismatch') as mismatch
+        from transactions
+        where not superseded and completed_at >= date_trunc('hour', now()) - interval '23 hours'
+          and status in ('success', 'mismatch')
+        group by 1
+    ), hooks as (
+        select date_trunc('hour', created_at) as hour,
+               count(*) filter (where status = 'delivered') as delivered,
+               count(*) filter (where status = 'failed') as failed,
+               count(*) filter (where status = 'pending' and attempt_count > 0) as retrying
+        from deliveries
+        where created_at >= date_trunc('hour', now()) - interval '23 hours'
+        group by 1
+    )
+    select hours.hour, coalesce(paid.paid, 0) as paid, coalesce(paid.mismatch, 0) as mismatch,
+           coalesce(hooks.delivered, 0) as delivered, coalesce(hooks.failed, 0) as failed,
+           coalesce(hooks.retrying, 0) as retrying
+    from hours left join paid using (hour) left join hooks using (hour)
+    order by hours.hour
+"""
+
+
+async def hourly(pool: asyncpg.Pool) -> list[asyncpg.Record]:
+    """Per hour of the last 24: payments, mismatches, and webhooks delivered, failed and
+    being retried (by the hour they were made)."""
+    rows: list[asyncpg.Record] = await pool.fetch(HOURLY_SQL)
+    return rows
