@@ -35,6 +35,7 @@ from khqr_gateway.config import Settings
 from khqr_gateway.service import SERVICE_KEY, Service
 from khqr_gateway.store import transactions as tx_store
 from khqr_gateway.store.schedule import keys
+from khqr_gateway.telegram_sandbox import create_bot_sandbox_app, redact_token
 
 log = logging.getLogger("khqr_gateway.http")
 
@@ -81,7 +82,8 @@ async def request_log(request: web.Request, handler: Handler) -> web.StreamRespo
                 "request",
                 extra={
                     "method": request.method,
-                    "path": request.path,
+                    # A Bot API path (the sandbox's, or a mistaken one) holds a bot token.
+                    "path": redact_token(request.path),
                     "status": status,
                     "durationMs": round((time.perf_counter() - start) * 1000, 2),
                     "requestId": request_id,
@@ -232,6 +234,8 @@ def create_app(
     )
     app[SETTINGS_KEY] = settings
     if settings.sandbox:
+        # Before /sandbox, whose prefix would take its paths.
+        app.add_subapp("/sandbox/telegram", create_bot_sandbox_app())
         app.add_subapp("/sandbox", create_sandbox_app(expectations=_expectations(app)))
     url = bakong_url or _bakong_url(settings)
 
