@@ -24,6 +24,7 @@ from khqr_gateway.api import (
     exports,
     khqr,
     live,
+    notices,
     ops,
     pay,
     transactions,
@@ -264,6 +265,7 @@ def create_app(
     khqr.add_routes(app)
     pay.add_routes(app)
     deliveries.add_routes(app)
+    notices.add_routes(app)
     dashboard.add_routes(app, settings)
     setup_openapi(app)
     return app

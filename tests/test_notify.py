@@ -198,6 +198,15 @@ async def test_a_blocked_bot_stops_and_says_why(
     assert row["last_error"] == "Forbidden: bot was blocked by the user"
     await asyncio.sleep(1.5)
     assert len(bot.calls) == 1, "no retry can unblock a bot"
+    # Visible where an operator looks: the API lists the notices that stopped.
+    status, listed = await gw.get("/api/v1/notices?status=failed")
+    assert status == 200, listed
+    [shown] = listed["data"]
+    assert shown["jobId"] == created["jobId"] and shown["status"] == "failed"
+    assert shown["lastError"] == "Forbidden: bot was blocked by the user"
+    assert shown["lastStatusCode"] == 403 and shown["attempts"] == 1
+    status, bad = await gw.get("/api/v1/notices?status=lost")
+    assert status == 422 and bad["error"]["code"] == "validation_error"
 
 
 async def test_a_slow_bot_api_never_delays_the_webhook_and_the_token_stays_secret(

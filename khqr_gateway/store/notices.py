@@ -162,3 +162,18 @@ async def record(pool: asyncpg.Pool, attempts: Sequence[NoticeAttempt]) -> None:
                 for a in attempts
             ],
         )
+
+
+async def newest(pool: asyncpg.Pool, *, status: str | None, limit: int) -> list[asyncpg.Record]:
+    """The newest notices, optionally of one status (what an operator checks)."""
+    rows: list[asyncpg.Record] = await pool.fetch(
+        """
+        select id, transaction_id, late, chat_id, status, attempt_count, next_attempt_at,
+               last_status_code, last_error, created_at, sent_at
+        from telegram_notices where ($1::text is null or status = $1)
+        order by created_at desc, id desc limit $2
+        """,
+        status,
+        limit,
+    )
+    return rows
