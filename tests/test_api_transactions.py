@@ -406,3 +406,22 @@ async def test_q_is_an_index_lookup_at_scale(gateway: Gateway, pg: asyncpg.Conne
     text = str(plan)
     assert "transactions_search" in text, text
     assert "Seq Scan" not in text, text
+
+
+async def test_the_list_filters_by_creation_time(
+    gateway: Gateway, receiver: Receiver, pg: asyncpg.Connection
+) -> None:
+    old = await create(gateway, receiver)
+    new = await create(gateway, receiver)
+    await pg.execute(
+        "update transactions set created_at = now() - interval '2 days' where id = $1",
+        old["jobId"],
+    )
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 86400))
+    status, body = await gateway.get(f"/api/v1/transactions?since={since}")
+    assert status == 200, body
+    assert [t["jobId"] for t in body["data"]] == [new["jobId"]]
+    _, before = await gateway.get(f"/api/v1/transactions?until={since}")
+    assert [t["jobId"] for t in before["data"]] == [old["jobId"]]
+    status, bad = await gateway.get(f"/api/v1/transactions?since={since}&until={since}")
+    assert status == 422 and bad["error"]["details"][0]["field"] == "until"

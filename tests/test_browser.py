@@ -325,8 +325,24 @@ async def test_dashboard_shows_money_retrying_webhooks_search_and_one_transactio
         )
         await tab.wait_for(f"!{recent}.includes({json.dumps(paid['jobId'])})")
         assert other["jobId"] in await tab.evaluate(recent)
+        # Created more than a day ago: gone from "last 24 h", back with "any time".
+        await gw.service.pool.execute(
+            "update transactions set created_at = now() - interval '2 days' where id = $1",
+            other["jobId"],
+        )
         await tab.evaluate(
             "document.getElementById('q').value = '';"
+            "document.getElementById('since').value = '86400000';"
+            "document.getElementById('filters').requestSubmit()"
+        )
+        await tab.wait_for(f"!{recent}.includes({json.dumps(other['jobId'])})")
+        assert paid["jobId"] in await tab.evaluate(recent)
+        await tab.evaluate(
+            "document.getElementById('since').value = '';"
+            "document.getElementById('filters').requestSubmit()"
+        )
+        await tab.wait_for(f"{recent}.includes({json.dumps(other['jobId'])})")
+        await tab.evaluate(
             "document.getElementById('status').value = 'success';"
             "document.getElementById('filters').requestSubmit()"
         )

@@ -370,8 +370,15 @@ class TransactionListQuerySchema(Schema):
             "a value anywhere in the metadata (the whole value, any case)"
         },
     )
+    since = Instant(metadata={"description": "Created at or after this ISO 8601 time"})
+    until = Instant(metadata={"description": "Created before this ISO 8601 time"})
     limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
     cursor = cursor_field()
+
+    @validates_schema
+    def _window(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if "since" in data and "until" in data and data["since"] >= data["until"]:
+            raise ValidationError("must be later than since", field_name="until")
 
 
 class DeliverySummarySchema(Schema):

@@ -458,7 +458,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
 @request_schema(TransactionListQuerySchema, location="querystring")
 @response_schema(TransactionPageSchema, 200)
 async def list_transactions(request: web.Request) -> web.Response:
-    """GET /api/v1/transactions?md5=&status=&q=&limit=&cursor=."""
+    """GET /api/v1/transactions?md5=&status=&q=&since=&until=&limit=&cursor=."""
     query = load(LIST_QUERY_SCHEMA, dict(request.query))
     before = decode_cursor(query["cursor"]) if "cursor" in query else None
     limit = query["limit"]
@@ -469,6 +469,8 @@ async def list_transactions(request: web.Request) -> web.Response:
         limit=limit + 1,
         before=before,
         q=query.get("q"),
+        since=query.get("since"),
+        until=query.get("until"),
     )
     return page_response(rows, limit, transaction_json, row_cursor)
 

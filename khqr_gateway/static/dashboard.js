@@ -206,6 +206,9 @@
     const q = $("q").value.trim();
     if (q) params.set("q", q);
     if ($("status").value) params.set("status", $("status").value);
+    if ($("since").value) {
+      params.set("since", new Date(Date.now() - Number($("since").value)).toISOString());
+    }
     return "/api/v1/transactions?" + params.toString();
   }
 

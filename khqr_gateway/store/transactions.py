@@ -147,10 +147,17 @@ async def list_page(
     limit: int,
     before: tuple[datetime, UUID] | None,
     q: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
 ) -> list[asyncpg.Record]:
     """Newest first; `before` is the (created_at, id) of the last row of the previous page;
-    `q` as search_filter finds it."""
-    filters = [("t.md5 =", md5), ("t.status =", status.value if status else None)]
+    `q` as search_filter finds it; `since` and `until` bound the creation time."""
+    filters: list[tuple[str, Any]] = [
+        ("t.md5 =", md5),
+        ("t.status =", status.value if status else None),
+        ("t.created_at >=", since),
+        ("t.created_at <", until),
+    ]
     if q is not None:
         filters.append(search_filter(q))
     return await keyset.newest_first(
