@@ -21,8 +21,10 @@ from khqr_gateway.api import (
     credentials,
     dashboard,
     deliveries,
+    exports,
     khqr,
     live,
+    notices,
     ops,
     pay,
     transactions,
@@ -34,6 +36,7 @@ from khqr_gateway.config import Settings
 from khqr_gateway.service import SERVICE_KEY, Service
 from khqr_gateway.store import transactions as tx_store
 from khqr_gateway.store.schedule import keys
+from khqr_gateway.telegram_sandbox import create_bot_sandbox_app, redact_token
 
 log = logging.getLogger("khqr_gateway.http")
 
@@ -80,7 +83,8 @@ async def request_log(request: web.Request, handler: Handler) -> web.StreamRespo
                 "request",
                 extra={
                     "method": request.method,
-                    "path": request.path,
+                    # A Bot API path (the sandbox's, or a mistaken one) holds a bot token.
+                    "path": redact_token(request.path),
                     "status": status,
                     "durationMs": round((time.perf_counter() - start) * 1000, 2),
                     "requestId": request_id,
@@ -231,6 +235,8 @@ def create_app(
     )
     app[SETTINGS_KEY] = settings
     if settings.sandbox:
+        # Before the sandbox's own mount, whose prefix would take its paths.
+        app.add_subapp(MOUNT_PATH + "/telegram", create_bot_sandbox_app())
         app.add_subapp(MOUNT_PATH, create_sandbox_app(expectations=_expectations(app)))
     url = bakong_url or _bakong_url(settings)
 
@@ -252,13 +258,14 @@ def create_app(
 
     app.cleanup_ctx.append(lifecycle)
     ops.add_routes(app)
-    transactions.add_routes(app)
+    transactions.add_routes(app, before_job_id=exports.add_routes)
     credentials.add_routes(app)
     live.add_routes(app)
     compat.add_routes(app)
     khqr.add_routes(app)
     pay.add_routes(app)
     deliveries.add_routes(app)
+    notices.add_routes(app)
     dashboard.add_routes(app, settings)
     setup_openapi(app)
     return app

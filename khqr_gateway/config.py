@@ -73,6 +73,11 @@ class Settings:
     late_check_interval_s: float = 30.0
     late_margin_s: int = 60
     late_watch_s: int = 3600
+    telegram_api_url: str = "https://api.telegram.org"
+    telegram_bot_token: str | None = field(default=None, repr=False)
+    telegram_chat_id: str | None = None
+    telegram_alert_chat_id: str | None = None
+    telegram_language: str = "en"
 
     @property
     def sandbox(self) -> bool:
@@ -206,6 +211,12 @@ def _namespace(value: str) -> str:
     return value
 
 
+def _language(value: str) -> str:
+    if value not in ("en", "km"):
+        raise ValueError("must be en or km")
+    return value
+
+
 def _build(r: _Reader) -> Settings:
     env_name = "APP_ENV" if r.raw("APP_ENV") else "NODE_ENV"
     pg = ("postgres", "postgresql")
@@ -244,4 +255,11 @@ def _build(r: _Reader) -> Settings:
         late_check_interval_s=r.number("LATE_CHECK_INTERVAL_S", 30.0, 0.1, 3600),
         late_margin_s=r.integer("LATE_MARGIN_S", 60, 0, 86_400),
         late_watch_s=r.integer("LATE_WATCH_S", 3600, 0, 7 * 86_400),
+        telegram_api_url=r.parse(
+            "TELEGRAM_API_URL", _url(("http", "https")), "https://api.telegram.org"
+        ).rstrip("/"),
+        telegram_bot_token=r.raw("TELEGRAM_BOT_TOKEN"),
+        telegram_chat_id=r.raw("TELEGRAM_CHAT_ID"),
+        telegram_alert_chat_id=r.raw("TELEGRAM_ALERT_CHAT_ID"),
+        telegram_language=r.parse("TELEGRAM_LANGUAGE", _language, "en"),
     )

@@ -11,6 +11,7 @@ import asyncpg
 from aiohttp import web
 from redis.asyncio import Redis
 
+from khqr_gateway.alerts import Alerts
 from khqr_gateway.bakong.client import BakongClient
 from khqr_gateway.bakong.sandbox import make_token
 from khqr_gateway.config import Settings
@@ -18,6 +19,7 @@ from khqr_gateway.credentials import SANDBOX_TOKEN_EMAIL, Credentials
 from khqr_gateway.events import EventHub
 from khqr_gateway.late import LateWatch
 from khqr_gateway.metrics import PENDING, POLL_LAG, QUEUE_DEPTH
+from khqr_gateway.notify import BotApi, Notifier
 from khqr_gateway.scheduler import Ticks
 from khqr_gateway.store import db
 from khqr_gateway.store import deliveries as delivery_store
@@ -38,6 +40,8 @@ RECONCILE_PAGE = 5000
 # /metrics and /api/v1/stats show figures at most this old (plus one read): a scrape or a
 # stats call costs no query, so however many come they cannot take the database pool.
 FIGURES_INTERVAL_S = 2.0
+TELEGRAM_INTERVAL_S = 0.5
+ALERTS_INTERVAL_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +77,9 @@ class Service:
     ticks: Ticks = field(default_factory=Ticks)
     started_at: float = field(default_factory=time.time)
     figures: Figures | None = None  # None until the figures tick first ran
+    bot: BotApi | None = None  # None without TELEGRAM_BOT_TOKEN
+    notifier: Notifier | None = None  # None without TELEGRAM_CHAT_ID too
+    alerts: Alerts | None = None  # None without TELEGRAM_ALERT_CHAT_ID
 
     @classmethod
     async def create(
@@ -156,6 +163,10 @@ class Service:
             events=events,
             ingest=Ingest(pool, polls, interval_s=settings.poll_interval_s),
         )
+        if settings.telegram_bot_token:
+            service.bot = BotApi(settings.telegram_api_url, settings.telegram_bot_token)
+        service.notifier = notifier_for(settings, pool, service.bot)
+        service.alerts = alerts_for(service, service.bot)
         service.poller.on_deliveries = service.deliverer.kick
         service.late.on_deliveries = service.deliverer.kick
         await service._setup_credentials()
@@ -177,6 +188,10 @@ class Service:
         self.ticks.add("reconcile", RECONCILE_INTERVAL_S, self.reconcile)
         self.ticks.add("token", TOKEN_INTERVAL_S, self.credentials.tick)
         self.ticks.add("figures", FIGURES_INTERVAL_S, self.refresh_figures)
+        if self.notifier is not None:
+            self.ticks.add("telegram", TELEGRAM_INTERVAL_S, self.notifier.tick)
+        if self.alerts is not None:
+            self.ticks.add("alerts", ALERTS_INTERVAL_S, self.alerts.tick)
         self.ticks.start()
 
     async def stop(self) -> None:
@@ -186,6 +201,8 @@ class Service:
         await self.poller.hand_back()
         await self.deliverer.drain(grace)
         await self.deliverer.close()
+        if self.bot is not None:
+            await self.bot.close()
         await self.bakong.close()
         await self.events.stop()
         await self.redis.aclose()
@@ -265,6 +282,31 @@ class Service:
 
 
 SERVICE_KEY = web.AppKey("service", Service)
+
+
+def notifier_for(settings: Settings, pool: asyncpg.Pool, bot: BotApi | None) -> Notifier | None:
+    """The Telegram lane of the default app, when it has a bot and a chat."""
+    if bot is None or not settings.telegram_chat_id:
+        return None
+    return Notifier(
+        pool=pool,
+        bot=bot,
+        chat_id=settings.telegram_chat_id,
+        language=settings.telegram_language,
+        retry_schedule=settings.webhook_retry_schedule,
+    )
+
+
+def alerts_for(service: Service, bot: BotApi | None) -> Alerts | None:
+    """Operator alerts, when TELEGRAM_ALERT_CHAT_ID names where to send them."""
+    chat_id = service.settings.telegram_alert_chat_id
+    if bot is None or not chat_id:
+        return None
+    return Alerts(
+        pool=service.pool,
+        recent=service.bakong.recent,
+        send=lambda text: bot.sent(chat_id, text),
+    )
 
 
 def poll_tick_s(settings: Settings) -> float:

@@ -42,7 +42,9 @@ hypothesis_settings.load_profile("khqr")
 
 ADMIN_DSN = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-TABLES = "delivery_attempts, deliveries, transactions, credentials, idempotency_keys"
+TABLES = (
+    "delivery_attempts, deliveries, transactions, credentials, idempotency_keys, operator_alerts"
+)
 
 
 # Every secret a test configures; none may reach a log line or an API response.

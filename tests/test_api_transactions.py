@@ -322,3 +322,106 @@ async def test_lost_redis_schedule_is_rebuilt_from_postgres(
     await gateway.service.reconcile()
     [hook] = await receiver.wait_for(1)
     assert hook.json()["jobId"] == created["jobId"]
+
+
+async def _search(gw: Gateway, q: str, extra: str = "") -> set[str]:
+    from urllib.parse import quote
+
+    status, body = await gw.get(f"/api/v1/transactions?q={quote(q)}{extra}")
+    assert status == 200, (q, body)
+    return {t["jobId"] for t in body["data"]}
+
+
+async def test_q_finds_a_job_id_an_md5_prefix_a_bill_number_and_metadata_values(
+    gateway: Gateway, receiver: Receiver
+) -> None:
+    from khqr_gateway.bakong import khqr
+
+    qr = khqr.build(
+        account_id="shop@devb",
+        merchant_name="Shop",
+        amount="1.50",
+        currency="USD",
+        bill_number="INV-2026-77",
+        expires_at_ms=int(time.time() * 1000) + 600_000,
+    )
+    billed = await create(gateway, receiver, qr=qr, md5=khqr.md5_of(qr))
+    order = await create(
+        gateway, receiver, metadata={"orderId": "ORD-123", "customer": {"phone": "012345678"}}
+    )
+    counted = await create(gateway, receiver, metadata={"table": 12, "note": "ហាងកាហ្វេ"})
+    other = await create(gateway, receiver, metadata={"orderId": "ORD-124"})
+
+    assert await _search(gateway, order["jobId"]) == {order["jobId"]}
+    assert await _search(gateway, order["md5"][:8]) == {order["jobId"]}
+    assert await _search(gateway, order["md5"].upper()) == {order["jobId"]}
+    assert await _search(gateway, "inv-2026-77") == {billed["jobId"]}, "bill number, any case"
+    assert await _search(gateway, "ORD-123") == {order["jobId"]}
+    assert await _search(gateway, "012345678") == {order["jobId"]}, "a nested value"
+    assert await _search(gateway, "12") == {counted["jobId"]}, "a number"
+    assert await _search(gateway, "ហាងកាហ្វេ") == {counted["jobId"]}
+    # Misses: a part of a value, a key, a value nobody has, another status.
+    assert await _search(gateway, "ORD-12") == set()
+    assert await _search(gateway, "orderId") == set()
+    assert await _search(gateway, "nothing-here") == set()
+    assert await _search(gateway, "ORD-124", "&status=success") == set()
+    assert await _search(gateway, "ORD-124", "&status=pending") == {other["jobId"]}
+
+
+async def test_q_pages_with_a_cursor_and_refuses_what_it_cannot_search(
+    gateway: Gateway, receiver: Receiver
+) -> None:
+    made = [await create(gateway, receiver, metadata={"shop": "S-1"}) for _ in range(3)]
+    status, page = await gateway.get("/api/v1/transactions?q=S-1&limit=2")
+    assert status == 200 and len(page["data"]) == 2 and page["hasMore"]
+    _, rest = await gateway.get(f"/api/v1/transactions?q=S-1&limit=2&cursor={page['nextCursor']}")
+    seen = {t["jobId"] for t in page["data"] + rest["data"]}
+    assert seen == {m["jobId"] for m in made}
+    for bad in ("", "x" * 201):
+        status, body = await gateway.get(f"/api/v1/transactions?q={bad}")
+        assert status == 422, body
+        assert body["error"]["details"][0]["field"] == "q"
+
+
+async def test_q_is_an_index_lookup_at_scale(gateway: Gateway, pg: asyncpg.Connection) -> None:
+    """The plan of a metadata search over 50,000 rows reads the GIN index, not the table."""
+    from khqr_gateway.store import transactions as store
+
+    await pg.execute(
+        """
+        insert into transactions (id, md5, webhook_url, deadline_at, metadata)
+        select gen_random_uuid(), md5(n::text), 'http://x/hook', now(),
+               json_build_object('orderId', 'order-' || n)
+        from generate_series(1, 50000) n
+        """
+    )
+    await pg.execute("analyze transactions")
+    condition, value = store.search_filter("order-777")
+    plan = await pg.fetchval(
+        "explain (format json) select t.id from transactions t where "
+        + condition.replace("{}", "$1")
+        + " order by t.created_at desc, t.id desc limit 21",
+        value,
+    )
+    text = str(plan)
+    assert "transactions_search" in text, text
+    assert "Seq Scan" not in text, text
+
+
+async def test_the_list_filters_by_creation_time(
+    gateway: Gateway, receiver: Receiver, pg: asyncpg.Connection
+) -> None:
+    old = await create(gateway, receiver)
+    new = await create(gateway, receiver)
+    await pg.execute(
+        "update transactions set created_at = now() - interval '2 days' where id = $1",
+        old["jobId"],
+    )
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 86400))
+    status, body = await gateway.get(f"/api/v1/transactions?since={since}")
+    assert status == 200, body
+    assert [t["jobId"] for t in body["data"]] == [new["jobId"]]
+    _, before = await gateway.get(f"/api/v1/transactions?until={since}")
+    assert [t["jobId"] for t in before["data"]] == [old["jobId"]]
+    status, bad = await gateway.get(f"/api/v1/transactions?since={since}&until={since}")
+    assert status == 422 and bad["error"]["details"][0]["field"] == "until"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import os
@@ -247,7 +248,7 @@ async def test_dashboard_lists_transactions_and_its_retry_button_sends_again(
         assert pending["jobId"] in await tab.evaluate(pending_table)
         # Metadata is shown as text, never as markup.
         assert await tab.evaluate("document.querySelector('#pending b') === null")
-        button = "document.querySelector('#failed button[data-delivery]')"
+        button = "document.querySelector('#attention button[data-delivery]')"
         await tab.wait_for(f"!!{button}", timeout=10)
         await tab.evaluate(f"{button}.click()")
         await receiver.wait_for(2)
@@ -502,3 +503,97 @@ async def test_the_keyboard_reaches_every_control_and_shows_where_it_is(
             " document.querySelector('nav.lang').getAttribute('aria-label')]"
         )
         assert labels == ["KHQR code of 3.75 USD to Coffee & <Tea>", "Language"]
+
+
+async def test_dashboard_shows_money_retrying_webhooks_search_and_one_transaction(
+    browser: Browser,
+    make_gateway: Any,
+    bakong: SimulatedBakong,
+    receiver: Receiver,
+    tmp_path: Any,
+) -> None:
+    key = "dashboard-key-" + "k" * 20
+    # One attempt, then the next a minute away: the delivery stays retrying while we look.
+    gw = await make_gateway(api_keys=(key,), webhook_retry_schedule=(60.0,))
+    receiver.statuses = [500]
+    _, paid = await gw.post(
+        "/api/v1/transactions",
+        {"md5": "ab" * 16, "webhookUrl": receiver.url, "metadata": {"orderId": "A-77"}},
+    )
+    _, other = await gw.post(
+        "/api/v1/transactions",
+        {"md5": "cd" * 16, "webhookUrl": receiver.url, "metadata": {"orderId": "B-88"}},
+    )
+    bakong.pay(paid["md5"], amount=3.75, currency="USD", toAccountId="shop@aclb")
+    await receiver.wait_for(1)
+    async with browser.tab() as tab:
+        await tab.send(
+            "Emulation.setDeviceMetricsOverride",
+            width=1280,
+            height=1400,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
+        await tab.navigate(str(gw.client.make_url("/queue")))
+        await tab.wait_for("!document.getElementById('login').hidden")
+        await tab.evaluate(
+            f"document.getElementById('key').value = {json.dumps(key)};"
+            "document.getElementById('login').requestSubmit()"
+        )
+        retrying = "document.getElementById('attention').textContent"
+        await tab.wait_for(f"{retrying}.includes({json.dumps(paid['jobId'])})")
+        text = await tab.evaluate(retrying)
+        assert "HTTP 500" in text and "retrying" in text, text
+        assert await tab.evaluate("document.querySelector('#attention td.next').textContent")
+        recent = "document.getElementById('recent').textContent"
+        await tab.wait_for(f"{recent}.includes('3.75') && {recent}.includes('USD')")
+        # The charts: 24 bars each; this hour's payment bar is drawn, with its tooltip.
+        bars = "document.querySelectorAll('#chart-paid rect')"
+        await tab.wait_for(f"{bars}.length === 24")
+        assert float(await tab.evaluate(f"[...{bars}].at(-1).getAttribute('height')")) > 50
+        assert "1 paid" in await tab.evaluate(f"[...{bars}].at(-1).textContent")
+        shot = tmp_path / "dashboard.png"
+        shot.write_bytes(base64.b64decode((await tab.send("Page.captureScreenshot"))["data"]))
+        # The search box asks the API's q= and shows only what it finds.
+        await tab.evaluate(
+            "document.getElementById('q').value = 'B-88';"
+            "document.getElementById('filters').requestSubmit()"
+        )
+        await tab.wait_for(f"!{recent}.includes({json.dumps(paid['jobId'])})")
+        assert other["jobId"] in await tab.evaluate(recent)
+        # Created more than a day ago: gone from "last 24 h", back with "any time".
+        await gw.service.pool.execute(
+            "update transactions set created_at = now() - interval '2 days' where id = $1",
+            other["jobId"],
+        )
+        await tab.evaluate(
+            "document.getElementById('q').value = '';"
+            "document.getElementById('since').value = '86400000';"
+            "document.getElementById('filters').requestSubmit()"
+        )
+        await tab.wait_for(f"!{recent}.includes({json.dumps(other['jobId'])})")
+        assert paid["jobId"] in await tab.evaluate(recent)
+        await tab.evaluate(
+            "document.getElementById('since').value = '';"
+            "document.getElementById('filters').requestSubmit()"
+        )
+        await tab.wait_for(f"{recent}.includes({json.dumps(other['jobId'])})")
+        await tab.evaluate(
+            "document.getElementById('status').value = 'success';"
+            "document.getElementById('filters').requestSubmit()"
+        )
+        await tab.wait_for(f"!{recent}.includes({json.dumps(other['jobId'])})")
+        # One transaction: its Bakong data, metadata and every attempt.
+        link = f"document.querySelector('#recent a[data-job={json.dumps(paid['jobId'])}]')"
+        await tab.wait_for(f"!!{link}")
+        await tab.evaluate(f"{link}.click()")
+        detail = "document.getElementById('detail')"
+        await tab.wait_for(f"!{detail}.hidden && {detail}.textContent.includes('HTTP 500')")
+        shown = await tab.evaluate(f"{detail}.textContent")
+        assert "A-77" in shown and "shop@aclb" in shown
+        (tmp_path / "detail.png").write_bytes(
+            base64.b64decode((await tab.send("Page.captureScreenshot"))["data"])
+        )
+        problems = [p for p in tab.problems() if "401" not in p and "favicon" not in p]
+        assert problems == []
+    assert shot.stat().st_size > 10_000

@@ -95,3 +95,22 @@ def test_cli_stops_with_one_line_on_bad_config(monkeypatch, capsys) -> None:  # 
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0
     assert "PORT" in err
+
+
+def test_telegram_settings_and_their_bad_values() -> None:
+    s = load(
+        TELEGRAM_BOT_TOKEN="123:abc",
+        TELEGRAM_CHAT_ID="-100",
+        TELEGRAM_API_URL="http://127.0.0.1:9/",
+        TELEGRAM_LANGUAGE="km",
+    )
+    assert (s.telegram_api_url, s.telegram_chat_id, s.telegram_language) == (
+        "http://127.0.0.1:9",
+        "-100",
+        "km",
+    )
+    assert "123:abc" not in repr(s)
+    assert load().telegram_api_url == "https://api.telegram.org"
+    for name, value in (("TELEGRAM_LANGUAGE", "fr"), ("TELEGRAM_API_URL", "ftp://x")):
+        with pytest.raises(ConfigError, match=name):
+            load(**{name: value})

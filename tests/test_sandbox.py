@@ -157,3 +157,31 @@ async def test_the_sandboxs_own_requests_are_logged_at_debug(
     lines = {r.path: r.levelno for r in caplog.records if r.getMessage() == "request"}  # type: ignore[attr-defined]
     assert lines["/sandbox/control/stats"] == logging.DEBUG
     assert lines["/api/v1/transactions"] == logging.INFO
+
+
+async def test_the_sandbox_has_a_bot_api_whose_inbox_shows_what_was_sent(
+    sandboxed: Gateway, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.conftest import secret
+
+    caplog.set_level(logging.DEBUG, logger="khqr_gateway.http")
+    # The test server's aiohttp access log prints raw paths; `serve` runs without it
+    # (server.py, access_log=None), and the gateway's own request log is what is checked.
+    monkeypatch.setattr(logging.getLogger("aiohttp.access"), "disabled", True)
+    token = secret("7000001:sandbox-bot-token-" + "x" * 12)
+    send = f"/sandbox/telegram/bot{token}/sendMessage"
+    resp = await sandboxed.client.post(send, json={"chat_id": "-100", "text": "✅ 1.00 USD"})
+    assert resp.status == 200
+    sent = await resp.json()
+    assert sent["ok"] and sent["result"]["text"] == "✅ 1.00 USD"
+    inbox = await (await sandboxed.client.get("/sandbox/telegram/inbox/-100")).json()
+    assert [m["text"] for m in inbox] == ["✅ 1.00 USD"]
+    assert token not in str(inbox)
+    bad = await sandboxed.client.post(send, json={"chat_id": "-100", "text": ""})
+    assert bad.status == 400 and (await bad.json())["ok"] is False
+    await sandboxed.client.post("/sandbox/telegram/control/block/-100")
+    blocked = await sandboxed.client.post(send, json={"chat_id": "-100", "text": "again"})
+    assert blocked.status == 403
+    assert "blocked" in (await blocked.json())["description"]
+    paths = [r.path for r in caplog.records if r.getMessage() == "request"]  # type: ignore[attr-defined]
+    assert "/sandbox/telegram/bot<token>/sendMessage" in paths, paths

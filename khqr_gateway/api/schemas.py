@@ -355,14 +355,31 @@ def _quick_expected(value: Any) -> dict[str, Any] | None:
     return expected
 
 
+SEARCH_MAX = 200
+
+
 class TransactionListQuerySchema(Schema):
     class Meta:
         unknown = RAISE
 
     md5 = md5_field("Only transactions of this md5")
     status = fields.String(validate=validate.OneOf([s.value for s in Status]))
+    q = fields.String(
+        validate=validate.Length(min=1, max=SEARCH_MAX),
+        metadata={
+            "description": "A jobId, an md5 prefix (4 hex digits or more), a bill number, or "
+            "a value anywhere in the metadata (the whole value, any case)"
+        },
+    )
+    since = Instant(metadata={"description": "Created at or after this ISO 8601 time"})
+    until = Instant(metadata={"description": "Created before this ISO 8601 time"})
     limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
     cursor = cursor_field()
+
+    @validates_schema
+    def _window(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if "since" in data and "until" in data and data["since"] >= data["until"]:
+            raise ValidationError("must be later than since", field_name="until")
 
 
 class DeliverySummarySchema(Schema):

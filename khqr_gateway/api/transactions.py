@@ -8,7 +8,7 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -460,7 +460,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
 @request_schema(TransactionListQuerySchema, location="querystring")
 @response_schema(TransactionPageSchema, 200)
 async def list_transactions(request: web.Request) -> web.Response:
-    """GET /api/v1/transactions?md5=&status=&limit=&cursor=."""
+    """GET /api/v1/transactions?md5=&status=&q=&since=&until=&limit=&cursor=."""
     query = load(LIST_QUERY_SCHEMA, dict(request.query))
     before = decode_cursor(query["cursor"]) if "cursor" in query else None
     limit = query["limit"]
@@ -470,6 +470,9 @@ async def list_transactions(request: web.Request) -> web.Response:
         status=Status(query["status"]) if "status" in query else None,
         limit=limit + 1,
         before=before,
+        q=query.get("q"),
+        since=query.get("since"),
+        until=query.get("until"),
     )
     return page_response(rows, limit, transaction_json, row_cursor)
 
@@ -507,8 +510,14 @@ async def delete_transaction(request: web.Request) -> web.Response:
     return json_response(transaction_json(row))
 
 
-def add_routes(app: web.Application) -> None:
+def add_routes(
+    app: web.Application, before_job_id: Callable[[web.Application], None] | None = None
+) -> None:
+    """The routes; `before_job_id` adds those under /api/v1/transactions/ that the {jobId}
+    route, matched in the order added, would otherwise take for a jobId."""
     app.router.add_post("/api/v1/transactions", post_transaction)
     app.router.add_get("/api/v1/transactions", list_transactions)
+    if before_job_id is not None:
+        before_job_id(app)
     app.router.add_get("/api/v1/transactions/{jobId}", get_transaction)
     app.router.add_delete("/api/v1/transactions/{jobId}", delete_transaction)

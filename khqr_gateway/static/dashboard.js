@@ -63,7 +63,7 @@
     return div;
   }
 
-  function renderCards(stats) {
+  function renderCards(stats, retrying) {
     const t = stats.transactions || {};
     const d = stats.deliveries || {};
     const q = stats.queues || {};
@@ -74,6 +74,7 @@
       card("mismatch", t.mismatch || 0),
       card("paid late", (stats.latePayments || {}).success || 0),
       card("webhooks delivered", d.delivered || 0),
+      card("webhooks retrying", retrying),
       card("webhooks failed", d.failed || 0),
       card("poll queue", q.poll || 0),
       card("delivery queue", (q.deliver || 0) + (q.deliver_retry || 0)),
@@ -103,17 +104,48 @@
     return td;
   }
 
+  function answerOf(d) {
+    const code = d.lastStatusCode != null ? "HTTP " + d.lastStatusCode : "";
+    const error = d.lastError || "";
+    return [code, error].filter(Boolean).join(" · ");
+  }
+
   function deliveryRow(d) {
     const tr = document.createElement("tr");
-    const answer = d.lastStatusCode != null ? "HTTP " + d.lastStatusCode : (d.lastError || "");
-    tr.append(cell(d.id, "mono"), cell(d.jobId, "mono"), cell(d.attemptCount),
-      cell(answer), cell(time(d.updatedAt || d.createdAt)), retryButton(d));
+    const state = d.status === "pending" ? "retrying" : d.status;
+    tr.append(cell(d.id, "mono"), jobCell(d.jobId), cell(state, "status-" + d.status),
+      cell(d.attemptCount), cell(answerOf(d)),
+      cell(d.status === "pending" ? time(d.nextAttemptAt) : "", "next"), retryButton(d));
     return tr;
+  }
+
+  // What was paid once Bakong says, else what the request expects.
+  function money(t) {
+    const data = t.data || {};
+    const expected = t.expected || {};
+    return {
+      amount: data.amount != null ? data.amount : expected.amount,
+      currency: data.currency || expected.currency,
+      to: data.toAccountId || expected.toAccountId,
+    };
+  }
+
+  function jobCell(jobId) {
+    const a = document.createElement("a");
+    a.href = "#" + jobId;
+    a.dataset.job = jobId;
+    a.textContent = jobId;
+    a.addEventListener("click", (event) => { event.preventDefault(); showDetail(jobId); });
+    const td = document.createElement("td");
+    td.className = "mono";
+    td.append(a);
+    return td;
   }
 
   function pendingRow(t) {
     const tr = document.createElement("tr");
-    tr.append(cell(t.jobId, "mono"), cell(t.md5, "mono"), cell(time(t.createdAt)),
+    const m = money(t);
+    tr.append(jobCell(t.jobId), cell(m.amount, "num"), cell(m.currency), cell(time(t.createdAt)),
       cell(time(t.deadlineAt)), cell(t.metadata == null ? "" : JSON.stringify(t.metadata), "mono"));
     return tr;
   }
@@ -122,23 +154,133 @@
     const tr = document.createElement("tr");
     const hook = t.delivery ? t.delivery.status + " (" + t.delivery.attempts + ")" : "";
     const status = t.late ? t.status + " (late, was " + t.previousStatus + ")" : t.status;
-    tr.append(cell(t.jobId, "mono"), cell(t.md5, "mono"), cell(status, "status-" + t.status),
-      cell(t.reason), cell(hook, t.delivery ? "status-" + t.delivery.status : ""), cell(time(t.updatedAt)));
+    const m = money(t);
+    tr.append(jobCell(t.jobId), cell(status, "status-" + t.status), cell(m.amount, "num"),
+      cell(m.currency), cell(m.to, "mono"), cell(t.reason),
+      cell(hook, t.delivery ? "status-" + t.delivery.status : ""), cell(time(t.updatedAt)));
     return tr;
+  }
+
+  const SVG = "http://www.w3.org/2000/svg";
+
+  // Bars drawn as SVG elements with presentation attributes: no markup, no inline style,
+  // so the strict CSP holds. `values` are 0..max; `titles` become each bar's tooltip.
+  function bars(svgId, values, max, titles, className) {
+    const svg = $(svgId);
+    const width = 480 / values.length;
+    const nodes = values.map((value, i) => {
+      const height = max > 0 ? Math.max(value > 0 ? 2 : 0, (value / max) * 100) : 0;
+      const rect = document.createElementNS(SVG, "rect");
+      rect.setAttribute("x", String(i * width + 1));
+      rect.setAttribute("y", String(110 - height));
+      rect.setAttribute("width", String(Math.max(1, width - 2)));
+      rect.setAttribute("height", String(height));
+      rect.setAttribute("class", className);
+      const title = document.createElementNS(SVG, "title");
+      title.textContent = titles[i];
+      rect.append(title);
+      return rect;
+    });
+    const axis = document.createElementNS(SVG, "line");
+    axis.setAttribute("x1", "0"); axis.setAttribute("x2", "480");
+    axis.setAttribute("y1", "110"); axis.setAttribute("y2", "110");
+    axis.setAttribute("class", "axis");
+    svg.replaceChildren(axis, ...nodes);
+  }
+
+  function renderCharts(hours) {
+    const label = (h) => new Date(h.hour).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+    const paid = hours.map((h) => h.paid + h.mismatch);
+    bars("chart-paid", paid, Math.max(1, ...paid),
+      hours.map((h) => label(h) + ": " + h.paid + " paid, " + h.mismatch + " mismatched"), "bar");
+    const rates = hours.map((h) => {
+      const made = h.delivered + h.failed + h.retrying;
+      return made ? (100 * h.delivered) / made : 0;
+    });
+    bars("chart-hooks", rates, 100, hours.map((h, i) => label(h) + ": " + rates[i].toFixed(0) +
+      "% delivered (" + h.delivered + " of " + (h.delivered + h.failed + h.retrying) + ")"), "bar hooks");
+  }
+
+  function listQuery() {
+    const params = new URLSearchParams({ limit: "50" });
+    const q = $("q").value.trim();
+    if (q) params.set("q", q);
+    if ($("status").value) params.set("status", $("status").value);
+    if ($("since").value) {
+      params.set("since", new Date(Date.now() - Number($("since").value)).toISOString());
+    }
+    return "/api/v1/transactions?" + params.toString();
+  }
+
+  function field(list, name, value) {
+    const dt = document.createElement("dt");
+    dt.textContent = name;
+    const dd = document.createElement("dd");
+    dd.textContent = value == null ? "" : String(value);
+    list.append(dt, dd);
+  }
+
+  function attemptRow(deliveryId, a) {
+    const tr = document.createElement("tr");
+    const code = a.statusCode != null ? "HTTP " + a.statusCode : "";
+    const answer = [code, a.errorKind, a.errorMessage].filter(Boolean).join(" · ");
+    tr.append(cell(deliveryId, "mono"), cell(a.attempt), cell(time(a.startedAt)), cell(answer),
+      cell(a.durationMs));
+    return tr;
+  }
+
+  async function showDetail(jobId) {
+    try {
+      const path = encodeURIComponent(jobId);
+      const [t, deliveries] = await Promise.all([
+        api("/api/v1/transactions/" + path),
+        api("/api/v1/deliveries?jobId=" + path + "&limit=20"),
+      ]);
+      const full = await Promise.all(
+        deliveries.data.map((d) => api("/api/v1/deliveries/" + encodeURIComponent(d.id))));
+      $("detail-job").textContent = t.jobId;
+      const list = $("detail-fields");
+      list.replaceChildren();
+      const m = money(t);
+      field(list, "Status", t.late ? t.status + " (late, was " + t.previousStatus + ")" : t.status);
+      field(list, "Reason", t.reason);
+      field(list, "Amount", [m.amount, m.currency].filter((v) => v != null).join(" "));
+      field(list, "md5", t.md5);
+      field(list, "Webhook URL", t.webhookUrl);
+      field(list, "Created", time(t.createdAt));
+      field(list, "Completed", time(t.completedAt));
+      $("detail-data").textContent = t.data == null ? "none yet" : JSON.stringify(t.data, null, 2);
+      $("detail-metadata").textContent = t.metadata == null ? "none" : JSON.stringify(t.metadata, null, 2);
+      const rows = [];
+      for (const d of full) for (const a of d.attempts || []) rows.push(attemptRow(d.id, a));
+      const body = $("detail-attempts").querySelector("tbody");
+      body.replaceChildren(...rows);
+      if (!rows.length) fill("detail-attempts", [], null, 5);
+      $("detail").hidden = false;
+      $("detail").scrollIntoView();
+    } catch (err) {
+      showError(err);
+    }
   }
 
   async function refresh() {
     try {
-      const [stats, failed, pending, recent] = await Promise.all([
+      const [stats, failed, waiting, pending, recent, hourly] = await Promise.all([
         api("/api/v1/stats"),
         api("/api/v1/deliveries?status=failed&limit=50").catch(() => ({ data: [] })),
+        api("/api/v1/deliveries?status=pending&limit=100").catch(() => ({ data: [] })),
         api("/api/v1/transactions?status=pending&limit=50"),
-        api("/api/v1/transactions?limit=50"),
+        api(listQuery()),
+        api("/api/v1/reports/hourly").catch(() => ({ data: [] })),
       ]);
-      renderCards(stats);
-      fill("failed", failed.data || [], deliveryRow, 6);
-      fill("pending", pending.data, pendingRow, 5);
-      fill("recent", recent.data, recentRow, 6);
+      renderCharts(hourly.data || []);
+      // A pending delivery with attempts behind it is one being retried: it needs an eye
+      // as much as one that gave up.
+      const retrying = (waiting.data || []).filter((d) => d.attemptCount > 0);
+      renderCards(stats, retrying.length + (waiting.hasMore ? "+" : ""));
+      fill("attention", retrying.concat(failed.data || []), deliveryRow, 7);
+      fill("pending", pending.data, pendingRow, 6);
+      fill("recent", recent.data, recentRow, 8);
       $("updated").textContent = "updated " + new Date().toLocaleTimeString();
       $("error").hidden = true;
       $("main").hidden = false;
@@ -168,6 +310,8 @@
     $("key").value = "";
     start();
   });
+  $("filters").addEventListener("submit", (event) => { event.preventDefault(); refresh(); });
+  $("detail-close").addEventListener("click", () => { $("detail").hidden = true; });
   $("logout").addEventListener("click", () => { sessionStorage.removeItem(KEY); showLogin(); });
 
   function start() {

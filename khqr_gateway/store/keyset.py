@@ -19,13 +19,15 @@ async def newest_first(
     limit: int,
 ) -> list[asyncpg.Record]:
     """Rows of `select` (aliased `alias`) matching every `(column op, value)` with a value,
-    strictly older than `before` (the last row of the previous page), newest first."""
+    strictly older than `before` (the last row of the previous page), newest first. A
+    condition that names its value more than once says where with `{}`."""
     where: list[str] = []
     args: list[Any] = []
     for condition, value in filters:
         if value is not None:
             args.append(value)
-            where.append(f"{condition} ${len(args)}")
+            at = f"${len(args)}"
+            where.append(condition.replace("{}", at) if "{}" in condition else f"{condition} {at}")
     if before:
         args += [before[0], before[1]]
         where.append(f"({alias}.created_at, {alias}.id) < (${len(args) - 1}, ${len(args)})")

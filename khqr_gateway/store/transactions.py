@@ -146,16 +146,55 @@ async def list_page(
     status: Status | None,
     limit: int,
     before: tuple[datetime, UUID] | None,
+    q: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
 ) -> list[asyncpg.Record]:
-    """Newest first; `before` is the (created_at, id) of the last row of the previous page."""
+    """Newest first; `before` is the (created_at, id) of the last row of the previous page;
+    `q` as search_filter finds it; `since` and `until` bound the creation time."""
+    filters: list[tuple[str, Any]] = [
+        ("t.md5 =", md5),
+        ("t.status =", status.value if status else None),
+        ("t.created_at >=", since),
+        ("t.created_at <", until),
+    ]
+    if q is not None:
+        filters.append(search_filter(q))
     return await keyset.newest_first(
-        pool,
-        f"select {TRANSACTION_COLUMNS} from {_FROM}",
-        "t",
-        [("t.md5 =", md5), ("t.status =", status.value if status else None)],
-        before=before,
-        limit=limit,
+        pool, f"select {TRANSACTION_COLUMNS} from {_FROM}", "t", filters, before=before, limit=limit
     )
+
+
+MD5_PREFIX_MIN = 4
+_HEX = frozenset("0123456789abcdef")
+
+
+def search_filter(q: str) -> tuple[str, str]:
+    """The condition (its value written `{}`) and value of a search: the jobId `q`, the md5s
+    that start with it, or a bill number or metadata value equal to it in any case. Only the
+    branches `q` can match are asked, so that a value is never cast in vain."""
+    term = q.strip().lower()
+    branches = ["s.search_terms @> array[{}::text]"]
+    if MD5_PREFIX_MIN <= len(term) <= 32 and set(term) <= _HEX:
+        # A range of the text_pattern_ops index: hex digits all sort before 'g'.
+        branches.append("(s.md5 ~>=~ {}::text and s.md5 ~<~ ({}::text || 'g'))")
+    if _is_uuid(term):
+        branches.append("s.id = {}::text::uuid")
+    # The matches are found first, by their indexes (GIN transactions_search,
+    # transactions_md5_prefix, the key), and only they are sorted: asked as one condition
+    # of a newest-first page, the planner would walk every row by created_at instead,
+    # betting that matches are common.
+    return (
+        "t.id = any(array(select s.id from transactions s where " + " or ".join(branches) + "))",
+        term,
+    )
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        return str(UUID(text)) == text
+    except ValueError:
+        return False
 
 
 async def cancel(pool: asyncpg.Pool, job_id: UUID, *, window: LateWindow) -> asyncpg.Record | None:

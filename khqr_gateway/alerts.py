@@ -1,0 +1,145 @@
+"""Operator alerts to Telegram: a credential expiring, Bakong failing, deliveries failing."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from khqr_gateway.bakong.client import RecentCalls
+
+log = logging.getLogger(__name__)
+
+CREDENTIAL_WARN_S = 3 * 86_400
+BAKONG_FAILING_S = 300.0
+DELIVERIES_FAILING_S = 900
+
+TITLES = {
+    "credential": "the default Bakong credential",
+    "bakong": "Bakong",
+    "deliveries": "webhook deliveries",
+}
+
+
+@dataclass
+class Held:
+    """How long a condition seen by this process has held; None while it does not."""
+
+    after_s: float
+    since: float | None = None
+
+    def observe(self, bad: bool | None, now: float) -> bool | None:
+        """True once `bad` has held `after_s`, False when it is not, None when unknown
+        (no evidence either way leaves an episode as it is)."""
+        if bad is None:
+            return None
+        if not bad:
+            self.since = None
+            return False
+        if self.since is None:
+            self.since = now
+        return True if now - self.since >= self.after_s else None
+
+
+async def credential_problem(pool: asyncpg.Pool) -> str | None:
+    """Why the default credential needs a person: expired, or expiring within 3 days."""
+    row = await pool.fetchrow(
+        "select id, status, expires_at, expires_at < now() as past,"
+        " expires_at < now() + $1 * interval '1 second' as soon"
+        " from credentials where is_default",
+        CREDENTIAL_WARN_S,
+    )
+    if row is None:
+        return None
+    if row["status"] == "expired" or row["past"]:
+        return f"credential {row['id']} has expired: set BAKONG_TOKEN or BAKONG_EMAIL"
+    if row["soon"]:
+        return f"credential {row['id']} expires at {_iso(row['expires_at'])}"
+    return None
+
+
+async def deliveries_problem(pool: asyncpg.Pool) -> str | None:
+    """Webhooks being retried for 15 minutes or more, read from Postgres, so every
+    process and restart agrees on when the episode began."""
+    count = await pool.fetchval(
+        "select count(*) from deliveries where status = 'pending' and attempt_count > 0"
+        " and created_at < now() - $1 * interval '1 second'",
+        DELIVERIES_FAILING_S,
+    )
+    if not count:
+        return None
+    return f"{count} webhook deliveries have been failing for 15 minutes or more"
+
+
+def bakong_failing(recent: RecentCalls) -> bool | None:
+    """Every Bakong call of the last minutes failed; None when none was made."""
+    summary = recent.summary()
+    if not summary["calls"]:
+        return None
+    return bool(summary["errors"] == summary["calls"])
+
+
+async def flip(pool: asyncpg.Pool, kind: str, firing: bool, detail: str | None) -> bool:
+    """Record that `kind` starts (or stops) firing; True only for the process that changed it."""
+    if firing:
+        changed = await pool.fetchval(
+            """
+            insert into operator_alerts (kind, firing, detail) values ($1, true, $2)
+            on conflict (kind) do update set firing = true, detail = $2, changed_at = now()
+            where not operator_alerts.firing returning kind
+            """,
+            kind,
+            detail,
+        )
+    else:
+        changed = await pool.fetchval(
+            "update operator_alerts set firing = false, changed_at = now()"
+            " where kind = $1 and firing returning kind",
+            kind,
+        )
+    return changed is not None
+
+
+Send = Callable[[str], Awaitable[bool]]
+
+
+class Alerts:
+    """The alert tick: each episode is sent once when it starts and once when it ends."""
+
+    def __init__(self, *, pool: asyncpg.Pool, recent: RecentCalls, send: Send) -> None:
+        self.pool = pool
+        self.recent = recent
+        self.send = send
+        self._bakong = Held(BAKONG_FAILING_S)
+
+    async def tick(self, now: float | None = None) -> None:
+        at = time.monotonic() if now is None else now
+        credential = await credential_problem(self.pool)
+        await self._settle("credential", credential is not None, credential)
+        failing = self._bakong.observe(bakong_failing(self.recent), at)
+        if failing is not None:
+            await self._settle("bakong", failing, "every call has failed for 5 minutes")
+        deliveries = await deliveries_problem(self.pool)
+        await self._settle("deliveries", deliveries is not None, deliveries)
+
+    async def _settle(self, kind: str, firing: bool, detail: str | None) -> None:
+        if not await flip(self.pool, kind, firing, detail):
+            return
+        text = (
+            f"🔴 khqr-gateway: {TITLES[kind]}: {detail}"
+            if firing
+            else f"✅ khqr-gateway: {TITLES[kind]} is fine again"
+        )
+        if not await self.send(text):
+            # Not announced: undone, so that the next tick tries again.
+            await flip(self.pool, kind, not firing, detail)
+            return
+        log.info("operator alert sent", extra={"alert": kind, "firing": firing})
+
+
+def _iso(value: datetime | None) -> str:
+    return value.isoformat(timespec="seconds") if value else "?"
