@@ -80,3 +80,43 @@ async def test_an_md5_tracked_twice_before_keeps_one_transaction_for_it(
             " values (gen_random_uuid(), $1, 'timeout', 'http://x/', now())",
             paid,
         )
+
+
+async def test_the_counts_start_from_the_rows_already_there(
+    blank: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """Migration 005 counts what an older database holds; from then on triggers keep up."""
+    for migration in sorted(db.migrations_dir().glob("00[1-4]_*.sql")):
+        shutil.copy(migration, tmp_path)
+    await db.migrate(blank, tmp_path)
+    for status, late, n in [("success", False, 3), ("timeout", False, 2), ("success", True, 1)]:
+        await blank.execute(
+            "insert into transactions (id, md5, status, late, webhook_url, deadline_at)"
+            " select gen_random_uuid(), md5(random()::text), $1, $2, 'http://x/', now()"
+            " from generate_series(1, $3)",
+            status,
+            late,
+            n,
+        )
+    await blank.execute(
+        "insert into deliveries (id, transaction_id, url, payload, status)"
+        " select 'msg_' || id, id, 'http://x/', '', 'delivered' from transactions"
+    )
+
+    await db.migrate(blank)
+    await blank.execute(
+        "update deliveries set status = 'pending' where transaction_id in"
+        " (select id from transactions where status = 'timeout')"
+    )
+
+    got = await blank.fetch(
+        "select kind, status, sum(n) as n from (select * from status_counts"
+        " union all select * from status_count_changes) c group by 1, 2 having sum(n) <> 0"
+    )
+    assert {(r["kind"], r["status"]): r["n"] for r in got} == {
+        ("transactions", "success"): 4,
+        ("transactions", "timeout"): 2,
+        ("late", "success"): 1,
+        ("deliveries", "delivered"): 4,
+        ("deliveries", "pending"): 2,
+    }

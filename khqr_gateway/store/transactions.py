@@ -379,19 +379,9 @@ async def pending_ids(
     return rows
 
 
-async def counts_by_status(pool: asyncpg.Pool) -> dict[str, int]:
-    rows = await pool.fetch("select status, count(*) as n from transactions group by status")
-    return {r["status"]: r["n"] for r in rows}
-
-
-async def late_payments(pool: asyncpg.Pool) -> dict[str, int]:
-    """Late payments by their status (`success`, `mismatch`), from their partial index."""
-    rows = await pool.fetch("select status, count(*) as n from transactions where late group by 1")
-    return {r["status"]: r["n"] for r in rows}
-
-
 async def oldest_pending_seconds(pool: asyncpg.Pool) -> float | None:
-    """How long the oldest pending transaction has waited; None when none is pending."""
+    """How long the oldest pending transaction has waited; None when none is pending. One
+    index entry (transactions_status_created), however many rows are final."""
     age = await pool.fetchval(
         "select extract(epoch from now() - min(created_at)) from transactions"
         " where status = 'pending'"
