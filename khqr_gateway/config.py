@@ -69,6 +69,8 @@ class Settings:
     late_check_interval_s: float = 30.0
     late_margin_s: int = 60
     late_watch_s: int = 3600
+    retention_days: int = 180  # 0 keeps every transaction
+    attempt_body_days: int = 30  # 0 keeps every attempt's response body
 
     @property
     def sandbox(self) -> bool:
@@ -232,4 +234,6 @@ def _build(r: _Reader) -> Settings:
         late_check_interval_s=r.number("LATE_CHECK_INTERVAL_S", 30.0, 0.1, 3600),
         late_margin_s=r.integer("LATE_MARGIN_S", 60, 0, 86_400),
         late_watch_s=r.integer("LATE_WATCH_S", 3600, 0, 7 * 86_400),
+        retention_days=r.integer("RETENTION_DAYS", 180, 0, 36_500),
+        attempt_body_days=r.integer("ATTEMPT_BODY_DAYS", 30, 0, 36_500),
     )

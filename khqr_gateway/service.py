@@ -25,6 +25,7 @@ from khqr_gateway.store import transactions as tx_store
 from khqr_gateway.store.ingest import Ingest
 from khqr_gateway.store.locks import Locks
 from khqr_gateway.store.ratelimit import RateLimit
+from khqr_gateway.store.retention import Retention
 from khqr_gateway.store.schedule import Schedule, keys
 from khqr_gateway.tracking import Poller
 from khqr_gateway.webhooks.sender import KEEPALIVE_S, MAX_IN_FLIGHT, Deliverer
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 RECONCILE_INTERVAL_S = 10.0
 TOKEN_INTERVAL_S = 60.0
 RECONCILE_PAGE = 5000
+# A run of the retention tick works for at most RUN_BUDGET_S; with work left, the next comes
+# soon after.
+RETENTION_INTERVAL_S = 10.0
 # /metrics and /api/v1/stats show figures at most this old (plus one read): a scrape or a
 # stats call costs no query, so however many come they cannot take the database pool.
 FIGURES_INTERVAL_S = 2.0
@@ -70,6 +74,7 @@ class Service:
     deliverer: Deliverer
     events: EventHub
     ingest: Ingest
+    retention: Retention
     ticks: Ticks = field(default_factory=Ticks)
     started_at: float = field(default_factory=time.time)
     figures: Figures | None = None  # None until the figures tick first ran
@@ -155,6 +160,9 @@ class Service:
             ),
             events=events,
             ingest=Ingest(pool, polls, interval_s=settings.poll_interval_s),
+            retention=Retention(
+                pool, days=settings.retention_days, body_days=settings.attempt_body_days
+            ),
         )
         service.poller.on_deliveries = service.deliverer.kick
         service.late.on_deliveries = service.deliverer.kick
@@ -177,6 +185,7 @@ class Service:
         self.ticks.add("reconcile", RECONCILE_INTERVAL_S, self.reconcile)
         self.ticks.add("token", TOKEN_INTERVAL_S, self.credentials.tick)
         self.ticks.add("figures", FIGURES_INTERVAL_S, self.refresh_figures)
+        self.ticks.add("retention", RETENTION_INTERVAL_S, self.retention.tick)
         self.ticks.start()
 
     async def stop(self) -> None:

@@ -20,6 +20,7 @@ def test_defaults_need_nothing_configured() -> None:
     assert s.webhook_timeout_s == 15.0
     assert s.webhook_retry_schedule == (5, 30, 120, 600, 3600)
     assert s.sandbox, "development with no Bakong configured runs the simulated Bakong"
+    assert (s.retention_days, s.attempt_body_days) == (180, 30)
 
 
 def test_any_bakong_setting_turns_sandbox_off() -> None:
@@ -51,6 +52,9 @@ def test_node_env_is_an_alias_and_app_env_wins() -> None:
         ("API_KEY", "short"),
         ("ALLOW_PRIVATE_WEBHOOK_URLS", "maybe"),
         ("LOG_LEVEL", "loud"),
+        ("RETENTION_DAYS", "-1"),
+        ("RETENTION_DAYS", "half a year"),
+        ("ATTEMPT_BODY_DAYS", "1.5"),
     ],
 )
 def test_bad_value_names_the_variable(name: str, value: str) -> None:

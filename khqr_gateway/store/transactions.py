@@ -85,7 +85,7 @@ async def insert_or_get(pool: asyncpg.Pool, new: NewTransaction) -> tuple[asyncp
             + ("t.id = $1" if inserted else "t.md5 = $1 and not t.superseded"),
             inserted or new.md5,
         )
-    if row is None:  # rows are never deleted while their md5 can be posted
+    if row is None:  # only if retention pruned the md5's row between the two statements
         raise RuntimeError("could not insert or find the transaction of an md5")
     return row, inserted is not None
 
