@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import asyncpg
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from khqr_gateway.api.errors import iso
 from tests.conftest import Gateway, GatewayFactory, Receiver, SimulatedBakong, random_md5
 
 
@@ -322,3 +326,19 @@ async def test_lost_redis_schedule_is_rebuilt_from_postgres(
     await gateway.service.reconcile()
     [hook] = await receiver.wait_for(1)
     assert hook.json()["jobId"] == created["jobId"]
+
+
+@given(
+    st.datetimes(
+        min_value=datetime(1, 1, 2),
+        max_value=datetime(9999, 12, 30),
+        timezones=st.sampled_from(
+            [UTC, timezone(timedelta(hours=7)), timezone(-timedelta(hours=5))]
+        ),
+    )
+)
+def test_times_are_written_as_javascript_writes_them(value: datetime) -> None:
+    """`iso` (fast, through orjson) writes what toISOString would: UTC, milliseconds, Z."""
+    utc = value.astimezone(UTC)
+    expected = utc.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    assert iso(value) == expected

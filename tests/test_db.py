@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import shutil
 from collections.abc import AsyncIterator
@@ -120,3 +121,28 @@ async def test_the_counts_start_from_the_rows_already_there(
         ("deliveries", "delivered"): 4,
         ("deliveries", "pending"): 2,
     }
+
+
+async def test_the_pool_serves_callers_in_the_order_they_asked(database_url: str) -> None:
+    """A caller gets a connection once those that asked before it had theirs: with 10 callers
+    querying over 2 connections, nobody sees more than the 9 others served first. (asyncpg's
+    own pool let callers jump the line: the list route's p99 at 50 connections was 70x its
+    p50.)"""
+    pool = await db.create_pool(database_url, min_size=2, max_size=2)
+    granted = 0
+    worst = 0
+
+    async def caller() -> None:
+        nonlocal granted, worst
+        for _ in range(20):
+            asked = granted
+            async with pool.acquire() as conn:
+                worst = max(worst, granted - asked)
+                granted += 1
+                await conn.fetchval("select 1")
+
+    try:
+        await asyncio.gather(*(caller() for _ in range(10)))
+    finally:
+        await pool.close()
+    assert worst <= 9, f"a caller waited while {worst} others were served"
