@@ -42,6 +42,7 @@ from redis.asyncio import Redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import growth
 import load
 from procs import CpuMeter, Procs, memory_kib
 
@@ -84,6 +85,10 @@ class Scale:
     # The simulated Bakong has no limit; the default 20/s would cap capacity at
     # 20 x 50 x interval = 3,000 pending md5s (see README).
     bakong_max_rps: float = 1000.0
+    # Growth and retention (bench/growth.py): off unless asked, since seeding 2,000,000 rows
+    # takes minutes: `--history 2000000 --old-rows 1000000 --max-s 1800`.
+    history: int = 0
+    old_rows: int = 0
     max_s: float = 295.0
 
 
@@ -103,7 +108,9 @@ QUICK = Scale(
     recovery_paid_during=10,
     recovery_wait_s=5.0,
     scale_deliveries=200,
-    max_s=120.0,
+    history=50_000,
+    old_rows=20_000,
+    max_s=180.0,
 )
 
 
@@ -737,6 +744,8 @@ PHASES: list[tuple[str, Callable[[Bench], Awaitable[None]]]] = [
     ("delivery", phase_delivery),
     ("recovery", phase_recovery),
     ("scale-out", phase_scale_out),
+    ("growth", growth.phase_growth),
+    ("retention", growth.phase_retention),
 ]
 
 
@@ -1074,7 +1083,7 @@ def rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
                 met(x["delivery_ratio"] is not None and x["delivery_ratio"] >= 1.6),
             )
         )
-    return out
+    return out + growth.rows(res)
 
 
 def _div(a: float | None, b: float | None) -> float | None:
@@ -1096,6 +1105,7 @@ def cpu_lines(res: dict[str, Any]) -> list[str]:
         ("ingest", "ingest, while polling"),
         ("delivery", "delivery"),
         ("scale", "2 gateways, ingest"),
+        ("retention", "ingest while pruning"),
     ):
         cpu = (res.get(key) or {}).get("cpu_cores")
         if cpu:
