@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 ORACLE := tests/khqr_oracle
 ORACLE_STAMP := $(ORACLE)/node_modules/.package-lock.json
 
-.PHONY: run test sandbox migrate lint typecheck clean
+.PHONY: run test test-cluster sandbox migrate lint typecheck clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,13 @@ run: $(STAMP)
 
 test: $(STAMP) $(ORACLE_STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The core, crash and two-process tests again on a local Redis Cluster (6 redis-server
+# nodes the session starts), plus a failover: see tests/cluster.py.
+CLUSTER_TESTS := tests/test_api_transactions.py tests/test_crash.py tests/test_events.py \
+	tests/test_cluster.py
+test-cluster: $(STAMP)
+	TEST_REDIS_CLUSTER=1 $(BIN)/pytest $(PYTEST_ARGS) $(CLUSTER_TESTS)
 
 sandbox: $(STAMP)
 	$(BIN)/khqr-gateway sandbox

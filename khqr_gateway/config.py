@@ -43,6 +43,7 @@ class Settings:
     database_url: str | None = None
     redis_url: str | None = None
     redis_namespace: str = "khqr"
+    redis_cluster: bool = False  # REDIS_URL names a node of a Redis Cluster
     api_keys: tuple[str, ...] = ()
     bakong_base_url: str | None = None
     bakong_token: str | None = None
@@ -198,6 +199,14 @@ def _namespace(value: str) -> str:
     return value
 
 
+def _cluster(r: _Reader) -> bool:
+    cluster = r.flag("REDIS_CLUSTER", False)
+    if cluster and r.raw("REDIS_URL") is None:
+        # The embedded Redis is one server: a cluster has to be named.
+        raise ConfigError("REDIS_CLUSTER: needs REDIS_URL, the address of any node of the cluster")
+    return cluster
+
+
 def _build(r: _Reader) -> Settings:
     env_name = "APP_ENV" if r.raw("APP_ENV") else "NODE_ENV"
     pg = ("postgres", "postgresql")
@@ -208,6 +217,7 @@ def _build(r: _Reader) -> Settings:
         database_url=r.parse("DATABASE_URL", _url(pg), None),
         redis_url=r.parse("REDIS_URL", _url(("redis", "rediss", "unix")), None),
         redis_namespace=r.parse("REDIS_NAMESPACE", _namespace, "khqr"),
+        redis_cluster=_cluster(r),
         api_keys=r.parse("API_KEY", _api_keys, ()),
         bakong_base_url=r.parse("BAKONG_BASE_URL", _url(("http", "https")), None),
         bakong_token=r.raw("BAKONG_TOKEN"),

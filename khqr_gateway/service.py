@@ -9,7 +9,6 @@ from datetime import UTC, datetime
 
 import asyncpg
 from aiohttp import web
-from redis.asyncio import Redis
 
 from khqr_gateway.bakong.client import BakongClient
 from khqr_gateway.bakong.sandbox import make_token
@@ -26,7 +25,7 @@ from khqr_gateway.store.ingest import Ingest
 from khqr_gateway.store.locks import Locks
 from khqr_gateway.store.ratelimit import RateLimit
 from khqr_gateway.store.retention import Retention
-from khqr_gateway.store.schedule import Schedule, keys
+from khqr_gateway.store.schedule import RedisClient, Schedule, connect, keys
 from khqr_gateway.tracking import Poller
 from khqr_gateway.webhooks.sender import KEEPALIVE_S, MAX_IN_FLIGHT, Deliverer
 from khqr_gateway.webhooks.ssrf import AddressPolicy, GuardedConnector
@@ -63,7 +62,7 @@ class Service:
 
     settings: Settings
     pool: asyncpg.Pool
-    redis: Redis
+    redis: RedisClient
     bakong: BakongClient
     credentials: Credentials
     polls: Schedule
@@ -89,7 +88,7 @@ class Service:
         except BaseException:
             await pool.close()
             raise
-        redis = Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+        redis = await connect(redis_url, cluster=settings.redis_cluster)
         names = keys(settings.redis_namespace)
         bakong = BakongClient(
             bakong_url, timeout_s=settings.bakong_timeout_s, proxy_url=settings.bakong_proxy_url

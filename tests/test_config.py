@@ -55,6 +55,8 @@ def test_node_env_is_an_alias_and_app_env_wins() -> None:
         ("RETENTION_DAYS", "-1"),
         ("RETENTION_DAYS", "half a year"),
         ("ATTEMPT_BODY_DAYS", "1.5"),
+        ("REDIS_CLUSTER", "maybe"),
+        ("REDIS_CLUSTER", "true"),  # without REDIS_URL: the embedded Redis is no cluster
     ],
 )
 def test_bad_value_names_the_variable(name: str, value: str) -> None:
@@ -92,3 +94,8 @@ def test_cli_stops_with_one_line_on_bad_config(monkeypatch, capsys) -> None:  # 
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0
     assert "PORT" in err
+
+
+def test_redis_cluster_names_a_node_through_redis_url() -> None:
+    assert not load(REDIS_URL="redis://r:6379/0").redis_cluster
+    assert load(REDIS_URL="redis://r:6379/0", REDIS_CLUSTER="true").redis_cluster
