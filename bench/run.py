@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import growth
 import load
+import on_cluster
 from procs import CpuMeter, Procs, memory_kib
 
 from khqr_gateway.bakong.sandbox import make_token
@@ -89,6 +90,8 @@ class Scale:
     # takes minutes: `--history 2000000 --old-rows 1000000 --max-s 1800`.
     history: int = 0
     old_rows: int = 0
+    # 1: the capacity and delivery phases again on a local Redis Cluster (bench/on_cluster.py)
+    cluster: int = 0
     max_s: float = 295.0
 
 
@@ -110,6 +113,7 @@ QUICK = Scale(
     scale_deliveries=200,
     history=50_000,
     old_rows=20_000,
+    cluster=1,
     max_s=180.0,
 )
 
@@ -167,6 +171,8 @@ class Bench:
     session: aiohttp.ClientSession | None = None
     pool: asyncpg.Pool | None = None
     redis: Redis | None = None
+    redis_url: str = REDIS_URL  # the cluster phase points the gateway at a cluster's node
+    redis_cluster: bool = False
     seed: dict[str, str] = field(default_factory=dict)  # job id -> md5, still unpaid
     results: dict[str, Any] = field(default_factory=dict)
     peak_rss_kib: int = 0
@@ -219,7 +225,8 @@ class Bench:
             HOST=HOST,
             PORT=str(port),
             DATABASE_URL=self.dsn,
-            REDIS_URL=REDIS_URL,
+            REDIS_URL=self.redis_url,
+            REDIS_CLUSTER="true" if self.redis_cluster else "false",
             REDIS_NAMESPACE=self.namespace,
             BAKONG_BASE_URL=self.url("bakong"),
             BAKONG_TOKEN=make_token("bench@khqr-gateway.local"),
@@ -746,6 +753,7 @@ PHASES: list[tuple[str, Callable[[Bench], Awaitable[None]]]] = [
     ("scale-out", phase_scale_out),
     ("growth", growth.phase_growth),
     ("retention", growth.phase_retention),
+    ("cluster", lambda b: on_cluster.phase_cluster(b, phase_capacity, phase_delivery)),
 ]
 
 
@@ -1083,7 +1091,7 @@ def rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
                 met(x["delivery_ratio"] is not None and x["delivery_ratio"] >= 1.6),
             )
         )
-    return out + growth.rows(res)
+    return out + growth.rows(res) + on_cluster.rows(res)
 
 
 def _div(a: float | None, b: float | None) -> float | None:

@@ -40,6 +40,8 @@ def test_quick_bench_prints_a_table_with_every_figure(tmp_path: Path) -> None:
         "| 6. scale-out delivery",
         "| 7. growth",
         "| 8. retention",
+        "| 9. Redis Cluster: poll gap",
+        "| 9. Redis Cluster: delivery",
     )
     for section in sections:
         assert section in run.stdout, section
@@ -59,3 +61,5 @@ def test_quick_bench_prints_a_table_with_every_figure(tmp_path: Path) -> None:
     assert grown["transactions"] >= 50_000 and grown["list_rps"] > 0
     assert grown["stats_ms"]["p50"] is not None and grown["metrics_ms"]["p50"] is not None
     assert res["retention"]["ingest_pruning_rps"] > 0
+    assert res["cluster"]["capacity"]["gap"]["count"] > 0
+    assert res["cluster"]["delivery"]["delivered"] > 0
