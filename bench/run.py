@@ -751,9 +751,10 @@ PHASES: list[tuple[str, Callable[[Bench], Awaitable[None]]]] = [
     ("delivery", phase_delivery),
     ("recovery", phase_recovery),
     ("scale-out", phase_scale_out),
+    # Before growth: the retention phase leaves pruning going on for minutes.
+    ("cluster", lambda b: on_cluster.phase_cluster(b, phase_capacity, phase_delivery)),
     ("growth", growth.phase_growth),
     ("retention", growth.phase_retention),
-    ("cluster", lambda b: on_cluster.phase_cluster(b, phase_capacity, phase_delivery)),
 ]
 
 
