@@ -44,6 +44,8 @@ async def phase_cluster(b: Bench, capacity: Phase, delivery: Phase) -> None:
     finally:
         for key, value in single.items():
             b.results[key] = value
+        if b.redis is not single_redis and b.redis is not None:
+            await b.redis.aclose()
         b.redis = single_redis
         await switch(b, single_url, cluster=False, client=False)
         nodes.stop()
