@@ -86,7 +86,7 @@ def rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
         p99 = many["gap"]["p99"]
         out.append(
             (
-                f"9. Redis Cluster: poll gap at {many['pending']:,} pending",
+                f"9. Redis Cluster: poll gap at {res['config']['pending']:,} pending",
                 f"p99 {fmt(p99, 2)} s (one Redis: {fmt((one.get('gap') or {}).get('p99'), 2)} s)",
                 f"p99 {fmt(p99 / iv if p99 else None, 2)}x interval",
                 "p99 ≤ 1.2x interval",

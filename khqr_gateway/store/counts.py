@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import asyncpg
 
+KINDS = ("transactions", "deliveries", "late")
 # Only one process folds at a time; any number read.
 FOLD_LOCK_ID = 0x6B687173
 
@@ -32,7 +31,7 @@ group by kind, status having sum(n) <> 0
 async def fold_and_read(pool: asyncpg.Pool) -> dict[str, dict[str, int]]:
     """Counts by kind (`transactions`, `deliveries`, `late`) and status; statuses with no
     rows are left out. Reads a row per status and per write since the last fold."""
-    counts: dict[str, dict[str, int]] = defaultdict(dict)
+    counts: dict[str, dict[str, int]] = {kind: {} for kind in KINDS}
     for row in await pool.fetch(_FOLD_AND_READ, FOLD_LOCK_ID):
-        counts[row["kind"]][row["status"]] = row["n"]
+        counts.setdefault(row["kind"], {})[row["status"]] = row["n"]
     return counts
