@@ -9,7 +9,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 ORACLE := tests/khqr_oracle
 ORACLE_STAMP := $(ORACLE)/node_modules/.package-lock.json
 
-.PHONY: run test sandbox migrate lint typecheck clean
+.PHONY: run test test-cluster sandbox migrate lint typecheck clean
 
 $(RUN_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ run: $(RUN_STAMP)
 
 test: $(DEV_STAMP) $(ORACLE_STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The core, crash and two-process tests again on a local Redis Cluster (6 redis-server
+# nodes the session starts), plus a failover: see tests/cluster.py.
+CLUSTER_TESTS := tests/test_api_transactions.py tests/test_crash.py tests/test_events.py \
+	tests/test_cluster.py
+test-cluster: $(DEV_STAMP) $(ORACLE_STAMP)
+	TEST_REDIS_CLUSTER=1 $(BIN)/pytest $(PYTEST_ARGS) $(CLUSTER_TESTS)
 
 sandbox: $(RUN_STAMP)
 	$(BIN)/khqr-gateway sandbox

@@ -42,7 +42,9 @@ from redis.asyncio import Redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import growth
 import load
+import on_cluster
 from procs import CpuMeter, Procs, memory_kib
 
 from khqr_gateway.bakong.sandbox import make_token
@@ -84,6 +86,12 @@ class Scale:
     # The simulated Bakong has no limit; the default 20/s would cap capacity at
     # 20 x 50 x interval = 3,000 pending md5s (see README).
     bakong_max_rps: float = 1000.0
+    # Growth and retention (bench/growth.py): off unless asked, since seeding 2,000,000 rows
+    # takes minutes: `--history 2000000 --old-rows 1000000 --max-s 1800`.
+    history: int = 0
+    old_rows: int = 0
+    # 1: the capacity and delivery phases again on a local Redis Cluster (bench/on_cluster.py)
+    cluster: int = 0
     max_s: float = 295.0
 
 
@@ -103,7 +111,10 @@ QUICK = Scale(
     recovery_paid_during=10,
     recovery_wait_s=5.0,
     scale_deliveries=200,
-    max_s=120.0,
+    history=50_000,
+    old_rows=20_000,
+    cluster=1,
+    max_s=180.0,
 )
 
 
@@ -160,6 +171,8 @@ class Bench:
     session: aiohttp.ClientSession | None = None
     pool: asyncpg.Pool | None = None
     redis: Redis | None = None
+    redis_url: str = REDIS_URL  # the cluster phase points the gateway at a cluster's node
+    redis_cluster: bool = False
     seed: dict[str, str] = field(default_factory=dict)  # job id -> md5, still unpaid
     results: dict[str, Any] = field(default_factory=dict)
     peak_rss_kib: int = 0
@@ -212,7 +225,8 @@ class Bench:
             HOST=HOST,
             PORT=str(port),
             DATABASE_URL=self.dsn,
-            REDIS_URL=REDIS_URL,
+            REDIS_URL=self.redis_url,
+            REDIS_CLUSTER="true" if self.redis_cluster else "false",
             REDIS_NAMESPACE=self.namespace,
             BAKONG_BASE_URL=self.url("bakong"),
             BAKONG_TOKEN=make_token("bench@khqr-gateway.local"),
@@ -737,6 +751,10 @@ PHASES: list[tuple[str, Callable[[Bench], Awaitable[None]]]] = [
     ("delivery", phase_delivery),
     ("recovery", phase_recovery),
     ("scale-out", phase_scale_out),
+    # Before growth: the retention phase leaves pruning going on for minutes.
+    ("cluster", lambda b: on_cluster.phase_cluster(b, phase_capacity, phase_delivery)),
+    ("growth", growth.phase_growth),
+    ("retention", growth.phase_retention),
 ]
 
 
@@ -1074,7 +1092,7 @@ def rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
                 met(x["delivery_ratio"] is not None and x["delivery_ratio"] >= 1.6),
             )
         )
-    return out
+    return out + growth.rows(res) + on_cluster.rows(res)
 
 
 def _div(a: float | None, b: float | None) -> float | None:
@@ -1096,6 +1114,7 @@ def cpu_lines(res: dict[str, Any]) -> list[str]:
         ("ingest", "ingest, while polling"),
         ("delivery", "delivery"),
         ("scale", "2 gateways, ingest"),
+        ("retention", "ingest while pruning"),
     ):
         cpu = (res.get(key) or {}).get("cpu_cores")
         if cpu:

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 from aiohttp import web
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from khqr_gateway.api import (
     API_KEY_ID,
@@ -136,7 +136,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 def unavailable_dependency(exc: BaseException) -> str | None:
     """'postgres' or 'redis' when `exc` means that dependency cannot be reached."""
-    if isinstance(exc, RedisError):
+    if isinstance(exc, RedisError | RedisClusterException):  # the latter: no node answers
         return "redis"
     if isinstance(
         exc,

@@ -45,6 +45,7 @@ class Settings:
     database_url: str | None = None
     redis_url: str | None = None
     redis_namespace: str = "khqr"
+    redis_cluster: bool = False  # REDIS_URL names a node of a Redis Cluster
     api_keys: tuple[str, ...] = ()
     bakong_base_url: str | None = None
     bakong_token: str | None = None
@@ -78,6 +79,8 @@ class Settings:
     telegram_chat_id: str | None = None
     telegram_alert_chat_id: str | None = None
     telegram_language: str = "en"
+    retention_days: int = 180  # 0 keeps every transaction
+    attempt_body_days: int = 30  # 0 keeps every attempt's response body
 
     @property
     def sandbox(self) -> bool:
@@ -217,6 +220,14 @@ def _language(value: str) -> str:
     return value
 
 
+def _cluster(r: _Reader) -> bool:
+    cluster = r.flag("REDIS_CLUSTER", False)
+    if cluster and r.raw("REDIS_URL") is None:
+        # The embedded Redis is one server: a cluster has to be named.
+        raise ConfigError("REDIS_CLUSTER: needs REDIS_URL, the address of any node of the cluster")
+    return cluster
+
+
 def _build(r: _Reader) -> Settings:
     env_name = "APP_ENV" if r.raw("APP_ENV") else "NODE_ENV"
     pg = ("postgres", "postgresql")
@@ -227,6 +238,7 @@ def _build(r: _Reader) -> Settings:
         database_url=r.parse("DATABASE_URL", _url(pg), None),
         redis_url=r.parse("REDIS_URL", _url(("redis", "rediss", "unix")), None),
         redis_namespace=r.parse("REDIS_NAMESPACE", _namespace, "khqr"),
+        redis_cluster=_cluster(r),
         api_keys=r.parse("API_KEY", _api_keys, ()),
         bakong_base_url=r.parse("BAKONG_BASE_URL", _url(("http", "https")), None),
         bakong_token=r.raw("BAKONG_TOKEN"),
@@ -262,4 +274,6 @@ def _build(r: _Reader) -> Settings:
         telegram_chat_id=r.raw("TELEGRAM_CHAT_ID"),
         telegram_alert_chat_id=r.raw("TELEGRAM_ALERT_CHAT_ID"),
         telegram_language=r.parse("TELEGRAM_LANGUAGE", _language, "en"),
+        retention_days=r.integer("RETENTION_DAYS", 180, 0, 36_500),
+        attempt_body_days=r.integer("ATTEMPT_BODY_DAYS", 30, 0, 36_500),
     )

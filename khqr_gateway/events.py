@@ -19,9 +19,10 @@ from typing import Any
 from uuid import UUID
 
 import orjson
-from redis.asyncio import Redis
+from redis.asyncio import RedisCluster
 
 from khqr_gateway.models import Status, Transition
+from khqr_gateway.store.schedule import RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,10 @@ PAGE_STREAMS_PER_CLIENT = 50
 HEARTBEAT_S = 15.0
 # How long a new stream waits for the pub/sub connection before relying on re-reads alone.
 READY_TIMEOUT_S = 2.0
+# KEYS[1] the channel; ARGV the messages. One round trip for a batch of changes, and one
+# that a Redis Cluster runs too (it refuses PUBLISH in a pipeline); a PUBLISH on any node
+# reaches the subscribers of every node.
+_PUBLISH = "for i = 1, #ARGV do redis.call('PUBLISH', KEYS[1], ARGV[i]) end return #ARGV"
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +126,7 @@ class EventHub:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         channel: str,
         *,
         max_streams: int = MAX_STREAMS,
@@ -143,6 +148,7 @@ class EventHub:
         self._ready = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
         self._closing = False
+        self._publish: Any = redis.register_script(_PUBLISH)
 
     @property
     def open_streams(self) -> int:
@@ -154,10 +160,7 @@ class EventHub:
         if not items:
             return
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for change in items:
-                    pipe.publish(self.channel, change.to_bytes())
-                await pipe.execute()
+            await self._publish(keys=[self.channel], args=[c.to_bytes() for c in items])
         except Exception as exc:
             log.warning("could not publish %d status changes: %s", len(items), exc)
 
@@ -233,8 +236,11 @@ class EventHub:
         backoff = 0.1
         connected_before = False
         while True:
-            pubsub = self.redis.pubsub()
+            pubsub = None
             try:
+                if isinstance(self.redis, RedisCluster):
+                    await self.redis.initialize()  # its pub/sub needs the slots, not given lazily
+                pubsub = self.redis.pubsub()
                 await pubsub.subscribe(self.channel)
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
@@ -256,8 +262,9 @@ class EventHub:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
 
     def _dispatch(self, raw: bytes | str) -> None:
         change = Change.from_bytes(raw)

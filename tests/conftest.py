@@ -22,7 +22,6 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
-from redis.asyncio import Redis
 
 from khqr_gateway.app import create_app
 from khqr_gateway.bakong.sandbox import STATE_KEY, SandboxState, create_sandbox_app, make_token
@@ -30,6 +29,8 @@ from khqr_gateway.config import AppEnv, Settings
 from khqr_gateway.logs import PinoFilter, PinoFormatter
 from khqr_gateway.service import SERVICE_KEY, Service
 from khqr_gateway.store import db
+from khqr_gateway.store.schedule import RedisClient, connect
+from tests import cluster
 
 # Property tests check what the code does with their inputs, not how fast Hypothesis makes
 # them: on a cold or busy machine the first draws (building its Unicode tables, say) can
@@ -42,6 +43,10 @@ hypothesis_settings.load_profile("khqr")
 
 ADMIN_DSN = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+# TEST_REDIS_CLUSTER=1 (`make test-cluster`): the session starts a local Redis Cluster and
+# every gateway and Redis client of the tests uses it (REDIS_URL then names one of its nodes).
+REDIS_CLUSTER = bool(os.environ.get("TEST_REDIS_CLUSTER"))
+CLUSTER: cluster.Cluster | None = None
 TABLES = (
     "delivery_attempts, deliveries, transactions, credentials, idempotency_keys, operator_alerts"
 )
@@ -49,6 +54,26 @@ TABLES = (
 
 # Every secret a test configures; none may reach a log line or an API response.
 SECRETS: set[str] = set()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global CLUSTER, REDIS_URL
+    if REDIS_CLUSTER and CLUSTER is None:
+        import tempfile
+        from pathlib import Path
+
+        CLUSTER = cluster.start(Path(tempfile.mkdtemp(prefix="khqr-redis-cluster-")))
+        REDIS_URL = CLUSTER.url
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if CLUSTER is not None:
+        CLUSTER.stop()
+
+
+async def redis_client() -> RedisClient:
+    """A client of the tests' Redis: the single server, or the local cluster."""
+    return await connect(REDIS_URL, cluster=REDIS_CLUSTER)
 
 
 def secret(value: str) -> str:
@@ -126,8 +151,8 @@ async def pg(database_url: str) -> AsyncIterator[asyncpg.Connection]:
 
 
 @pytest.fixture
-async def redis() -> AsyncIterator[Redis]:
-    client = Redis.from_url(REDIS_URL)
+async def redis() -> AsyncIterator[RedisClient]:
+    client = await redis_client()
     yield client
     await client.aclose()
 
@@ -137,7 +162,7 @@ async def namespace() -> AsyncIterator[str]:
     """A Redis key namespace of this test's own, so tests never see each other's keys."""
     name = f"test-{secrets.token_hex(6)}"
     yield name
-    client = Redis.from_url(REDIS_URL)
+    client = await redis_client()
     stale = [k async for k in client.scan_iter(match="{" + name + "}*")]
     if stale:
         await client.delete(*stale)
@@ -239,6 +264,7 @@ def settings(bakong: SimulatedBakong, namespace: str) -> Settings:
         bakong_timeout_s=2.0,
         shutdown_grace_s=2.0,
         allow_private_webhook_urls=True,
+        redis_cluster=REDIS_CLUSTER,
     )
 
 

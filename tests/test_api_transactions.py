@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import asyncpg
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from khqr_gateway.api.errors import iso
 from tests.conftest import Gateway, GatewayFactory, Receiver, SimulatedBakong, random_md5
 
 
@@ -425,3 +429,19 @@ async def test_the_list_filters_by_creation_time(
     assert [t["jobId"] for t in before["data"]] == [old["jobId"]]
     status, bad = await gateway.get(f"/api/v1/transactions?since={since}&until={since}")
     assert status == 422 and bad["error"]["details"][0]["field"] == "until"
+
+
+@given(
+    st.datetimes(
+        min_value=datetime(1, 1, 2),
+        max_value=datetime(9999, 12, 30),
+        timezones=st.sampled_from(
+            [UTC, timezone(timedelta(hours=7)), timezone(-timedelta(hours=5))]
+        ),
+    )
+)
+def test_times_are_written_as_javascript_writes_them(value: datetime) -> None:
+    """`iso` (fast, through orjson) writes what toISOString would: UTC, milliseconds, Z."""
+    utc = value.astimezone(UTC)
+    expected = utc.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    assert iso(value) == expected

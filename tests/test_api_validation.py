@@ -12,7 +12,7 @@ import pytest
 
 from khqr_gateway.bakong.khqr import crc16, md5_of
 from khqr_gateway.service import FIGURES_INTERVAL_S
-from tests.conftest import Gateway, GatewayFactory, random_md5
+from tests.conftest import Gateway, GatewayFactory, Receiver, SimulatedBakong, random_md5
 
 HOOK = "https://merchant.example.com/hooks/khqr"
 
@@ -247,6 +247,138 @@ async def test_scrapes_cost_no_query_and_leave_the_pool_free(
     status, page = await asyncio.wait_for(listing, timeout=10)
     assert status == 200 and [t["jobId"] for t in page["data"]] == [created["jobId"]]
     assert all(r.status == 200 for r in scrapes)
+
+
+# Finished transactions, each with a delivered webhook and its attempt, as years of use leave.
+HISTORY = 5000
+SEED_HISTORY = """
+    with made as (
+        insert into transactions (id, md5, status, webhook_url, created_at, deadline_at,
+                                  completed_at)
+        select gen_random_uuid(), md5('history' || g), 'success', 'http://x/',
+               now() - interval '1 day', now() - interval '1 day', now() - interval '1 day'
+        from generate_series(1, $1) g
+        returning id
+    ), sent as (
+        insert into deliveries (id, transaction_id, url, payload, status, attempt_count,
+                                series_attempts, delivered_at)
+        select 'msg_' || id, id, 'http://x/', '{}', 'delivered', 1, 1, now() from made
+        returning id
+    )
+    insert into delivery_attempts (delivery_id, attempt, started_at, duration_ms, status_code)
+    select id, 1, now(), 5, 200 from sent
+"""
+HISTORY_TABLES = ["transactions", "deliveries", "delivery_attempts"]
+# Rows read from the history's tables since the statistics began, by scans and index reads.
+ROWS_READ = """
+    select (select coalesce(sum(seq_tup_read), 0) from pg_stat_user_tables
+            where relname = any($1))
+         + (select coalesce(sum(idx_tup_read), 0) from pg_stat_user_indexes
+            where relname = any($1))
+"""
+
+
+async def flush_statistics(pool: asyncpg.Pool) -> None:
+    """Every pool connection's table statistics into Postgres's shared ones (each backend
+    flushes them on its own only about once a second)."""
+    held = [await pool.acquire() for _ in range(pool.get_max_size())]
+    try:
+        for conn in held:
+            await conn.execute("select pg_stat_force_next_flush()")
+    finally:
+        for conn in held:
+            await pool.release(conn)
+
+
+async def test_the_figures_tick_reads_a_few_rows_however_long_the_history(
+    make_gateway: GatewayFactory, pg: asyncpg.Connection
+) -> None:
+    gw = await make_gateway(run_ticks=False)  # only the tick run below reads anything
+    await pg.execute(SEED_HISTORY, HISTORY)
+    for _ in range(2):
+        status, _ = await gw.post("/api/v1/transactions", {"md5": random_md5(), "webhookUrl": HOOK})
+        assert status == 201
+    await flush_statistics(gw.service.pool)
+    await pg.execute("select pg_stat_force_next_flush()")
+    before = await pg.fetchval(ROWS_READ, HISTORY_TABLES)
+
+    await gw.service.refresh_figures()
+
+    await flush_statistics(gw.service.pool)
+    read = await pg.fetchval(ROWS_READ, HISTORY_TABLES) - before
+    assert read < 50, f"the figures tick read {read} rows for a history of {HISTORY}"
+    status, stats = await gw.get("/api/v1/stats")
+    assert status == 200
+    assert stats["transactions"] == {"success": HISTORY, "pending": 2}
+    assert stats["deliveries"] == {"delivered": HISTORY}
+    assert stats["latePayments"] == {}
+
+
+TRUE_COUNTS = """
+    select 'transactions' as kind, status, count(*) as n from transactions group by status
+    union all select 'late', status, count(*) from transactions where late group by status
+    union all select 'deliveries', status, count(*) from deliveries group by status
+"""
+
+
+async def test_the_counts_follow_every_move_a_row_makes(
+    make_gateway: GatewayFactory,
+    bakong: SimulatedBakong,
+    receiver: Receiver,
+    pg: asyncpg.Connection,
+) -> None:
+    gw = await make_gateway(late_check_interval_s=0.2, late_watch_s=30)
+    await pg.execute(SEED_HISTORY, 20)
+    md5s = [random_md5() for _ in range(5)]
+    jobs = []
+    for md5 in md5s:
+        status, created = await gw.post(
+            "/api/v1/transactions", {"md5": md5, "webhookUrl": receiver.url, "timeoutSeconds": 1}
+        )
+        assert status == 201
+        jobs.append(created["jobId"])
+    bakong.pay(md5s[0])
+    bakong.fail(md5s[1])
+    resp = await gw.client.delete(f"/api/v1/transactions/{jobs[2]}", headers=gw.headers)
+    assert resp.status == 200
+    await gw.wait_status(jobs[3], "timeout")
+    bakong.pay(md5s[2])  # late, after the cancel
+    bakong.pay(md5s[3])  # late, after the timeout
+    await gw.wait_status(jobs[2], "success")
+    await gw.wait_status(jobs[3], "success")
+    await receiver.wait_for(6)  # success, failed, timeout x2, two late successes
+    await pg.execute(  # rows go (retention), with their deliveries and attempts
+        """
+        with gone as (select id from transactions where md5 like 'history%' limit 5),
+        attempts as (delete from delivery_attempts a using deliveries d, gone
+                     where d.transaction_id = gone.id and a.delivery_id = d.id),
+        deliveries as (delete from deliveries d using gone where d.transaction_id = gone.id)
+        delete from transactions t using gone where t.id = gone.id
+        """
+    )
+
+    truth: dict[str, dict[str, int]] = {"transactions": {}, "late": {}, "deliveries": {}}
+    for row in await pg.fetch(TRUE_COUNTS):
+        truth[row["kind"]][row["status"]] = row["n"]
+    assert truth["late"] == {"success": 2}
+    deadline = time.monotonic() + 10
+    while True:
+        _, stats = await gw.get("/api/v1/stats")
+        shown = {
+            "transactions": stats["transactions"],
+            "late": stats["latePayments"],
+            "deliveries": stats["deliveries"],
+        }
+        if shown == truth or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    assert shown == truth
+    await pg.execute(
+        "truncate telegram_attempts, telegram_notices, delivery_attempts, deliveries, transactions"
+    )
+    await gw.service.refresh_figures()
+    _, stats = await gw.get("/api/v1/stats")
+    assert (stats["transactions"], stats["deliveries"], stats["latePayments"]) == ({}, {}, {})
 
 
 async def test_ready_reports_each_dependency(gateway: Gateway) -> None:

@@ -38,6 +38,10 @@ def test_quick_bench_prints_a_table_with_every_figure(tmp_path: Path) -> None:
         "| 5. recovery",
         "| 6. scale-out ingest",
         "| 6. scale-out delivery",
+        "| 7. growth",
+        "| 8. retention",
+        "| 9. Redis Cluster: poll gap",
+        "| 9. Redis Cluster: delivery",
     )
     for section in sections:
         assert section in run.stdout, section
@@ -53,3 +57,9 @@ def test_quick_bench_prints_a_table_with_every_figure(tmp_path: Path) -> None:
     assert res["recovery"]["ready_s"] > 0
     assert res["scale"]["ingest_2"] > 0 and res["scale"]["delivery_2"] is not None
     assert res["peak_rss_kib"] > 0
+    grown = res["growth"]["history_figures"]
+    assert grown["transactions"] >= 50_000 and grown["list_rps"] > 0
+    assert grown["stats_ms"]["p50"] is not None and grown["metrics_ms"]["p50"] is not None
+    assert res["retention"]["ingest_pruning_rps"] > 0
+    assert res["cluster"]["capacity"]["gap"]["count"] > 0
+    assert res["cluster"]["delivery"]["delivered"] > 0

@@ -20,6 +20,7 @@ def test_defaults_need_nothing_configured() -> None:
     assert s.webhook_timeout_s == 15.0
     assert s.webhook_retry_schedule == (5, 30, 120, 600, 3600)
     assert s.sandbox, "development with no Bakong configured runs the simulated Bakong"
+    assert (s.retention_days, s.attempt_body_days) == (180, 30)
 
 
 def test_any_bakong_setting_turns_sandbox_off() -> None:
@@ -53,6 +54,11 @@ def test_node_env_is_an_alias_and_app_env_wins() -> None:
         ("LOG_LEVEL", "loud"),
         ("KHQR_APP_ICON_URL", "icon.png"),
         ("KHQR_APP_NAME", "x" * 65),
+        ("RETENTION_DAYS", "-1"),
+        ("RETENTION_DAYS", "half a year"),
+        ("ATTEMPT_BODY_DAYS", "1.5"),
+        ("REDIS_CLUSTER", "maybe"),
+        ("REDIS_CLUSTER", "true"),  # without REDIS_URL: the embedded Redis is no cluster
     ],
 )
 def test_bad_value_names_the_variable(name: str, value: str) -> None:
@@ -114,3 +120,8 @@ def test_telegram_settings_and_their_bad_values() -> None:
     for name, value in (("TELEGRAM_LANGUAGE", "fr"), ("TELEGRAM_API_URL", "ftp://x")):
         with pytest.raises(ConfigError, match=name):
             load(**{name: value})
+
+
+def test_redis_cluster_names_a_node_through_redis_url() -> None:
+    assert not load(REDIS_URL="redis://r:6379/0").redis_cluster
+    assert load(REDIS_URL="redis://r:6379/0", REDIS_CLUSTER="true").redis_cluster

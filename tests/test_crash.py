@@ -20,7 +20,7 @@ import pytest
 from aiohttp import web
 
 from khqr_gateway.bakong.sandbox import make_token
-from tests.conftest import REDIS_URL
+from tests.conftest import REDIS_CLUSTER, REDIS_URL
 from tests.test_cli import Proc, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +79,7 @@ async def stack(
         "HOST": "127.0.0.1",
         "DATABASE_URL": database_url,
         "REDIS_URL": REDIS_URL,
+        "REDIS_CLUSTER": "true" if REDIS_CLUSTER else "false",
         "REDIS_NAMESPACE": namespace,
         "BAKONG_BASE_URL": f"http://127.0.0.1:{bakong_port}",
         "BAKONG_TOKEN": make_token(),

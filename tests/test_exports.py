@@ -279,7 +279,7 @@ async def test_daily_report_sums_match_sums_made_here(
     assert {r["day"] for r in one_day["data"]} == {"2026-11-11"}
 
 
-async def test_daily_report_is_one_query_on_the_completed_index(
+async def test_daily_report_is_one_query_on_the_index_of_completed_times(
     gateway: Gateway, pg: asyncpg.Connection
 ) -> None:
     from khqr_gateway.store import exports
@@ -290,7 +290,7 @@ async def test_daily_report_is_one_query_on_the_completed_index(
         datetime(2026, 11, 1).date(),
         datetime(2026, 11, 7).date(),
     )
-    assert "transactions_completed" in str(plan)
+    assert "transactions_finished" in str(plan)
 
 
 async def test_daily_report_refuses_bad_days(gateway: Gateway) -> None:

@@ -43,7 +43,14 @@ def iso(value: datetime | None) -> str | None:
     """UTC ISO 8601 with milliseconds and a Z, as JavaScript's toISOString writes it."""
     if value is None:
         return None
-    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    if value.tzinfo is not UTC:  # what Postgres gives is UTC already
+        value = value.astimezone(UTC)
+    # orjson writes it in C, a third of isoformat(timespec=...)'s time: a list page has 300.
+    # It writes microseconds, or no fraction at all when there are none.
+    text = orjson.dumps(value, option=orjson.OPT_UTC_Z)
+    if len(text) == 22:  # "YYYY-MM-DDTHH:MM:SSZ" quoted
+        return text[1:20].decode() + ".000Z"
+    return text[1:24].decode() + "Z"
 
 
 def dumps(value: Any) -> bytes:

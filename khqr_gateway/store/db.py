@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 import orjson
@@ -115,18 +116,61 @@ async def _no_reset(conn: asyncpg.Connection) -> None:
     return None
 
 
+class FairPool(asyncpg.Pool):  # type: ignore[misc]  # asyncpg ships no types
+    """An asyncpg pool that hands out its connections in the order they were asked for.
+
+    asyncpg's own queue is not fair: a connection put back wakes the first waiter, but a
+    caller that asks before that waiter has run takes it, and the waiter goes to the back
+    of the line (asyncio.Queue.get). With more requests than connections some wait turn
+    after turn: the list route's p99 was 20-70x its p50 at 50 connections. One permit per
+    connection, taken from a FIFO semaphore (fair since Python 3.11.1), is one line for all.
+    """
+
+    def __init__(self, *args: Any, max_size: int, **kwargs: Any) -> None:
+        super().__init__(*args, max_size=max_size, **kwargs)
+        self._turns = asyncio.Semaphore(max_size)
+        self._holding: set[int] = set()
+
+    async def _acquire(self, timeout: float | None) -> Any:  # noqa: ASYNC109 (asyncpg's)
+        if timeout is None:
+            await self._turns.acquire()
+        else:
+            await asyncio.wait_for(self._turns.acquire(), timeout)
+        try:
+            proxy = await super()._acquire(timeout)
+        except BaseException:
+            self._turns.release()
+            raise
+        self._holding.add(id(proxy))
+        return proxy
+
+    async def release(self, connection: Any, *, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        try:
+            await super().release(connection, timeout=timeout)
+        finally:
+            # Released twice (asyncpg allows it) gives the permit back once.
+            if id(connection) in self._holding:
+                self._holding.discard(id(connection))
+                self._turns.release()
+
+
 async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
-    """A pool whose connections speak JSON through orjson, not reset on release."""
-    pool = await asyncpg.create_pool(
+    """A fair pool whose connections speak JSON through orjson, not reset on release."""
+    pool = FairPool(
         dsn,
         min_size=min_size,
         max_size=max_size,
+        max_queries=50_000,
+        max_inactive_connection_lifetime=300.0,
+        loop=None,
+        connection_class=asyncpg.Connection,
+        record_class=asyncpg.Record,
         init=_init_connection,
         reset=_no_reset,
         command_timeout=30,
         server_settings={"application_name": "khqr-gateway"},
     )
-    assert pool is not None
+    await pool
     return pool
 
 

@@ -131,11 +131,6 @@ async def pending_page(
     return rows
 
 
-async def counts_by_status(pool: asyncpg.Pool) -> dict[str, int]:
-    rows = await pool.fetch("select status, count(*) as n from deliveries group by status")
-    return {r["status"]: r["n"] for r in rows}
-
-
 def summary(row: asyncpg.Record | dict[str, Any]) -> dict[str, Any] | None:
     """The delivery part of a transaction row joined with its delivery."""
     if row["delivery_id"] is None:

@@ -168,7 +168,7 @@ async def daily_report(pool: asyncpg.Pool, first: date, last: date) -> list[asyn
     return rows
 
 
-# The dashboard's charts: two range reads of indexes (transactions_completed,
+# The dashboard's charts: two range reads of indexes (transactions_finished,
 # deliveries_created) over the last 24 hours, grouped by hour.
 HOURLY_SQL = """
     with hours as (

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from redis.asyncio import Redis
+from khqr_gateway.store.schedule import RedisClient
 
 # KEYS[1] the lock; ARGV[1] the holder's token. Only the holder can release it.
 _RELEASE = """
@@ -27,7 +27,7 @@ class LockTimeout(Exception):
 class Locks:
     """Named locks under one key prefix; a holder that dies frees its lock after `ttl_ms`."""
 
-    def __init__(self, redis: Redis, prefix: str) -> None:
+    def __init__(self, redis: RedisClient, prefix: str) -> None:
         self.redis = redis
         self.prefix = prefix
         self._release: Any = redis.register_script(_RELEASE)

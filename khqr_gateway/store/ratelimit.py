@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
+from khqr_gateway.store.schedule import RedisClient
 
 # KEYS[1] the bucket (a hash: tokens, ts, qend); KEYS[2..] the pause key of each credential.
 # ARGV[1] rate (tokens a second), ARGV[2] capacity, ARGV[3] now in ms ('' = Redis's clock, so
@@ -101,7 +101,7 @@ class RateLimit:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         *,
         bucket_key: str,
         pause_prefix: str,

@@ -12,12 +12,15 @@ alone: a lease overwritten would have it sent twice at once).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.asyncio import Redis, RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
+
+log = logging.getLogger(__name__)
 
 # Added to every lease end and to nothing else; exact in a double until long after year 9999.
 LEASE_MARK = 0.5
@@ -120,7 +123,7 @@ def under_lease(score: float | None, now_ms: float) -> bool:
 class Schedule:
     """One sorted set of due work, shared by every gateway process."""
 
-    def __init__(self, redis: Redis, key: str) -> None:
+    def __init__(self, redis: RedisClient, key: str) -> None:
         self.redis = redis
         self.key = key
         self._claim: Any = redis.register_script(_CLAIM)
@@ -267,6 +270,25 @@ class Lease:
             self.members.difference_update(m for m, _ in reschedule)
             self.members.difference_update(remove)
             return done
+
+
+# One Redis or a Redis Cluster: every key the service uses together shares one hash tag
+# (see `keys`), so every script and pipeline runs on the one node holding that slot.
+RedisClient = Redis | RedisCluster
+
+
+async def connect(url: str, *, cluster: bool) -> RedisClient:
+    """A client for the Redis at `url`, or for the Redis Cluster that `url` is a node of."""
+    if not cluster:
+        return Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    client = RedisCluster.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        # Learn the slots now: commands that first meet an uninitialized cluster client
+        # all at once trip over each other in redis-py (a connection without its writer).
+        await client.initialize()
+    except (RedisError, RedisClusterException) as exc:  # down: retried on use, as one Redis
+        log.warning("Redis Cluster not reachable at start-up: %s", exc)
+    return client
 
 
 def keys(namespace: str) -> dict[str, str]:

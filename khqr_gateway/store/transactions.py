@@ -85,7 +85,7 @@ async def insert_or_get(pool: asyncpg.Pool, new: NewTransaction) -> tuple[asyncp
             + ("t.id = $1" if inserted else "t.md5 = $1 and not t.superseded"),
             inserted or new.md5,
         )
-    if row is None:  # rows are never deleted while their md5 can be posted
+    if row is None:  # only if retention pruned the md5's row between the two statements
         raise RuntimeError("could not insert or find the transaction of an md5")
     return row, inserted is not None
 
@@ -426,19 +426,9 @@ async def pending_ids(
     return rows
 
 
-async def counts_by_status(pool: asyncpg.Pool) -> dict[str, int]:
-    rows = await pool.fetch("select status, count(*) as n from transactions group by status")
-    return {r["status"]: r["n"] for r in rows}
-
-
-async def late_payments(pool: asyncpg.Pool) -> dict[str, int]:
-    """Late payments by their status (`success`, `mismatch`), from their partial index."""
-    rows = await pool.fetch("select status, count(*) as n from transactions where late group by 1")
-    return {r["status"]: r["n"] for r in rows}
-
-
 async def oldest_pending_seconds(pool: asyncpg.Pool) -> float | None:
-    """How long the oldest pending transaction has waited; None when none is pending."""
+    """How long the oldest pending transaction has waited; None when none is pending. One
+    index entry (transactions_status_created), however many rows are final."""
     age = await pool.fetchval(
         "select extract(epoch from now() - min(created_at)) from transactions"
         " where status = 'pending'"

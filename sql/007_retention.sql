@@ -1,0 +1,6 @@
+-- Retention: what the retention tick looks for, oldest first, without reading the rest.
+-- Final transactions by when they ended (a late payment ends one again, later).
+create index transactions_finished on transactions (completed_at, id) where status <> 'pending';
+-- Attempts whose response body is still kept; a blanked one drops out of the index.
+create index delivery_attempts_body on delivery_attempts (started_at)
+    where response_body is not null;
