@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from khqr_gateway.store.ratelimit import RateLimit
 from khqr_gateway.store.schedule import keys
 
@@ -82,3 +84,29 @@ async def test_pauses_run_out(redis: Any, namespace: str) -> None:
     await asyncio.sleep(0.15)
     grant = await bucket.take({3: 1})
     assert grant.calls == 1 and grant.paused_s == {}
+
+
+async def test_a_request_served_in_full_books_no_turn_behind_an_old_line(
+    redis: Any, namespace: str
+) -> None:
+    """A burst books a line of turns; demand below the rate afterwards is served at once and
+    told no turn: the md5s it checks keep their own cadence instead of the line's."""
+    bucket = limit(redis, namespace, rate=10)
+    t = 1_000_000
+    burst = await bucket.take({1: 25}, now_ms=t)
+    assert burst.calls == 10 and burst.turn_s == 0.0, "15 put off: a line of 2.5 s"
+    later = await bucket.take({1: 5}, now_ms=t + 1000)
+    assert later.calls == 5, "refilled"
+    assert later.turn_s is None, "served in full: no turn, whatever the line booked"
+    short = await bucket.take({1: 8}, now_ms=t + 1100)
+    assert short.calls == 6 and short.turn_s == pytest.approx(1.4), "put off: behind the line"
+
+
+async def test_spare_takes_leave_half_the_bucket(redis: Any, namespace: str) -> None:
+    bucket = limit(redis, namespace, rate=10)
+    t = 2_000_000
+    assert (await bucket.take({1: 4}, now_ms=t, spare=True)).calls == 4, "10 held, 5 spare"
+    assert (await bucket.take({1: 4}, now_ms=t, spare=True)).calls == 1
+    assert (await bucket.take({1: 4}, now_ms=t)).calls == 4, "the rest is for live checks"
+    grant = await bucket.take({1: 4}, now_ms=t + 100, spare=True)
+    assert grant.calls == 0 and grant.turn_s is None, "no spare, no turn"

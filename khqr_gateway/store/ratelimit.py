@@ -10,14 +10,18 @@ from redis.asyncio import Redis
 
 # KEYS[1] the bucket (a hash: tokens, ts, qend); KEYS[2..] the pause key of each credential.
 # ARGV[1] rate (tokens a second), ARGV[2] capacity, ARGV[3] now in ms ('' = Redis's clock, so
-# that processes with skewed clocks share one bucket fairly), ARGV[4] 1 to queue (below),
+# that processes with skewed clocks share one bucket fairly), ARGV[4] 1 to queue (below), 0
+# not to, s for spare tokens only (never the bucket's last half, which only stays full while
+# the demand is below the rate: what needs no answer soon leaves the room to what does),
 # ARGV[5..] the calls each credential wants, in the order of KEYS[2..].
 # A paused credential gets nothing and is told how long its pause lasts; the others share
-# what the bucket holds. While the demand exceeds the rate, every call asked for (granted
-# or not) books a turn in a virtual queue served at the rate (`qend`: when the turns booked
-# so far come), the calls put off first and then those granted now for their next check:
-# every process lines up behind every other, and each md5 gets its turn. The queue empties
-# by itself once the demand falls below the rate.
+# what the bucket holds. A request the bucket cannot serve in full books a turn for every
+# call it asked for (granted or not) in a virtual queue served at the rate (`qend`: when the
+# turns booked so far come), the calls put off first and then those granted now for their
+# next check: while the demand exceeds the rate every process lines up behind every other,
+# and each md5 gets its turn. A request served in full books nothing, so the queue is gone
+# as soon as the demand is below the rate again (a burst's line does not stretch the calls
+# that come after it).
 # Returns {calls granted, ms until this request's first turn (0: no queue), ms of pause left
 # for each credential}.
 _TAKE = """
@@ -25,6 +29,7 @@ local rate = tonumber(ARGV[1])
 local capacity = tonumber(ARGV[2])
 local now = tonumber(ARGV[3])
 local queue = ARGV[4] == '1'
+local spare = ARGV[4] == 's'
 if not now then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -48,10 +53,14 @@ if now > ts then
   tokens = math.min(capacity, tokens + (now - ts) * rate / 1000)
   ts = now
 end
-local granted = math.min(wanted, math.floor(tokens))
+local free = tokens
+if spare then
+  free = tokens - capacity / 2
+end
+local granted = math.max(0, math.min(wanted, math.floor(free)))
 tokens = tokens - granted
 local start = -1
-if queue and wanted > 0 and (wanted > granted or qend > now) then
+if queue and wanted > granted then
   start = math.max(now, qend)
   qend = start + wanted * 1000 / rate
 end
@@ -115,16 +124,24 @@ class RateLimit:
         return f"{self.pause_prefix}:{'default' if credential is None else credential}"
 
     async def take(
-        self, wanted: Mapping[int | None, int], now_ms: int | None = None, *, queue: bool = True
+        self,
+        wanted: Mapping[int | None, int],
+        now_ms: int | None = None,
+        *,
+        queue: bool = True,
+        spare: bool = False,
     ) -> Grant:
         """Take tokens for the calls each credential wants; paused credentials get none.
 
-        `queue=False` for a one-off call (a retry after renewal) that books no turn.
+        `queue=False` for a one-off call (a retry after renewal) that books no turn;
+        `spare=True` for calls that may wait (the late watch): no turn either, and only
+        tokens above half the bucket (which live checks at the rate keep nearly empty).
         """
         credentials = list(wanted)
+        mode = "s" if spare else int(queue)
         reply = await self._take(
             keys=[self.bucket_key, *(self.pause_key(c) for c in credentials)],
-            args=[self.rate, self.capacity, "" if now_ms is None else now_ms, int(queue)]
+            args=[self.rate, self.capacity, "" if now_ms is None else now_ms, mode]
             + [wanted[c] for c in credentials],
         )
         paused = {c: int(ms) / 1000 for c, ms in zip(credentials, reply[2:], strict=True) if ms}
