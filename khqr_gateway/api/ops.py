@@ -93,6 +93,7 @@ async def bakong_health(service: Service) -> dict[str, Any]:
         "expiredCredentials": [c.id for c in expired[:EXPIRED_SHOWN]],
         "moreExpired": len(expired) > EXPIRED_SHOWN,
         "circuits": service.poller.checker.circuits(),
+        "checks": service.poller.checker.modes(),
     }
     problems = []
     if default is not None and default.status == "expired":
@@ -172,6 +173,7 @@ async def stats(request: web.Request) -> web.Response:
         "bakong": {
             **service.bakong.recent.summary(),
             "circuits": service.poller.checker.circuits(),
+            "checks": service.poller.checker.modes(),
         },
         "inFlightDeliveries": service.deliverer.in_flight,
     }
