@@ -162,3 +162,27 @@ def test_the_budget_checks_young_md5s_every_interval_and_older_ones_with_what_is
     assert crowd.young_s / 6 == pytest.approx(crowd.old_s / 45) and crowd.old_s > 45, (
         "beyond that all stretch alike: none starves"
     )
+
+
+def aged(count: int, age: timedelta) -> list[PollItem]:
+    now = datetime.now(UTC)
+    ahead, created = now + timedelta(minutes=30), now - age
+    return [
+        PollItem(uuid4(), random_md5(), ahead, None, None, created_at=created) for _ in range(count)
+    ]
+
+
+async def test_older_md5s_leave_the_last_of_the_bucket_to_young_ones(
+    pool: asyncpg.Pool, redis: Any, namespace: str, bakong: SimulatedBakong
+) -> None:
+    """However many older md5s come due at once (the first round after the list endpoint is
+    refused, a restart), they leave room for md5s whose customers are paying now."""
+    checker = await process(pool, redis, namespace, bakong, rate=10)
+    bakong.state.faults = Faults(list_status=403)
+    await checker.check(waiting(1), datetime.now(UTC))  # from now on, one call per md5
+    await asyncio.sleep(1.0)  # the bucket holds 10 again
+    old = await checker.check(aged(10, timedelta(minutes=10)), datetime.now(UTC))
+    assert sum(r.error == THROTTLED for r in old.values()) == 2, "8 of 10: a fifth is kept"
+    young = await checker.check(aged(2, timedelta(seconds=5)), datetime.now(UTC))
+    assert all(r.kind is CheckKind.NOT_FOUND for r in young.values()), "for young ones"
+    await checker.bakong.close()

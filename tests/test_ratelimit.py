@@ -102,11 +102,26 @@ async def test_a_request_served_in_full_books_no_turn_behind_an_old_line(
     assert short.calls == 6 and short.turn_s == pytest.approx(1.4), "put off: behind the line"
 
 
-async def test_spare_takes_leave_half_the_bucket(redis: Any, namespace: str) -> None:
+async def test_a_request_that_can_wait_leaves_the_bucket_its_share(
+    redis: Any, namespace: str
+) -> None:
     bucket = limit(redis, namespace, rate=10)
     t = 2_000_000
-    assert (await bucket.take({1: 4}, now_ms=t, spare=True)).calls == 4, "10 held, 5 spare"
-    assert (await bucket.take({1: 4}, now_ms=t, spare=True)).calls == 1
-    assert (await bucket.take({1: 4}, now_ms=t)).calls == 4, "the rest is for live checks"
-    grant = await bucket.take({1: 4}, now_ms=t + 100, spare=True)
-    assert grant.calls == 0 and grant.turn_s is None, "no spare, no turn"
+    assert (await bucket.take({1: 4}, now_ms=t, keep=0.5)).calls == 4, "10 held, 5 to spare"
+    assert (await bucket.take({1: 4}, now_ms=t, keep=0.5)).calls == 1
+    assert (await bucket.take({1: 4}, now_ms=t)).calls == 4, "the rest is for the others"
+    grant = await bucket.take({1: 4}, now_ms=t + 100, queue=False, keep=0.5)
+    assert grant.calls == 0 and grant.turn_s is None, "none to spare, and no turn"
+    waits = await bucket.take({1: 4}, now_ms=t + 100, keep=0.2)
+    assert waits.calls == 0 and waits.turn_s is not None, "put off, with a turn"
+
+
+async def test_the_turns_of_calls_that_can_wait_never_hold_back_the_others(
+    redis: Any, namespace: str
+) -> None:
+    bucket = limit(redis, namespace, rate=10)
+    t = 3_000_000
+    waits = await bucket.take({1: 58}, now_ms=t, keep=0.2)
+    assert waits.calls == 8 and waits.turn_s == 0.0, "50 put off: 5.8 s of turns booked"
+    urgent = await bucket.take({1: 3}, now_ms=t)
+    assert urgent.calls == 2 and urgent.turn_s == pytest.approx(0.0), "behind no one"

@@ -46,6 +46,10 @@ NO_TOKEN = "no_token"
 # A credential whose list endpoint is refused (403/404) has it asked again this often, with
 # one list call: it may be allowed again, and one call per md5 costs up to 50 times more.
 LIST_RETRY_S = 120.0
+# The share of the rate limit's bucket that checks of older md5s, and late-watch checks,
+# leave to the others (it stays full only while the demand is below the rate).
+OLD_KEEP = 0.2
+LATE_KEEP = 0.5
 # Breaker: opens after this many failed calls in a row, then probes after one poll
 # interval, doubling up to ten intervals (30 s at the default POLL_INTERVAL_S).
 BREAKER_THRESHOLD = 5
@@ -113,6 +117,17 @@ def _singles(
     credential: int | None, token: str | None, items: Iterable[PollItem], now: datetime
 ) -> list[Call]:
     return [Call(credential, token, [i], single=True, need=need(i, now)) for i in items]
+
+
+def _tiers(calls: list[Call], *, late: bool) -> list[tuple[float, list[Call]]]:
+    """The calls (sorted by need) in one take each, with the share of the bucket that take
+    must leave: older md5s leave the last fifth to final checks and young ones, whatever
+    bunched them (a first round, a restart), and the late watch half of it to all."""
+    if late:
+        return [(LATE_KEEP, calls)]
+    urgent = [c for c in calls if c.need < Need.OLD]
+    old = calls[len(urgent) :]
+    return [(keep, tier) for keep, tier in ((0.0, urgent), (OLD_KEEP, old)) if tier]
 
 
 class Checker:
@@ -284,7 +299,25 @@ class Checker:
         if not calls:
             return []
         calls = sorted(calls, key=lambda c: c.need)
-        grant = await self._take(Counter(c.credential for c in calls), late=late)
+        runnable: list[Call] = []
+        next_turns: list[float | None] = []
+        for keep, tier in _tiers(calls, late=late):
+            admitted, turns = await self._admit(tier, results, keep=keep, queue=not late)
+            runnable += admitted
+            next_turns += turns
+        answers = await asyncio.gather(*(self._call(c) for c in runnable))
+        follow_ups: list[Call] = []
+        for answer, turn in zip(answers, next_turns, strict=True):
+            results.update(_later(answer.results, turn))
+            follow_ups += answer.follow_ups
+        return follow_ups
+
+    async def _admit(
+        self, calls: list[Call], results: dict[UUID, CheckResult], *, keep: float, queue: bool
+    ) -> tuple[list[Call], list[float | None]]:
+        """The calls the rate limit lets out now, with the turn of each one's next check;
+        the others are answered `throttled` with their turn (or none: their next check)."""
+        grant = await self._take(Counter(c.credential for c in calls), keep=keep, queue=queue)
         runnable: list[Call] = []
         deferred: list[Call] = []
         for call in calls:
@@ -299,24 +332,19 @@ class Checker:
         rate = self.limits.rate if self.limits else 1.0
         if deferred:
             BAKONG_THROTTLED.inc(len(deferred))
-        # No turn (a late check): simply at its next check.
         for call, turn in zip(deferred, grant.turns(len(deferred), rate), strict=True):
             later = CheckResult(CheckKind.ERROR, error=THROTTLED, retry_after=turn)
             results.update(_all(call.items, later))
         # Over the limit, those asked now come back at their turns, behind those waiting:
         # none is starved, every md5's interval stretches alike.
-        next_turns = grant.turns(len(runnable), rate, after=len(deferred))
-        answers = await asyncio.gather(*(self._call(c) for c in runnable))
-        follow_ups: list[Call] = []
-        for answer, turn in zip(answers, next_turns, strict=True):
-            results.update(_later(answer.results, turn))
-            follow_ups += answer.follow_ups
-        return follow_ups
+        return runnable, grant.turns(len(runnable), rate, after=len(deferred))
 
-    async def _take(self, wanted: Mapping[int | None, int], *, late: bool = False) -> Grant:
+    async def _take(
+        self, wanted: Mapping[int | None, int], *, keep: float = 0.0, queue: bool = True
+    ) -> Grant:
         if self.limits is None:
             return Grant(sum(wanted.values()), {})
-        return await self.limits.take(wanted, queue=not late, spare=late)
+        return await self.limits.take(wanted, queue=queue, keep=keep)
 
     async def _call(self, call: Call) -> Answer:
         async with self._slots:
@@ -410,9 +438,7 @@ class Checker:
         return await self.credentials.renew(credential, stale=token)
 
     async def _retry_allowed(self, credential: int | None) -> bool:
-        if self.limits is None:
-            return True
-        return (await self.limits.take({credential: 1}, queue=False)).calls >= 1
+        return (await self._take({credential: 1}, queue=False)).calls >= 1
 
     async def _health(
         self, credential: int | None, error: str | None, retry_after: float | None
