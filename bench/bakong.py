@@ -8,8 +8,9 @@ Runs as its own process (`python bench/bakong.py --port N`). The recorder adds r
   (gaps are split by the md5's age, `?young=S` below), when its tracking ends (a check from
   then on is its last: it is final) and, for a new md5, when to count its first gap from;
 - `POST /bench/window`: start a measuring window (gaps, request counts);
-- `GET /bench/window[?young=S]`: the figures of the window so far, the gaps of md5s younger
-  than S seconds (at the gap's start) apart from the others;
+- `GET /bench/window[?young=S]`: the figures of the window so far; with `young`, also the
+  gaps begun in the window split by the md5's age when each began (under S seconds or not),
+  and those begun before the window (warm-up leftovers) apart;
 - `GET /bench/paid`: when each md5 was marked paid (epoch seconds).
 """
 
@@ -48,6 +49,7 @@ class Recorder:
     gaps: array[float] = field(default_factory=lambda: array("d"))
     # The md5's age when each gap began (-1: not known).
     gap_ages: array[float] = field(default_factory=lambda: array("d"))
+    gap_ends: array[float] = field(default_factory=lambda: array("d"))
     list_calls: int = 0
     single_calls: int = 0
     md5_checks: int = 0
@@ -56,6 +58,7 @@ class Recorder:
         self.window_start = time.time()
         self.gaps = array("d")
         self.gap_ages = array("d")
+        self.gap_ends = array("d")
         self.list_calls = self.single_calls = self.md5_checks = 0
 
     def checked(self, md5s: list[str], now: float) -> None:
@@ -68,6 +71,7 @@ class Recorder:
             if prev is not None:
                 self.gaps.append(now - prev)
                 self.gap_ages.append(prev - self.born[md5] if md5 in self.born else -1.0)
+                self.gap_ends.append(now)
             if now >= self.until.get(md5, float("inf")):
                 self.forget(md5)  # its final check: no longer pending
 
@@ -88,6 +92,23 @@ class Recorder:
         self.paid_at[md5] = now
         self.forget(md5)
 
+    def by_age(self, young_s: float) -> dict[str, Any]:
+        """Gaps begun in the window, of md5s younger than `young_s` when they began and of
+        the others; and the longest of the gaps begun before it (warm-up leftovers)."""
+        young, old, before = [], [], []
+        for gap, age, end in zip(self.gaps, self.gap_ages, self.gap_ends, strict=True):
+            if end - gap < self.window_start:
+                before.append(gap)
+            elif 0 <= age < young_s:
+                young.append(gap)
+            else:
+                old.append(gap)
+        return {
+            "youngGaps": summarize(young),
+            "oldGaps": summarize(old),
+            "gapsBegunBefore": summarize(before),
+        }
+
     def figures(self, young_s: float | None = None) -> dict[str, Any]:
         now = time.time()
         elapsed = now - self.window_start
@@ -105,10 +126,7 @@ class Recorder:
             "openGaps": summarize(open_gaps),
         }
         if young_s is not None:
-            young = [g for g, a in zip(self.gaps, self.gap_ages, strict=True) if 0 <= a < young_s]
-            old = [g for g, a in zip(self.gaps, self.gap_ages, strict=True) if not 0 <= a < young_s]
-            out["youngGaps"] = summarize(young)
-            out["oldGaps"] = summarize(old)
+            out.update(self.by_age(young_s))
         return out
 
 
