@@ -3,9 +3,14 @@
 Runs as its own process (`python bench/bakong.py --port N`). The recorder adds routes under
 `/bench/` that the benchmark reads:
 
-- `POST /bench/track {"md5s": [...]}`: md5s whose gaps between checks are measured;
+- `POST /bench/track {"md5s": [...]}`: md5s whose gaps between checks are measured; or
+  `{"items": [[md5, born, until, since], ...]}` (epoch seconds): also when each was created
+  (gaps are split by the md5's age, `?young=S` below), when its tracking ends (a check from
+  then on is its last: it is final) and, for a new md5, when to count its first gap from;
 - `POST /bench/window`: start a measuring window (gaps, request counts);
-- `GET /bench/window`: the figures of the window so far;
+- `GET /bench/window[?young=S]`: the figures of the window so far; with `young`, also the
+  gaps begun in the window split by the md5's age when each began (under S seconds or not),
+  and those begun before the window (warm-up leftovers) apart;
 - `GET /bench/paid`: when each md5 was marked paid (epoch seconds).
 """
 
@@ -37,9 +42,14 @@ class Recorder:
 
     tracked: set[str] = field(default_factory=set)
     last: dict[str, float] = field(default_factory=dict)
+    born: dict[str, float] = field(default_factory=dict)
+    until: dict[str, float] = field(default_factory=dict)
     paid_at: dict[str, float] = field(default_factory=dict)
     window_start: float = field(default_factory=time.time)
     gaps: array[float] = field(default_factory=lambda: array("d"))
+    # The md5's age when each gap began (-1: not known).
+    gap_ages: array[float] = field(default_factory=lambda: array("d"))
+    gap_ends: array[float] = field(default_factory=lambda: array("d"))
     list_calls: int = 0
     single_calls: int = 0
     md5_checks: int = 0
@@ -47,6 +57,8 @@ class Recorder:
     def start_window(self) -> None:
         self.window_start = time.time()
         self.gaps = array("d")
+        self.gap_ages = array("d")
+        self.gap_ends = array("d")
         self.list_calls = self.single_calls = self.md5_checks = 0
 
     def checked(self, md5s: list[str], now: float) -> None:
@@ -58,19 +70,53 @@ class Recorder:
             self.last[md5] = now
             if prev is not None:
                 self.gaps.append(now - prev)
+                self.gap_ages.append(prev - self.born[md5] if md5 in self.born else -1.0)
+                self.gap_ends.append(now)
+            if now >= self.until.get(md5, float("inf")):
+                self.forget(md5)  # its final check: no longer pending
 
-    def paid(self, md5: str, now: float) -> None:
-        self.paid_at[md5] = now
+    def track(self, items: list[list[Any]]) -> None:
+        for md5, born, until, since in items:
+            md5 = md5.lower()
+            self.tracked.add(md5)
+            self.born[md5] = born
+            self.until[md5] = until
+            if since is not None:
+                self.last[md5] = since
+
+    def forget(self, md5: str) -> None:
         self.tracked.discard(md5)
         self.last.pop(md5, None)
 
-    def figures(self) -> dict[str, Any]:
+    def paid(self, md5: str, now: float) -> None:
+        self.paid_at[md5] = now
+        self.forget(md5)
+
+    def by_age(self, young_s: float) -> dict[str, Any]:
+        """Gaps begun in the window, of md5s younger than `young_s` when they began and of
+        the others; and the longest of the gaps begun before it (warm-up leftovers)."""
+        young, old, before = [], [], []
+        for gap, age, end in zip(self.gaps, self.gap_ages, self.gap_ends, strict=True):
+            if end - gap < self.window_start:
+                before.append(gap)
+            elif 0 <= age < young_s:
+                young.append(gap)
+            else:
+                old.append(gap)
+        return {
+            "youngGaps": summarize(young),
+            "oldGaps": summarize(old),
+            "gapsBegunBefore": summarize(before),
+        }
+
+    def figures(self, young_s: float | None = None) -> dict[str, Any]:
         now = time.time()
         elapsed = now - self.window_start
         # Time since the last check of each tracked md5: catches any md5 left unpolled,
         # which the completed gaps alone would hide.
-        open_gaps = [now - self.last.get(m, self.window_start) for m in self.tracked]
-        return {
+        opened = {m: self.last.get(m, self.window_start) for m in self.tracked}
+        open_gaps = [now - at for at in opened.values()]
+        out = {
             "elapsedS": elapsed,
             "tracked": len(self.tracked),
             "listCalls": self.list_calls,
@@ -79,6 +125,9 @@ class Recorder:
             "gaps": summarize(list(self.gaps)),
             "openGaps": summarize(open_gaps),
         }
+        if young_s is not None:
+            out.update(self.by_age(young_s))
+        return out
 
 
 def summarize(values: list[float]) -> dict[str, float | int | None]:
@@ -136,7 +185,9 @@ def _md5s(body: bytes, *, many: bool) -> list[str]:
 
 async def track(request: web.Request) -> web.Response:
     body = orjson.loads(await request.read())
-    request.app[RECORDER].tracked.update(m.lower() for m in body["md5s"])
+    recorder = request.app[RECORDER]
+    recorder.tracked.update(m.lower() for m in body.get("md5s", ()))
+    recorder.track(body.get("items", []))
     return web.json_response({"tracked": len(request.app[RECORDER].tracked)})
 
 
@@ -146,9 +197,9 @@ async def start_window(request: web.Request) -> web.Response:
 
 
 async def window(request: web.Request) -> web.Response:
-    return web.Response(
-        body=orjson.dumps(request.app[RECORDER].figures()), content_type="application/json"
-    )
+    young = request.query.get("young")
+    figures = request.app[RECORDER].figures(float(young) if young else None)
+    return web.Response(body=orjson.dumps(figures), content_type="application/json")
 
 
 async def paid(request: web.Request) -> web.Response:

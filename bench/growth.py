@@ -228,7 +228,7 @@ def rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
         size = f"{g['database_bytes'] / 2**30:.1f} GiB"
         out.append(
             (
-                f"7. growth: ingest with {n} finished transactions ({size})",
+                f"10. growth: ingest with {n} finished transactions ({size})",
                 f"{fmt(h['ingest_rps'])} vs {fmt(e['ingest_rps'])} req/s empty",
                 f"{fmt(_ratio(h['ingest_rps'], e['ingest_rps']), 2)}x empty",
                 "≥ 0.9x empty",
@@ -241,7 +241,7 @@ def rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
             goal = LIST_P99_GOAL_MS[key]
             out.append(
                 (
-                    f"7. growth: GET {LIST_PATH}, 50 conns ({label})",
+                    f"10. growth: GET {LIST_PATH}, 50 conns ({label})",
                     f"p50 {fmt(x['list_p50_ms'], 1)} ms, p99 {fmt(x['list_p99_ms'], 1)} ms;"
                     f" {fmt(x['list_rps'])} req/s",
                     f"p99 {fmt(_ratio(x['list_p99_ms'], x['list_p50_ms']), 1)}x p50",
@@ -253,7 +253,7 @@ def rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
         for key, label in (("stats_ms", "GET /api/v1/stats"), ("metrics_ms", "GET /metrics")):
             out.append(
                 (
-                    f"7. growth: {label}, one client, with {n}",
+                    f"10. growth: {label}, one client, with {n}",
                     f"p50 {fmt(h[key]['p50'], 2)} ms (empty {fmt(e[key]['p50'], 2)} ms)",
                     f"{fmt(_ratio(h[key]['p50'], e[key]['p50']), 2)}x empty",
                     f"p50 ≤ {STATS_GOAL_MS:g} ms, independent of rows",
@@ -265,7 +265,7 @@ def rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
     if r:
         out.append(
             (
-                f"8. retention: ingest while {r['old_rows']:,} old transactions are pruned",
+                f"11. retention: ingest while {r['old_rows']:,} old transactions are pruned",
                 f"{fmt(r['ingest_pruning_rps'])} vs {fmt(r['ingest_alone_rps'])} req/s alone;"
                 f" {fmt(r['pruned_in_window'])} pruned in {fmt(r['window_s'], 0)} s"
                 f" ({fmt(r['prune_rate'])} /s, each with its webhook and attempt)",

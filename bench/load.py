@@ -39,6 +39,7 @@ end
 function init(args)
   seed = args[1]
   hook = args[2]
+  token = args[3]
   n = 0
   wrk.method = "POST"
   wrk.headers["Content-Type"] = "application/json"
@@ -46,8 +47,13 @@ end
 function request()
   n = n + 1
   local md5 = string.format("%s%02x%014x", seed, tid, n)
-  local body = '{"md5":"' .. md5 .. '","webhookUrl":"' .. hook ..
-      '","metadata":{"orderId":"' .. n .. '"}}'
+  local body
+  if token then
+    body = '{"md5":"' .. md5 .. '","webhookUrl":"' .. hook .. '","token":"' .. token .. '"}'
+  else
+    body = '{"md5":"' .. md5 .. '","webhookUrl":"' .. hook ..
+        '","metadata":{"orderId":"' .. n .. '"}}'
+  end
   return wrk.format(nil, nil, nil, body)
 end
 """
@@ -86,15 +92,22 @@ async def run(
     tool: str,
     post_hook: str | None = None,
     threads: int = 2,
+    token: str | None = None,
 ) -> LoadResult:
-    """GET `url` (post_hook None) or POST new transactions to it, for `seconds`."""
+    """GET `url` (post_hook None) or POST new transactions to it, for `seconds`; with a
+    `token`, each body is that of rachhen/khqr-webhook's route: md5, webhookUrl, token."""
     if tool == "wrk":
-        return await _wrk(url, seconds, connections, post_hook, threads)
-    return await _aiohttp(url, seconds, connections, post_hook)
+        return await _wrk(url, seconds, connections, post_hook, threads, token)
+    return await _aiohttp(url, seconds, connections, post_hook, token)
 
 
 async def _wrk(
-    url: str, seconds: float, connections: int, post_hook: str | None, threads: int
+    url: str,
+    seconds: float,
+    connections: int,
+    post_hook: str | None,
+    threads: int,
+    token: str | None,
 ) -> LoadResult:
     binary = wrk_path()
     assert binary, "wrk is not installed"
@@ -113,7 +126,7 @@ async def _wrk(
         url,
     ]
     if post_hook:
-        args += ["--", md5_seed(), post_hook]
+        args += ["--", md5_seed(), post_hook, *([token] if token else [])]
     try:
         proc = await asyncio.create_subprocess_exec(
             *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
@@ -136,7 +149,18 @@ async def _wrk(
     )
 
 
-async def _aiohttp(url: str, seconds: float, connections: int, post_hook: str | None) -> LoadResult:
+def _body(seed: str, counter: int, post_hook: str, token: str | None) -> bytes:
+    body: dict[str, Any] = {"md5": f"{seed}{counter:016x}", "webhookUrl": post_hook}
+    if token:
+        body["token"] = token
+    else:
+        body["metadata"] = {"orderId": str(counter)}
+    return orjson.dumps(body)
+
+
+async def _aiohttp(
+    url: str, seconds: float, connections: int, post_hook: str | None, token: str | None
+) -> LoadResult:
     seed = md5_seed()
     latencies: list[float] = []
     errors = 0
@@ -152,13 +176,7 @@ async def _aiohttp(url: str, seconds: float, connections: int, post_hook: str | 
             start = time.perf_counter()
             try:
                 if post_hook:
-                    body = orjson.dumps(
-                        {
-                            "md5": f"{seed}{counter:016x}",
-                            "webhookUrl": post_hook,
-                            "metadata": {"orderId": str(counter)},
-                        }
-                    )
+                    body = _body(seed, counter, post_hook, token)
                     async with session.post(url, data=body, headers=headers) as resp:
                         await resp.read()
                         ok = resp.status < 300

@@ -86,7 +86,7 @@ def rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
         p99 = many["gap"]["p99"]
         out.append(
             (
-                f"9. Redis Cluster: poll gap at {res['config']['pending']:,} pending",
+                f"12. Redis Cluster: poll gap at {res['config']['pending']:,} pending",
                 f"p99 {fmt(p99, 2)} s (one Redis: {fmt((one.get('gap') or {}).get('p99'), 2)} s)",
                 f"p99 {fmt(p99 / iv if p99 else None, 2)}x interval",
                 "p99 ≤ 1.2x interval",
@@ -99,7 +99,7 @@ def rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
         rate, base = many_d["rate"], one_d.get("rate")
         out.append(
             (
-                f"9. Redis Cluster: delivery, {many_d['count']:,} due webhooks",
+                f"12. Redis Cluster: delivery, {many_d['count']:,} due webhooks",
                 f"{fmt(rate)} /s (one Redis: {fmt(base)} /s)",
                 f"{fmt(rate / base if rate and base else None, 2)}x one Redis",
                 "≥ 2,000 /s",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import os
 import platform
@@ -29,7 +30,7 @@ import tempfile
 import time
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -45,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import growth
 import load
 import on_cluster
-from procs import CpuMeter, Procs, memory_kib
+from procs import CpuMeter, Procs, descendants, memory_kib
 
 from khqr_gateway.bakong.sandbox import make_token
 from khqr_gateway.store.schedule import keys
@@ -61,6 +62,7 @@ REDIS_URL = os.environ.get(
 HOST = "127.0.0.1"
 README_START = "<!-- bench:results -->"
 README_END = "<!-- /bench:results -->"
+JSON = {"Content-Type": "application/json"}
 
 
 @dataclass(frozen=True)
@@ -83,8 +85,8 @@ class Scale:
     recovery_wait_s: float = 70.0
     scale_deliveries: int = 20_000
     connections: int = 50
-    # The simulated Bakong has no limit; the default 20/s would cap capacity at
-    # 20 x 50 x interval = 3,000 pending md5s (see README).
+    # The simulated Bakong has no limit; the default 50/s would cap capacity at
+    # 50 x 50 x interval = 7,500 pending md5s (see README).
     bakong_max_rps: float = 1000.0
     # Growth and retention (bench/growth.py): off unless asked, since seeding 2,000,000 rows
     # takes minutes: `--history 2000000 --old-rows 1000000 --max-s 1800`.
@@ -92,7 +94,22 @@ class Scale:
     old_rows: int = 0
     # 1: the capacity and delivery phases again on a local Redis Cluster (bench/on_cluster.py)
     cluster: int = 0
-    max_s: float = 295.0
+    # rachhen/khqr-webhook's create route (a token in every body) beside ours, alternately.
+    compat_runs: int = 10
+    compat_s: float = 3.0
+    # The list endpoint forbidden (403): a gateway of its own at the default BAKONG_MAX_RPS,
+    # pending md5s of every age up to their timeout (`lf_lifetime_s`), new ones created at
+    # the rate that keeps their number, a share of the new ones paid while young.
+    lf_rps: float = 50.0
+    lf_small: int = 150
+    lf_pending: int = 1000
+    lf_lifetime_s: float = 300.0
+    lf_warmup_s: float = 30.0
+    lf_window_s: float = 30.0
+    lf_pay_share: float = 0.3
+    # The seed polled direct, then through BAKONG_PROXY_URL (proxy.py), this long each.
+    proxy_s: float = 10.0
+    max_s: float = 480.0
 
 
 QUICK = Scale(
@@ -114,6 +131,15 @@ QUICK = Scale(
     history=50_000,
     old_rows=20_000,
     cluster=1,
+    compat_runs=1,
+    compat_s=0.5,
+    lf_rps=10.0,
+    lf_small=0,
+    lf_pending=40,
+    lf_lifetime_s=30.0,
+    lf_warmup_s=1.0,
+    lf_window_s=1.5,
+    proxy_s=1.0,
     max_s=180.0,
 )
 
@@ -167,6 +193,7 @@ class Bench:
     procs: Procs
     gateway_cmd: str | None = None
     run_id: str = field(default_factory=lambda: secrets.token_hex(4))
+    extra_env: dict[str, str] = field(default_factory=dict)  # for the gateways of this stack
     ports: dict[str, int] = field(default_factory=dict)
     session: aiohttp.ClientSession | None = None
     pool: asyncpg.Pool | None = None
@@ -218,7 +245,8 @@ class Bench:
     # Processes ---------------------------------------------------------------------
 
     def gateway_env(self, port: int) -> dict[str, str]:
-        kept = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ")
+        # PYTHONPATH: a run from a git worktree runs that worktree's code.
+        kept = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ", "PYTHONPATH")
         env = {k: v for k, v in os.environ.items() if k in kept}
         env.update(
             APP_ENV=self.app_env,
@@ -237,6 +265,7 @@ class Bench:
             BAKONG_MAX_RPS=f"{self.scale.bakong_max_rps:g}",
             SHUTDOWN_GRACE_S="2",
         )
+        env.update(self.extra_env)
         return env
 
     def gateway_command(self) -> list[str]:
@@ -291,6 +320,8 @@ class Bench:
             for name in ("gateway", "gateway-2", "bakong", "receiver")
             if name in self.procs.running
         }
+        if "proxy" in self.procs.running:  # proxy.py works in child processes
+            parts["proxy"] = [self.pid("proxy"), *descendants(self.pid("proxy"))]
         parts["bench"] = [os.getpid()]
         return CpuMeter(parts, self.database)
 
@@ -743,14 +774,344 @@ async def phase_scale_out(b: Bench) -> None:
     }
 
 
+async def delete_ingested(b: Bench) -> int:
+    """Delete what an ingest run created (pending, never paid), its polls with it: the runs
+    of one phase on one database, without the rows of the runs before it in every scan."""
+    rows = await b.db.fetch(
+        "delete from transactions where status = 'pending' and webhook_url = $1 returning id",
+        b.url("receiver") + "/ingest",
+    )
+    for start in range(0, len(rows), 5000):
+        chunk = [str(r["id"]) for r in rows[start : start + 5000]]
+        await b.r.zrem(b.keys["poll"], *chunk)
+    return len(rows)
+
+
+async def phase_compat(b: Bench) -> None:
+    """Our create route and rachhen/khqr-webhook's (the same token in every body), in turns
+    (which goes first alternates), on one database: the second must cost about what the
+    first does, run after run. Compared pair by pair, as the machine's noise moves both."""
+    s = b.scale
+    token = make_token("compat@khqr-gateway.local")
+    hook = b.url("receiver") + "/ingest"
+    runs: dict[str, list[float]] = {"ours": [], "compat": []}
+    routes = {
+        "ours": ("/api/v1/transactions", None),
+        "compat": ("/api/v1/transaction/token", token),
+    }
+    errors = 0
+    for n in range(s.compat_runs):
+        for kind in ("ours", "compat") if n % 2 == 0 else ("compat", "ours"):
+            route, body_token = routes[kind]
+            result = await load.run(
+                b.url("gateway") + route,
+                seconds=s.compat_s,
+                connections=s.connections,
+                tool=b.tool,
+                post_hook=hook,
+                token=body_token,
+            )
+            runs[kind].append(result.rps)
+            errors += result.errors
+            await delete_ingested(b)
+    ratios = [c / o for c, o in zip(runs["compat"], runs["ours"], strict=True) if o]
+    third = max(1, len(ratios) // 3)
+    b.results["compat"] = {
+        "runs": runs,
+        "ratios": ratios,
+        "errors": errors,
+        "ours_median": pct(sorted(runs["ours"]), 0.5),
+        "compat_median": pct(sorted(runs["compat"]), 0.5),
+        "ratio": pct(sorted(ratios), 0.5),
+        # Flat: the last pairs' ratio as the first's (a row rewritten per create is not).
+        "trend": _div(sum(ratios[-third:]) / third, sum(ratios[:third]) / third)
+        if ratios
+        else None,
+    }
+
+
+@contextlib.asynccontextmanager
+async def side_stack(b: Bench, tag: str, **env: str) -> AsyncIterator[Bench]:
+    """A gateway with a simulated Bakong, database and Redis namespace of its own (its faults
+    and rate limit touch nothing else); the receiver and the HTTP session are shared."""
+    work = b.work / tag
+    work.mkdir()
+    side = Bench(
+        b.scale,
+        b.tool,
+        b.app_env,
+        None,
+        work,
+        Procs(work),
+        b.gateway_cmd,
+        run_id=f"{b.run_id}{tag}",
+        extra_env=env,
+    )
+    side.session, side.redis = b.session, b.redis
+    side.ports["receiver"] = b.ports["receiver"]
+    await create_database(side)
+    try:
+        side.ports["bakong"] = free_port()
+        side.procs.start(
+            "bakong",
+            [sys.executable, str(BENCH_DIR / "bakong.py"), "--port", str(side.ports["bakong"])],
+            cwd=work,
+        )
+        await side.wait_http("bakong", "/bench/window")
+        await side.start_gateway("gateway")
+        side.pool = await asyncpg.create_pool(side.dsn, min_size=1, max_size=4)
+        yield side
+    finally:
+        side.procs.stop_all()
+        if side.pool is not None:
+            await side.pool.close()
+        await drop_database(side)
+        await clear_redis(side)
+
+
+# A payment made this young is a young payment; a check of an md5 this young, a young check.
+YOUNG_S = 30.0
+
+
+async def seed_ages(side: Bench, count: int, life_s: float, hook: str) -> None:
+    """`count` pending transactions of every age up to `life_s`, each timing out at that age,
+    their polls spread over one interval (as the list endpoint left them)."""
+    now = datetime.now(UTC)
+    rows = []
+    for _ in range(count):
+        created = now - timedelta(seconds=random.uniform(0, life_s))
+        deadline = created + timedelta(seconds=life_s)
+        rows.append((uuid.uuid4(), secrets.token_hex(16), hook, created, deadline))
+    await side.db.copy_records_to_table(
+        "transactions",
+        records=rows,
+        columns=["id", "md5", "webhook_url", "created_at", "deadline_at"],
+    )
+    now_ms = int(time.time() * 1000)
+    span = int(side.scale.interval_s * 1000)
+    await side.r.zadd(
+        side.keys["poll"], {str(r[0]): now_ms + random.randint(100, span) for r in rows}
+    )
+    items = [[r[1], r[3].timestamp(), r[4].timestamp(), None] for r in rows]
+    await side.bakong_post("/bench/track", {"items": items})
+
+
+async def keep_creating(
+    side: Bench, per_s: float, hook: str, paid: list[str], stop: asyncio.Event
+) -> int:
+    """Create transactions through the API at `per_s`; pay a share of them while young (each
+    md5 goes into `paid` when it is marked paid). Returns how many were created."""
+    s = side.scale
+    url = side.url("gateway") + "/api/v1/transactions"
+    payments: set[asyncio.Task[None]] = set()
+
+    async def pay_at(md5: str, age_s: float) -> None:
+        await asyncio.sleep(age_s)
+        await side.pay([md5])
+        paid.append(md5)
+
+    start, n = time.monotonic(), 0
+    while not stop.is_set():
+        await asyncio.sleep(max(0.0, start + n / per_s - time.monotonic()))
+        n += 1
+        md5, born = secrets.token_hex(16), time.time()
+        until = born + s.lf_lifetime_s
+        await side.bakong_post("/bench/track", {"items": [[md5, born, until, born]]})
+        body = {"md5": md5, "webhookUrl": hook, "timeoutSeconds": int(s.lf_lifetime_s)}
+        async with side.http.post(url, data=orjson.dumps(body), headers=JSON) as resp:
+            resp.raise_for_status()
+        if random.random() < s.lf_pay_share:
+            task = asyncio.create_task(pay_at(md5, random.uniform(2.0, YOUNG_S - 2.0)))
+            payments.add(task)
+            task.add_done_callback(payments.discard)
+    for task in list(payments):
+        task.cancel()
+    return n
+
+
+async def final_checks(side: Bench, since: float, until: float, hook: str) -> dict[str, int]:
+    """What became of the transactions whose deadline fell in [since, until): `timeout
+    not_paid` only after a final check answered."""
+    rows = await side.db.fetch(
+        "select status || coalesce(' ' || reason, '') as outcome, count(*) as n"
+        " from transactions where webhook_url = $1"
+        " and deadline_at >= to_timestamp($2) and deadline_at < to_timestamp($3) group by 1",
+        hook,
+        since,
+        until,
+    )
+    return {r["outcome"]: r["n"] for r in rows}
+
+
+async def steady_list_forbidden(side: Bench, count: int) -> dict[str, Any]:
+    """`count` pending md5s kept at that number while the list endpoint answers 403."""
+    s = side.scale
+    hook = side.url("receiver") + "/lf"
+    await side.bakong_post("/control/faults", {"listStatus": 403})
+    arrivals = Arrivals(side.url("receiver"))
+    await arrivals.refresh(side.http)
+    await seed_ages(side, count, s.lf_lifetime_s, hook)
+    paid: list[str] = []
+    stop = asyncio.Event()
+    creator = asyncio.create_task(keep_creating(side, count / s.lf_lifetime_s, hook, paid, stop))
+    try:
+        await asyncio.sleep(s.lf_warmup_s)
+        await side.bakong_post("/bench/window", {})
+        since, paid_before = time.time(), len(paid)
+        meter = side.meter()
+        before, started = meter.read(), time.perf_counter()
+        await asyncio.sleep(s.lf_window_s)
+        window = await side.bakong_get(f"/bench/window?young={YOUNG_S:g}")
+        cpu = CpuMeter.cores(before, meter.read(), time.perf_counter() - started)
+        async with side.http.get(side.url("gateway") + "/api/v1/stats") as resp:
+            checks = (await resp.json())["bakong"]["checks"]
+        until = time.time()
+    finally:
+        stop.set()
+        created = await creator
+    young_paid = paid[paid_before:]
+    await arrivals.wait_for(side.http, young_paid, timeout_s=4 * s.interval_s + 10)
+    paid_at = await side.bakong_get("/bench/paid")
+    detect = sorted(
+        arrivals.first[m] - paid_at[m] for m in young_paid if m in arrivals.first and m in paid_at
+    )
+    # Final checks are made a tick after the deadline, later when put off by the limit.
+    finals = await final_checks(side, since, until - 2 * s.interval_s, hook)
+    gaps, opened = window["gaps"], window["openGaps"]
+    return {
+        "pending": count,
+        "lifetime_s": s.lf_lifetime_s,
+        "created": created,
+        "requests_per_s": (window["listCalls"] + window["singleCalls"]) / window["elapsedS"],
+        "checks_per_s": window["md5Checks"] / window["elapsedS"],
+        "gap": gaps,
+        "young_gap": window["youngGaps"],
+        "old_gap": window["oldGaps"],
+        "gap_begun_before": window["gapsBegunBefore"],
+        "checks": checks,  # what /api/v1/stats says of the mode and the budget
+        "open_gap": opened,
+        "longest_unchecked_s": max(gaps["max"] or 0.0, opened["max"] or 0.0),
+        "finals": finals,
+        "young_paid": len(young_paid),
+        "detected": len(detect),
+        "detect_p50_s": pct(detect, 0.5),
+        "detect_p90_s": pct(detect, 0.9),
+        "detect_max_s": detect[-1] if detect else None,
+        "cpu_cores": cpu,
+    }
+
+
+async def phase_list_forbidden(b: Bench) -> None:
+    s = b.scale
+    out: dict[str, Any] = {"rps": s.lf_rps}
+    for key, count in (("small", s.lf_small), ("large", s.lf_pending)):
+        if not count:
+            continue
+        async with side_stack(b, f"lf{count}", BAKONG_MAX_RPS=f"{s.lf_rps:g}") as side:
+            out[key] = await steady_list_forbidden(side, count)
+    b.results["list_forbidden"] = out
+
+
+async def start_proxy(b: Bench, password: str) -> str:
+    """proxy.py on loopback with a password, as tests/test_client.py runs it; its URL."""
+    port = free_port()
+    command = [sys.executable, "-m", "proxy", "--hostname", HOST, "--port", str(port)]
+    command += ["--basic-auth", f"shop:{password}", "--num-workers", "1", "--num-acceptors", "1"]
+    b.procs.start("proxy", command, cwd=b.work)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            socket.create_connection((HOST, port), timeout=0.5).close()
+            break
+        except OSError:
+            if b.procs.running["proxy"].poll() is not None or time.monotonic() > deadline:
+                tail = b.procs.log_tail("proxy")
+                raise RuntimeError(f"proxy.py did not start:\n{tail}") from None
+            await asyncio.sleep(0.1)
+    return f"http://shop:{password}@{HOST}:{port}"
+
+
+async def bakong_latency(side: Bench) -> tuple[float, int]:
+    """The gateway's Bakong call latency so far (seconds in all, calls), from /metrics."""
+    async with side.http.get(side.url("gateway") + "/metrics") as resp:
+        text = await resp.text()
+    total, count = 0.0, 0
+    for line in text.splitlines():
+        if line.startswith("khqr_bakong_call_seconds_sum{"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("khqr_bakong_call_seconds_count{"):
+            count += int(float(line.rsplit(" ", 1)[1]))
+    return total, count
+
+
+async def poll_window(b: Bench) -> dict[str, Any]:
+    """The seed polled for `proxy_s`: Bakong requests, gaps, latency and CPU per request."""
+    await b.bakong_post("/bench/window", {})
+    stats_before = await b.bakong_get("/control/stats")
+    latency_before = await bakong_latency(b)
+    meter = b.meter()
+    before, started = meter.read(), time.perf_counter()
+    await asyncio.sleep(b.scale.proxy_s)
+    window = await b.bakong_get("/bench/window")
+    cpu = CpuMeter.cores(before, meter.read(), time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    latency = await bakong_latency(b)
+    stats = await b.bakong_get("/control/stats")
+    requests = window["listCalls"] + window["singleCalls"]
+    calls = latency[1] - latency_before[1]
+    per_request = seconds / requests if requests else None
+    return {
+        "requests": requests,
+        "md5_checks": window["md5Checks"],
+        # Of every call the simulated Bakong answered meanwhile (token renewals too).
+        "calls": sum(stats["calls"].values()) - sum(stats_before["calls"].values()),
+        "proxied": stats["proxied"] - stats_before["proxied"],
+        "gap": window["gaps"],
+        "latency_ms": _div((latency[0] - latency_before[0]) * 1000, calls),
+        "gateway_us_per_request": _mul(cpu.get("gateway"), per_request, 1e6),
+        "proxy_us_per_request": _mul(cpu.get("proxy"), per_request, 1e6),
+        "cpu_cores": cpu,
+    }
+
+
+def _mul(*values: float | None) -> float | None:
+    out = 1.0
+    for v in values:
+        if v is None:
+            return None
+        out *= v
+    return out
+
+
+async def phase_proxy(b: Bench) -> None:
+    """The capacity seed polled by one gateway direct, then through BAKONG_PROXY_URL
+    (proxy.py, with a password): what the proxy costs a Bakong request."""
+    s = b.scale
+    if not b.seed:
+        await b.seed_pending(s.pending)
+        await asyncio.sleep(s.warmup_s)
+    b.procs.stop("gateway-2")
+    direct = await poll_window(b)
+    url = await start_proxy(b, secrets.token_urlsafe(12))
+    b.procs.stop("gateway")
+    b.extra_env["BAKONG_PROXY_URL"] = url
+    await b.start_gateway("gateway")
+    await asyncio.sleep(min(s.warmup_s, 2 * s.interval_s))
+    proxied = await poll_window(b)
+    b.results["proxy"] = {"pending": len(b.seed), "direct": direct, "proxied": proxied}
+
+
 PHASES: list[tuple[str, Callable[[Bench], Awaitable[None]]]] = [
     ("ingest (idle)", phase_ingest_idle),
+    ("compat ingest", phase_compat),
     ("capacity", phase_capacity),
     ("detection", phase_detection),
     ("ingest (loaded)", phase_ingest_loaded),
     ("delivery", phase_delivery),
     ("recovery", phase_recovery),
     ("scale-out", phase_scale_out),
+    ("list-forbidden", phase_list_forbidden),
+    ("proxy", phase_proxy),
     # Before growth: the retention phase leaves pruning going on for minutes.
     ("cluster", lambda b: on_cluster.phase_cluster(b, phase_capacity, phase_delivery)),
     ("growth", growth.phase_growth),
@@ -1092,7 +1453,149 @@ def rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
                 met(x["delivery_ratio"] is not None and x["delivery_ratio"] >= 1.6),
             )
         )
+    out += compat_rows(res) + list_forbidden_rows(res) + proxy_rows(res)
     return out + growth.rows(res) + on_cluster.rows(res)
+
+
+Row = tuple[str, str, str, str, str, str]
+
+
+def compat_rows(res: dict[str, Any]) -> list[Row]:
+    x = res.get("compat")
+    if not x:
+        return []
+    runs = x["runs"]["compat"]
+    ok = (x["ratio"] or 0) >= 0.9 and (x["trend"] or 0) >= 0.9
+    return [
+        (
+            f"7. ingest, rachhen/khqr-webhook's route (the same token in every body),"
+            f" {len(runs)} runs in turns with ours, one database",
+            f"median {fmt(x['compat_median'])} req/s (runs {', '.join(fmt(r) for r in runs)});"
+            f" ours {fmt(x['ours_median'])} req/s"
+            + (f" ({x['errors']:,} errors)" if x["errors"] else ""),
+            f"median {fmt(x['ratio'], 2)}x ours, pair by pair"
+            f" ({', '.join(fmt(r, 2) for r in x['ratios'])}); last third"
+            f" {fmt(x['trend'], 2)}x the first",
+            "≥ 0.9x ours, and flat (≥ 0.9x)",
+            "872 req/s, falling with use (1,134 -> 568 over 4 runs): 0.19x",
+            met(ok),
+        )
+    ]
+
+
+def list_forbidden_rows(res: dict[str, Any]) -> list[Row]:
+    x = res.get("list_forbidden")
+    if not x:
+        return []
+    iv, rps = res["config"]["interval_s"], x["rps"]
+    out: list[Row] = []
+    small, large = x.get("small"), x.get("large")
+    if small:
+        g = small["gap"]
+        longest = small["longest_unchecked_s"]
+        out.append(
+            (
+                f"8. list endpoint 403, {small['pending']:,} pending, BAKONG_MAX_RPS={rps:g}:"
+                " gap between checks of an md5",
+                f"mean {fmt(g['mean'], 2)} s, p99 {fmt(g['p99'], 2)} s; longest unchecked"
+                f" {fmt(longest, 1)} s; {fmt(small['requests_per_s'], 1)} Bakong req/s",
+                f"p99 {fmt(_div(g['p99'], iv), 2)}x, longest {fmt(_div(longest, iv), 1)}x interval",
+                "p99 ≤ 1.2x interval, none unchecked > 2x",
+                "3 runs in 6 left some md5s unchecked 23-40 s",
+                met(g["p99"] is not None and g["p99"] <= 1.2 * iv and longest <= 2 * iv),
+            )
+        )
+    if large:
+        out += _large_rows(large, iv, rps)
+    return out
+
+
+def _large_rows(x: dict[str, Any], iv: float, rps: float) -> list[Row]:
+    y, w = x["young_gap"], x["gap_begun_before"]
+    budget = x["checks"].get("budget") or {}
+    head = (
+        f"8. list endpoint 403, {x['pending']:,} pending (ages 0-{x['lifetime_s']:g} s),"
+        f" BAKONG_MAX_RPS={rps:g}"
+    )
+    longest = x["longest_unchecked_s"]
+    finals = x["finals"]
+    due = sum(n for k, n in finals.items() if k.startswith("timeout") or k == "pending")
+    made = finals.get("timeout not_paid", 0)
+    return [
+        (
+            f"{head}: gap between checks begun in the window, of md5s younger than {YOUNG_S:g} s",
+            f"mean {fmt(y['mean'], 2)} s, p99 {fmt(y['p99'], 2)} s, max {fmt(y['max'], 2)} s"
+            f" ({y['count']:,} gaps); /api/v1/stats: mode {x['checks'].get('mode')},"
+            f" young every {fmt(budget.get('youngGapS'), 1)} s, older every"
+            f" {fmt(budget.get('oldGapS'), 1)} s",
+            f"young p99 {fmt(_div(y['p99'], iv), 2)}x interval;"
+            f" {fmt(x['requests_per_s'], 1)} Bakong req/s",
+            "young p99 ≤ 2x interval",
+            "8.9 s on average",
+            met(y["p99"] is not None and y["p99"] <= 2 * iv),
+        ),
+        (
+            f"{head}: longest any md5 went unchecked",
+            f"{fmt(longest, 1)} s (of gaps begun in the warm-up: {fmt(w['max'], 1)} s)",
+            f"{fmt(_div(longest, iv), 1)}x interval",
+            "≤ 60 s",
+            "every md5 every ~20 s",
+            met(longest <= 60),
+        ),
+        (
+            f"{head}: final checks at the deadline",
+            f"{made} of {due} made" + "".join(f"; {n} {k}" for k, n in finals.items()),
+            "-",
+            "every one",
+            "-",
+            met(due > 0 and made == due),
+        ),
+        (
+            f"{head}: detection of payments made younger than {YOUNG_S:g} s",
+            f"p50 {fmt(x['detect_p50_s'], 2)} s, p90 {fmt(x['detect_p90_s'], 2)} s"
+            f" ({x['detected']} of {x['young_paid']} arrived)",
+            f"p50 {fmt(_div(x['detect_p50_s'], iv), 2)}x interval",
+            "p50 ≤ 5 s",
+            "p50 5.5 s, p90 11.4 s",
+            met(x["detect_p50_s"] is not None and x["detect_p50_s"] <= 5),
+        ),
+    ]
+
+
+def proxy_rows(res: dict[str, Any]) -> list[Row]:
+    x = res.get("proxy")
+    if not x:
+        return []
+    d, p = x["direct"], x["proxied"]
+    through = _div(p["proxied"] * 100, p["calls"])
+    added = _sub(p["latency_ms"], d["latency_ms"])
+    cpu = _sub(
+        _sum(p["gateway_us_per_request"], p["proxy_us_per_request"]), d["gateway_us_per_request"]
+    )
+    return [
+        (
+            f"9. polling {x['pending']:,} pending through BAKONG_PROXY_URL (proxy.py, a password)",
+            f"{fmt(through, 1)}% of {p['calls']:,} Bakong requests through the proxy;"
+            f" latency {fmt(p['latency_ms'], 2)} ms vs {fmt(d['latency_ms'], 2)} ms direct;"
+            f" CPU per request: gateway {fmt(p['gateway_us_per_request'])} us"
+            f" (direct {fmt(d['gateway_us_per_request'])} us), proxy"
+            f" {fmt(p['proxy_us_per_request'])} us; gap p99 {fmt(p['gap']['p99'], 2)} s"
+            f" (direct {fmt(d['gap']['p99'], 2)} s)",
+            f"+{fmt(added, 2)} ms and +{fmt(cpu)} us of CPU per request"
+            f" (+{fmt(_div(cpu, 50), 1)} us per md5 checked in lists of 50)",
+            "every request through it",
+            "-",
+            met(through is not None and through >= 99.9),
+        )
+    ]
+
+
+def _sub(a: float | None, b: float | None) -> float | None:
+    return a - b if a is not None and b is not None else None
+
+
+def _sum(a: float | None, b: float | None) -> float | None:
+    return a + b if a is not None and b is not None else None
 
 
 def _div(a: float | None, b: float | None) -> float | None:

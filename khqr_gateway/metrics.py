@@ -121,6 +121,13 @@ BAKONG_CIRCUIT = Gauge(
     ["credential"],
     registry=REGISTRY,
 )
+BAKONG_ONE_BY_ONE = Gauge(
+    "khqr_bakong_list_refused",
+    "Credentials whose list endpoint Bakong refuses, their md5s checked one call each (the "
+    "default's: 0 or 1; per_transaction: how many of the others), as this process sees it",
+    ["credential"],
+    registry=REGISTRY,
+)
 TOKEN_RENEWALS = Counter(
     "khqr_bakong_token_renewals_total",
     "Bakong token renewals by outcome (ok, or the error kind)",

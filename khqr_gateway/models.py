@@ -98,6 +98,8 @@ class PollItem:
     deadline_at: datetime
     credential_id: int | None
     expected: Expected | None
+    # When the transaction was created: young md5s are checked first when calls are short.
+    created_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -255,7 +255,8 @@ class Poller:
                     horizon_ms,
                     self.claim_limit,
                     self.lease_ms,
-                    lookahead_ms=self.lookahead_ms,
+                    # Checked one call each, an md5 taken early is a call spent early.
+                    lookahead_ms=0 if self.checker.one_by_one() else self.lookahead_ms,
                     batch=MAX_BATCH,
                 )
                 if members:
@@ -381,7 +382,7 @@ class Poller:
     ) -> int:
         now_ms = int(now.timestamp() * 1000)
         deadline_ms = int(item.deadline_at.timestamp() * 1000)
-        wait_ms = self.interval_ms
+        wait_ms = int(self.checker.gap_s(item, now) * 1000)
         if base_ms is not None and result.retry_after is None:
             now_ms = min(now_ms, base_ms)
         if result.retry_after is not None:

@@ -38,10 +38,13 @@ def test_quick_bench_prints_a_table_with_every_figure(tmp_path: Path) -> None:
         "| 5. recovery",
         "| 6. scale-out ingest",
         "| 6. scale-out delivery",
-        "| 7. growth",
-        "| 8. retention",
-        "| 9. Redis Cluster: poll gap",
-        "| 9. Redis Cluster: delivery",
+        "| 7. ingest, rachhen/khqr-webhook's route",
+        "| 8. list endpoint 403",
+        "| 9. polling",
+        "| 10. growth",
+        "| 11. retention",
+        "| 12. Redis Cluster: poll gap",
+        "| 12. Redis Cluster: delivery",
     )
     for section in sections:
         assert section in run.stdout, section
@@ -57,6 +60,10 @@ def test_quick_bench_prints_a_table_with_every_figure(tmp_path: Path) -> None:
     assert res["recovery"]["ready_s"] > 0
     assert res["scale"]["ingest_2"] > 0 and res["scale"]["delivery_2"] is not None
     assert res["peak_rss_kib"] > 0
+    assert res["compat"]["compat_median"] > 0 and res["compat"]["ours_median"] > 0
+    assert res["list_forbidden"]["large"]["requests_per_s"] > 0
+    assert res["list_forbidden"]["large"]["young_gap"]["count"] > 0
+    assert res["proxy"]["proxied"]["proxied"] > 0, "the simulated Bakong saw the proxy"
     grown = res["growth"]["history_figures"]
     assert grown["transactions"] >= 50_000 and grown["list_rps"] > 0
     assert grown["stats_ms"]["p50"] is not None and grown["metrics_ms"]["p50"] is not None

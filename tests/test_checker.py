@@ -16,6 +16,7 @@ import pytest
 from redis.asyncio import Redis
 
 from khqr_gateway.bakong import khqr
+from khqr_gateway.bakong.budget import Cadence, Demand, cadence
 from khqr_gateway.bakong.checker import BREAKER_THRESHOLD, THROTTLED, Checker
 from khqr_gateway.bakong.client import BakongClient, SourceInfo
 from khqr_gateway.bakong.sandbox import Faults, make_token, parse_faults
@@ -239,4 +240,62 @@ async def test_no_shared_limit_to_ask_is_no_link_not_an_error(
     assert await checker.deeplink(None, a_qr(), SOURCE) is None
     assert bakong.state.calls["generate_deeplink_by_qr"] == 0
     await unreachable.aclose()
+
+
+def waiting(count: int) -> list[PollItem]:
+    """Items before their deadline (a late watch checks those past it the same way)."""
+    ahead = datetime.now(UTC) + timedelta(minutes=5)
+    return [PollItem(uuid4(), random_md5(), ahead, None, None) for _ in range(count)]
+
+
+async def test_late_checks_take_only_what_the_live_checks_leave(
+    pool: asyncpg.Pool, redis: Any, namespace: str, bakong: SimulatedBakong
+) -> None:
+    checker = await process(pool, redis, namespace, bakong, rate=10)
+    bakong.state.faults = Faults(list_status=403)  # one call per md5, late checks too
+    live = await checker.check(final_checks(6), datetime.now(UTC))
+    assert all(r.kind is CheckKind.NOT_FOUND for r in live.values())
+    calls = bakong.state.calls["check_transaction_by_md5"]
+    late = await checker.check(waiting(4), datetime.now(UTC), late=True)
+    assert bakong.state.calls["check_transaction_by_md5"] == calls, "the bucket's last 4 stay"
+    assert {r.error for r in late.values()} == {THROTTLED}
+    await checker.bakong.close()
+
+
+def test_the_budget_checks_young_md5s_every_interval_and_older_ones_with_what_is_left() -> None:
+    """The issue's figures: 50 calls a second, a 3 s interval, md5s of every age to 300 s."""
+    idle = cadence(Demand(young=2, old=10), rate=50, interval_s=3)
+    assert idle == Cadence(3, 3), "room for all: nothing changes"
+    at_150 = cadence(Demand(young=15, old=135, finals_per_s=0.5), rate=50, interval_s=3)
+    assert at_150.young_s == 3 and at_150.old_s == pytest.approx(3.21, abs=0.01)
+    at_1000 = cadence(Demand(young=100, old=900, finals_per_s=3.3), rate=50, interval_s=3)
+    assert at_1000.old_s == 45, "older md5s first give up their share, to 45 s"
+    assert 3 < at_1000.young_s <= 6, "then the young, to twice the interval at most"
+    crowd = cadence(Demand(young=400, old=3600, finals_per_s=13), rate=50, interval_s=3)
+    assert crowd.young_s / 6 == pytest.approx(crowd.old_s / 45) and crowd.old_s > 45, (
+        "beyond that all stretch alike: none starves"
+    )
+
+
+def aged(count: int, age: timedelta) -> list[PollItem]:
+    now = datetime.now(UTC)
+    ahead, created = now + timedelta(minutes=30), now - age
+    return [
+        PollItem(uuid4(), random_md5(), ahead, None, None, created_at=created) for _ in range(count)
+    ]
+
+
+async def test_older_md5s_leave_the_last_of_the_bucket_to_young_ones(
+    pool: asyncpg.Pool, redis: Any, namespace: str, bakong: SimulatedBakong
+) -> None:
+    """However many older md5s come due at once (the first round after the list endpoint is
+    refused, a restart), they leave room for md5s whose customers are paying now."""
+    checker = await process(pool, redis, namespace, bakong, rate=10)
+    bakong.state.faults = Faults(list_status=403)
+    await checker.check(waiting(1), datetime.now(UTC))  # from now on, one call per md5
+    await asyncio.sleep(1.0)  # the bucket holds 10 again
+    old = await checker.check(aged(10, timedelta(minutes=10)), datetime.now(UTC))
+    assert sum(r.error == THROTTLED for r in old.values()) == 2, "8 of 10: a fifth is kept"
+    young = await checker.check(aged(2, timedelta(seconds=5)), datetime.now(UTC))
+    assert all(r.kind is CheckKind.NOT_FOUND for r in young.values()), "for young ones"
     await checker.bakong.close()

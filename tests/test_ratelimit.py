@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from khqr_gateway.store.ratelimit import RateLimit
 from khqr_gateway.store.schedule import keys
 
@@ -84,18 +86,42 @@ async def test_pauses_run_out(redis: Any, namespace: str) -> None:
     assert grant.calls == 1 and grant.paused_s == {}
 
 
-async def test_calls_that_may_wait_get_nothing_while_queued_calls_wait_their_turn(
+async def test_a_request_served_in_full_books_no_turn_behind_an_old_line(
     redis: Any, namespace: str
 ) -> None:
-    """Late checks take only what no live check is queued for: they never push a live
-    check's turn back, and they book none of their own."""
+    """A burst books a line of turns; demand below the rate afterwards is served at once and
+    told no turn: the md5s it checks keep their own cadence instead of the line's."""
     bucket = limit(redis, namespace, rate=10)
     t = 1_000_000
-    assert (await bucket.take({None: 5}, now_ms=t, behind=True)).calls == 5, "nobody waits"
-    live = await bucket.take({1: 30}, now_ms=t)  # more than the bucket holds: turns booked
-    assert live.calls == 5 and live.turn_s is not None
-    later = t + 1_000  # 10 tokens back in the bucket, the live queue still 2.5 s long
-    assert (await bucket.take({None: 5}, now_ms=later, behind=True)).calls == 0
-    assert (await bucket.take({1: 1}, now_ms=later, queue=False)).calls == 1, "a one-off still"
-    after_queue = t + 4_000
-    assert (await bucket.take({None: 5}, now_ms=after_queue, behind=True)).calls == 5
+    burst = await bucket.take({1: 25}, now_ms=t)
+    assert burst.calls == 10 and burst.turn_s == 0.0, "15 put off: a line of 2.5 s"
+    later = await bucket.take({1: 5}, now_ms=t + 1000)
+    assert later.calls == 5, "refilled"
+    assert later.turn_s is None, "served in full: no turn, whatever the line booked"
+    short = await bucket.take({1: 8}, now_ms=t + 1100)
+    assert short.calls == 6 and short.turn_s == pytest.approx(1.4), "put off: behind the line"
+
+
+async def test_a_request_that_can_wait_leaves_the_bucket_its_share(
+    redis: Any, namespace: str
+) -> None:
+    bucket = limit(redis, namespace, rate=10)
+    t = 2_000_000
+    assert (await bucket.take({1: 4}, now_ms=t, keep=0.5)).calls == 4, "10 held, 5 to spare"
+    assert (await bucket.take({1: 4}, now_ms=t, keep=0.5)).calls == 1
+    assert (await bucket.take({1: 4}, now_ms=t)).calls == 4, "the rest is for the others"
+    grant = await bucket.take({1: 4}, now_ms=t + 100, queue=False, keep=0.5)
+    assert grant.calls == 0 and grant.turn_s is None, "none to spare, and no turn"
+    waits = await bucket.take({1: 4}, now_ms=t + 100, keep=0.2)
+    assert waits.calls == 0 and waits.turn_s is not None, "put off, with a turn"
+
+
+async def test_the_turns_of_calls_that_can_wait_never_hold_back_the_others(
+    redis: Any, namespace: str
+) -> None:
+    bucket = limit(redis, namespace, rate=10)
+    t = 3_000_000
+    waits = await bucket.take({1: 58}, now_ms=t, keep=0.2)
+    assert waits.calls == 8 and waits.turn_s == 0.0, "50 put off: 5.8 s of turns booked"
+    urgent = await bucket.take({1: 3}, now_ms=t)
+    assert urgent.calls == 2 and urgent.turn_s == pytest.approx(0.0), "behind no one"

@@ -95,6 +95,7 @@ async def bakong_health(service: Service) -> dict[str, Any]:
         "expiredCredentials": [c.id for c in expired[:EXPIRED_SHOWN]],
         "moreExpired": len(expired) > EXPIRED_SHOWN,
         "circuits": service.poller.checker.circuits(),
+        "checks": service.poller.checker.modes(),
     }
     problems = []
     if default is not None and default.status == "expired":
@@ -183,6 +184,7 @@ async def stats(request: web.Request) -> web.Response:
         "bakong": {
             **service.bakong.recent.summary(),
             "circuits": service.poller.checker.circuits(),
+            "checks": service.poller.checker.modes(),
         },
         "inFlightDeliveries": service.deliverer.in_flight,
     }

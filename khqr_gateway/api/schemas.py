@@ -669,8 +669,13 @@ class ReadySchema(Schema):
     bakong = fields.Dict(
         metadata={
             "description": "defaultCredential, expiredCredentials (ids), circuits (open "
-            "breakers by credential id) and `problem` when the default credential is expired "
-            "or missing"
+            "breakers by credential id), checks (how this process checks md5s: `mode` "
+            "`list`, 50 a call, or `single`, one call each while Bakong refuses the default "
+            "credential's list endpoint, asked again in `listRetryInS`; `singleCredentials`: "
+            "how many credentials are checked one call each; `budget`: the pending counts "
+            "and the gaps between checks of young and older md5s that fit BAKONG_MAX_RPS) and "
+            "`problem` when the default credential is expired or missing, or Bakong refuses "
+            "every call"
         }
     )
 
@@ -689,7 +694,12 @@ class StatsSchema(Schema):
     asOf = fields.DateTime(
         metadata={"description": "When the counts, queues and ages above were read"}
     )
-    bakong = fields.Dict()
+    bakong = fields.Dict(
+        metadata={
+            "description": "Recent call outcomes, circuits (open breakers) and checks (the "
+            "check mode and budget, as in /ready)"
+        }
+    )
     inFlightDeliveries = fields.Integer()
 
 

@@ -8,17 +8,22 @@ from typing import Any
 
 from khqr_gateway.store.schedule import RedisClient
 
-# KEYS[1] the bucket (a hash: tokens, ts, qend); KEYS[2..] the pause key of each credential.
-# ARGV[1] rate (tokens a second), ARGV[2] capacity, ARGV[3] now in ms ('' = Redis's clock, so
-# that processes with skewed clocks share one bucket fairly), ARGV[4] 1 to queue (below), 0
-# for a one-off call, 2 for calls that only take what nobody queued is waiting for,
-# ARGV[5..] the calls each credential wants, in the order of KEYS[2..].
+# KEYS[1] the bucket (a hash: tokens, ts, and the end of each line); KEYS[2..] the pause key
+# of each credential. ARGV[1] rate (tokens a second), ARGV[2] capacity, ARGV[3] now in ms
+# ('' = Redis's clock, so that processes with skewed clocks share one bucket fairly), ARGV[4]
+# 1 to queue (below), ARGV[5] the share of the bucket this request must leave (0 for most;
+# calls that can wait leave the bucket's last tokens to those that cannot: it only holds
+# them while the demand is below the rate), ARGV[6] the line to queue in, ARGV[7..] the
+# calls each credential wants, in the order of KEYS[2..].
 # A paused credential gets nothing and is told how long its pause lasts; the others share
-# what the bucket holds. While the demand exceeds the rate, every call asked for (granted
-# or not) books a turn in a virtual queue served at the rate (`qend`: when the turns booked
-# so far come), the calls put off first and then those granted now for their next check:
-# every process lines up behind every other, and each md5 gets its turn. The queue empties
-# by itself once the demand falls below the rate.
+# what the bucket holds. A request the bucket cannot serve in full books a turn for every
+# call it asked for (granted or not) in a virtual queue served at the rate (its line's end:
+# when the turns booked so far come), the calls put off first and then those granted now for
+# their next check: while the demand exceeds the rate every process lines up behind every
+# other, and each md5 gets its turn. A request served in full books nothing, so the queue is
+# gone as soon as the demand is below the rate again (a burst's line does not stretch the
+# calls that come after it). Calls that leave a share of the bucket queue in a line of their
+# own, so that the turns they book never hold back the others'.
 # Returns {calls granted, ms until this request's first turn (0: no queue), ms of pause left
 # for each credential}.
 _TAKE = """
@@ -26,7 +31,8 @@ local rate = tonumber(ARGV[1])
 local capacity = tonumber(ARGV[2])
 local now = tonumber(ARGV[3])
 local queue = ARGV[4] == '1'
-local behind = ARGV[4] == '2'
+local keep = tonumber(ARGV[5]) * capacity
+local line = ARGV[6]
 if not now then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -39,10 +45,10 @@ for i = 2, #KEYS do
     out[i + 1] = left
   else
     out[i + 1] = 0
-    wanted = wanted + tonumber(ARGV[i + 3])
+    wanted = wanted + tonumber(ARGV[i + 5])
   end
 end
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts', 'qend')
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts', line)
 local tokens = tonumber(state[1]) or capacity
 local ts = tonumber(state[2]) or now
 local qend = tonumber(state[3]) or 0
@@ -50,18 +56,17 @@ if now > ts then
   tokens = math.min(capacity, tokens + (now - ts) * rate / 1000)
   ts = now
 end
-local granted = math.min(wanted, math.floor(tokens))
-if behind and qend > now then
-  granted = 0
-end
+local granted = math.max(0, math.min(wanted, math.floor(tokens - keep)))
 tokens = tokens - granted
 local start = -1
-if queue and wanted > 0 and (wanted > granted or qend > now) then
+if queue and wanted > granted then
   start = math.max(now, qend)
   qend = start + wanted * 1000 / rate
 end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(ts), 'qend', tostring(qend))
-redis.call('PEXPIRE', KEYS[1], math.ceil(math.max(capacity / rate * 1000, qend - now)) + 1000)
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(ts), line, tostring(qend))
+-- Never shorter than it was: the other line may end later.
+local ttl = math.max(redis.call('PTTL', KEYS[1]), capacity / rate * 1000 + 1000, qend - now + 1000)
+redis.call('PEXPIRE', KEYS[1], math.ceil(ttl))
 out[1] = granted
 out[2] = start - now + 1
 return out
@@ -125,19 +130,21 @@ class RateLimit:
         now_ms: int | None = None,
         *,
         queue: bool = True,
-        behind: bool = False,
+        keep: float = 0.0,
     ) -> Grant:
         """Take tokens for the calls each credential wants; paused credentials get none.
 
-        `queue=False` for a one-off call (a retry after renewal) that books no turn;
-        `behind=True` for calls that may wait (late checks): they book no turn and get
-        nothing while calls that booked one are still waiting for it.
+        `queue=False` for calls that book no turn (a one-off retry after renewal, the late
+        watch); `keep`, the share of the bucket left untouched, for calls that can wait
+        (older md5s, the late watch): they get only what the others leave, and queue in a
+        line of their own.
         """
         credentials = list(wanted)
-        mode = 2 if behind else int(queue)
+        line = "qend" if keep == 0 else "qend:waits"
+        now = "" if now_ms is None else now_ms
         reply = await self._take(
             keys=[self.bucket_key, *(self.pause_key(c) for c in credentials)],
-            args=[self.rate, self.capacity, "" if now_ms is None else now_ms, mode]
+            args=[self.rate, self.capacity, now, int(queue), keep, line]
             + [wanted[c] for c in credentials],
         )
         paused = {c: int(ms) / 1000 for c, ms in zip(credentials, reply[2:], strict=True) if ms}

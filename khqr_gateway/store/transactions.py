@@ -218,7 +218,7 @@ async def load_pending(pool: asyncpg.Pool, ids: Sequence[UUID | str]) -> list[Po
     oldest-due-first order, which the rate limit's fairness relies on)."""
     rows = await pool.fetch(
         """
-        select t.id, t.md5, t.deadline_at, t.credential_id, t.expected
+        select t.id, t.md5, t.deadline_at, t.credential_id, t.expected, t.created_at
         from unnest($1::uuid[]) with ordinality as wanted (id, n)
         join transactions t on t.id = wanted.id
         where t.status = 'pending'
@@ -233,9 +233,52 @@ async def load_pending(pool: asyncpg.Pool, ids: Sequence[UUID | str]) -> list[Po
             deadline_at=r["deadline_at"],
             credential_id=r["credential_id"],
             expected=Expected.from_json(r["expected"]),
+            created_at=r["created_at"],
         )
         for r in rows
     ]
+
+
+async def pending_demand(
+    pool: asyncpg.Pool,
+    *,
+    single: Sequence[int],
+    default_id: int | None,
+    young_s: float,
+    ending_s: float,
+    batch: int,
+) -> asyncpg.Record:
+    """What checking every pending md5 costs in Bakong calls: of the credentials in `single`
+    (one call per md5), how many md5s are younger than `young_s` (`young`) and how many
+    older (`old`); of all, how many reach their deadline within `ending_s` (`ending`: one
+    final call each); of the others, the list calls of `batch` md5s one round takes
+    (`lists`)."""
+    return await pool.fetchrow(
+        """
+        with pending as (
+            select credential_id, created_at, deadline_at,
+                   coalesce(coalesce(credential_id, $2::bigint) = any($1::bigint[]), false)
+                       as single
+            from transactions
+            where status = 'pending'
+        )
+        select
+            count(*) filter (
+                where single and created_at > now() - make_interval(secs => $3)) as young,
+            count(*) filter (
+                where single and created_at <= now() - make_interval(secs => $3)) as old,
+            count(*) filter (where deadline_at < now() + make_interval(secs => $4)) as ending,
+            (select coalesce(sum(ceil(n / $5::float8)), 0)::bigint
+             from (select count(*) as n from pending where not single
+                   group by credential_id) as per_credential) as lists
+        from pending
+        """,
+        list(single),
+        default_id,
+        young_s,
+        ending_s,
+        batch,
+    )
 
 
 async def metadata_of(pool: asyncpg.Pool, ids: Sequence[UUID]) -> dict[UUID, Any]:
