@@ -65,7 +65,7 @@ def test_quick_bench_prints_a_table_with_every_figure(tmp_path: Path) -> None:
     assert res["list_forbidden"]["large"]["young_gap"]["count"] > 0
     assert res["proxy"]["proxied"]["proxied"] > 0, "the simulated Bakong saw the proxy"
     grown = res["growth"]["history_figures"]
-    assert grown["transactions"] >= 50_000 and grown["list_rps"] > 0
+    assert grown["transactions"] >= 5_000 and grown["list_rps"] > 0
     assert grown["stats_ms"]["p50"] is not None and grown["metrics_ms"]["p50"] is not None
     assert res["retention"]["ingest_pruning_rps"] > 0
     assert res["cluster"]["capacity"]["gap"]["count"] > 0
