@@ -97,7 +97,7 @@ async def main(rows: int) -> None:
     await admin.execute(f'create database "{name}"')
     proc: asyncio.subprocess.Process | None = None
     try:
-        from khqr_gateway.store import db
+        from khqr_gateway.infra import db
 
         conn = await asyncpg.connect(f"{base_dsn}/{name}")
         await db.migrate(conn)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from growth import fmt, met, quiesce
 
-from khqr_gateway.store.schedule import connect
+from khqr_gateway.infra.schedule import connect
 
 if TYPE_CHECKING:
     from run import Bench

@@ -28,7 +28,7 @@ async def _storage(settings: Settings) -> AsyncIterator[tuple[str, str]]:
     if settings.database_url and settings.redis_url:
         yield settings.database_url, settings.redis_url
         return
-    from khqr_gateway.embedded import EmbeddedServices
+    from khqr_gateway.dev.embedded import EmbeddedServices
 
     embedded = EmbeddedServices(
         settings.data_dir,
@@ -62,8 +62,8 @@ def _install_signals(stop: asyncio.Event) -> None:
 
 
 async def serve(settings: Settings, sockets: list[socket.socket]) -> None:
-    from khqr_gateway.app import create_app
-    from khqr_gateway.server import serve_app
+    from khqr_gateway.http.app import create_app
+    from khqr_gateway.http.server import serve_app
 
     stop = asyncio.Event()
     _install_signals(stop)
@@ -84,7 +84,7 @@ async def serve(settings: Settings, sockets: list[socket.socket]) -> None:
 
 
 def _log_listening(settings: Settings) -> None:
-    from khqr_gateway.api.dashboard import enabled
+    from khqr_gateway.http.dashboard import enabled
 
     base = (settings.public_url or local_url(settings.host, settings.port)).rstrip("/")
     dashboard = f"{base}/queue" if enabled(settings) else "off (production without API_KEY)"
@@ -111,7 +111,7 @@ def local_url(host: str, port: int) -> str:
 async def migrate(settings: Settings) -> None:
     import asyncpg
 
-    from khqr_gateway.store import db
+    from khqr_gateway.infra import db
 
     async with _storage(settings) as (database_url, _):
         conn = await asyncpg.connect(database_url)
@@ -160,7 +160,7 @@ def _run(coro: object) -> None:
 
 def _bind(command: str, host: str, port: int) -> list[socket.socket] | None:
     """The listening sockets, or None after one line saying why there are none."""
-    from khqr_gateway.server import bind
+    from khqr_gateway.http.server import bind
 
     try:
         return bind(host, port)

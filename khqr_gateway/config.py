@@ -12,9 +12,9 @@ from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
-from khqr_gateway.models import LateWindow
-from khqr_gateway.webhooks.retry import DEFAULT_SCHEDULE, parse_schedule
-from khqr_gateway.webhooks.signing import SecretError, parse_secrets
+from khqr_gateway.deliveries.retry import DEFAULT_SCHEDULE, parse_schedule
+from khqr_gateway.deliveries.signing import SecretError, parse_secrets
+from khqr_gateway.transactions.model import LateWindow
 
 PRODUCTION_BAKONG_URL = "https://api-bakong.nbc.gov.kh"
 # What the Bakong app shows as the app that sent the payer (deep links).

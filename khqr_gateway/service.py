@@ -10,27 +10,28 @@ from datetime import UTC, datetime
 import asyncpg
 from aiohttp import web
 
-from khqr_gateway.alerts import Alerts
 from khqr_gateway.bakong.client import BakongClient
 from khqr_gateway.bakong.sandbox import make_token
 from khqr_gateway.config import Settings
-from khqr_gateway.credentials import SANDBOX_TOKEN_EMAIL, Credentials
-from khqr_gateway.events import EventHub
-from khqr_gateway.late import LateWatch
+from khqr_gateway.credentials.renewal import SANDBOX_TOKEN_EMAIL, Credentials
+from khqr_gateway.deliveries import store as delivery_store
+from khqr_gateway.deliveries.sender import KEEPALIVE_S, MAX_IN_FLIGHT, Deliverer
+from khqr_gateway.deliveries.ssrf import AddressPolicy, GuardedConnector
+from khqr_gateway.infra import db, idempotency
+from khqr_gateway.infra.locks import Locks
+from khqr_gateway.infra.ratelimit import RateLimit
+from khqr_gateway.infra.schedule import RedisClient, Schedule, connect, keys
+from khqr_gateway.infra.scheduler import Ticks
 from khqr_gateway.metrics import PENDING, POLL_LAG, QUEUE_DEPTH
-from khqr_gateway.notify import BotApi, Notifier
-from khqr_gateway.scheduler import Ticks
-from khqr_gateway.store import counts, db
-from khqr_gateway.store import deliveries as delivery_store
-from khqr_gateway.store import transactions as tx_store
-from khqr_gateway.store.ingest import Ingest
-from khqr_gateway.store.locks import Locks
-from khqr_gateway.store.ratelimit import RateLimit
-from khqr_gateway.store.retention import Retention
-from khqr_gateway.store.schedule import RedisClient, Schedule, connect, keys
-from khqr_gateway.tracking import Poller
-from khqr_gateway.webhooks.sender import KEEPALIVE_S, MAX_IN_FLIGHT, Deliverer
-from khqr_gateway.webhooks.ssrf import AddressPolicy, GuardedConnector
+from khqr_gateway.notices.alerts import Alerts
+from khqr_gateway.notices.telegram import BotApi, Notifier
+from khqr_gateway.transactions import counts
+from khqr_gateway.transactions import store as tx_store
+from khqr_gateway.transactions.events import EventHub
+from khqr_gateway.transactions.ingest import Ingest
+from khqr_gateway.transactions.late import LateWatch
+from khqr_gateway.transactions.poller import Poller
+from khqr_gateway.transactions.retention import Retention
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +248,7 @@ class Service:
         await self._reconcile_polls()
         await self._reconcile_late()
         await self._reconcile_deliveries()
-        await tx_store.expire_idempotency_keys(self.pool)
+        await idempotency.expire_idempotency_keys(self.pool)
 
     async def _reconcile_polls(self) -> None:
         now_ms = int(time.time() * 1000)

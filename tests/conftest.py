@@ -23,13 +23,13 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 
-from khqr_gateway.app import create_app
 from khqr_gateway.bakong.sandbox import STATE_KEY, SandboxState, create_sandbox_app, make_token
 from khqr_gateway.config import AppEnv, Settings
+from khqr_gateway.http.app import create_app
+from khqr_gateway.infra import db
+from khqr_gateway.infra.schedule import RedisClient, connect
 from khqr_gateway.logs import PinoFilter, PinoFormatter
 from khqr_gateway.service import SERVICE_KEY, Service
-from khqr_gateway.store import db
-from khqr_gateway.store.schedule import RedisClient, connect
 from tests import cluster
 
 # Property tests check what the code does with their inputs, not how fast Hypothesis makes

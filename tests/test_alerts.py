@@ -7,7 +7,7 @@ from typing import Any
 
 import asyncpg
 
-from khqr_gateway.alerts import Alerts
+from khqr_gateway.notices.alerts import Alerts
 from tests.conftest import Gateway, GatewayFactory
 from tests.test_notify import FakeBotApi, bot  # noqa: F401 (the fixture)
 

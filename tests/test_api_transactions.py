@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from khqr_gateway.api.errors import iso
+from khqr_gateway.http.errors import iso
 from tests.conftest import Gateway, GatewayFactory, Receiver, SimulatedBakong, random_md5
 
 
@@ -389,7 +389,7 @@ async def test_q_pages_with_a_cursor_and_refuses_what_it_cannot_search(
 
 async def test_q_is_an_index_lookup_at_scale(gateway: Gateway, pg: asyncpg.Connection) -> None:
     """The plan of a metadata search over 50,000 rows reads the GIN index, not the table."""
-    from khqr_gateway.store import transactions as store
+    from khqr_gateway.transactions import store
 
     await pg.execute(
         """

@@ -394,7 +394,7 @@ async def test_ready_reports_each_dependency(gateway: Gateway) -> None:
 async def test_a_client_trickling_its_body_gets_408(gateway: Gateway, monkeypatch: Any) -> None:
     import asyncio
 
-    from khqr_gateway.api import transactions
+    from khqr_gateway.http import transactions
 
     monkeypatch.setattr(transactions, "BODY_READ_TIMEOUT_S", 0.5)
     host, port = gateway.client.server.host, gateway.client.server.port

@@ -16,16 +16,17 @@ import pytest
 from redis.asyncio import Redis
 
 from khqr_gateway.bakong import khqr
-from khqr_gateway.bakong.budget import Cadence, Demand, cadence
-from khqr_gateway.bakong.checker import BREAKER_THRESHOLD, THROTTLED, Checker
 from khqr_gateway.bakong.client import BakongClient, SourceInfo
+from khqr_gateway.bakong.model import CheckKind
 from khqr_gateway.bakong.sandbox import Faults, make_token, parse_faults
-from khqr_gateway.credentials import Credentials
+from khqr_gateway.credentials.renewal import Credentials
+from khqr_gateway.infra import db
+from khqr_gateway.infra.ratelimit import RateLimit
+from khqr_gateway.infra.schedule import keys
 from khqr_gateway.metrics import REGISTRY
-from khqr_gateway.models import CheckKind, PollItem
-from khqr_gateway.store import db
-from khqr_gateway.store.ratelimit import RateLimit
-from khqr_gateway.store.schedule import keys
+from khqr_gateway.transactions.budget import Cadence, Demand, cadence
+from khqr_gateway.transactions.checker import BREAKER_THRESHOLD, THROTTLED, Checker
+from khqr_gateway.transactions.model import PollItem
 from tests.conftest import SimulatedBakong, random_md5
 
 

@@ -15,9 +15,9 @@ from prometheus_client import generate_latest
 
 from khqr_gateway.bakong.sandbox import make_token
 from khqr_gateway.config import AppEnv, Settings
-from khqr_gateway.credentials import NoToken, expiry_seconds, jwt_expiry, token_expired
+from khqr_gateway.credentials.model import Credential, expiry_seconds, jwt_expiry, token_expired
+from khqr_gateway.credentials.renewal import NoToken
 from khqr_gateway.metrics import REGISTRY
-from khqr_gateway.store.transactions import Credential
 from tests.conftest import (
     Gateway,
     GatewayFactory,
@@ -364,7 +364,7 @@ async def test_an_expired_email_credential_revives_once_the_email_works(
     receiver: Receiver,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("khqr_gateway.credentials.EXPIRED_RETRY_S", 0.4)
+    monkeypatch.setattr("khqr_gateway.credentials.renewal.EXPIRED_RETRY_S", 0.4)
     bakong.state.registered_emails = set()
     gw = await make_gateway(bakong_token=None, bakong_email="late@example.com")
     status, created = await gw.post(
@@ -406,8 +406,8 @@ async def test_a_refused_default_token_is_asked_again_and_revives_once_accepted(
     receiver: Receiver,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("khqr_gateway.credentials.REFUSED_PROBE_FIRST_S", 0.2)
-    monkeypatch.setattr("khqr_gateway.credentials.REFUSED_PROBE_MAX_S", 0.4)
+    monkeypatch.setattr("khqr_gateway.credentials.renewal.REFUSED_PROBE_FIRST_S", 0.2)
+    monkeypatch.setattr("khqr_gateway.credentials.renewal.REFUSED_PROBE_MAX_S", 0.4)
     gw = await make_gateway()  # the default credential: BAKONG_TOKEN alone, exp 90 days ahead
     status, created = await gw.post(
         "/api/v1/transactions",
@@ -438,8 +438,8 @@ async def test_a_token_past_its_exp_stays_expired_and_is_not_asked_again(
     receiver: Receiver,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("khqr_gateway.credentials.REFUSED_PROBE_FIRST_S", 0.1)
-    monkeypatch.setattr("khqr_gateway.credentials.REFUSED_PROBE_MAX_S", 0.1)
+    monkeypatch.setattr("khqr_gateway.credentials.renewal.REFUSED_PROBE_FIRST_S", 0.1)
+    monkeypatch.setattr("khqr_gateway.credentials.renewal.REFUSED_PROBE_MAX_S", 0.1)
     dead = secret(make_token(exp=int(time.time()) - 60))
     gw = await make_gateway(bakong_token=dead)
     status, _ = await gw.post(
@@ -457,8 +457,8 @@ async def test_a_token_past_its_exp_stays_expired_and_is_not_asked_again(
 async def test_a_refused_token_is_asked_about_once_per_doubling_backoff(
     make_gateway: GatewayFactory, bakong: SimulatedBakong, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("khqr_gateway.credentials.REFUSED_PROBE_FIRST_S", 0.5)
-    monkeypatch.setattr("khqr_gateway.credentials.REFUSED_PROBE_MAX_S", 60.0)
+    monkeypatch.setattr("khqr_gateway.credentials.renewal.REFUSED_PROBE_FIRST_S", 0.5)
+    monkeypatch.setattr("khqr_gateway.credentials.renewal.REFUSED_PROBE_MAX_S", 60.0)
     gw = await make_gateway(run_ticks=False)
     credentials = gw.service.credentials
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from khqr_gateway.store import db
+from khqr_gateway.infra import db
 from tests.conftest import ADMIN_DSN, _dsn_for, random_md5
 
 

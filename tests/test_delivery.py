@@ -20,9 +20,9 @@ from aiohttp import web
 from standardwebhooks import Webhook
 from standardwebhooks import WebhookVerificationError as StandardVerificationError
 
-from khqr_gateway.models import DeliveryStatus
-from khqr_gateway.store.db import write_isolated
-from khqr_gateway.store.deliveries import AttemptRecord, record_attempts
+from khqr_gateway.deliveries.model import DeliveryStatus
+from khqr_gateway.deliveries.store import AttemptRecord, record_attempts
+from khqr_gateway.infra.db import write_isolated
 from khqr_gateway.webhooks import verify
 from tests.conftest import Gateway, GatewayFactory, Receiver, SimulatedBakong, random_md5
 
@@ -432,7 +432,7 @@ async def test_a_failing_retry_lane_does_not_strand_claimed_first_attempts(
     receiver: Receiver,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from khqr_gateway.webhooks import sender as sender_module
+    from khqr_gateway.deliveries import sender as sender_module
 
     gw = await make_gateway(run_ticks=False)
     service = gw.service
@@ -484,7 +484,7 @@ async def test_shutdown_waits_for_a_claim_under_way_rather_than_handing_it_back(
 ) -> None:
     """A claim still loading when shutdown starts: its sends are waited for and recorded,
     not handed back while they go out (another process would send them a second time)."""
-    from khqr_gateway.webhooks import sender as sender_module
+    from khqr_gateway.deliveries import sender as sender_module
 
     gw = await make_gateway(run_ticks=False)
     service = gw.service

@@ -22,8 +22,8 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
-from khqr_gateway import embedded
-from khqr_gateway.embedded import EmbeddedError, EmbeddedServices, EmbeddedUrls
+from khqr_gateway.dev import embedded
+from khqr_gateway.dev.embedded import EmbeddedError, EmbeddedServices, EmbeddedUrls
 
 # One event loop for the module, so the servers started once serve every test.
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -285,7 +285,7 @@ async def test_reuses_servers_another_process_left_running_on_the_dir(tmp_path: 
 _HOLDER = """
 import asyncio, json, sys
 from pathlib import Path
-from khqr_gateway.embedded import EmbeddedServices
+from khqr_gateway.dev.embedded import EmbeddedServices
 
 async def main() -> None:
     services = EmbeddedServices(Path(sys.argv[1]), need_postgres=True, need_redis=True)

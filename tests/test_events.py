@@ -15,13 +15,13 @@ import pytest
 from aiohttp import web
 from redis.asyncio import Redis
 
-from khqr_gateway.app import create_app
 from khqr_gateway.config import Settings
-from khqr_gateway.events import Change, EventHub
-from khqr_gateway.models import Status
-from khqr_gateway.server import serve_app
+from khqr_gateway.http.app import create_app
+from khqr_gateway.http.server import serve_app
+from khqr_gateway.infra.schedule import keys
 from khqr_gateway.service import SERVICE_KEY
-from khqr_gateway.store.schedule import keys
+from khqr_gateway.transactions.events import Change, EventHub
+from khqr_gateway.transactions.model import Status
 from tests.conftest import REDIS_URL, Gateway, GatewayFactory, Receiver, SimulatedBakong
 from tests.sse import Reader
 from tests.test_api_transactions import create

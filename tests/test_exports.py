@@ -282,7 +282,7 @@ async def test_daily_report_sums_match_sums_made_here(
 async def test_daily_report_is_one_query_on_the_index_of_completed_times(
     gateway: Gateway, pg: asyncpg.Connection
 ) -> None:
-    from khqr_gateway.store import exports
+    from khqr_gateway.transactions import exports
 
     await pg.execute("analyze transactions")  # as in production: no stale estimate
     await pg.execute("set enable_seqscan = off")

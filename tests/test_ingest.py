@@ -15,14 +15,15 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from khqr_gateway.app import unavailable_dependency
 from khqr_gateway.config import Settings
-from khqr_gateway.models import Expected
-from khqr_gateway.store import db
-from khqr_gateway.store import transactions as store
-from khqr_gateway.store.ingest import Ingest
-from khqr_gateway.store.schedule import Schedule, keys
-from khqr_gateway.store.transactions import NewTransaction
+from khqr_gateway.credentials import store as credential_store
+from khqr_gateway.http.app import unavailable_dependency
+from khqr_gateway.infra import db
+from khqr_gateway.infra.schedule import Schedule, keys
+from khqr_gateway.transactions import store
+from khqr_gateway.transactions.ingest import Ingest
+from khqr_gateway.transactions.model import Expected
+from khqr_gateway.transactions.store import NewTransaction
 from tests.conftest import Gateway, Receiver, random_md5
 from tests.proxy import Proxy
 
@@ -98,7 +99,7 @@ async def test_created_rows_carry_every_field_and_the_first_poll(
 ) -> None:
     ingest = Ingest(pool, polls, interval_s=60)
     soon = datetime.now(UTC) + timedelta(seconds=5)
-    credential = await store.upsert_credential(pool, token="t", email=None, expires_at=None)
+    credential = await credential_store.upsert_credential(pool, token="t", email=None, expires_at=None)
     item = new(
         credential_id=credential.id,
         expected=Expected(currency="USD", to_account_id="shop@aclb"),

@@ -11,8 +11,8 @@ import pytest
 from aiohttp import web
 
 from khqr_gateway.bakong import khqr
+from khqr_gateway.infra.schedule import keys
 from khqr_gateway.metrics import REGISTRY
-from khqr_gateway.store.schedule import keys
 from tests.conftest import Gateway, GatewayFactory, Receiver, SimulatedBakong, random_md5
 
 # Late checks every 0.2 s, watched 2 s past the deadline (or the cancel).

@@ -15,8 +15,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
-from khqr_gateway.app import create_app
 from khqr_gateway.config import Settings
+from khqr_gateway.http.app import create_app
 from tests.conftest import REDIS_URL, Receiver, SimulatedBakong, random_md5
 from tests.proxy import Proxy
 

@@ -16,10 +16,10 @@ import pytest
 import segno
 from aiohttp.test_utils import make_mocked_request
 
-from khqr_gateway.api import khqr as khqr_api
-from khqr_gateway.api.pay import client_of
 from khqr_gateway.bakong.sandbox import Faults
-from khqr_gateway.events import PAGE_STREAMS_PER_JOB
+from khqr_gateway.http import khqr as khqr_api
+from khqr_gateway.http.pay import client_of
+from khqr_gateway.transactions.events import PAGE_STREAMS_PER_JOB
 from tests.conftest import Gateway, Receiver, SimulatedBakong
 from tests.sse import Reader
 

@@ -8,8 +8,8 @@ from uuid import UUID
 
 import asyncpg
 
-from khqr_gateway.store import retention
-from khqr_gateway.store.retention import RETENTION_LOCK_ID, prune_batch
+from khqr_gateway.transactions import retention
+from khqr_gateway.transactions.retention import RETENTION_LOCK_ID, prune_batch
 from tests.conftest import GatewayFactory, random_md5
 
 HOOK = "https://merchant.example.com/hooks/khqr"

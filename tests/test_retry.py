@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from khqr_gateway.webhooks.retry import (
+from khqr_gateway.deliveries.retry import (
     DEFAULT_SCHEDULE,
     Decision,
     Outcome,

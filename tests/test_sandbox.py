@@ -13,8 +13,8 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from khqr_gateway.app import create_app
 from khqr_gateway.config import AppEnv, Settings
+from khqr_gateway.http.app import create_app
 from tests.conftest import REDIS_URL, Gateway, Receiver, SimulatedBakong, random_md5
 
 MERCHANT = {"accountId": "shop@aclb", "merchantName": "Coffee Shop"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from khqr_gateway.scheduler import Ticks
+from khqr_gateway.infra.scheduler import Ticks
 
 
 async def test_stop_lets_a_running_tick_finish_and_starts_no_new_one() -> None:

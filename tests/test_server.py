@@ -14,9 +14,9 @@ import asyncpg
 import orjson
 import pytest
 
-from khqr_gateway.app import create_app
 from khqr_gateway.config import Settings
-from khqr_gateway.server import serve_app
+from khqr_gateway.http.app import create_app
+from khqr_gateway.http.server import serve_app
 from tests.conftest import REDIS_URL, random_md5, secret
 
 Serve = Callable[..., Awaitable[int]]

@@ -15,9 +15,8 @@ import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from khqr_gateway.config import AppEnv, Settings
-from khqr_gateway.store.deliveries import DueDelivery
-from khqr_gateway.webhooks.sender import Deliverer
-from khqr_gateway.webhooks.ssrf import (
+from khqr_gateway.deliveries.sender import Deliverer
+from khqr_gateway.deliveries.ssrf import (
     AddressPolicy,
     Blocked,
     GuardedConnector,
@@ -26,6 +25,7 @@ from khqr_gateway.webhooks.ssrf import (
     classify,
     classify_host,
 )
+from khqr_gateway.deliveries.store import DueDelivery
 from tests.conftest import Gateway, GatewayFactory, Receiver, SimulatedBakong, random_md5
 
 PRODUCTION = AddressPolicy.for_settings(Settings(app_env=AppEnv.PRODUCTION))

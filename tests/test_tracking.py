@@ -12,10 +12,20 @@ import asyncpg
 import orjson
 import pytest
 
-from khqr_gateway.models import CheckKind, CheckResult, Expected, PollItem, Status, Transition
-from khqr_gateway.store.db import write_isolated
-from khqr_gateway.store.transactions import record_transitions
-from khqr_gateway.tracking import Outcome, decide, mismatches, transition, webhook_body
+from khqr_gateway.bakong.model import CheckKind, CheckResult
+from khqr_gateway.infra.db import write_isolated
+from khqr_gateway.transactions.model import (
+    Expected,
+    Outcome,
+    PollItem,
+    Status,
+    Transition,
+    decide,
+    mismatches,
+    transition,
+    webhook_body,
+)
+from khqr_gateway.transactions.store import record_transitions
 from tests.conftest import Gateway, GatewayFactory, Receiver, SimulatedBakong, random_md5
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)

@@ -12,8 +12,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from khqr_gateway.bakong import checker as checker_module
 from khqr_gateway.bakong.sandbox import Faults
+from khqr_gateway.transactions import checker as checker_module
 from tests.conftest import Gateway, GatewayFactory, Receiver, SimulatedBakong, random_md5
 
 CHECKS = ("check_transaction_by_md5", "check_transaction_by_md5_list")

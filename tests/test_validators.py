@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from marshmallow import Schema, ValidationError
 
-from khqr_gateway.api import schemas
-from khqr_gateway.api.errors import ApiError
-from khqr_gateway.api.transactions import _from_qr, load
+from khqr_gateway.http import schemas
+from khqr_gateway.http.errors import ApiError
+from khqr_gateway.http.transactions import _from_qr, load
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=40),

@@ -12,8 +12,8 @@ import pytest
 from standardwebhooks import Webhook
 from standardwebhooks import WebhookVerificationError as ReferenceVerificationError
 
+from khqr_gateway.deliveries.signing import SecretError, parse_secrets, sign_headers
 from khqr_gateway.webhooks import WebhookVerificationError, verify
-from khqr_gateway.webhooks.signing import SecretError, parse_secrets, sign_headers
 
 KEY_A = bytes(range(32))
 KEY_B = bytes(range(100, 124))

@@ -15,8 +15,8 @@ from typing import Any
 import aiohttp
 import orjson
 
+from khqr_gateway.bakong.model import CheckKind, CheckResult
 from khqr_gateway.metrics import BAKONG_CALLS, BAKONG_GEO_BLOCKED, BAKONG_LATENCY
-from khqr_gateway.models import CheckKind, CheckResult
 
 log = logging.getLogger(__name__)
 

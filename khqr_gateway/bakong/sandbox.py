@@ -58,8 +58,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from khqr_gateway.api.errors import error_response
 from khqr_gateway.bakong import khqr
+from khqr_gateway.http.errors import error_response
 
 TOKEN_LIFETIME_S = 90 * 24 * 3600
 # What the gateway expects of an md5 (`amount`, `currency`, `toAccountId`, any absent).

@@ -1,0 +1,1 @@
+"""Bakong credentials: the model, their store and token renewal."""

@@ -1,0 +1,1 @@
+"""Webhook deliveries: their store, signing, SSRF guard, retry policy and sender."""

@@ -1,0 +1,1 @@
+"""Development helpers: Postgres and Redis started by the gateway itself."""

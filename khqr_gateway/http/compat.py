@@ -1,0 +1,290 @@
+"""The routes of rachhen/khqr-webhook, so its clients only change the base URL.
+
+Same paths, status codes and bodies (`{"message": "Transaction created", "jobId"}`; errors
+`{"name", "code", "message", "details"}`, with our `error` object beside them). Where
+that service broke (its email route always answered 500, its track stream never ended),
+these behave as it documented.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any
+from uuid import UUID
+
+from aiohttp import web
+from aiohttp_apigami import docs, match_info_schema, request_schema, response_schema
+from marshmallow import Schema, ValidationError
+
+from khqr_gateway.bakong.client import FAILED_CODE, NOT_FOUND_CODE, STATIC_QR_CODE
+from khqr_gateway.bakong.model import CheckKind, CheckResult
+from khqr_gateway.credentials.model import token_expired
+from khqr_gateway.credentials.renewal import NoToken
+from khqr_gateway.http import live, transactions
+from khqr_gateway.http.errors import ApiError, error_body, json_response
+from khqr_gateway.http.schemas import (
+    BakongTransactionSchema,
+    CompatCreatedSchema,
+    CompatEmailCreateSchema,
+    CompatErrorSchema,
+    CompatMd5QuerySchema,
+    CompatTokenCreateSchema,
+    JobIdPathSchema,
+    Md5PathSchema,
+    check_md5,
+)
+from khqr_gateway.service import SERVICE_KEY, Service
+from khqr_gateway.transactions.model import Status
+
+CREATED = "Transaction created"
+UNAUTHORIZED_CODE = 6
+NAMES = {
+    400: "BAD_REQUEST",
+    401: "UNAUTHORIZED",
+    403: "FORBIDDEN",
+    404: "NOT_FOUND",
+    408: "REQUEST_TIMEOUT",
+    409: "CONFLICT",
+    413: "PAYLOAD_TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE",
+    417: "EXPECTATION_FAILED",
+    422: "VALIDATION_ERROR",
+    429: "TOO_MANY_REQUESTS",
+    502: "BAD_GATEWAY",
+    503: "SERVICE_UNAVAILABLE",
+}
+TRACK_NAMES = {Status.PENDING: b"PENDING", Status.SUCCESS: b"COMPLETED"}
+# One instance each: loading keeps no state in a schema, and building one costs more.
+TOKEN_CREATE_SCHEMA = CompatTokenCreateSchema()
+EMAIL_CREATE_SCHEMA = CompatEmailCreateSchema()
+MD5_QUERY_SCHEMA = CompatMd5QuerySchema()
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class BakongRefusal(ApiError):
+    """An error that carries Bakong's errorCode as the body's `code`, as that service did."""
+
+    def __init__(self, status: int, code: str, message: str, bakong_code: int) -> None:
+        super().__init__(status, code, message, {"errorCode": bakong_code})
+        self.bakong_code = bakong_code
+
+
+def compat_error(exc: ApiError) -> web.Response:
+    body: dict[str, Any] = {"name": NAMES.get(exc.status, "INTERNAL_SERVER_ERROR")}
+    if isinstance(exc, BakongRefusal):
+        body["code"] = exc.bakong_code
+    body.update(message=exc.message, details=exc.details)
+    body.update(error_body(exc.code, exc.message, exc.details))
+    return json_response(body, exc.status, exc.headers)
+
+
+def compat_errors(handler: Handler) -> Handler:
+    """Answer this handler's errors in that service's shape."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return compat_error(exc)
+
+    return wrapped
+
+
+def _documented_errors(*codes: int) -> dict[int, dict[str, Any]]:
+    # The middlewares' refusals (API key, rate limit) come in that shape too.
+    return {
+        code: {"description": NAMES[code], "schema": CompatErrorSchema}
+        for code in (*codes, 401, 429)
+    }
+
+
+async def _email_token(service: Service, email: str) -> tuple[int, str | None]:
+    """The credential of a registered email and a live token, renewed through it if need be."""
+    credential_id = await service.credentials.add(token=None, email=email)
+    try:
+        return credential_id, await service.credentials.token(credential_id)
+    except NoToken:
+        raise ApiError(
+            401, "bakong_email_refused", "Bakong gave no token for this email; is it registered?"
+        ) from None
+
+
+def _check_token(token: str) -> None:
+    if token_expired(token):
+        raise ApiError(401, "token_expired", "Token is expired")
+
+
+async def _create(request: web.Request, schema: Schema) -> web.Response:
+    """Track the md5 like POST /api/v1/transactions, answering as that service did.
+
+    An md5 already pending answers 201 with the jobId tracking it: that service answered
+    201 to every create, so its clients check for 201 and keep the jobId; the one webhook
+    for that payment goes to the first request's webhookUrl.
+    """
+    service = request.app[SERVICE_KEY]
+    _, body = await transactions.read_json(request)
+    data = transactions.load(schema, body)
+    if "token" in data:
+        _check_token(data["token"])
+    else:
+        await _email_token(service, data["email"])
+    # As rachhen/khqr-webhook answers: 201 with the md5's job, whatever the repeat asked for.
+    row, _ = await transactions.create(service, data, repeat_must_match=False)
+    return json_response({"message": CREATED, "jobId": str(row["id"])}, 201)
+
+
+@docs(
+    tags=["compatibility"],
+    summary="Track an md5 with a Bakong token (rachhen/khqr-webhook)",
+    description="201 `{message, jobId}`; an md5 already pending answers 201 with the jobId "
+    "already tracking it. 401 when the token's JWT has expired.",
+    responses=_documented_errors(400, 401, 408, 415, 422),
+)
+@request_schema(CompatTokenCreateSchema, required=True)
+@response_schema(CompatCreatedSchema, 201, description="Tracking started")
+@compat_errors
+async def create_with_token(request: web.Request) -> web.StreamResponse:
+    """POST /api/v1/transaction/token."""
+    return await _create(request, TOKEN_CREATE_SCHEMA)
+
+
+@docs(
+    tags=["compatibility"],
+    summary="Track an md5 with a registered Bakong email (rachhen/khqr-webhook)",
+    description="201 `{message, jobId}`. A token is obtained through the email now (401 when "
+    "Bakong gives none) and renewed through it for as long as the transaction is tracked.",
+    responses=_documented_errors(400, 401, 408, 415, 422),
+)
+@request_schema(CompatEmailCreateSchema, required=True)
+@response_schema(CompatCreatedSchema, 201, description="Tracking started")
+@compat_errors
+async def create_with_email(request: web.Request) -> web.StreamResponse:
+    """POST /api/v1/transaction/email."""
+    return await _create(request, EMAIL_CREATE_SCHEMA)
+
+
+async def _query_credential(
+    service: Service, query: dict[str, Any]
+) -> tuple[int | None, str | None]:
+    if query.get("token"):
+        _check_token(query["token"])
+        return None, query["token"]
+    if query.get("email"):
+        return await _email_token(service, query["email"])
+    if service.credentials.default_id is None:
+        raise ApiError(400, "bad_request", "Token or email is required")
+    try:
+        return service.credentials.default_id, await service.credentials.token(None)
+    except NoToken:
+        raise ApiError(401, "unauthorized", "the default Bakong credential has no token") from None
+
+
+def _answer(result: CheckResult) -> web.Response:
+    if result.kind is CheckKind.PAID:
+        return json_response(result.data, 200)
+    if result.kind is CheckKind.NOT_FOUND:
+        raise BakongRefusal(
+            404,
+            "not_found",
+            "Transaction could not be found. Please check and try again.",
+            NOT_FOUND_CODE,
+        )
+    if result.kind is CheckKind.FAILED:
+        raise BakongRefusal(417, "transaction_failed", "Transaction failed.", FAILED_CODE)
+    error = result.error or ""
+    if error == "unauthorized":
+        raise BakongRefusal(
+            401, "unauthorized", "Bakong refused the token (expired or invalid)", UNAUTHORIZED_CODE
+        )
+    if error == "static_qr_not_supported":
+        raise BakongRefusal(404, "not_found", "Static KHQR is not supported", STATIC_QR_CODE)
+    if error.startswith("bakong_error_") and error[13:].isdigit():
+        raise BakongRefusal(404, "not_found", f"Bakong errorCode {error[13:]}", int(error[13:]))
+    raise ApiError(502, "bakong_unavailable", f"Bakong gave no answer ({error or 'unknown'})")
+
+
+@docs(
+    tags=["compatibility"],
+    summary="Ask Bakong about an md5 now (rachhen/khqr-webhook)",
+    description="200 with Bakong's transaction `data`; 404 when Bakong does not know it (`code` "
+    "is Bakong's errorCode, 1); 417 when it failed (`code` 3). Uses `token`, else `email`, else "
+    "the default credential. 502 when Bakong gives no answer.",
+    responses=_documented_errors(400, 401, 404, 417, 422, 502),
+)
+@match_info_schema(Md5PathSchema)
+@request_schema(CompatMd5QuerySchema, location="querystring")
+@response_schema(BakongTransactionSchema, 200, description="Bakong's transaction data")
+@compat_errors
+async def get_by_md5(request: web.Request) -> web.StreamResponse:
+    """GET /api/v1/transaction/{md5}/md5?token=|email=."""
+    service = request.app[SERVICE_KEY]
+    try:
+        md5 = check_md5(request.match_info["md5"])
+    except ValidationError as exc:
+        raise ApiError(
+            422,
+            "validation_error",
+            "some fields are not valid",
+            [{"field": "md5", "message": m} for m in exc.messages],
+        ) from None
+    query = transactions.load(MD5_QUERY_SCHEMA, dict(request.query))
+    credential_id, token = await _query_credential(service, query)
+    result = await service.bakong.check_md5(token, md5)
+    if result.error == "unauthorized" and credential_id is not None:
+        try:
+            token = await service.credentials.renew(credential_id, stale=token)
+        except NoToken:
+            return _answer(result)
+        result = await service.bakong.check_md5(token, md5)
+    return _answer(result)
+
+
+def _track_event(job_id: UUID, status: Status, reason: str | None) -> bytes:
+    return b"data: " + TRACK_NAMES.get(status, b"FAILED") + b"\n\n"
+
+
+# As there: `data: PENDING` every 3 s while waiting (ours also ends after a final status).
+TRACK = live.Format(
+    event=_track_event, heartbeat=lambda _: b"data: PENDING\n\n", heartbeat_s=3.0, ids=False
+)
+
+
+@docs(
+    tags=["compatibility"],
+    summary="Track a transaction (Server-Sent Events, rachhen/khqr-webhook)",
+    description="`data: PENDING` now and every 3 s while pending, then `data: COMPLETED` "
+    "(paid) or `data: FAILED` (failed, timed out, mismatched or cancelled), and the stream "
+    "ends.",
+    responses={200: live.SSE_RESPONSE, **_documented_errors(401, 404), **live.STREAM_LIMIT},
+)
+@match_info_schema(JobIdPathSchema)
+@compat_errors
+async def track(request: web.Request) -> web.StreamResponse:
+    """GET /api/v1/transaction/{jobId}/track."""
+    return await live.stream(request, live.job_id_of(request), TRACK)
+
+
+ROUTES: tuple[tuple[str, str, Handler], ...] = (
+    ("POST", "/api/v1/transaction/token", create_with_token),
+    ("POST", "/api/v1/transaction/email", create_with_email),
+    ("GET", "/api/v1/transaction/{md5}/md5", get_by_md5),
+    ("GET", "/api/v1/transaction/{jobId}/track", track),
+)
+PATHS = frozenset(path for _, path, _ in ROUTES)
+
+
+def is_compat(request: web.Request) -> bool:
+    """True for a request to one of these routes: the middlewares' errors (a missing API
+    key, a rate limit, a store down) are then answered in that service's shape too."""
+    resource = request.match_info.route.resource
+    return resource is not None and resource.canonical in PATHS
+
+
+def add_routes(app: web.Application) -> None:
+    for method, path, handler in ROUTES:
+        if method == "GET":
+            app.router.add_get(path, handler)
+        else:
+            app.router.add_route(method, path, handler)

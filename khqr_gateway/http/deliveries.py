@@ -1,0 +1,204 @@
+"""Handlers of /api/v1/deliveries: list, read with attempts, retry one, retry in bulk."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+import orjson
+from aiohttp import web
+from aiohttp_apigami import docs, request_schema, response_schema
+
+from khqr_gateway.deliveries import store
+from khqr_gateway.deliveries.model import DeliveryStatus
+from khqr_gateway.http.errors import ApiError, iso, json_response, page_response
+from khqr_gateway.http.openapi import ERROR, errors
+from khqr_gateway.http.schemas import (
+    DeliveryDetailSchema,
+    DeliveryListQuerySchema,
+    DeliveryPageSchema,
+    DeliveryRetryFilterSchema,
+    DeliveryRetryResultSchema,
+    DeliverySchema,
+)
+from khqr_gateway.http.transactions import cursor_position, load, read_json, row_cursor
+from khqr_gateway.infra.schedule import Schedule
+from khqr_gateway.service import SERVICE_KEY
+
+log = logging.getLogger(__name__)
+
+NOT_FOUND = "no delivery with this id"
+
+
+def delivery_json(row: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "jobId": str(row["transaction_id"]),
+        "md5": row["md5"],
+        "url": row["url"],
+        "status": row["status"],
+        "attemptCount": row["attempt_count"],
+        "nextAttemptAt": iso(row["next_attempt_at"]),
+        "lastAttemptAt": iso(row["last_attempt_at"]),
+        "lastStatusCode": row["last_status_code"],
+        "lastError": row["last_error"],
+        "createdAt": iso(row["created_at"]),
+        "updatedAt": iso(row["updated_at"]),
+        "deliveredAt": iso(row["delivered_at"]),
+    }
+
+
+def attempt_json(row: asyncpg.Record) -> dict[str, Any]:
+    headers = row["response_headers"]
+    return {
+        "attempt": row["attempt"],
+        "startedAt": iso(row["started_at"]),
+        "durationMs": row["duration_ms"],
+        "statusCode": row["status_code"],
+        "errorKind": row["error_kind"],
+        "errorMessage": row["error_message"],
+        "responseBody": row["response_body"],
+        "responseHeaders": orjson.loads(headers) if isinstance(headers, str) else headers,
+    }
+
+
+def _delivery_id(request: web.Request) -> str:
+    delivery_id = request.match_info["id"]
+    if "\x00" in delivery_id:  # no id holds one, and Postgres text cannot be asked for it
+        raise ApiError(404, "not_found", NOT_FOUND)
+    return delivery_id
+
+
+@docs(
+    tags=["deliveries"],
+    summary="List webhook deliveries, newest first",
+    responses=errors(401, 422),
+)
+@request_schema(DeliveryListQuerySchema, location="querystring")
+@response_schema(DeliveryPageSchema, 200)
+async def list_deliveries(request: web.Request) -> web.Response:
+    """GET /api/v1/deliveries?status=&jobId=&since=&limit=&cursor=."""
+    query = load(DeliveryListQuerySchema(), dict(request.query))
+    limit = query["limit"]
+    rows = await store.list_page(
+        request.app[SERVICE_KEY].pool,
+        status=DeliveryStatus(query["status"]) if "status" in query else None,
+        transaction_id=query.get("jobId", query.get("transactionId")),
+        since=query.get("since"),
+        limit=limit + 1,
+        before=cursor_position(query["cursor"]) if "cursor" in query else None,
+    )
+    return page_response(rows, limit, delivery_json, row_cursor)
+
+
+@docs(
+    tags=["deliveries"],
+    summary="Get a delivery with every attempt",
+    description="The webhook body as sent and each attempt: when, how long, the status code "
+    "or why there was no answer, the first 4 KB of the response.",
+    responses=errors(401, 404),
+)
+@response_schema(DeliveryDetailSchema, 200)
+async def get_delivery(request: web.Request) -> web.Response:
+    """GET /api/v1/deliveries/{id}."""
+    pool = request.app[SERVICE_KEY].pool
+    delivery_id = _delivery_id(request)
+    row = await store.get(pool, delivery_id)
+    if row is None:
+        raise ApiError(404, "not_found", NOT_FOUND)
+    body = delivery_json(row)
+    body["payload"] = orjson.loads(row["payload"])
+    body["attempts"] = [attempt_json(a) for a in await store.attempts_of(pool, delivery_id)]
+    return json_response(body)
+
+
+@docs(
+    tags=["deliveries"],
+    summary="Send a delivery again now",
+    description="Starts a new attempt series at once, with the full retry schedule, whatever "
+    "the delivery's status (a delivered one is replayed). The webhook-id stays the same, so "
+    "a receiver that already processed it can drop the repeat. 409 `delivery_in_flight` "
+    "while an attempt of it is being sent: nothing is changed, and the retry can be asked "
+    "again once that attempt is stored (at most `WEBHOOK_TIMEOUT_S` later).",
+    responses={
+        **errors(401, 404),
+        409: {"description": "An attempt is being sent right now", **ERROR},
+    },
+)
+@response_schema(DeliverySchema, 202, description="Queued for sending")
+async def retry_delivery(request: web.Request) -> web.Response:
+    """POST /api/v1/deliveries/{id}/retry."""
+    service = request.app[SERVICE_KEY]
+    delivery_id = _delivery_id(request)
+    # Checked first, so that a 409 leaves the delivery as it was.
+    if await service.deliveries.leased([delivery_id], [service.retries]):
+        raise _in_flight(delivery_id)
+    row = await store.restart(service.pool, delivery_id)
+    if row is None:
+        raise ApiError(404, "not_found", NOT_FOUND)
+    # A person is waiting on this one: it goes in the lane of first attempts.
+    if await _queue([row["id"]], into=service.deliveries, out_of=service.retries):
+        raise _in_flight(delivery_id)  # claimed since the check: that attempt goes on alone
+    log.info("delivery retried", extra={"deliveryId": row["id"], "md5": row["md5"]})
+    return json_response(delivery_json(row), 202)
+
+
+def _in_flight(delivery_id: str) -> ApiError:
+    return ApiError(
+        409,
+        "delivery_in_flight",
+        "an attempt of this delivery is being sent now; retry once it has finished",
+        {"id": delivery_id},
+    )
+
+
+@docs(
+    tags=["deliveries"],
+    summary="Retry deliveries in bulk",
+    description="Starts a new attempt series for up to `limit` deliveries (oldest first) in "
+    "`status` (default failed) created in [since, until). An empty body retries up to "
+    "1000 failed deliveries. They are queued behind first attempts, so a bulk replay never "
+    "delays new payments' webhooks. `hasMore` says whether more match: call again.",
+    responses=errors(400, 401, 413, 415, 422),
+)
+@request_schema(DeliveryRetryFilterSchema)
+@response_schema(DeliveryRetryResultSchema, 202, description="Queued for sending")
+async def retry_deliveries(request: web.Request) -> web.Response:
+    """POST /api/v1/deliveries/retry."""
+    service = request.app[SERVICE_KEY]
+    body: Any = (await read_json(request))[1] if request.body_exists else {}
+    query = load(DeliveryRetryFilterSchema(), body)
+    ids, more = await store.restart_matching(
+        service.pool,
+        status=DeliveryStatus(query["status"]),
+        since=query.get("since"),
+        until=query.get("until"),
+        limit=query["limit"],
+    )
+    await _queue(ids, into=service.retries, out_of=service.deliveries)
+    log.info("deliveries retried in bulk", extra={"count": len(ids), "status": query["status"]})
+    return json_response({"retried": len(ids), "ids": ids, "hasMore": more}, 202)
+
+
+async def _queue(ids: Sequence[str], *, into: Schedule, out_of: Schedule) -> list[str]:
+    """Due now in one lane and out of the other, so one delivery is never sent twice;
+    returns those left alone because an attempt of theirs is being sent."""
+    try:
+        held = await into.requeue(ids, int(time.time() * 1000), [out_of])
+    except Exception as exc:
+        # Postgres has them pending and due: the reconcile tick queues them when Redis is back.
+        log.warning("could not queue retried deliveries: %s", exc, extra={"count": len(ids)})
+        return []
+    if held:
+        log.info("retried deliveries still in flight left alone", extra={"count": len(held)})
+    return held
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/api/v1/deliveries", list_deliveries)
+    app.router.add_post("/api/v1/deliveries/retry", retry_deliveries)
+    app.router.add_get("/api/v1/deliveries/{id}", get_delivery)
+    app.router.add_post("/api/v1/deliveries/{id}/retry", retry_delivery)

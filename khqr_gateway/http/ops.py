@@ -1,0 +1,199 @@
+"""Operations routes: /health, /ready, /metrics and /api/v1/stats."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Awaitable
+from typing import Any
+
+from aiohttp import web
+from aiohttp_apigami import docs, response_schema
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from khqr_gateway.credentials import store as credential_store
+from khqr_gateway.credentials.model import Credential, refused
+from khqr_gateway.http.errors import ApiError, iso, json_response
+from khqr_gateway.http.openapi import errors
+from khqr_gateway.http.schemas import HealthSchema, ReadySchema, StatsSchema
+from khqr_gateway.metrics import REGISTRY
+from khqr_gateway.service import FIGURES_INTERVAL_S, SERVICE_KEY, Service
+
+
+@docs(tags=["operations"], summary="The process is alive")
+@response_schema(HealthSchema, 200)
+async def health(request: web.Request) -> web.Response:
+    """GET /health: the process is alive."""
+    return json_response({"status": "ok"})
+
+
+async def _check(aw: Awaitable[object]) -> str:
+    try:
+        await asyncio.wait_for(aw, timeout=2)
+    except Exception as exc:
+        return f"error: {type(exc).__name__}"
+    return "ok"
+
+
+@docs(
+    tags=["operations"],
+    summary="Ready: Postgres, Redis and the scheduler",
+    description="503 when Postgres, Redis or the ticks are down. An expired default Bakong "
+    "credential, or none at all (neither `BAKONG_TOKEN` nor `BAKONG_EMAIL` set, outside "
+    "sandbox mode), makes `status` `degraded` (still 200: restarting or rerouting cannot fix "
+    "a token, and everything else still works); `bakong.problem` says what to do and "
+    "`bakong` which credentials are expired. "
+    "A token-only default that Bakong refused (401) before its `exp` is asked about again "
+    "with backoff: `degraded` lasts only while Bakong refuses it.",
+    responses={503: {"description": "Not ready", "schema": ReadySchema}},
+)
+@response_schema(ReadySchema, 200)
+async def ready(request: web.Request) -> web.Response:
+    """GET /ready: Postgres, Redis and the ticks; 503 with details when any is down."""
+    service = request.app[SERVICE_KEY]
+    checks = {
+        "postgres": await _check(service.pool.fetchval("select 1")),
+        "redis": await _check(service.redis.ping()),
+        "scheduler": "ok"
+        if service.ticks.running and not service.ticks.health.stale()
+        else "stale",
+    }
+    ok = all(v == "ok" for v in checks.values())
+    details: dict[str, Any] = {"status": "ok" if ok else "unavailable", "checks": checks}
+    if service.ticks.health.last_error:
+        details["tickErrors"] = dict(service.ticks.health.last_error)
+    if checks["postgres"] == "ok":
+        details["bakong"] = await bakong_health(service)
+        if ok and details["bakong"].get("problem"):
+            details["status"] = "degraded"
+    return json_response(details, 200 if ok else 503)
+
+
+EXPIRED_SHOWN = 20
+
+
+async def bakong_health(service: Service) -> dict[str, Any]:
+    """The default credential, expired ones and open circuits; `problem` if the default is
+    expired or missing (readiness stays 200: restarting cannot fix a token)."""
+    default_id = service.credentials.default_id
+    found = await credential_store.credentials_by_id(
+        service.pool, [default_id] if default_id else []
+    )
+    default = found.get(default_id) if default_id else None
+    expired = await credential_store.list_credentials(
+        service.pool, status="expired", limit=EXPIRED_SHOWN + 1
+    )
+    health: dict[str, Any] = {
+        "defaultCredential": None
+        if default is None
+        else {
+            "id": default.id,
+            "status": default.status,
+            "expiresAt": iso(default.expires_at),
+            "lastError": default.last_error,
+        },
+        "expiredCredentials": [c.id for c in expired[:EXPIRED_SHOWN]],
+        "moreExpired": len(expired) > EXPIRED_SHOWN,
+        "circuits": service.poller.checker.circuits(),
+        "checks": service.poller.checker.modes(),
+    }
+    problems = []
+    if default is not None and default.status == "expired":
+        problems.append(_problem(default))
+    elif default is None and not service.settings.sandbox:
+        problems.append(NO_DEFAULT)
+    refused_s = service.bakong.refusals.blocked_for(time.monotonic())
+    if refused_s is not None:
+        problems.append(
+            f"Bakong has answered 403 to every call for {refused_s:.0f} s. It refuses hosts "
+            "outside Cambodia: run the gateway there, or set BAKONG_PROXY_URL to an http(s) "
+            "proxy in Cambodia."
+        )
+    if problems:
+        health["problem"] = " ".join(problems)
+    return health
+
+
+NO_DEFAULT = (
+    "no default Bakong credential: neither BAKONG_TOKEN nor BAKONG_EMAIL is set, so every "
+    "transaction that brings no token or email of its own is refused (422). Set BAKONG_TOKEN "
+    "or BAKONG_EMAIL (a registered email renews the token by itself) and restart."
+)
+
+
+def _problem(default: Credential) -> str:
+    if refused(default):
+        return (
+            f"Bakong refuses the token of the default Bakong credential ({default.id}) "
+            f"({default.last_error}); it is asked again with backoff and is active again once "
+            "Bakong accepts it. Meanwhile its transactions wait, and time out as "
+            "bakong_unauthorized past their deadline and grace. POST /api/v1/credentials a "
+            "fresh token or a registered email to replace it."
+        )
+    return (
+        f"the default Bakong credential ({default.id}) has no usable token "
+        f"({default.last_error}); transactions that use it will time out as "
+        "bakong_unauthorized. POST /api/v1/credentials a fresh token or a registered email."
+    )
+
+
+@docs(
+    tags=["operations"],
+    summary="Prometheus metrics",
+    description="Queue depths, poll lag and pending transactions are as the figures tick "
+    f"last read them (every {FIGURES_INTERVAL_S:g} s): a scrape costs no query.",
+    responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}},
+)
+async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus text, from this process's registry alone."""
+    return web.Response(
+        body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
+
+
+@docs(
+    tags=["operations"],
+    summary="Queue and status figures",
+    description="Counts, queues, poll lag and the oldest pending age are as the figures tick "
+    f"last read them (`asOf`, every {FIGURES_INTERVAL_S:g} s), so that polling this costs no "
+    "query; Bakong figures and in-flight deliveries are live. 503 `figures_pending` for the "
+    "moment after start-up before the first read.",
+    responses=errors(401, 503),
+)
+@response_schema(StatsSchema, 200)
+async def stats(request: web.Request) -> web.Response:
+    """GET /api/v1/stats: transactions and deliveries by status, queues, lag, Bakong errors."""
+    service = request.app[SERVICE_KEY]
+    figures = service.figures
+    if figures is None:
+        raise ApiError(
+            503,
+            "figures_pending",
+            "the counts have not been read yet; try again in a few seconds",
+            headers={"Retry-After": str(math.ceil(FIGURES_INTERVAL_S))},
+        )
+    oldest = figures.oldest_pending_s
+    body = {
+        "transactions": figures.transactions,
+        "deliveries": figures.deliveries,
+        "queues": figures.queues,
+        "pollLagSeconds": figures.poll_lag_s,
+        "oldestPendingSeconds": round(oldest, 3) if oldest else None,
+        "latePayments": figures.late_payments,
+        "asOf": iso(figures.read_at),
+        "bakong": {
+            **service.bakong.recent.summary(),
+            "circuits": service.poller.checker.circuits(),
+            "checks": service.poller.checker.modes(),
+        },
+        "inFlightDeliveries": service.deliverer.in_flight,
+    }
+    return json_response(body)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/v1/stats", stats)

@@ -1,0 +1,50 @@
+"""Postgres queries for Idempotency-Key reservations and their stored responses."""
+
+from __future__ import annotations
+
+import asyncpg
+
+
+async def claim_idempotency_key(
+    pool: asyncpg.Pool, key_hash: str, request_hash: str
+) -> asyncpg.Record | None:
+    """Reserve a key; returns None when reserved now, else the existing row."""
+    inserted = await pool.fetchval(
+        """
+        insert into idempotency_keys (key_hash, request_hash) values ($1, $2)
+        on conflict (key_hash) do nothing returning key_hash
+        """,
+        key_hash,
+        request_hash,
+    )
+    if inserted:
+        return None
+    return await pool.fetchrow(
+        "select request_hash, status_code, response from idempotency_keys where key_hash = $1",
+        key_hash,
+    )
+
+
+async def complete_idempotency_key(
+    pool: asyncpg.Pool, key_hash: str, status_code: int, response: bytes
+) -> None:
+    await pool.execute(
+        "update idempotency_keys set status_code = $2, response = $3 where key_hash = $1",
+        key_hash,
+        status_code,
+        response,
+    )
+
+
+async def release_idempotency_key(pool: asyncpg.Pool, key_hash: str) -> None:
+    await pool.execute(
+        "delete from idempotency_keys where key_hash = $1 and status_code is null", key_hash
+    )
+
+
+async def expire_idempotency_keys(pool: asyncpg.Pool, older_than_s: int = 86400) -> int:
+    result = await pool.execute(
+        "delete from idempotency_keys where created_at < now() - make_interval(secs => $1)",
+        float(older_than_s),
+    )
+    return int(result.split()[-1])

@@ -1,0 +1,1 @@
+"""Notices to people: Telegram messages to the merchant and alerts to the operator."""

@@ -1,0 +1,179 @@
+"""Postgres queries of Telegram notices: made from paid transitions, leased, attempted."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from khqr_gateway.infra.db import safe_text
+
+# How far back the first sweep of a process looks when no notice exists yet: a bot set up
+# today does not announce last month's payments.
+FIRST_SWEEP_LOOKBACK_S = 600
+# Overlap of one sweep with the previous: a transition committed late (a slow transaction)
+# still falls inside the next window.
+SWEEP_OVERLAP_S = 300
+CLAIM_LIMIT = 20
+
+
+@dataclass(frozen=True, slots=True)
+class DueNotice:
+    id: int
+    chat_id: str
+    attempt_count: int
+    late: bool
+    status: str
+    reason: str | None
+    data: dict[str, Any] | None
+    metadata: Any
+    bill_number: str | None
+    completed_at: datetime
+
+
+async def sweep_start(pool: asyncpg.Pool) -> datetime:
+    """Where the first sweep of a process starts: just before the newest notice, so that a
+    restart after downtime misses none, else a few minutes back."""
+    value: datetime = await pool.fetchval(
+        """
+        select coalesce(max(created_at) - $1 * interval '1 second',
+                        now() - $2 * interval '1 second')
+        from telegram_notices
+        """,
+        SWEEP_OVERLAP_S,
+        FIRST_SWEEP_LOOKBACK_S,
+    )
+    return value
+
+
+async def make_notices(pool: asyncpg.Pool, chat_id: str, since: datetime) -> int:
+    """A notice for each paid or mismatched transition completed since `since` that has none;
+    once per transition whichever process (or sweep) gets there first."""
+    result = await pool.execute(
+        """
+        insert into telegram_notices (transaction_id, late, chat_id)
+        select t.id, t.late, $1 from transactions t
+        where t.completed_at >= $2 and not t.superseded
+          and t.status in ('success', 'mismatch')
+        on conflict (transaction_id, late) do nothing
+        """,
+        chat_id,
+        since,
+    )
+    return int(result.split()[-1])
+
+
+async def claim(pool: asyncpg.Pool, lease_s: float) -> list[DueNotice]:
+    """Lease the due notices (no other process takes them until the lease ends)."""
+    rows = await pool.fetch(
+        """
+        with due as (
+            select id from telegram_notices
+            where status = 'pending' and next_attempt_at <= now()
+              and (lease_until is null or lease_until < now())
+            order by next_attempt_at limit $2 for update skip locked
+        ), leased as (
+            update telegram_notices n set lease_until = now() + $1 * interval '1 second'
+            from due where n.id = due.id
+            returning n.id, n.chat_id, n.attempt_count, n.late, n.transaction_id
+        )
+        select leased.id, leased.chat_id, leased.attempt_count, leased.late, t.status,
+               t.reason, t.bakong_data, t.metadata, t.bill_number, t.completed_at
+        from leased join transactions t on t.id = leased.transaction_id
+        """,
+        lease_s,
+        CLAIM_LIMIT,
+    )
+    return [
+        DueNotice(
+            id=r["id"],
+            chat_id=r["chat_id"],
+            attempt_count=r["attempt_count"],
+            late=r["late"],
+            status=r["status"],
+            reason=r["reason"],
+            data=r["bakong_data"],
+            metadata=r["metadata"],
+            bill_number=r["bill_number"],
+            completed_at=r["completed_at"],
+        )
+        for r in rows
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class NoticeAttempt:
+    notice_id: int
+    attempt: int
+    started_at: datetime
+    duration_ms: int
+    status_code: int | None
+    error: str | None
+    body: str | None
+    # None: sent; a time: try again then; "failed" when neither.
+    next_attempt_at: datetime | None
+    failed: bool
+
+
+async def record(pool: asyncpg.Pool, attempts: Sequence[NoticeAttempt]) -> None:
+    """Store the attempts and each notice's outcome, releasing their leases."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.executemany(
+            """
+            insert into telegram_attempts (notice_id, attempt, started_at, duration_ms,
+                status_code, error, response_body)
+            values ($1, $2, $3, $4, $5, $6, $7)
+            """,
+            [
+                (
+                    a.notice_id,
+                    a.attempt,
+                    a.started_at,
+                    a.duration_ms,
+                    a.status_code,
+                    safe_text(a.error),
+                    safe_text(a.body),
+                )
+                for a in attempts
+            ],
+        )
+        await conn.executemany(
+            """
+            update telegram_notices set attempt_count = $2, last_status_code = $3,
+                last_error = $4, lease_until = null,
+                status = case when $6 then 'failed' when $5::timestamptz is null then 'sent'
+                              else 'pending' end,
+                next_attempt_at = coalesce($5, next_attempt_at),
+                sent_at = case when not $6 and $5::timestamptz is null then now() end
+            where id = $1
+            """,
+            [
+                (
+                    a.notice_id,
+                    a.attempt,
+                    a.status_code,
+                    safe_text(a.error),
+                    a.next_attempt_at,
+                    a.failed,
+                )
+                for a in attempts
+            ],
+        )
+
+
+async def newest(pool: asyncpg.Pool, *, status: str | None, limit: int) -> list[asyncpg.Record]:
+    """The newest notices, optionally of one status (what an operator checks)."""
+    rows: list[asyncpg.Record] = await pool.fetch(
+        """
+        select id, transaction_id, late, chat_id, status, attempt_count, next_attempt_at,
+               last_status_code, last_error, created_at, sent_at
+        from telegram_notices where ($1::text is null or status = $1)
+        order by created_at desc, id desc limit $2
+        """,
+        status,
+        limit,
+    )
+    return rows

@@ -1,1 +1,0 @@
-"""Storage adapters: Postgres queries and Redis schedules."""

@@ -1,0 +1,1 @@
+"""Transactions: the payment state machine, its store, ingest, polling and live status."""

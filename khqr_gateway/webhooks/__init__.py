@@ -1,7 +1,0 @@
-"""Webhook signing, sending and retry policy."""
-
-from __future__ import annotations
-
-from khqr_gateway.webhooks.signing import WebhookVerificationError, verify
-
-__all__ = ["WebhookVerificationError", "verify"]
