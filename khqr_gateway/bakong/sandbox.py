@@ -59,7 +59,6 @@ import orjson
 from aiohttp import web
 
 from khqr_gateway.bakong import khqr
-from khqr_gateway.http.errors import error_response
 
 TOKEN_LIFETIME_S = 90 * 24 * 3600
 # What the gateway expects of an md5 (`amount`, `currency`, `toAccountId`, any absent).
@@ -672,7 +671,10 @@ async def _errors(
     try:
         return await handler(request)
     except SandboxError as exc:
-        return error_response(exc.status, exc.code, exc.message, exc.details)
+        body = {"error": {"code": exc.code, "message": exc.message, "details": exc.details}}
+        return web.Response(
+            body=orjson.dumps(body), status=exc.status, content_type="application/json"
+        )
 
 
 def create_sandbox_app(

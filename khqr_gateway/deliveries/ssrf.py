@@ -15,14 +15,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from yarl import URL
-
-from khqr_gateway.config import AppEnv, Settings
 
 if TYPE_CHECKING:
     from aiohttp.client_reqrep import ClientRequest
@@ -192,6 +190,19 @@ def classify_host(host: str) -> Kind | None:
     return next((kind for suffix, kind in _SUFFIXES.items() if name.endswith(suffix)), None)
 
 
+class Deployment(Protocol):
+    """What the policy reads of the settings (a Protocol: config is above this module)."""
+
+    @property
+    def allow_private_webhook_urls(self) -> bool: ...
+    @property
+    def app_env(self) -> str: ...
+
+
+# Deployments whose receivers may sit on the LAN (config.AppEnv values).
+LOCAL_ENVS = frozenset({"development", "test"})
+
+
 @dataclass(frozen=True, slots=True)
 class AddressPolicy:
     """Which special-use ranges webhooks may reach; public addresses always may."""
@@ -199,14 +210,14 @@ class AddressPolicy:
     allowed: frozenset[Kind] = frozenset()
 
     @classmethod
-    def for_settings(cls, settings: Settings) -> AddressPolicy:
+    def for_settings(cls, settings: Deployment) -> AddressPolicy:
         """Off with ALLOW_PRIVATE_WEBHOOK_URLS. Development and test reach LOCAL_KINDS (a
         receiver on the LAN, a docker-compose service name), never cloud metadata, whose
         answer stored as a webhook response would hand out the host's credentials.
         Production and stage refuse every special-use range."""
         if settings.allow_private_webhook_urls:
             return cls(EVERY_KIND)
-        if settings.app_env in (AppEnv.DEVELOPMENT, AppEnv.TEST):
+        if settings.app_env in LOCAL_ENVS:
             return cls(LOCAL_KINDS)
         return cls()
 
