@@ -35,8 +35,8 @@ test: $(DEV_STAMP) $(ORACLE_STAMP)
 
 # The core, crash and two-process tests again on a local Redis Cluster (6 redis-server
 # nodes the session starts), plus a failover: see tests/cluster.py.
-CLUSTER_TESTS := tests/test_api_transactions.py tests/test_crash.py tests/test_events.py \
-	tests/test_cluster.py
+CLUSTER_TESTS := tests/http/test_transactions.py tests/transactions/test_events.py \
+	tests/scenarios/test_crash.py tests/scenarios/test_cluster.py
 test-cluster: $(DEV_STAMP) $(ORACLE_STAMP)
 	TEST_REDIS_CLUSTER=1 $(BIN)/pytest $(PYTEST_ARGS) $(CLUSTER_TESTS)
 

@@ -1,4 +1,4 @@
-"""Schemathesis hooks of tests/test_schemathesis.py: the gateway's webhooks stay on this host.
+"""Schemathesis hooks of test_schemathesis.py: the gateway's webhooks stay on this host.
 
 A webhookUrl that the gateway would accept is swapped for its own sandbox inbox
 (KHQR_WEBHOOK_SINK), so a transaction that ends during the run posts its webhook to

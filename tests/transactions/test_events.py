@@ -23,9 +23,9 @@ from khqr_gateway.service import SERVICE_KEY
 from khqr_gateway.transactions.events import Change, EventHub
 from khqr_gateway.transactions.model import Status
 from tests.conftest import REDIS_URL, Gateway, GatewayFactory, Receiver, SimulatedBakong
+from tests.http.test_pay import checkout
+from tests.http.test_transactions import create
 from tests.sse import Reader
-from tests.test_api_transactions import create
-from tests.test_pay import checkout
 
 
 async def events(gw: Gateway, job_id: str, **headers: str) -> Reader:

@@ -281,9 +281,9 @@ async def test_dashboard_asks_for_a_key_without_an_error_until_one_is_refused(
 
 # Checkout on a phone ----------------------------------------------------------------------
 
-ARTIFACTS = Path(__file__).with_name("artifacts")
+ARTIFACTS = Path(__file__).parents[1] / "artifacts"
 # The README's and the dashboard's picture of the page, made here: KHQR_DOCS_SCREENSHOTS=1.
-DOCS_SCREENSHOT = Path(__file__).parents[1] / "khqr_gateway" / "static" / "phone-checkout.png"
+DOCS_SCREENSHOT = Path(__file__).parents[2] / "khqr_gateway" / "static" / "phone-checkout.png"
 PHONE = (390, 844)
 PAGE_GREY = (246, 247, 249)  # the page's background around its card (pay.css)
 DESKTOP = (1280, 800)

@@ -99,7 +99,9 @@ async def test_created_rows_carry_every_field_and_the_first_poll(
 ) -> None:
     ingest = Ingest(pool, polls, interval_s=60)
     soon = datetime.now(UTC) + timedelta(seconds=5)
-    credential = await credential_store.upsert_credential(pool, token="t", email=None, expires_at=None)
+    credential = await credential_store.upsert_credential(
+        pool, token="t", email=None, expires_at=None
+    )
     item = new(
         credential_id=credential.id,
         expected=Expected(currency="USD", to_account_id="shop@aclb"),

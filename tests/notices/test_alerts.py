@@ -9,7 +9,7 @@ import asyncpg
 
 from khqr_gateway.notices.alerts import Alerts
 from tests.conftest import Gateway, GatewayFactory
-from tests.test_notify import FakeBotApi, bot  # noqa: F401 (the fixture)
+from tests.notices.test_telegram import FakeBotApi, bot  # noqa: F401 (the fixture)
 
 
 async def alerting(make_gateway: GatewayFactory, fake: FakeBotApi, **more: Any) -> Gateway:

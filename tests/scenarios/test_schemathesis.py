@@ -7,9 +7,9 @@ stateful phase (links from one answer to the next request, over kept-alive conne
 with a budget of its own, so that the first phases can never spend it. Reproduce by hand
 against a running `khqr-gateway serve` (API_KEY set, API_RATE_LIMIT=0):
 
-    SCHEMATHESIS_HOOKS=tests/schemathesis_hooks.py \\
+    SCHEMATHESIS_HOOKS=tests/scenarios/schemathesis_hooks.py \\
     KHQR_WEBHOOK_SINK=http://127.0.0.1:3000/sandbox/control/inbox/st \\
-    .venv/bin/st --config-file tests/schemathesis.toml \\
+    .venv/bin/st --config-file tests/scenarios/schemathesis.toml \\
         run http://127.0.0.1:3000/openapi.json -H "Authorization: Bearer $API_KEY" \\
         --checks not_a_server_error,status_code_conformance,content_type_conformance,\\
     response_schema_conformance,response_headers_conformance \\

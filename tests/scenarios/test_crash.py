@@ -23,7 +23,7 @@ from khqr_gateway.bakong.sandbox import make_token
 from tests.conftest import REDIS_CLUSTER, REDIS_URL
 from tests.test_cli import Proc, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Hooks:

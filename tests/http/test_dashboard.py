@@ -62,7 +62,7 @@ async def test_the_root_shows_the_walk_through_in_sandbox_mode(
 
 
 async def test_dashboard_shows_the_payment_page_on_a_phone(gateway: Gateway) -> None:
-    """What customers see, as the test suite's browser took it (tests/test_browser.py)."""
+    """What customers see, as the test suite's browser took it (tests/scenarios/test_browser.py)."""
     html = await (await gateway.client.get("/queue")).text()
     assert '<img src="/queue/phone-checkout.png"' in html
     resp = await gateway.client.get("/queue/phone-checkout.png")

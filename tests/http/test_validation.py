@@ -451,7 +451,7 @@ TOKEN_WITH_NEWLINE = "eyJhbGciOi\nJIUzI1NiJ9"
 
 
 # Each of these reached Postgres or aiohttp's header writer and answered 500 (found by
-# tests/test_schemathesis.py and the probes around it).
+# tests/scenarios/test_schemathesis.py and the probes around it).
 @pytest.mark.parametrize(
     ("path", "body", "field"),
     [

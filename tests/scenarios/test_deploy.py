@@ -16,7 +16,7 @@ import yaml
 
 from khqr_gateway.config import load_settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_dockerfile_passes_hadolint() -> None:
