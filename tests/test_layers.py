@@ -22,6 +22,7 @@ PURE = {
     "deliveries.retry",
     "deliveries.signing",
     "transactions.model",
+    "times",
 }
 PURE_THIRD_PARTY = {"orjson"}
 # Adapters to what is outside the process; they know no concept.
