@@ -7,6 +7,7 @@ import random
 import secrets
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -100,28 +101,15 @@ async def steady_list_forbidden(side: Bench, count: int) -> dict[str, Any]:
     stop = asyncio.Event()
     creator = asyncio.create_task(keep_creating(side, count / s.lf_lifetime_s, hook, paid, stop))
     try:
-        await asyncio.sleep(s.lf_warmup_s)
-        await side.bakong_post("/bench/window", {})
-        since, paid_before = time.time(), len(paid)
-        meter = side.meter()
-        before, started = meter.read(), time.perf_counter()
-        await asyncio.sleep(s.lf_window_s)
-        window = await side.bakong_get(f"/bench/window?young={YOUNG_S:g}")
-        cpu = CpuMeter.cores(before, meter.read(), time.perf_counter() - started)
-        async with side.http.get(side.url("gateway") + "/api/v1/stats") as resp:
-            checks = (await resp.json())["bakong"]["checks"]
-        until = time.time()
+        w = await measure_window(side, paid)
     finally:
         stop.set()
         created = await creator
-    young_paid = paid[paid_before:]
-    await arrivals.wait_for(side.http, young_paid, timeout_s=4 * s.interval_s + 10)
-    paid_at = await side.bakong_get("/bench/paid")
-    detect = sorted(
-        arrivals.first[m] - paid_at[m] for m in young_paid if m in arrivals.first and m in paid_at
-    )
+    young_paid = paid[w.paid_before :]
+    detect = await detections(side, arrivals, young_paid)
     # Final checks are made a tick after the deadline, later when put off by the limit.
-    finals = await final_checks(side, since, until - 2 * s.interval_s, hook)
+    finals = await final_checks(side, w.since, w.until - 2 * s.interval_s, hook)
+    window = w.bakong
     gaps, opened = window["gaps"], window["openGaps"]
     return {
         "pending": count,
@@ -133,7 +121,7 @@ async def steady_list_forbidden(side: Bench, count: int) -> dict[str, Any]:
         "young_gap": window["youngGaps"],
         "old_gap": window["oldGaps"],
         "gap_begun_before": window["gapsBegunBefore"],
-        "checks": checks,  # what /api/v1/stats says of the mode and the budget
+        "checks": w.checks,  # what /api/v1/stats says of the mode and the budget
         "open_gap": opened,
         "longest_unchecked_s": max(gaps["max"] or 0.0, opened["max"] or 0.0),
         "finals": finals,
@@ -142,8 +130,45 @@ async def steady_list_forbidden(side: Bench, count: int) -> dict[str, Any]:
         "detect_p50_s": pct(detect, 0.5),
         "detect_p90_s": pct(detect, 0.9),
         "detect_max_s": detect[-1] if detect else None,
-        "cpu_cores": cpu,
+        "cpu_cores": w.cpu,
     }
+
+
+@dataclass(frozen=True)
+class Window:
+    """One measured stretch: what the simulated Bakong and /api/v1/stats said of it."""
+
+    bakong: dict[str, Any]
+    checks: dict[str, Any]
+    cpu: dict[str, float]
+    since: float  # epoch seconds
+    until: float
+    paid_before: int  # md5s marked paid before it began
+
+
+async def measure_window(side: Bench, paid: list[str]) -> Window:
+    """After the warm-up, `lf_window_s` of checks, CPU and the gateway's own account of them."""
+    s = side.scale
+    await asyncio.sleep(s.lf_warmup_s)
+    await side.bakong_post("/bench/window", {})
+    since, paid_before = time.time(), len(paid)
+    meter = side.meter()
+    before, started = meter.read(), time.perf_counter()
+    await asyncio.sleep(s.lf_window_s)
+    window = await side.bakong_get(f"/bench/window?young={YOUNG_S:g}")
+    cpu = CpuMeter.cores(before, meter.read(), time.perf_counter() - started)
+    async with side.http.get(side.url("gateway") + "/api/v1/stats") as resp:
+        checks = (await resp.json())["bakong"]["checks"]
+    return Window(window, checks, cpu, since, time.time(), paid_before)
+
+
+async def detections(side: Bench, arrivals: Arrivals, md5s: list[str]) -> list[float]:
+    """Webhook arrival minus mark-paid of these md5s, sorted (once they arrived, or a wait)."""
+    await arrivals.wait_for(side.http, md5s, timeout_s=4 * side.scale.interval_s + 10)
+    paid_at = await side.bakong_get("/bench/paid")
+    return sorted(
+        arrivals.first[m] - paid_at[m] for m in md5s if m in arrivals.first and m in paid_at
+    )
 
 
 async def phase_list_forbidden(b: Bench) -> None:

@@ -178,13 +178,7 @@ async def phase_recovery(b: Bench) -> None:
     s = b.scale
     arrivals = Arrivals(b.url("receiver"))
     await arrivals.refresh(b.http)
-    delivery_md5s = await b.enqueue_deliveries(s.recovery_deliveries, "rec", path="slow")
-    seen = arrivals.total
-    wait_until = time.monotonic() + 5
-    while arrivals.total - seen < min(16, s.recovery_deliveries) and time.monotonic() < wait_until:
-        await arrivals.refresh(b.http)
-        await asyncio.sleep(0.02)
-    unfinished = s.recovery_deliveries - await b.delivered("rec")
+    delivery_md5s, unfinished = await slow_deliveries_in_flight(b, arrivals)
     leased_ids = await leased_polls(b, timeout_s=3)
     prefer = [j for j in leased_ids if j in b.seed][: s.recovery_paid_before // 2]
     before = b.take_unpaid(s.recovery_paid_before, prefer=prefer)
@@ -197,23 +191,12 @@ async def phase_recovery(b: Bench) -> None:
     await asyncio.sleep(1.0)
     restarted = time.monotonic()
     ready_s = await b.start_gateway("gateway")
-    restart_epoch = time.time()
-    paid = before + during
-    wanted = paid + delivery_md5s
+    since = time.time()
+    wanted = before + during + delivery_md5s
     complete = await arrivals.wait_for(b.http, wanted, timeout_s=s.recovery_wait_s)
     arrived_s = time.monotonic() - restarted
-    stored_s = None
-    while complete and time.monotonic() - restarted < s.recovery_wait_s:
-        if await stored_delivered(b, wanted) >= len(wanted):
-            stored_s = time.monotonic() - restarted
-            break
-        await asyncio.sleep(0.1)
-
-    def after_restart(md5s: Sequence[str]) -> list[float]:
-        found = (arrivals.first.get(m, float("inf")) - restart_epoch for m in md5s)
-        return sorted(max(0.0, x) for x in found)
-
-    late = after_restart(wanted)
+    stored_s = await stored_within(b, wanted, restarted, s.recovery_wait_s) if complete else None
+    late = arrived_after(arrivals, wanted, since)
     b.results["recovery"] = {
         "paid_before_kill": len(before),
         "polls_leased_at_pay": len(leased_ids),
@@ -230,15 +213,48 @@ async def phase_recovery(b: Bench) -> None:
         "missing": sum(1 for x in late if x == float("inf")),
         "later_than_15s": sum(1 for x in late if x > 15),
         "last_by_kind_s": {
-            "paid_before_kill": after_restart(before)[-1] if before else None,
-            "paid_while_down": after_restart(during)[-1] if during else None,
-            "deliveries": after_restart(delivery_md5s)[-1] if delivery_md5s else None,
+            "paid_before_kill": last_arrival(arrivals, before, since),
+            "paid_while_down": last_arrival(arrivals, during, since),
+            "deliveries": last_arrival(arrivals, delivery_md5s, since),
         },
     }
     if stored_s is None:
         missing = [m for m in wanted if m not in arrivals.first]
         b.results["recovery"]["missing_by_state"] = await states(b, missing or wanted)
         await b.abandon_deliveries("rec")
+
+
+async def slow_deliveries_in_flight(b: Bench, arrivals: Arrivals) -> tuple[list[str], int]:
+    """Deliveries to the receiver's slow path, begun (a few have arrived, up to 5 s): their md5s,
+    and how many Postgres does not yet record as delivered."""
+    count = b.scale.recovery_deliveries
+    md5s = await b.enqueue_deliveries(count, "rec", path="slow")
+    seen = arrivals.total
+    wait_until = time.monotonic() + 5
+    while arrivals.total - seen < min(16, count) and time.monotonic() < wait_until:
+        await arrivals.refresh(b.http)
+        await asyncio.sleep(0.02)
+    return md5s, count - await b.delivered("rec")
+
+
+async def stored_within(b: Bench, md5s: list[str], since: float, wait_s: float) -> float | None:
+    """Seconds from `since` (monotonic) until Postgres records every md5's delivery as
+    delivered; None if that takes more than `wait_s`."""
+    while time.monotonic() - since < wait_s:
+        if await stored_delivered(b, md5s) >= len(md5s):
+            return time.monotonic() - since
+        await asyncio.sleep(0.1)
+    return None
+
+
+def arrived_after(arrivals: Arrivals, md5s: Sequence[str], since: float) -> list[float]:
+    """Seconds after `since` (epoch) that each md5's webhook arrived, sorted; inf if not yet."""
+    found = (arrivals.first.get(m, float("inf")) - since for m in md5s)
+    return sorted(max(0.0, x) for x in found)
+
+
+def last_arrival(arrivals: Arrivals, md5s: Sequence[str], since: float) -> float | None:
+    return arrived_after(arrivals, md5s, since)[-1] if md5s else None
 
 
 async def leased_polls(b: Bench, timeout_s: float) -> list[str]:

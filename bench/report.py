@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,6 +13,7 @@ from list_forbidden import YOUNG_S
 
 README_START = "<!-- bench:results -->"
 README_END = "<!-- /bench:results -->"
+Row = tuple[str, str, str, str, str, str]
 
 
 def fmt(value: float | None, digits: int = 0, unit: str = "") -> str:
@@ -24,10 +26,15 @@ def met(ok: bool | None) -> str:
     return "n/a" if ok is None else ("yes" if ok else "**no**")
 
 
-def rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
+def rows(res: dict[str, Any]) -> list[Row]:
     """(figure, measured, same-run ratio, goal, reference, goal met) for the table."""
+    return [row for part in ROWS for row in part(res)]
+
+
+def ingest_rows(res: dict[str, Any]) -> list[Row]:
+    """Figure 1: ingest with no pending md5s and while polling; the poll gap meanwhile."""
     iv = res["config"]["interval_s"]
-    out: list[tuple[str, str, str, str, str, str]] = []
+    out: list[Row] = []
     for key, label in (("ingest_idle", "no pending"), ("ingest", "while polling")):
         x = res.get(key)
         if not x:
@@ -60,136 +67,164 @@ def rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
                 met(g["p99"] <= 1.2 * iv),
             )
         )
+    return out
+
+
+def capacity_rows(res: dict[str, Any]) -> list[Row]:
+    """Figure 2: the poll gap, Bakong requests, CPU and memory at the seed's size."""
     x = res.get("capacity")
-    if x:
-        g, o = x["gap"], x["open_gap"]
-        out.append(
-            (
-                f"2. poll gap at {x['pending']:,} pending, {iv:g} s interval",
-                f"mean {fmt(g['mean'], 2)} s, p99 {fmt(g['p99'], 2)} s;"
-                f" oldest unpolled {fmt(o['max'], 2)} s",
-                f"mean {fmt(div(g['mean'], iv), 2)}x, p99 {fmt(div(g['p99'], iv), 2)}x interval",
-                "p99 ≤ 1.2x interval",
-                "~6,900 pending at most; 13 polls/min at 10k",
-                met(g["p99"] is not None and g["p99"] <= 1.2 * iv and (o["max"] or 0) <= 1.2 * iv),
-            )
+    if not x:
+        return []
+    iv = res["config"]["interval_s"]
+    out: list[Row] = []
+    g, o = x["gap"], x["open_gap"]
+    out.append(
+        (
+            f"2. poll gap at {x['pending']:,} pending, {iv:g} s interval",
+            f"mean {fmt(g['mean'], 2)} s, p99 {fmt(g['p99'], 2)} s;"
+            f" oldest unpolled {fmt(o['max'], 2)} s",
+            f"mean {fmt(div(g['mean'], iv), 2)}x, p99 {fmt(div(g['p99'], iv), 2)}x interval",
+            "p99 ≤ 1.2x interval",
+            "~6,900 pending at most; 13 polls/min at 10k",
+            met(g["p99"] is not None and g["p99"] <= 1.2 * iv and (o["max"] or 0) <= 1.2 * iv),
         )
-        rq = x["bakong_requests_per_md5_min"]
-        out.append(
-            (
-                "2. Bakong HTTP requests per pending md5 per minute",
-                fmt(rq, 2),
-                f"{fmt(x['checks_per_md5_min'], 1)} checks/md5/min ="
-                f" {fmt(div(x['checks_per_md5_min'], 60 / iv), 2)}x nominal",
-                "≤ 0.5",
-                "18.0",
-                met(rq is not None and rq <= 0.5),
-            )
+    )
+    rq = x["bakong_requests_per_md5_min"]
+    out.append(
+        (
+            "2. Bakong HTTP requests per pending md5 per minute",
+            fmt(rq, 2),
+            f"{fmt(x['checks_per_md5_min'], 1)} checks/md5/min ="
+            f" {fmt(div(x['checks_per_md5_min'], 60 / iv), 2)}x nominal",
+            "≤ 0.5",
+            "18.0",
+            met(rq is not None and rq <= 0.5),
         )
-        cpu = x["cpu_cores"]
-        out.append(
-            (
-                "2. CPU of the gateway process (capacity)",
-                f"{fmt(cpu.get('gateway', 0) * 100)}% of one core",
-                f"machine {fmt(cpu['machine'] / int(res['machine']['nproc']) * 100)}% busy;"
-                f" postgres {fmt(cpu['postgres'], 2)}, bakong {fmt(cpu.get('bakong'), 2)},"
-                f" other users {fmt(cpu.get('rest'), 2)} cores",
-                "-",
-                "-",
-                "n/a",
-            )
+    )
+    cpu = x["cpu_cores"]
+    out.append(
+        (
+            "2. CPU of the gateway process (capacity)",
+            f"{fmt(cpu.get('gateway', 0) * 100)}% of one core",
+            f"machine {fmt(cpu['machine'] / int(res['machine']['nproc']) * 100)}% busy;"
+            f" postgres {fmt(cpu['postgres'], 2)}, bakong {fmt(cpu.get('bakong'), 2)},"
+            f" other users {fmt(cpu.get('rest'), 2)} cores",
+            "-",
+            "-",
+            "n/a",
         )
-        peak = res["peak_rss_kib"] / 1024
-        out.append(
-            (
-                f"2. peak RSS of the gateway ({x['pending']:,} pending)",
-                f"{fmt(peak)} MiB",
-                f"{fmt(div(peak * 1024, res['idle_rss_kib']), 1)}x its idle RSS"
-                f" ({fmt((res['idle_rss_kib'] or 0) / 1024)} MiB)",
-                "≤ 250 MB",
-                "146 MiB at 1k, 188 MiB at 10k",
-                met(peak * 1024 * 1024 <= 250e6),
-            )
+    )
+    peak = res["peak_rss_kib"] / 1024
+    out.append(
+        (
+            f"2. peak RSS of the gateway ({x['pending']:,} pending)",
+            f"{fmt(peak)} MiB",
+            f"{fmt(div(peak * 1024, res['idle_rss_kib']), 1)}x its idle RSS"
+            f" ({fmt((res['idle_rss_kib'] or 0) / 1024)} MiB)",
+            "≤ 250 MB",
+            "146 MiB at 1k, 188 MiB at 10k",
+            met(peak * 1024 * 1024 <= 250e6),
         )
+    )
+    return out
+
+
+def detection_rows(res: dict[str, Any]) -> list[Row]:
+    """Figure 3: webhook arrival minus mark-paid."""
     x = res.get("detection")
-    if x:
-        goal = 1.05 * iv + 0.1
-        out.append(
-            (
-                f"3. detection, {x['count']:,} paid: webhook - mark-paid",
-                f"p50 {fmt(x['p50_s'], 2)} s, p99 {fmt(x['p99_s'], 2)} s"
-                + ("" if x["complete"] else f" ({x['arrived']}/{x['count']} arrived)")
-                + f"; of which paid -> recorded p99 {fmt(x['recorded_p99_s'], 2)} s,"
-                f" recorded -> received p99 {fmt(x['sent_p99_s'], 2)} s",
-                f"p50 {fmt(div(x['p50_s'], iv), 2)}x, p99 {fmt(div(x['p99_s'], iv), 2)}x interval",
-                f"p99 ≤ 1.05x interval + 0.1 s ({goal:.2f} s)",
-                "p50 1.5 s, p99 3.2 s (~1.0x its 3.2 s)",
-                met(x["complete"] and x["p99_s"] is not None and x["p99_s"] <= goal),
-            )
+    if not x:
+        return []
+    iv = res["config"]["interval_s"]
+    goal = 1.05 * iv + 0.1
+    return [
+        (
+            f"3. detection, {x['count']:,} paid: webhook - mark-paid",
+            f"p50 {fmt(x['p50_s'], 2)} s, p99 {fmt(x['p99_s'], 2)} s"
+            + ("" if x["complete"] else f" ({x['arrived']}/{x['count']} arrived)")
+            + f"; of which paid -> recorded p99 {fmt(x['recorded_p99_s'], 2)} s,"
+            f" recorded -> received p99 {fmt(x['sent_p99_s'], 2)} s",
+            f"p50 {fmt(div(x['p50_s'], iv), 2)}x, p99 {fmt(div(x['p99_s'], iv), 2)}x interval",
+            f"p99 ≤ 1.05x interval + 0.1 s ({goal:.2f} s)",
+            "p50 1.5 s, p99 3.2 s (~1.0x its 3.2 s)",
+            met(x["complete"] and x["p99_s"] is not None and x["p99_s"] <= goal),
         )
+    ]
+
+
+def delivery_rows(res: dict[str, Any]) -> list[Row]:
+    """Figure 4: due webhooks delivered a second, beside the receiver's own rate."""
     x = res.get("delivery")
-    if x:
-        out.append(
-            (
-                f"4. delivery, {x['count']:,} due webhooks, each attempt stored",
-                f"{fmt(x['rate'])} /s"
-                + ("" if x["complete"] else f" ({x['delivered']:,} done in {x['seconds']:.0f} s)"),
-                f"{fmt(div(x['rate'] * 100, x['receiver_rps']), 1)}% of the receiver's own rate"
-                f" ({fmt(x['receiver_rps'])} req/s)",
-                "≥ 2,000 /s",
-                "-",
-                met(x["rate"] is not None and x["rate"] >= 2000),
-            )
+    if not x:
+        return []
+    return [
+        (
+            f"4. delivery, {x['count']:,} due webhooks, each attempt stored",
+            f"{fmt(x['rate'])} /s"
+            + ("" if x["complete"] else f" ({x['delivered']:,} done in {x['seconds']:.0f} s)"),
+            f"{fmt(div(x['rate'] * 100, x['receiver_rps']), 1)}% of the receiver's own rate"
+            f" ({fmt(x['receiver_rps'])} req/s)",
+            "≥ 2,000 /s",
+            "-",
+            met(x["rate"] is not None and x["rate"] >= 2000),
         )
+    ]
+
+
+def recovery_rows(res: dict[str, Any]) -> list[Row]:
+    """Figure 5: everything sent and stored after a kill -9 and a restart."""
     x = res.get("recovery")
-    if x:
-        all_s = x["all_s"]
-        kinds = x["last_by_kind_s"]
-        out.append(
-            (
-                f"5. recovery after kill -9 ({x['paid_before_kill_in_flight']} paid md5s with"
-                f" their poll in flight, {x['deliveries_unfinished_at_kill']} deliveries"
-                f" unfinished, {x['paid_while_down']} paid while down): every webhook"
-                " sent and stored, after restart",
-                (f"{fmt(all_s, 1)} s" if all_s is not None else "not within the wait")
-                + f" (all arrived at the receiver after {fmt(x['arrived_s'], 1)} s;"
-                f" ready in {fmt(x['ready_s'], 1)} s; last arrival: paid before kill"
-                f" {fmt(kinds['paid_before_kill'], 1)} s, paid while down"
-                f" {fmt(kinds['paid_while_down'], 1)} s, deliveries"
-                f" {fmt(kinds['deliveries'], 1)} s)",
-                f"{fmt(div(all_s, iv), 1)}x interval" if all_s is not None else "n/a",
-                "≤ 15 s",
-                "60-90 s for the in-flight ones",
-                met(all_s is not None and all_s <= 15),
-            )
+    if not x:
+        return []
+    iv = res["config"]["interval_s"]
+    all_s = x["all_s"]
+    kinds = x["last_by_kind_s"]
+    return [
+        (
+            f"5. recovery after kill -9 ({x['paid_before_kill_in_flight']} paid md5s with"
+            f" their poll in flight, {x['deliveries_unfinished_at_kill']} deliveries"
+            f" unfinished, {x['paid_while_down']} paid while down): every webhook"
+            " sent and stored, after restart",
+            (f"{fmt(all_s, 1)} s" if all_s is not None else "not within the wait")
+            + f" (all arrived at the receiver after {fmt(x['arrived_s'], 1)} s;"
+            f" ready in {fmt(x['ready_s'], 1)} s; last arrival: paid before kill"
+            f" {fmt(kinds['paid_before_kill'], 1)} s, paid while down"
+            f" {fmt(kinds['paid_while_down'], 1)} s, deliveries"
+            f" {fmt(kinds['deliveries'], 1)} s)",
+            f"{fmt(div(all_s, iv), 1)}x interval" if all_s is not None else "n/a",
+            "≤ 15 s",
+            "60-90 s for the in-flight ones",
+            met(all_s is not None and all_s <= 15),
         )
+    ]
+
+
+def scale_rows(res: dict[str, Any]) -> list[Row]:
+    """Figure 6: ingest and delivery of two gateways beside one."""
     x = res.get("scale")
-    if x and x.get("ingest_2") is not None:
-        out.append(
-            (
-                "6. scale-out ingest: 2 vs 1 gateway",
-                f"{fmt(x['ingest_2'])} vs {fmt(x['ingest_1'])} req/s",
-                f"{fmt(x['ingest_ratio'], 2)}x",
-                "≥ 1.6x",
-                "-",
-                met(x["ingest_ratio"] is not None and x["ingest_ratio"] >= 1.6),
-            )
+    if not x or x.get("ingest_2") is None:
+        return []
+    out: list[Row] = []
+    out.append(
+        (
+            "6. scale-out ingest: 2 vs 1 gateway",
+            f"{fmt(x['ingest_2'])} vs {fmt(x['ingest_1'])} req/s",
+            f"{fmt(x['ingest_ratio'], 2)}x",
+            "≥ 1.6x",
+            "-",
+            met(x["ingest_ratio"] is not None and x["ingest_ratio"] >= 1.6),
         )
-        out.append(
-            (
-                "6. scale-out delivery: 2 vs 1 gateway",
-                f"{fmt(x['delivery_2'])} vs {fmt(x['delivery_1'])} /s",
-                f"{fmt(x['delivery_ratio'], 2)}x",
-                "≥ 1.6x",
-                "-",
-                met(x["delivery_ratio"] is not None and x["delivery_ratio"] >= 1.6),
-            )
+    )
+    out.append(
+        (
+            "6. scale-out delivery: 2 vs 1 gateway",
+            f"{fmt(x['delivery_2'])} vs {fmt(x['delivery_1'])} /s",
+            f"{fmt(x['delivery_ratio'], 2)}x",
+            "≥ 1.6x",
+            "-",
+            met(x["delivery_ratio"] is not None and x["delivery_ratio"] >= 1.6),
         )
-    out += compat_rows(res) + list_forbidden_rows(res) + proxy_rows(res)
-    return out + growth.rows(res) + on_cluster.rows(res)
-
-
-Row = tuple[str, str, str, str, str, str]
+    )
+    return out
 
 
 def compat_rows(res: dict[str, Any]) -> list[Row]:
@@ -320,6 +355,21 @@ def proxy_rows(res: dict[str, Any]) -> list[Row]:
             met(through is not None and through >= 99.9),
         )
     ]
+
+
+ROWS: tuple[Callable[[dict[str, Any]], list[Row]], ...] = (
+    ingest_rows,
+    capacity_rows,
+    detection_rows,
+    delivery_rows,
+    recovery_rows,
+    scale_rows,
+    compat_rows,
+    list_forbidden_rows,
+    proxy_rows,
+    growth.rows,
+    on_cluster.rows,
+)
 
 
 def _sub(a: float | None, b: float | None) -> float | None:

@@ -112,10 +112,15 @@ def _dirs(profile: str | None) -> tuple[Path, Path | None]:
     return work, profile_dir
 
 
-async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+def scale_of(args: argparse.Namespace) -> Scale:
+    """QUICK or the full Scale, with every count and duration a flag set."""
     scale = QUICK if args.quick else Scale()
     overrides = {k: v for k, v in vars(args).items() if k in Scale.__annotations__ and v}
-    scale = dataclasses.replace(scale, **overrides)
+    return dataclasses.replace(scale, **overrides)
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    scale = scale_of(args)
     tool = args.load
     if tool == "auto":
         tool = "wrk" if load.wrk_path() else "aiohttp"
@@ -133,23 +138,28 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     except TimeoutError:
         b.results.setdefault("errors", {})["run"] = f"stopped at the {scale.max_s:.0f} s limit"
     finally:
-        b.procs.stop_all()
-        if b.pool is not None:
-            await b.pool.close()
-        await b.session.close()
-        await b.redis.aclose()
-        await drop_database(b)
-        await clear_redis(b)
-        if args.keep_logs:
-            print(f"[bench] logs kept in {work}", file=sys.stderr)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        await tear_down(b, keep_logs=args.keep_logs)
     b.results["total_s"] = time.perf_counter() - started
     b.results["peak_rss_kib"] = b.peak_rss_kib
     b.results["idle_rss_kib"] = b.idle_rss_kib
     b.results["config"] = {**dataclasses.asdict(scale), "tool": tool, "app_env": args.app_env}
     b.results["machine"] = await machine()
     return b.results
+
+
+async def tear_down(b: Bench, *, keep_logs: bool) -> None:
+    """Stop every process; drop the run's database and Redis keys, and its logs unless kept."""
+    b.procs.stop_all()
+    if b.pool is not None:
+        await b.pool.close()
+    await b.http.close()
+    await b.r.aclose()
+    await drop_database(b)
+    await clear_redis(b)
+    if keep_logs:
+        print(f"[bench] logs kept in {b.work}", file=sys.stderr)
+    else:
+        shutil.rmtree(b.work, ignore_errors=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
