@@ -16,7 +16,7 @@ import load
 from procs import CpuMeter
 
 if TYPE_CHECKING:
-    from run import Bench
+    from harness import Bench
 
 LIST_PATH = "/api/v1/transactions?status=success&limit=50"
 SEED_CHUNK = 250_000

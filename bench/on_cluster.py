@@ -15,7 +15,7 @@ from growth import fmt, met, quiesce
 from khqr_gateway.infra.schedule import connect
 
 if TYPE_CHECKING:
-    from run import Bench
+    from harness import Bench
 
 ROOT = Path(__file__).resolve().parents[1]
 Phase = Callable[["Bench"], Awaitable[None]]
