@@ -22,13 +22,14 @@ import asyncpg
 from khqr_gateway import __version__
 from khqr_gateway.deliveries import store
 from khqr_gateway.deliveries.model import DeliveryStatus
-from khqr_gateway.deliveries.retry import Outcome, decide, parse_retry_after
+from khqr_gateway.deliveries.retry import AttemptVerdict, next_attempt
 from khqr_gateway.deliveries.signing import sign_headers
 from khqr_gateway.deliveries.ssrf import Blocked
 from khqr_gateway.deliveries.store import AttemptRecord, DueDelivery
 from khqr_gateway.infra.db import write_isolated
 from khqr_gateway.infra.schedule import Lease, Schedule
 from khqr_gateway.metrics import DELIVERY_ATTEMPTS, DELIVERY_LATENCY
+from khqr_gateway.times import parse_retry_after
 
 log = logging.getLogger(__name__)
 
@@ -400,7 +401,7 @@ class Deliverer:
         retry_after = None
         if result.headers and "retry-after" in result.headers:
             retry_after = parse_retry_after(result.headers["retry-after"], time.time())
-        decision = decide(
+        decision = next_attempt(
             attempt=delivery.series_attempts + 1,
             status=result.status,
             retry_after_s=retry_after,
@@ -408,12 +409,12 @@ class Deliverer:
             rand=random.random(),
         )
         new_status = {
-            Outcome.DELIVERED: DeliveryStatus.DELIVERED,
-            Outcome.RETRY: DeliveryStatus.PENDING,
-            Outcome.GIVE_UP: DeliveryStatus.FAILED,
-        }[decision.outcome]
+            AttemptVerdict.DELIVERED: DeliveryStatus.DELIVERED,
+            AttemptVerdict.RETRY: DeliveryStatus.PENDING,
+            AttemptVerdict.GIVE_UP: DeliveryStatus.FAILED,
+        }[decision.verdict]
         next_at = None
-        if decision.outcome is Outcome.RETRY and decision.delay_s is not None:
+        if decision.verdict is AttemptVerdict.RETRY and decision.delay_s is not None:
             next_at = datetime.now(UTC) + timedelta(seconds=decision.delay_s)
         return AttemptRecord(
             delivery_id=delivery.id,
