@@ -2,37 +2,19 @@
 
 A pending delivery is always in one lane, never in neither: Postgres holds it pending, but
 only a lane gets it sent (until the reconcile tick notices). So every move from one lane to
-the other is one script, fenced on the mover's lease where it has one: no crash, and no
-other process moving the same delivery, can come between leaving a lane and entering the
-other. The lanes' keys share one hash tag (`infra.schedule.keys`), so the scripts run on a
-Redis Cluster too.
+the other is one script (`Schedule.finish` into another schedule, `Schedule.requeue`),
+fenced on the mover's lease where it has one: no crash, and no other process moving the
+same delivery, can come between leaving a lane and entering the other. The lanes' keys
+share one hash tag (`infra.schedule.keys`), so the scripts run on a Redis Cluster too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
 
 from khqr_gateway.deliveries.model import Lane, PendingDelivery
 from khqr_gateway.infra.schedule import Lease, RedisClient, Schedule
 from khqr_gateway.times import now_ms, to_ms
-
-# KEYS: the lane a claim holds its members in, the retry lane; ARGV: the claim's lease
-# score, then member, due_ms pairs. Each member still under that lease leaves its lane and
-# waits in the retry lane at due_ms (a retry claim's members stay in it, due then).
-_TO_RETRY = """
-local lease = tonumber(ARGV[1])
-local moved = 0
-for i = 2, #ARGV, 2 do
-  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
-  if score and tonumber(score) == lease then
-    redis.call('ZREM', KEYS[1], ARGV[i])
-    redis.call('ZADD', KEYS[2], ARGV[i + 1], ARGV[i])
-    moved = moved + 1
-  end
-end
-return moved
-"""
 
 
 class Lanes:
@@ -40,7 +22,6 @@ class Lanes:
 
     def __init__(self, redis: RedisClient, names: Mapping[str, str]) -> None:
         self._schedules = {lane: Schedule(redis, names[lane]) for lane in Lane}
-        self._to_retry: Any = redis.register_script(_TO_RETRY)
 
     async def add(self, ids: Iterable[str], due_ms: int, lane: Lane = Lane.FIRST) -> int:
         """Queue new deliveries; one the lane already has keeps its place (reconcile may have
@@ -85,33 +66,20 @@ class Lanes:
     def _other(self, lane: Lane) -> Schedule:
         return self._schedules[Lane.RETRY if lane is Lane.FIRST else Lane.FIRST]
 
-    async def _move_to_retry(self, claim: Claim, items: Sequence[tuple[str, int]]) -> int:
-        args: list[str | int | float] = [claim.until]
-        for member, due in items:
-            args += [member, due]
-        keys = [self._schedules[claim.lane].key, self._schedules[Lane.RETRY].key]
-        return int(await self._to_retry(keys=keys, args=args))
-
 
 class Claim(Lease):
-    """Deliveries leased together from one lane. Besides finishing in place (`finish`: due
-    again there, or done), each one can move to the retry lane in one step (`retry`)."""
+    """Deliveries leased together from one lane. Each one finishes in place (`finish`: due
+    again there, or done) or moves to the retry lane in the same step (`retry`)."""
 
     def __init__(
         self, lanes: Lanes, lane: Lane, members: Sequence[str], until: float, length_ms: int
     ) -> None:
         super().__init__(lanes._schedules[lane], members, until, length_ms)
-        self.lanes = lanes
-        self.lane = lane
+        self._retry_lane = lanes._schedules[Lane.RETRY]
 
     async def retry(self, items: Sequence[tuple[str, int]]) -> int:
         """Into the retry lane at their due times (ms), those still under this lease."""
-        if not items:
-            return 0
-        async with self._lock:
-            moved = await self.lanes._move_to_retry(self, items)
-            self.members.difference_update(m for m, _ in items)
-            return moved
+        return await self.finish(items, [], into=self._retry_lane)
 
     async def give_back(self, due_ms: int) -> int:
         """Every member not yet finished due again at `due_ms`, in its lane."""

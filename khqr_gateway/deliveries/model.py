@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
 from uuid import UUID
 
 
@@ -47,23 +46,6 @@ class DueDelivery:
 
 
 @dataclass(frozen=True, slots=True)
-class AttemptRecord:
-    """One attempt's outcome and what it means for its delivery."""
-
-    delivery_id: str
-    attempt: int
-    started_at: datetime
-    duration_ms: int
-    status_code: int | None
-    error_kind: str | None
-    error_message: str | None
-    response_body: str | None
-    response_headers: dict[str, str] | None
-    new_status: DeliveryStatus
-    next_attempt_at: datetime | None
-
-
-@dataclass(frozen=True, slots=True)
 class PendingDelivery:
     """A pending delivery as the reconcile tick sees it: which lane, due when."""
 
@@ -98,7 +80,8 @@ class Delivery:
 
 @dataclass(frozen=True, slots=True)
 class Attempt:
-    """One stored attempt of a delivery."""
+    """One attempt of a delivery, as stored: when, how long, and what the receiver said (or
+    why it said nothing)."""
 
     attempt: int
     started_at: datetime
@@ -107,7 +90,16 @@ class Attempt:
     error_kind: str | None
     error_message: str | None
     response_body: str | None
-    response_headers: dict[str, Any] | None
+    response_headers: dict[str, str] | None
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord(Attempt):
+    """An attempt just made, and what it means for its delivery."""
+
+    delivery_id: str
+    new_status: DeliveryStatus
+    next_attempt_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
