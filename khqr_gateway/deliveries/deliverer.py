@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -27,6 +27,7 @@ from khqr_gateway.metrics import DELIVERY_ATTEMPTS, DELIVERY_LATENCY
 from khqr_gateway.times import now_ms, parse_retry_after, to_ms
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Kept alive while sends go on: a killed process's deliveries are due again in seconds.
 LEASE_MS = 10_000
@@ -78,14 +79,8 @@ class Deliverer:
         self.sender = sender
         self.retry_schedule = tuple(retry_schedule)
         self.max_in_flight = max_in_flight
-        self.per_host = per_host
+        self.receivers: Receivers[_Claimed] = Receivers(per_host)
         self._claims: set[Claim] = set()
-        # Deliveries claimed for a receiver already at its cap wait here, under their lease,
-        # and go out the moment one of its sends finishes.
-        self._queues: dict[str, deque[_Claimed]] = {}
-        self._queued = 0
-        self._host_failures: Counter[str] = Counter()
-        self._host_load: Counter[str] = Counter()
         self._stopping = False
         self._tick_lock = asyncio.Lock()
         self._again = False
@@ -103,7 +98,7 @@ class Deliverer:
     @property
     def _room(self) -> int:
         """Deliveries this process may still take on: sending or waiting for their host."""
-        return self.max_in_flight - len(self._tasks) - self._queued
+        return self.max_in_flight - len(self._tasks) - self.receivers.queued
 
     def kick(self) -> None:
         """New deliveries were just scheduled: claim them now, not at the next tick."""
@@ -238,16 +233,11 @@ class Deliverer:
         overflow: list[_Claimed] = []
         for item in claimed:
             host = _origin(item.delivery.url)
-            if self._host_load[host] < self._cap(host):
+            if self.receivers.take(host):
                 self._launch(item, host)
                 started += 1
-                continue
-            queue = self._queues.setdefault(host, deque())
-            if len(queue) < self.per_host * HOST_QUEUE_FACTOR:
-                queue.append(item)
-                self._queued += 1
-                continue
-            overflow.append(item)  # a receiver this far behind: back to Redis for a while
+            elif not self.receivers.wait(host, item):
+                overflow.append(item)  # a receiver this far behind: back to Redis for a while
         if overflow:
             self._backlog = False  # its receiver is the limit, not the room
         due = now + HOST_BUSY_DELAY_MS
@@ -255,38 +245,22 @@ class Deliverer:
             await self._finish(claim, again=[(i, due) for i in ids])
         return started
 
-    def _cap(self, host: str) -> int:
-        """Sends at once to one receiver: fewer while it keeps failing or timing out, so a
-        dead receiver holds a handful of slots, not a quarter of them."""
-        if self._host_failures[host] >= SICK_AFTER_FAILURES:
-            return SICK_HOST_CAP
-        return self.per_host
-
     def _launch(self, item: _Claimed, host: str) -> None:
-        self._host_load[host] += 1
+        """Send `item` to `host`, in a slot already taken for it."""
         task = asyncio.create_task(self._deliver(item, host))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     def _next_for(self, host: str) -> None:
-        """A send to `host` finished: free its slot, start its next queued delivery."""
-        self._host_load[host] -= 1
-        queue = self._queues.get(host)
-        if queue and not self._stopping and self._host_load[host] < self._cap(host):
-            self._queued -= 1
-            self._launch(queue.popleft(), host)
-            if not queue:
-                del self._queues[host]
-        if self._host_load[host] <= 0:
-            del self._host_load[host]
+        """A send to `host` finished: its slot goes to the next delivery waiting for it."""
+        waiting = self.receivers.release(host, hand_on=not self._stopping)
+        if waiting is not None:
+            self._launch(waiting, host)
 
     async def _deliver(self, item: _Claimed, host: str) -> None:
         try:
             result = await self.sender.send(item.delivery)
-            if result.status is not None and result.status < 500:
-                self._host_failures.pop(host, None)
-            else:
-                self._host_failures[host] += 1
+            self.receivers.answered(host, result.status is not None and result.status < 500)
         finally:
             self._next_for(host)
             self._refill()
@@ -405,6 +379,63 @@ class Deliverer:
 
     async def close(self) -> None:
         await self.sender.close()
+
+
+class Receivers(Generic[T]):
+    """Sends at once per receiver: at most `per_host` each, a handful while one keeps failing
+    or timing out (a dead receiver holds a few slots, not a quarter of them), and per receiver
+    a short queue of work waiting, under its lease, for the moment a slot is free."""
+
+    def __init__(self, per_host: int) -> None:
+        self.per_host = per_host
+        self.queued = 0
+        self._load: Counter[str] = Counter()
+        self._failures: Counter[str] = Counter()
+        self._queues: dict[str, deque[T]] = {}
+
+    def take(self, host: str) -> bool:
+        """A slot for one more send to `host`, if one is free."""
+        if self._load[host] >= self._cap(host):
+            return False
+        self._load[host] += 1
+        return True
+
+    def wait(self, host: str, item: T) -> bool:
+        """Queue `item` for `host`'s next free slot; False when that queue is full."""
+        queue = self._queues.setdefault(host, deque())
+        if len(queue) >= self.per_host * HOST_QUEUE_FACTOR:
+            return False
+        queue.append(item)
+        self.queued += 1
+        return True
+
+    def answered(self, host: str, healthy: bool) -> None:
+        """How a send to `host` went: an answer below 500, or not."""
+        if healthy:
+            self._failures.pop(host, None)
+        else:
+            self._failures[host] += 1
+
+    def release(self, host: str, *, hand_on: bool) -> T | None:
+        """A send to `host` finished. With `hand_on`, its slot goes to the next item waiting
+        for `host`, returned (the slot taken for it)."""
+        self._load[host] -= 1
+        waiting = self._queues.get(host)
+        item = None
+        if waiting and hand_on and self._load[host] < self._cap(host):
+            item = waiting.popleft()
+            self.queued -= 1
+            self._load[host] += 1
+            if not waiting:
+                del self._queues[host]
+        if self._load[host] <= 0:
+            del self._load[host]
+        return item
+
+    def _cap(self, host: str) -> int:
+        if self._failures[host] >= SICK_AFTER_FAILURES:
+            return SICK_HOST_CAP
+        return self.per_host
 
 
 def _by_claim(items: Sequence[_Claimed]) -> dict[Claim, list[str]]:

@@ -50,7 +50,7 @@ async def test_a_backlog_drains_without_waiting_for_ticks(
     service = gw.service
     service.poller.on_deliveries = None  # only the one tick below may start sends
     service.deliverer.max_in_flight = 4
-    service.deliverer.per_host = 2
+    service.deliverer.receivers.per_host = 2
     for _ in range(12):
         await paid(gw, bakong, receiver.url)
     await asyncio.sleep(0.3)  # their first polls come due
