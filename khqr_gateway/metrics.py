@@ -68,12 +68,6 @@ DELIVERY_LATENCY = Histogram(
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30),
     registry=REGISTRY,
 )
-TRANSITION_TO_DELIVERY = Histogram(
-    "khqr_transition_to_delivered_seconds",
-    "Time from a terminal transition to its webhook being delivered",
-    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
-    registry=REGISTRY,
-)
 QUEUE_DEPTH = Gauge(
     "khqr_queue_depth",
     "Members of each Redis schedule (poll, deliver, deliver_retry)",

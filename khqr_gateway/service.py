@@ -15,7 +15,9 @@ from khqr_gateway.bakong.sandbox import make_token
 from khqr_gateway.config import Settings
 from khqr_gateway.credentials.renewal import SANDBOX_TOKEN_EMAIL, Credentials
 from khqr_gateway.deliveries import store as delivery_store
-from khqr_gateway.deliveries.sender import KEEPALIVE_S, MAX_IN_FLIGHT, Deliverer
+from khqr_gateway.deliveries.deliverer import Deliverer
+from khqr_gateway.deliveries.lanes import Lanes
+from khqr_gateway.deliveries.sender import KEEPALIVE_S, MAX_IN_FLIGHT, Sender
 from khqr_gateway.deliveries.ssrf import AddressPolicy, GuardedConnector
 from khqr_gateway.infra import db, idempotency
 from khqr_gateway.infra.locks import Locks
@@ -71,8 +73,7 @@ class Service:
     bakong: BakongClient
     credentials: Credentials
     polls: Schedule
-    deliveries: Schedule
-    retries: Schedule
+    lanes: Lanes
     poller: Poller
     late: LateWatch
     deliverer: Deliverer
@@ -114,14 +115,12 @@ class Service:
             rate=settings.bakong_max_rps,
         )
         polls = Schedule(redis, names["poll"])
-        deliveries = Schedule(redis, names["deliver"])
-        retries = Schedule(redis, names["deliver_retry"])
+        lanes = Lanes(redis, names)
         events = EventHub(redis, names["events"])
-        policy = AddressPolicy.for_settings(settings)
         poller = Poller(
             pool=pool,
             schedule=polls,
-            deliveries=deliveries,
+            lanes=lanes,
             bakong=bakong,
             credentials=credentials,
             interval_s=settings.poll_interval_s,
@@ -135,7 +134,7 @@ class Service:
             pool=pool,
             schedule=Schedule(redis, names["late"]),
             polls=polls,
-            deliveries=deliveries,
+            lanes=lanes,
             checker=poller.checker,
             window=settings.late_window,
             poll_interval_s=settings.poll_interval_s,
@@ -150,21 +149,10 @@ class Service:
             bakong=bakong,
             credentials=credentials,
             polls=polls,
-            deliveries=deliveries,
-            retries=retries,
+            lanes=lanes,
             poller=poller,
             late=late,
-            deliverer=Deliverer(
-                pool=pool,
-                first=deliveries,
-                retry=retries,
-                secrets=settings.webhook_secrets,
-                retry_schedule=settings.webhook_retry_schedule,
-                timeout_s=settings.webhook_timeout_s,
-                connector_factory=lambda: GuardedConnector(
-                    policy, limit=MAX_IN_FLIGHT, keepalive_timeout=KEEPALIVE_S
-                ),
-            ),
+            deliverer=deliverer_for(settings, pool, lanes),
             events=events,
             ingest=Ingest(pool, polls, interval_s=settings.poll_interval_s),
             retention=Retention(
@@ -219,10 +207,10 @@ class Service:
 
     async def refresh_figures(self) -> None:
         """The figures tick: read what /metrics and /api/v1/stats show, once for all asking."""
+        lanes = await self.lanes.sizes()
         queues = {
             "poll": await self.polls.size(),
-            "deliver": await self.deliveries.size(),
-            "deliver_retry": await self.retries.size(),
+            **{lane.value: size for lane, size in lanes.items()},
             "late": await self.late.schedule.size(),
         }
         oldest_due_ms = await self.polls.oldest_due_ms()
@@ -282,18 +270,28 @@ class Service:
             rows = await delivery_store.pending_page(self.pool, after=after, limit=RECONCILE_PAGE)
             if not rows:
                 break
-            first = [
-                (r["id"], _ms(r["next_attempt_at"])) for r in rows if r["series_attempts"] == 0
-            ]
-            later = [(r["id"], _ms(r["next_attempt_at"])) for r in rows if r["series_attempts"] > 0]
-            added = await self.deliveries.add_missing(first, [self.retries])
-            added += await self.retries.add_missing(later, [self.deliveries])
+            added = await self.lanes.restore(rows)
             if added:
                 log.warning("reconcile: %d pending deliveries rescheduled", added)
-            after = rows[-1]["id"]
+            after = rows[-1].id
 
 
 SERVICE_KEY = web.AppKey("service", Service)
+
+
+def deliverer_for(settings: Settings, pool: asyncpg.Pool, lanes: Lanes) -> Deliverer:
+    """The delivery tick, sending through the SSRF guard that settings ask for."""
+    policy = AddressPolicy.for_settings(settings)
+    sender = Sender(
+        secrets=settings.webhook_secrets,
+        timeout_s=settings.webhook_timeout_s,
+        connector_factory=lambda: GuardedConnector(
+            policy, limit=MAX_IN_FLIGHT, keepalive_timeout=KEEPALIVE_S
+        ),
+    )
+    return Deliverer(
+        pool=pool, lanes=lanes, sender=sender, retry_schedule=settings.webhook_retry_schedule
+    )
 
 
 def notifier_for(settings: Settings, pool: asyncpg.Pool, bot: BotApi | None) -> Notifier | None:

@@ -9,7 +9,6 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
@@ -17,6 +16,7 @@ import orjson
 
 from khqr_gateway.bakong.model import CheckKind, CheckResult
 from khqr_gateway.metrics import BAKONG_CALLS, BAKONG_GEO_BLOCKED, BAKONG_LATENCY
+from khqr_gateway.times import parse_retry_after
 
 log = logging.getLogger(__name__)
 
@@ -60,23 +60,6 @@ class BakongError(Exception):
     def list_unsupported(self) -> bool:
         """403/404 on the list endpoint: fall back to per-md5 checks."""
         return self.status in (403, 404)
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a Retry-After value (delta-seconds or HTTP-date); None if unusable."""
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 def _retry_after(headers: Any) -> float | None:

@@ -1,1 +1,1 @@
-"""Webhook deliveries: their store, signing, SSRF guard, retry policy and sender."""
+"""Webhook deliveries: values, store, lanes, retry policy, signing, SSRF guard, sender, tick."""

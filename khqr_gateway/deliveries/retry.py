@@ -5,8 +5,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC
-from email.utils import parsedate_to_datetime
 from enum import StrEnum
 
 DEFAULT_SCHEDULE: tuple[float, ...] = (5, 30, 120, 600, 3600)
@@ -17,8 +15,8 @@ RETRY_AFTER_STATUSES = frozenset({429, 503})
 GONE = 410
 
 
-class Outcome(StrEnum):
-    """What to do with a delivery after an attempt."""
+class AttemptVerdict(StrEnum):
+    """What becomes of a delivery after an attempt."""
 
     DELIVERED = "delivered"
     RETRY = "retry"
@@ -27,9 +25,9 @@ class Outcome(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """The outcome of an attempt; ``delay_s`` is set only for RETRY."""
+    """The verdict on an attempt; ``delay_s`` is set only for RETRY."""
 
-    outcome: Outcome
+    verdict: AttemptVerdict
     delay_s: float | None = None
 
 
@@ -56,29 +54,7 @@ def _parse_delay(item: str, index: int) -> float:
     return delay
 
 
-def parse_retry_after(value: str | None, now: float) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date), if usable."""
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isascii() and value.isdigit():
-        return float(value)
-    return _seconds_until_http_date(value, now)
-
-
-def _seconds_until_http_date(value: str, now: float) -> float | None:
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        # RFC 9110 dates are GMT; a "-0000" zone parses as naive.
-        when = when.replace(tzinfo=UTC)
-    delay = when.timestamp() - now
-    return delay if delay >= 0 else None
-
-
-def decide(
+def next_attempt(
     *,
     attempt: int,
     status: int | None,
@@ -87,7 +63,7 @@ def decide(
     rand: float,
     jitter: float = 0.2,
 ) -> Decision:
-    """Decide what follows attempt number ``attempt`` (1-based) that got ``status``.
+    """What follows attempt number ``attempt`` (1-based) that got ``status``.
 
     ``status`` is None when no HTTP answer came back (timeout, connection error).
     ``rand`` is a uniform draw in [0, 1) supplied by the caller so this stays pure.
@@ -95,15 +71,15 @@ def decide(
     if attempt < 1:
         raise ValueError(f"attempt must be >= 1, got {attempt}")
     if status is not None and 200 <= status < 300:
-        return Decision(Outcome.DELIVERED)
+        return Decision(AttemptVerdict.DELIVERED)
     # 410 Gone is the receiver saying the endpoint is retired for good.
     if status == GONE or attempt > len(schedule):
-        return Decision(Outcome.GIVE_UP)
+        return Decision(AttemptVerdict.GIVE_UP)
     base = schedule[attempt - 1]
     delay = _jittered(base, rand, jitter)
     if status in RETRY_AFTER_STATUSES and retry_after_s is not None:
         delay = _clamp_retry_after(retry_after_s, delay, base)
-    return Decision(Outcome.RETRY, delay)
+    return Decision(AttemptVerdict.RETRY, delay)
 
 
 def _jittered(base: float, rand: float, jitter: float) -> float:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -11,38 +10,17 @@ from uuid import UUID
 import asyncpg
 import orjson
 
-from khqr_gateway.deliveries.model import DeliveryStatus
+from khqr_gateway.deliveries.model import (
+    Attempt,
+    AttemptRecord,
+    Delivery,
+    DeliveryStatus,
+    DeliverySummary,
+    DueDelivery,
+    PendingDelivery,
+)
 from khqr_gateway.infra import keyset
 from khqr_gateway.infra.db import safe_text
-
-
-@dataclass(frozen=True, slots=True)
-class DueDelivery:
-    id: str
-    transaction_id: UUID
-    md5: str
-    url: str
-    payload: bytes
-    attempt_count: int
-    series_attempts: int
-    next_attempt_at: datetime | None
-
-
-@dataclass(frozen=True, slots=True)
-class AttemptRecord:
-    """One attempt's outcome and what it means for its delivery."""
-
-    delivery_id: str
-    attempt: int
-    started_at: datetime
-    duration_ms: int
-    status_code: int | None
-    error_kind: str | None
-    error_message: str | None
-    response_body: str | None
-    response_headers: dict[str, str] | None
-    new_status: DeliveryStatus
-    next_attempt_at: datetime | None
 
 
 async def load_due(pool: asyncpg.Pool, ids: Sequence[str]) -> list[DueDelivery]:
@@ -117,9 +95,9 @@ def _headers_json(headers: dict[str, str] | None) -> str | None:
 
 async def pending_page(
     pool: asyncpg.Pool, *, after: str | None, limit: int
-) -> list[asyncpg.Record]:
-    """A page of pending deliveries (id, next_attempt_at, attempt_count) for the reconcile tick."""
-    rows: list[asyncpg.Record] = await pool.fetch(
+) -> list[PendingDelivery]:
+    """A page of pending deliveries, by id, for the reconcile tick."""
+    rows = await pool.fetch(
         """
         select id, next_attempt_at, series_attempts from deliveries
         where status = 'pending' and ($1::text is null or id > $1)
@@ -128,21 +106,21 @@ async def pending_page(
         after,
         limit,
     )
-    return rows
+    return [PendingDelivery(**dict(r)) for r in rows]
 
 
-def summary(row: asyncpg.Record | dict[str, Any]) -> dict[str, Any] | None:
+def summary(row: Mapping[str, Any]) -> DeliverySummary | None:
     """The delivery part of a transaction row joined with its delivery."""
     if row["delivery_id"] is None:
         return None
-    return {
-        "id": row["delivery_id"],
-        "status": row["delivery_status"],
-        "attempts": row["delivery_attempts"],
-        "lastStatusCode": row["delivery_last_status"],
-        "nextAttemptAt": row["delivery_next_attempt_at"],
-        "deliveredAt": row["delivery_delivered_at"],
-    }
+    return DeliverySummary(
+        id=row["delivery_id"],
+        status=DeliveryStatus(row["delivery_status"]),
+        attempts=row["delivery_attempts"],
+        last_status_code=row["delivery_last_status"],
+        next_attempt_at=row["delivery_next_attempt_at"],
+        delivered_at=row["delivery_delivered_at"],
+    )
 
 
 DELIVERY_COLUMNS = """
@@ -165,9 +143,9 @@ async def list_page(
     since: datetime | None,
     limit: int,
     before: tuple[datetime, str] | None,
-) -> list[asyncpg.Record]:
+) -> list[Delivery]:
     """Newest first; `before` is the (created_at, id) of the last row of the previous page."""
-    return await keyset.newest_first(
+    rows = await keyset.newest_first(
         pool,
         f"select {DELIVERY_COLUMNS} from {_FROM}",
         "d",
@@ -179,17 +157,19 @@ async def list_page(
         before=before,
         limit=limit,
     )
+    return [_delivery(r) for r in rows]
 
 
-async def get(pool: asyncpg.Pool, delivery_id: str) -> asyncpg.Record | None:
+async def get(pool: asyncpg.Pool, delivery_id: str) -> Delivery | None:
     """One delivery with the webhook body it sends."""
-    return await pool.fetchrow(
+    row = await pool.fetchrow(
         f"select {DELIVERY_COLUMNS}, d.payload from {_FROM} where d.id = $1", delivery_id
     )
+    return _delivery(row) if row is not None else None
 
 
-async def attempts_of(pool: asyncpg.Pool, delivery_id: str) -> list[asyncpg.Record]:
-    rows: list[asyncpg.Record] = await pool.fetch(
+async def attempts_of(pool: asyncpg.Pool, delivery_id: str) -> list[Attempt]:
+    rows = await pool.fetch(
         """
         select attempt, started_at, duration_ms, status_code, error_kind, error_message,
                response_body, response_headers
@@ -197,12 +177,12 @@ async def attempts_of(pool: asyncpg.Pool, delivery_id: str) -> list[asyncpg.Reco
         """,
         delivery_id,
     )
-    return rows
+    return [_attempt(r) for r in rows]
 
 
-async def restart(pool: asyncpg.Pool, delivery_id: str) -> asyncpg.Record | None:
+async def restart(pool: asyncpg.Pool, delivery_id: str) -> Delivery | None:
     """Start a new attempt series now, whatever the status; None if there is no such delivery."""
-    return await pool.fetchrow(
+    row = await pool.fetchrow(
         f"""
         update deliveries d set {_RESTART}
         from transactions t where d.id = $1 and t.id = d.transaction_id
@@ -210,6 +190,7 @@ async def restart(pool: asyncpg.Pool, delivery_id: str) -> asyncpg.Record | None
         """,
         delivery_id,
     )
+    return _delivery(row) if row is not None else None
 
 
 async def restart_matching(
@@ -251,3 +232,16 @@ async def restart_matching(
         limit,
     )
     return list(row["ids"]), bool(row["more"])
+
+
+def _delivery(row: asyncpg.Record) -> Delivery:
+    fields = dict(row)
+    fields["status"] = DeliveryStatus(fields["status"])
+    return Delivery(**fields)
+
+
+def _attempt(row: asyncpg.Record) -> Attempt:
+    fields = dict(row)
+    if isinstance(fields["response_headers"], str):  # a connection without the JSON codec
+        fields["response_headers"] = orjson.loads(fields["response_headers"])
+    return Attempt(**fields)

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-import asyncpg
 import orjson
 from aiohttp import web
 from aiohttp_apigami import docs, request_schema, response_schema
 
 from khqr_gateway.deliveries import store
-from khqr_gateway.deliveries.model import DeliveryStatus
+from khqr_gateway.deliveries.model import Attempt, Delivery, DeliveryStatus
 from khqr_gateway.http.errors import ApiError, iso, json_response, page_response
 from khqr_gateway.http.openapi import ERROR, errors
 from khqr_gateway.http.schemas import (
@@ -24,8 +22,7 @@ from khqr_gateway.http.schemas import (
     DeliveryRetryResultSchema,
     DeliverySchema,
 )
-from khqr_gateway.http.transactions import cursor_position, load, read_json, row_cursor
-from khqr_gateway.infra.schedule import Schedule
+from khqr_gateway.http.transactions import cursor_position, encode_cursor, load, read_json
 from khqr_gateway.service import SERVICE_KEY
 
 log = logging.getLogger(__name__)
@@ -33,35 +30,34 @@ log = logging.getLogger(__name__)
 NOT_FOUND = "no delivery with this id"
 
 
-def delivery_json(row: asyncpg.Record) -> dict[str, Any]:
+def delivery_json(row: Delivery) -> dict[str, Any]:
     return {
-        "id": row["id"],
-        "jobId": str(row["transaction_id"]),
-        "md5": row["md5"],
-        "url": row["url"],
-        "status": row["status"],
-        "attemptCount": row["attempt_count"],
-        "nextAttemptAt": iso(row["next_attempt_at"]),
-        "lastAttemptAt": iso(row["last_attempt_at"]),
-        "lastStatusCode": row["last_status_code"],
-        "lastError": row["last_error"],
-        "createdAt": iso(row["created_at"]),
-        "updatedAt": iso(row["updated_at"]),
-        "deliveredAt": iso(row["delivered_at"]),
+        "id": row.id,
+        "jobId": str(row.transaction_id),
+        "md5": row.md5,
+        "url": row.url,
+        "status": row.status.value,
+        "attemptCount": row.attempt_count,
+        "nextAttemptAt": iso(row.next_attempt_at),
+        "lastAttemptAt": iso(row.last_attempt_at),
+        "lastStatusCode": row.last_status_code,
+        "lastError": row.last_error,
+        "createdAt": iso(row.created_at),
+        "updatedAt": iso(row.updated_at),
+        "deliveredAt": iso(row.delivered_at),
     }
 
 
-def attempt_json(row: asyncpg.Record) -> dict[str, Any]:
-    headers = row["response_headers"]
+def attempt_json(row: Attempt) -> dict[str, Any]:
     return {
-        "attempt": row["attempt"],
-        "startedAt": iso(row["started_at"]),
-        "durationMs": row["duration_ms"],
-        "statusCode": row["status_code"],
-        "errorKind": row["error_kind"],
-        "errorMessage": row["error_message"],
-        "responseBody": row["response_body"],
-        "responseHeaders": orjson.loads(headers) if isinstance(headers, str) else headers,
+        "attempt": row.attempt,
+        "startedAt": iso(row.started_at),
+        "durationMs": row.duration_ms,
+        "statusCode": row.status_code,
+        "errorKind": row.error_kind,
+        "errorMessage": row.error_message,
+        "responseBody": row.response_body,
+        "responseHeaders": row.response_headers,
     }
 
 
@@ -91,7 +87,7 @@ async def list_deliveries(request: web.Request) -> web.Response:
         limit=limit + 1,
         before=cursor_position(query["cursor"]) if "cursor" in query else None,
     )
-    return page_response(rows, limit, delivery_json, row_cursor)
+    return page_response(rows, limit, delivery_json, _cursor_after)
 
 
 @docs(
@@ -110,7 +106,7 @@ async def get_delivery(request: web.Request) -> web.Response:
     if row is None:
         raise ApiError(404, "not_found", NOT_FOUND)
     body = delivery_json(row)
-    body["payload"] = orjson.loads(row["payload"])
+    body["payload"] = orjson.loads(row.payload) if row.payload is not None else None
     body["attempts"] = [attempt_json(a) for a in await store.attempts_of(pool, delivery_id)]
     return json_response(body)
 
@@ -134,15 +130,15 @@ async def retry_delivery(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
     delivery_id = _delivery_id(request)
     # Checked first, so that a 409 leaves the delivery as it was.
-    if await service.deliveries.leased([delivery_id], [service.retries]):
+    if await service.lanes.in_flight([delivery_id]):
         raise _in_flight(delivery_id)
     row = await store.restart(service.pool, delivery_id)
     if row is None:
         raise ApiError(404, "not_found", NOT_FOUND)
     # A person is waiting on this one: it goes in the lane of first attempts.
-    if await _queue([row["id"]], into=service.deliveries, out_of=service.retries):
+    if await _queue(service.lanes.retry_now, [row.id]):
         raise _in_flight(delivery_id)  # claimed since the check: that attempt goes on alone
-    log.info("delivery retried", extra={"deliveryId": row["id"], "md5": row["md5"]})
+    log.info("delivery retried", extra={"deliveryId": row.id, "md5": row.md5})
     return json_response(delivery_json(row), 202)
 
 
@@ -178,16 +174,18 @@ async def retry_deliveries(request: web.Request) -> web.Response:
         until=query.get("until"),
         limit=query["limit"],
     )
-    await _queue(ids, into=service.retries, out_of=service.deliveries)
+    await _queue(service.lanes.requeue, ids)
     log.info("deliveries retried in bulk", extra={"count": len(ids), "status": query["status"]})
     return json_response({"retried": len(ids), "ids": ids, "hasMore": more}, 202)
 
 
-async def _queue(ids: Sequence[str], *, into: Schedule, out_of: Schedule) -> list[str]:
-    """Due now in one lane and out of the other, so one delivery is never sent twice;
-    returns those left alone because an attempt of theirs is being sent."""
+async def _queue(
+    move: Callable[[Sequence[str]], Awaitable[list[str]]], ids: Sequence[str]
+) -> list[str]:
+    """Due now in one lane and out of the other (`move`: see Lanes), so one delivery is never
+    sent twice; returns those left alone because an attempt of theirs is being sent."""
     try:
-        held = await into.requeue(ids, int(time.time() * 1000), [out_of])
+        held = await move(ids)
     except Exception as exc:
         # Postgres has them pending and due: the reconcile tick queues them when Redis is back.
         log.warning("could not queue retried deliveries: %s", exc, extra={"count": len(ids)})
@@ -195,6 +193,10 @@ async def _queue(ids: Sequence[str], *, into: Schedule, out_of: Schedule) -> lis
     if held:
         log.info("retried deliveries still in flight left alone", extra={"count": len(held)})
     return held
+
+
+def _cursor_after(row: Delivery) -> str:
+    return encode_cursor(row.created_at, row.id)
 
 
 def add_routes(app: web.Application) -> None:

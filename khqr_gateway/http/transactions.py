@@ -185,9 +185,14 @@ def _delivery_json(row: asyncpg.Record) -> dict[str, Any] | None:
     summary = delivery_store.summary(row)
     if summary is None:
         return None
-    summary["nextAttemptAt"] = iso(summary["nextAttemptAt"])
-    summary["deliveredAt"] = iso(summary["deliveredAt"])
-    return summary
+    return {
+        "id": summary.id,
+        "status": summary.status.value,
+        "attempts": summary.attempts,
+        "lastStatusCode": summary.last_status_code,
+        "nextAttemptAt": iso(summary.next_attempt_at),
+        "deliveredAt": iso(summary.delivered_at),
+    }
 
 
 def created_json(row: asyncpg.Record) -> dict[str, Any]:

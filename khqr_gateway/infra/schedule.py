@@ -43,17 +43,21 @@ for _, m in ipairs(due) do redis.call('ZADD', KEYS[1], 'XX', ARGV[3], m) end
 return due
 """
 
-# KEYS[1] schedule; ARGV: lease_until_ms, then member, due_ms pairs (due_ms '' = remove)
+# KEYS[1] schedule, KEYS[2] (if given) where rescheduled members go instead; ARGV:
+# lease_until_ms, then member, due_ms pairs (due_ms '' = remove). A member moved to another
+# schedule leaves this one in the same step: never in neither, never in both.
 _FINISH = """
 local lease = tonumber(ARGV[1])
+local into = KEYS[2] or KEYS[1]
 local done = 0
 for i = 2, #ARGV, 2 do
   local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
   if score and tonumber(score) == lease then
-    if ARGV[i + 1] == '' then
+    if ARGV[i + 1] == '' or into ~= KEYS[1] then
       redis.call('ZREM', KEYS[1], ARGV[i])
-    else
-      redis.call('ZADD', KEYS[1], ARGV[i + 1], ARGV[i])
+    end
+    if ARGV[i + 1] ~= '' then
+      redis.call('ZADD', into, ARGV[i + 1], ARGV[i])
     end
     done = done + 1
   end
@@ -191,9 +195,15 @@ class Schedule:
         return [m.decode() if isinstance(m, bytes) else m for m in members], lease_until
 
     async def finish(
-        self, lease_until: float, reschedule: Sequence[tuple[str, int]], remove: Sequence[str]
+        self,
+        lease_until: float,
+        reschedule: Sequence[tuple[str, int]],
+        remove: Sequence[str],
+        *,
+        into: Schedule | None = None,
     ) -> int:
-        """Reschedule and remove members claimed under `lease_until`; others are left alone."""
+        """Reschedule (here, or moved `into` another schedule with the same hash tag) and
+        remove members claimed under `lease_until`; others are left alone."""
         args: list[str | float] = [lease_until]
         for member, due in reschedule:
             args += [member, due]
@@ -201,7 +211,8 @@ class Schedule:
             args += [member, ""]
         if len(args) == 1:
             return 0
-        return int(await self._finish(keys=[self.key], args=args))
+        keys = [self.key] if into is None else [self.key, into.key]
+        return int(await self._finish(keys=keys, args=args))
 
     async def extend(self, lease_until: float, new_until: float, members: Sequence[str]) -> int:
         """Push the lease of `members` still held under `lease_until` out to `new_until`."""
@@ -264,9 +275,15 @@ class Lease:
                     continue  # the lease runs out and the work comes due again: nothing lost
                 self.until = new_until
 
-    async def finish(self, reschedule: Sequence[tuple[str, int]], remove: Sequence[str]) -> int:
+    async def finish(
+        self,
+        reschedule: Sequence[tuple[str, int]],
+        remove: Sequence[str],
+        *,
+        into: Schedule | None = None,
+    ) -> int:
         async with self._lock:
-            done = await self.schedule.finish(self.until, reschedule, remove)
+            done = await self.schedule.finish(self.until, reschedule, remove, into=into)
             self.members.difference_update(m for m, _ in reschedule)
             self.members.difference_update(remove)
             return done

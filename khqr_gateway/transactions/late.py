@@ -15,6 +15,7 @@ import asyncpg
 
 from khqr_gateway.bakong.client import MAX_BATCH
 from khqr_gateway.bakong.model import CheckKind, CheckResult
+from khqr_gateway.deliveries.lanes import Lanes
 from khqr_gateway.infra.db import write_isolated
 from khqr_gateway.infra.schedule import Lease, Schedule
 from khqr_gateway.metrics import LATE_PAYMENTS, MD5_CHECKS
@@ -44,7 +45,7 @@ class LateWatch:
         pool: asyncpg.Pool,
         schedule: Schedule,
         polls: Schedule,
-        deliveries: Schedule,
+        lanes: Lanes,
         checker: Checker,
         window: LateWindow,
         poll_interval_s: float,
@@ -55,7 +56,7 @@ class LateWatch:
         self.pool = pool
         self.schedule = schedule
         self.polls = polls
-        self.deliveries = deliveries
+        self.lanes = lanes
         self.checker = checker
         self.window = window
         self.interval_ms = int(window.check_interval_s * 1000)
@@ -183,7 +184,7 @@ class LateWatch:
         await announce(
             [x.transition for x in late],
             happened,
-            deliveries=self.deliveries,
+            lanes=self.lanes,
             on_deliveries=self.on_deliveries,
             events=self.events,
         )

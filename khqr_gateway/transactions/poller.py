@@ -18,10 +18,12 @@ import asyncpg
 from khqr_gateway.bakong.client import MAX_BATCH, BakongClient
 from khqr_gateway.bakong.model import CheckKind, CheckResult
 from khqr_gateway.credentials.renewal import Credentials
+from khqr_gateway.deliveries.lanes import Lanes
 from khqr_gateway.infra.db import write_isolated
 from khqr_gateway.infra.ratelimit import RateLimit
 from khqr_gateway.infra.schedule import Lease, Schedule
 from khqr_gateway.metrics import MD5_CHECKS, TRANSITIONS
+from khqr_gateway.times import now_ms
 from khqr_gateway.transactions import store
 from khqr_gateway.transactions.checker import THROTTLED, Checker
 from khqr_gateway.transactions.events import EventHub
@@ -45,16 +47,14 @@ async def announce(
     transitions: Sequence[Transition],
     happened: Sequence[tuple[UUID, str | None]],
     *,
-    deliveries: Schedule,
+    lanes: Lanes,
     on_deliveries: Callable[[], None] | None,
     events: EventHub | None,
 ) -> None:
     """Queue the webhooks of the transitions that happened, send them now rather than at the
     next delivery tick, and tell live status."""
-    now_ms = int(time.time() * 1000)
-    # only_new: reconcile may already have queued one, and a deliverer leased it.
-    new = [(d, now_ms) for _, d in happened if d is not None]
-    if await deliveries.add(new, only_new=True) and on_deliveries is not None:
+    new = [d for _, d in happened if d is not None]
+    if await lanes.add(new, now_ms()) and on_deliveries is not None:
         on_deliveries()
     if events is not None:
         try:
@@ -74,7 +74,7 @@ class Poller:
         *,
         pool: asyncpg.Pool,
         schedule: Schedule,
-        deliveries: Schedule,
+        lanes: Lanes,
         bakong: BakongClient,
         credentials: Credentials,
         interval_s: float,
@@ -93,7 +93,7 @@ class Poller:
         self.window = window
         # Timeouts that happened, for their late watch to start (late.LateWatch.watch).
         self.on_timeouts = on_timeouts
-        self.deliveries = deliveries
+        self.lanes = lanes
         self.bakong = bakong
         self.credentials = credentials
         self.interval_ms = int(interval_s * 1000)
@@ -229,7 +229,7 @@ class Poller:
         await announce(
             transitions,
             happened,
-            deliveries=self.deliveries,
+            lanes=self.lanes,
             on_deliveries=self.on_deliveries,
             events=self.events,
         )

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
-from email.utils import format_datetime
-
 import pytest
 
 from khqr_gateway.bakong.breaker import (
@@ -14,7 +11,6 @@ from khqr_gateway.bakong.breaker import (
     backoff_s,
     retry_after_s,
 )
-from khqr_gateway.bakong.client import parse_retry_after
 
 
 def test_backoff_doubles_up_to_the_cap() -> None:
@@ -27,15 +23,6 @@ def test_retry_after_is_honoured_within_bounds() -> None:
     assert retry_after_s(None, fallback_s=3) == 3
     assert retry_after_s(86_400, fallback_s=3) == RETRY_AFTER_MAX_S
     assert retry_after_s(0, fallback_s=3) > 0, "Retry-After: 0 must not mean a hot loop"
-
-
-def test_retry_after_header_in_seconds_or_as_a_date() -> None:
-    now = datetime(2026, 1, 1, tzinfo=UTC)
-    assert parse_retry_after("120") == 120
-    when = format_datetime(now + timedelta(seconds=30), usegmt=True)
-    assert parse_retry_after(when, now=now.timestamp()) == pytest.approx(30)
-    assert parse_retry_after("soon") is None
-    assert parse_retry_after(None) is None
 
 
 def test_breaker_opens_after_threshold_failures_in_a_row() -> None:

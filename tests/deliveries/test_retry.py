@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from email.utils import format_datetime
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from khqr_gateway.deliveries.retry import (
     DEFAULT_SCHEDULE,
+    AttemptVerdict,
     Decision,
-    Outcome,
-    decide,
-    parse_retry_after,
+    next_attempt,
     parse_schedule,
 )
 
@@ -23,12 +19,12 @@ rands = st.floats(min_value=0, max_value=1, exclude_max=True)
 
 
 def after(attempt: int, status: int | None, retry_after_s: float | None = None) -> Decision:
-    return decide(
+    return next_attempt(
         attempt=attempt, status=status, retry_after_s=retry_after_s, schedule=SCHEDULE, rand=0.5
     )
 
 
-# decide
+# next_attempt
 
 
 def test_default_schedule_is_five_retries() -> None:
@@ -37,48 +33,50 @@ def test_default_schedule_is_five_retries() -> None:
 
 def test_500_500_200_retries_with_growing_delays_then_delivers() -> None:
     first, second, third = after(1, 500), after(2, 500), after(3, 200)
-    assert (first.outcome, second.outcome) == (Outcome.RETRY, Outcome.RETRY)
+    assert (first.verdict, second.verdict) == (AttemptVerdict.RETRY, AttemptVerdict.RETRY)
     assert first.delay_s is not None and second.delay_s is not None
     assert first.delay_s < second.delay_s
-    assert third == Decision(Outcome.DELIVERED, None)
+    assert third == Decision(AttemptVerdict.DELIVERED, None)
 
 
 @pytest.mark.parametrize("status", [200, 201, 204, 299])
 def test_any_2xx_is_delivered(status: int) -> None:
-    assert after(1, status).outcome is Outcome.DELIVERED
+    assert after(1, status).verdict is AttemptVerdict.DELIVERED
 
 
 def test_410_gives_up_at_once() -> None:
-    assert after(1, 410) == Decision(Outcome.GIVE_UP, None)
+    assert after(1, 410) == Decision(AttemptVerdict.GIVE_UP, None)
 
 
 @pytest.mark.parametrize("status", [None, 301, 302, 307, 308, 400, 404, 429, 500, 503, 100])
 def test_other_answers_and_no_answer_retry(status: int | None) -> None:
-    assert after(1, status) == Decision(Outcome.RETRY, 5.0)
+    assert after(1, status) == Decision(AttemptVerdict.RETRY, 5.0)
 
 
 def test_exhaustion_after_len_schedule_plus_one_attempts() -> None:
-    outcomes = [after(attempt, 500).outcome for attempt in range(1, len(SCHEDULE) + 2)]
-    assert outcomes == [Outcome.RETRY] * len(SCHEDULE) + [Outcome.GIVE_UP]
-    assert after(len(SCHEDULE) + 5, 500).outcome is Outcome.GIVE_UP
+    verdicts = [after(attempt, 500).verdict for attempt in range(1, len(SCHEDULE) + 2)]
+    assert verdicts == [AttemptVerdict.RETRY] * len(SCHEDULE) + [AttemptVerdict.GIVE_UP]
+    assert after(len(SCHEDULE) + 5, 500).verdict is AttemptVerdict.GIVE_UP
 
 
 def test_success_on_last_attempt_still_delivered() -> None:
-    assert after(len(SCHEDULE) + 1, 200).outcome is Outcome.DELIVERED
+    assert after(len(SCHEDULE) + 1, 200).verdict is AttemptVerdict.DELIVERED
 
 
 def test_default_schedule_gives_six_attempts() -> None:
     decisions = [
-        decide(attempt=n, status=None, retry_after_s=None, schedule=DEFAULT_SCHEDULE, rand=0.5)
+        next_attempt(
+            attempt=n, status=None, retry_after_s=None, schedule=DEFAULT_SCHEDULE, rand=0.5
+        )
         for n in range(1, 7)
     ]
     assert [d.delay_s for d in decisions] == [5, 30, 120, 600, 3600, None]
 
 
 def test_jitter_extremes() -> None:
-    low = decide(attempt=2, status=500, retry_after_s=None, schedule=SCHEDULE, rand=0.0)
+    low = next_attempt(attempt=2, status=500, retry_after_s=None, schedule=SCHEDULE, rand=0.0)
     assert low.delay_s == pytest.approx(24.0)
-    no_jitter = decide(
+    no_jitter = next_attempt(
         attempt=2, status=500, retry_after_s=None, schedule=SCHEDULE, rand=0.0, jitter=0
     )
     assert no_jitter.delay_s == 30.0
@@ -92,10 +90,10 @@ def test_attempt_must_be_one_based() -> None:
 @given(attempt=st.integers(1, len(DEFAULT_SCHEDULE)), rand=rands)
 def test_jitter_within_twenty_percent(attempt: int, rand: float) -> None:
     base = DEFAULT_SCHEDULE[attempt - 1]
-    decision = decide(
+    decision = next_attempt(
         attempt=attempt, status=500, retry_after_s=None, schedule=DEFAULT_SCHEDULE, rand=rand
     )
-    assert decision.outcome is Outcome.RETRY
+    assert decision.verdict is AttemptVerdict.RETRY
     assert decision.delay_s is not None
     assert base * 0.8 <= decision.delay_s <= base * 1.2
 
@@ -110,10 +108,10 @@ def test_retry_after_clamped_between_jittered_and_twice_base(
     attempt: int, rand: float, retry_after: float, status: int
 ) -> None:
     base = DEFAULT_SCHEDULE[attempt - 1]
-    jittered = decide(
+    jittered = next_attempt(
         attempt=attempt, status=status, retry_after_s=None, schedule=DEFAULT_SCHEDULE, rand=rand
     ).delay_s
-    honoured = decide(
+    honoured = next_attempt(
         attempt=attempt,
         status=status,
         retry_after_s=retry_after,
@@ -136,30 +134,6 @@ def test_retry_after_ignored_for_500() -> None:
 
 def test_retry_after_nan_falls_back_to_schedule() -> None:
     assert after(2, 429, retry_after_s=float("nan")).delay_s == 30
-
-
-# parse_retry_after
-
-NOW = 1_700_000_000.0
-
-
-@pytest.mark.parametrize(("value", "expected"), [("120", 120.0), (" 0 ", 0.0), ("7", 7.0)])
-def test_parse_retry_after_seconds(value: str, expected: float) -> None:
-    assert parse_retry_after(value, NOW) == expected
-
-
-def test_parse_retry_after_http_date() -> None:
-    when = datetime.fromtimestamp(NOW + 90, tz=UTC)
-    assert parse_retry_after(format_datetime(when, usegmt=True), NOW) == pytest.approx(90)
-    assert parse_retry_after("Tue, 14 Nov 2023 22:13:50 GMT", NOW) == 30.0
-
-
-@pytest.mark.parametrize(
-    "value",
-    [None, "", "soon", "-5", "1.5", "١٢", "Tue, 14 Nov 2023 22:12:00 GMT", "Mon, 99 Foo 2023"],
-)
-def test_parse_retry_after_unusable(value: str | None) -> None:
-    assert parse_retry_after(value, NOW) is None
 
 
 # parse_schedule

@@ -20,8 +20,8 @@ from aiohttp import web
 from standardwebhooks import Webhook
 from standardwebhooks import WebhookVerificationError as StandardVerificationError
 
-from khqr_gateway.deliveries.model import DeliveryStatus
-from khqr_gateway.deliveries.store import AttemptRecord, record_attempts
+from khqr_gateway.deliveries.model import AttemptRecord, DeliveryStatus
+from khqr_gateway.deliveries.store import record_attempts
 from khqr_gateway.infra.db import write_isolated
 from khqr_gateway.webhooks import verify
 from tests.conftest import Gateway, GatewayFactory, Receiver, SimulatedBakong, random_md5
@@ -424,94 +424,6 @@ async def test_invalid_tls_is_recorded_as_tls(
     rows = await wait_attempts(pg, created["jobId"])
     assert rows[0]["error_kind"] == "tls", rows[0]["error_message"]
     assert rows[0]["status_code"] is None
-
-
-async def test_a_failing_retry_lane_does_not_strand_claimed_first_attempts(
-    make_gateway: GatewayFactory,
-    bakong: SimulatedBakong,
-    receiver: Receiver,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from khqr_gateway.deliveries import sender as sender_module
-
-    gw = await make_gateway(run_ticks=False)
-    service = gw.service
-    service.poller.on_deliveries = None  # this test runs the delivery tick itself
-    created = await paid(gw, bakong, receiver.url)
-    await asyncio.sleep(0.3)  # its first poll comes due
-    await service.poller.tick()  # records success and queues its first attempt
-    assert await service.deliveries.size() == 1
-    await service.retries.add([("msg_fake", 0)])
-    real = sender_module.store.load_due
-
-    async def flaky(pool: Any, ids: Any) -> Any:
-        if "msg_fake" in ids:
-            raise ConnectionError("postgres blip")
-        return await real(pool, ids)
-
-    monkeypatch.setattr(sender_module.store, "load_due", flaky)
-    with pytest.raises(ConnectionError):
-        await service.deliverer.tick()
-    [hook] = await receiver.wait_for(1, timeout=5)
-    assert hook.json()["jobId"] == created["jobId"]
-
-
-async def test_a_backlog_drains_without_waiting_for_ticks(
-    make_gateway: GatewayFactory, bakong: SimulatedBakong, receiver: Receiver
-) -> None:
-    """More due than one claim may take: freed room is claimed again at once, so the tick
-    period does not cap how many webhooks go out a second."""
-    gw = await make_gateway(run_ticks=False)
-    service = gw.service
-    service.poller.on_deliveries = None  # only the one tick below may start sends
-    service.deliverer.max_in_flight = 4
-    service.deliverer.per_host = 2
-    for _ in range(12):
-        await paid(gw, bakong, receiver.url)
-    await asyncio.sleep(0.3)  # their first polls come due
-    await service.poller.tick()
-    assert await service.deliveries.size() == 12
-    await service.deliverer.tick()  # one tick: room for 4
-    hooks = await receiver.wait_for(12, timeout=5)
-    assert len({hook.headers["webhook-id"] for hook in hooks}) == 12
-
-
-async def test_shutdown_waits_for_a_claim_under_way_rather_than_handing_it_back(
-    make_gateway: GatewayFactory,
-    bakong: SimulatedBakong,
-    receiver: Receiver,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A claim still loading when shutdown starts: its sends are waited for and recorded,
-    not handed back while they go out (another process would send them a second time)."""
-    from khqr_gateway.deliveries import sender as sender_module
-
-    gw = await make_gateway(run_ticks=False)
-    service = gw.service
-    service.poller.on_deliveries = None  # this test runs the delivery tick itself
-    created = await paid(gw, bakong, receiver.url)
-    await asyncio.sleep(0.3)  # its first poll comes due
-    await service.poller.tick()
-    assert await service.deliveries.size() == 1
-    loading, go_on = asyncio.Event(), asyncio.Event()
-    real = sender_module.store.load_due
-
-    async def slow(pool: Any, ids: Any) -> Any:
-        loading.set()
-        await go_on.wait()
-        return await real(pool, ids)
-
-    monkeypatch.setattr(sender_module.store, "load_due", slow)
-    tick = asyncio.create_task(service.deliverer.tick())
-    await loading.wait()
-    drain = asyncio.create_task(service.deliverer.drain(5))
-    await asyncio.sleep(0.2)
-    go_on.set()
-    await drain
-    await tick
-    [hook] = await receiver.wait_for(1)
-    assert hook.json()["jobId"] == created["jobId"]
-    assert await service.deliveries.size() == 0, "handed back: it would be sent again"
 
 
 async def test_a_gzip_answer_is_one_delivered_attempt_and_spares_its_batch(

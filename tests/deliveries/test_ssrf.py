@@ -15,7 +15,8 @@ import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from khqr_gateway.config import AppEnv, Settings
-from khqr_gateway.deliveries.sender import Deliverer
+from khqr_gateway.deliveries.model import DueDelivery
+from khqr_gateway.deliveries.sender import Sender
 from khqr_gateway.deliveries.ssrf import (
     AddressPolicy,
     Blocked,
@@ -25,7 +26,6 @@ from khqr_gateway.deliveries.ssrf import (
     classify,
     classify_host,
 )
-from khqr_gateway.deliveries.store import DueDelivery
 from tests.conftest import Gateway, GatewayFactory, Receiver, SimulatedBakong, random_md5
 
 PRODUCTION = AddressPolicy.for_settings(Settings(app_env=AppEnv.PRODUCTION))
@@ -309,14 +309,9 @@ def due(url: str) -> DueDelivery:
     )
 
 
-def deliverer(gw: Gateway, policy: AddressPolicy, resolver: AbstractResolver) -> Deliverer:
-    service = gw.service
-    return Deliverer(
-        pool=service.pool,
-        first=service.deliveries,
-        retry=service.retries,
+def sender(policy: AddressPolicy, resolver: AbstractResolver) -> Sender:
+    return Sender(
         secrets=(),
-        retry_schedule=(0.2,),
         timeout_s=2.0,
         connector_factory=lambda: GuardedConnector(policy, resolver=resolver),
     )
@@ -328,8 +323,8 @@ async def test_a_name_that_resolves_to_loopback_is_blocked_at_send_time(
     # The name passed creation; at send time DNS says 127.0.0.1 (rebinding).
     port = receiver.url.split(":")[2].split("/")[0]
     url = f"http://hooks.rebind.example:{port}/hook"
-    guarded = deliverer(production, PRODUCTION, FixedResolver("127.0.0.1"))
-    allowed = deliverer(production, DEVELOPMENT, FixedResolver("127.0.0.1"))
+    guarded = sender(PRODUCTION, FixedResolver("127.0.0.1"))
+    allowed = sender(DEVELOPMENT, FixedResolver("127.0.0.1"))
     try:
         blocked = await guarded.send(due(url))
         assert blocked.error_kind == "ssrf-blocked"
@@ -349,7 +344,7 @@ async def test_literal_loopback_is_blocked_at_send_time(
 ) -> None:
     # aiohttp does not resolve IP literals: the connector checks them itself.
     port = receiver.url.split(":")[2].split("/")[0]
-    result = await production.service.deliverer.send(due(f"http://{host}:{port}/hook"))
+    result = await production.service.deliverer.sender.send(due(f"http://{host}:{port}/hook"))
     assert result.error_kind == "ssrf-blocked"
     assert receiver.received == []
 

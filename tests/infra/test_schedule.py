@@ -99,3 +99,16 @@ async def test_requeue_leaves_members_under_a_live_lease_alone(redis: Any, names
     assert await retry.scores(["waiting"]) == [None], "moved out of the other lane"
     assert lease is not None
     assert await first.finish(lease, [], ["sending"]) == 1, "the lease still fences"
+
+
+async def test_finish_into_another_schedule_moves_in_one_step(redis: Any, namespace: str) -> None:
+    first = schedule(redis, namespace, "deliver")
+    retry = schedule(redis, namespace, "deliver_retry")
+    await first.add([("moved", 1000), ("done", 1000), ("taken", 1000)])
+    _, lease = await first.claim(1000, 10, 60_000)
+    await first.finish(lease, [("taken", 1000)], [])
+    _, other = await first.claim(2000, 10, 60_000)  # "taken": another lease now
+    moves = [("moved", 9000), ("taken", 9000)]
+    assert await first.finish(lease, moves, ["done"], into=retry) == 2
+    assert await first.scores(["moved", "done", "taken"]) == [None, None, float(other)]
+    assert await retry.scores(["moved", "done", "taken"]) == [9000.0, None, None]
