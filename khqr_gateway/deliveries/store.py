@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 from uuid import UUID
 
 import asyncpg
@@ -129,20 +128,6 @@ async def pending_page(
         limit,
     )
     return rows
-
-
-def summary(row: asyncpg.Record | dict[str, Any]) -> dict[str, Any] | None:
-    """The delivery part of a transaction row joined with its delivery."""
-    if row["delivery_id"] is None:
-        return None
-    return {
-        "id": row["delivery_id"],
-        "status": row["delivery_status"],
-        "attempts": row["delivery_attempts"],
-        "lastStatusCode": row["delivery_last_status"],
-        "nextAttemptAt": row["delivery_next_attempt_at"],
-        "deliveredAt": row["delivery_delivered_at"],
-    }
 
 
 DELIVERY_COLUMNS = """
