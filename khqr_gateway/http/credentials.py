@@ -15,7 +15,7 @@ from khqr_gateway.http.errors import invalid
 from khqr_gateway.http.fields import CURSOR_ERROR, ID_CURSOR_RE, Pattern, email_field, token_field
 from khqr_gateway.http.json import iso, json_response
 from khqr_gateway.http.openapi import errors
-from khqr_gateway.http.paging import page_response
+from khqr_gateway.http.paging import page_response, page_schema
 from khqr_gateway.http.request import load_body, load_query
 from khqr_gateway.service import SERVICE_KEY
 
@@ -69,10 +69,7 @@ class CredentialSchema(Schema):
     updatedAt = fields.DateTime(required=True)
 
 
-class CredentialPageSchema(Schema):
-    data = fields.List(fields.Nested(CredentialSchema))
-    nextCursor = fields.String(allow_none=True)
-    hasMore = fields.Boolean()
+CredentialPageSchema = page_schema(CredentialSchema)
 
 
 CREATE_SCHEMA = CredentialCreateSchema()

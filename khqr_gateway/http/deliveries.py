@@ -19,7 +19,7 @@ from khqr_gateway.http.errors import ApiError
 from khqr_gateway.http.fields import Instant, checks_window, cursor_field
 from khqr_gateway.http.json import iso, json_response
 from khqr_gateway.http.openapi import ERROR, errors
-from khqr_gateway.http.paging import cursor_position, encode_cursor, page_response
+from khqr_gateway.http.paging import cursor_position, encode_cursor, page_response, page_schema
 from khqr_gateway.http.request import load, load_query, read_json
 from khqr_gateway.infra.schedule import Schedule
 from khqr_gateway.service import SERVICE_KEY
@@ -110,10 +110,7 @@ class DeliveryDetailSchema(DeliverySchema):
     attempts = fields.List(fields.Nested(DeliveryAttemptSchema))
 
 
-class DeliveryPageSchema(Schema):
-    data = fields.List(fields.Nested(DeliverySchema))
-    nextCursor = fields.String(allow_none=True)
-    hasMore = fields.Boolean()
+DeliveryPageSchema = page_schema(DeliverySchema)
 
 
 class DeliveryRetryResultSchema(Schema):

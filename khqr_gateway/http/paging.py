@@ -10,6 +10,7 @@ from uuid import UUID
 
 import orjson
 from aiohttp import web
+from marshmallow import Schema, fields
 
 from khqr_gateway.http.errors import invalid
 from khqr_gateway.http.fields import CURSOR_ERROR
@@ -61,6 +62,17 @@ def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
 
 
 Row = TypeVar("Row")
+
+
+def page_schema(item: type[Schema]) -> type[Schema]:
+    """The schema of page_response's body for a list of `item`s: TransactionSchema's page is
+    TransactionPageSchema (its name in /openapi.json: TransactionPage)."""
+    page = {
+        "data": fields.List(fields.Nested(item)),
+        "nextCursor": fields.String(allow_none=True),
+        "hasMore": fields.Boolean(),
+    }
+    return Schema.from_dict(page, name=item.__name__.removesuffix("Schema") + "PageSchema")
 
 
 def page_response(

@@ -40,7 +40,7 @@ from khqr_gateway.http.fields import (
 )
 from khqr_gateway.http.json import iso, json_response
 from khqr_gateway.http.openapi import ERROR, errors
-from khqr_gateway.http.paging import decode_cursor, page_response, row_cursor
+from khqr_gateway.http.paging import decode_cursor, page_response, page_schema, row_cursor
 from khqr_gateway.http.quickload import quick_load_create
 from khqr_gateway.http.request import job_id_of, load, load_query, read_json
 from khqr_gateway.service import SERVICE_KEY
@@ -180,10 +180,7 @@ class TransactionSchema(TransactionCreatedSchema):
     )
 
 
-class TransactionPageSchema(Schema):
-    data = fields.List(fields.Nested(TransactionSchema))
-    nextCursor = fields.String(allow_none=True)
-    hasMore = fields.Boolean()
+TransactionPageSchema = page_schema(TransactionSchema)
 
 
 # One instance each: loading keeps no state in the schema, and building one per request
