@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from uuid import UUID
 
 import asyncpg
 from aiohttp import web
@@ -28,9 +29,10 @@ from khqr_gateway.notices.alerts import Alerts
 from khqr_gateway.notices.telegram import BotApi, Notifier
 from khqr_gateway.transactions import counts
 from khqr_gateway.transactions import store as tx_store
-from khqr_gateway.transactions.events import EventHub
+from khqr_gateway.transactions.events import Change, EventHub
 from khqr_gateway.transactions.ingest import Ingest
 from khqr_gateway.transactions.late import LateWatch
+from khqr_gateway.transactions.model import Status
 from khqr_gateway.transactions.poller import Poller
 from khqr_gateway.transactions.retention import Retention
 
@@ -219,6 +221,16 @@ class Service:
         await self.events.stop()
         await self.redis.aclose()
         await self.pool.close()
+
+    async def after_cancel(self, job_id: UUID, reason: str | None) -> None:
+        """What a cancel sets going: no more polls, a late watch (the QR can still be paid:
+        a payment made after the cancel is reported all the same), live streams told."""
+        try:
+            await self.polls.remove([str(job_id)])
+        except Exception as exc:  # the poll tick drops it anyway: it is no longer pending
+            log.warning("could not unschedule a cancelled transaction: %s", exc)
+        await self.late.watch([str(job_id)])
+        await self.events.publish([Change(job_id, Status.CANCELLED, reason)])
 
     # What the API shows of the parts, asked here so that handlers know none of them.
 

@@ -1,4 +1,4 @@
-"""The usual create body loaded without marshmallow: the fast path of POST /api/v1/transactions."""
+"""The usual body of POST /api/v1/transactions, loaded without marshmallow: its fast path."""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
-"""What a request brings, read and checked: its JSON body in bounded time, and a body or a
-query string loaded by a schema, every error named by its field."""
+"""What a request brings, read and checked: its JSON body, its query string, its jobId.
+
+A body is read in bounded time; a body or a query is loaded by a schema, every error named by
+its field.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
-"""Live status over Server-Sent Events: the status now, each change, then the end; the
-formats of the API's, the payment page's and rachhen/khqr-webhook's streams share it."""
+"""Live status over Server-Sent Events: the status now, each change, then the end.
+
+The streams of the API, of the payment page and of rachhen/khqr-webhook's route share it,
+each in its own Format.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""Tracking a payment from a loaded request: what POST /api/v1/transactions, the
-rachhen/khqr-webhook creates and POST /api/v1/khqr share."""
+"""Tracking a payment from a loaded request, as every create route does it.
+
+POST /api/v1/transactions, the rachhen/khqr-webhook creates and POST /api/v1/khqr share it.
+"""
 
 from __future__ import annotations
 

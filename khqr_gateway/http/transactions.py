@@ -1,5 +1,4 @@
-"""Handlers of /api/v1/transactions, with their schemas: create (idempotent), read, list,
-cancel, follow live."""
+"""Handlers of /api/v1/transactions and their schemas: create, read, list, cancel, follow."""
 
 from __future__ import annotations
 
@@ -45,7 +44,6 @@ from khqr_gateway.http.quickload import quick_load_create
 from khqr_gateway.http.request import job_id_of, load, load_query, read_json
 from khqr_gateway.service import SERVICE_KEY
 from khqr_gateway.transactions import store
-from khqr_gateway.transactions.events import Change
 from khqr_gateway.transactions.model import Status
 from khqr_gateway.transactions.store import LatestDelivery, TransactionRow
 
@@ -322,13 +320,7 @@ async def delete_transaction(request: web.Request) -> web.Response:
             f"the transaction is already {row.status}",
             {"status": row.status},
         )
-    try:
-        await service.polls.remove([str(job_id)])
-    except Exception as exc:  # the poll tick drops it anyway: it is no longer pending
-        log.warning("could not unschedule a cancelled transaction: %s", exc)
-    # The QR can still be paid: a payment made after the cancel is reported all the same.
-    await service.late.watch([str(job_id)])
-    await service.events.publish([Change(job_id, Status.CANCELLED, row.reason)])
+    await service.after_cancel(job_id, row.reason)
     log.info("transaction cancelled", extra={"jobId": str(job_id), "md5": row.md5})
     return json_response(transaction_json(row))
 
