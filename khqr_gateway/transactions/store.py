@@ -82,24 +82,19 @@ class TransactionRow(CreatedRow):
     delivery: LatestDelivery | None
 
 
+def _created(r: asyncpg.Record) -> tuple[UUID, str, Status, datetime, datetime]:
+    """The CreatedRow fields of a row, in their order."""
+    return r["id"], r["md5"], Status(r["status"]), r["created_at"], r["deadline_at"]
+
+
 def _created_row(r: asyncpg.Record) -> CreatedRow:
-    return CreatedRow(
-        id=r["id"],
-        md5=r["md5"],
-        status=Status(r["status"]),
-        created_at=r["created_at"],
-        deadline_at=r["deadline_at"],
-    )
+    return CreatedRow(*_created(r))
 
 
 def _transaction_row(r: asyncpg.Record) -> TransactionRow:
     previous = r["previous_status"]
     return TransactionRow(
-        id=r["id"],
-        md5=r["md5"],
-        status=Status(r["status"]),
-        created_at=r["created_at"],
-        deadline_at=r["deadline_at"],
+        *_created(r),
         reason=r["reason"],
         webhook_url=r["webhook_url"],
         expected=r["expected"],
