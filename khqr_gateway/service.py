@@ -6,11 +6,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
 
 import asyncpg
 from aiohttp import web
 
-from khqr_gateway.bakong.client import BakongClient
+from khqr_gateway.bakong.client import BakongClient, SourceInfo
 from khqr_gateway.bakong.sandbox import make_token
 from khqr_gateway.config import Settings
 from khqr_gateway.credentials.renewal import SANDBOX_TOKEN_EMAIL, Credentials
@@ -21,7 +23,7 @@ from khqr_gateway.deliveries.sender import KEEPALIVE_S, MAX_IN_FLIGHT, Sender
 from khqr_gateway.deliveries.ssrf import AddressPolicy, GuardedConnector
 from khqr_gateway.infra import db, idempotency
 from khqr_gateway.infra.locks import Locks
-from khqr_gateway.infra.ratelimit import RateLimit
+from khqr_gateway.infra.ratelimit import PerSecond, RateLimit
 from khqr_gateway.infra.schedule import RedisClient, Schedule, connect, keys
 from khqr_gateway.infra.scheduler import Ticks
 from khqr_gateway.metrics import PENDING, POLL_LAG, QUEUE_DEPTH
@@ -29,9 +31,10 @@ from khqr_gateway.notices.alerts import Alerts
 from khqr_gateway.notices.telegram import BotApi, Notifier
 from khqr_gateway.transactions import counts
 from khqr_gateway.transactions import store as tx_store
-from khqr_gateway.transactions.events import EventHub
+from khqr_gateway.transactions.events import Change, EventHub
 from khqr_gateway.transactions.ingest import Ingest
 from khqr_gateway.transactions.late import LateWatch
+from khqr_gateway.transactions.model import Status
 from khqr_gateway.transactions.poller import Poller
 from khqr_gateway.transactions.retention import Retention
 
@@ -80,6 +83,7 @@ class Service:
     events: EventHub
     ingest: Ingest
     retention: Retention
+    api_requests: PerSecond
     ticks: Ticks = field(default_factory=Ticks)
     started_at: float = field(default_factory=time.time)
     figures: Figures | None = None  # None until the figures tick first ran
@@ -158,6 +162,7 @@ class Service:
             retention=Retention(
                 pool, days=settings.retention_days, body_days=settings.attempt_body_days
             ),
+            api_requests=PerSecond(redis, names["api_rate"]),
         )
         if settings.telegram_bot_token:
             service.bot = BotApi(settings.telegram_api_url, settings.telegram_bot_token)
@@ -204,6 +209,52 @@ class Service:
         await self.events.stop()
         await self.redis.aclose()
         await self.pool.close()
+
+    async def after_cancel(self, job_id: UUID, reason: str | None) -> None:
+        """What a cancel sets going: no more polls, a late watch (the QR can still be paid:
+        a payment made after the cancel is reported all the same), live streams told."""
+        try:
+            await self.polls.remove([str(job_id)])
+        except Exception as exc:  # the poll tick drops it anyway: it is no longer pending
+            log.warning("could not unschedule a cancelled transaction: %s", exc)
+        await self.late.watch([str(job_id)])
+        await self.events.publish([Change(job_id, Status.CANCELLED, reason)])
+
+    # What the API shows of the parts, asked here so that handlers know none of them.
+
+    @property
+    def ticking(self) -> bool:
+        """The ticks run, and none is overdue."""
+        return self.ticks.running and not self.ticks.health.stale()
+
+    def tick_errors(self) -> dict[str, str]:
+        """The last error of each tick that has failed."""
+        return dict(self.ticks.health.last_error)
+
+    def bakong_circuits(self) -> dict[str, str]:
+        """The state of each credential's Bakong breaker that is not closed."""
+        return self.poller.checker.circuits()
+
+    def check_modes(self) -> dict[str, Any]:
+        """How this process checks md5s: by list or one call each, and its budget."""
+        return self.poller.checker.modes()
+
+    def bakong_calls(self) -> dict[str, Any]:
+        """The outcomes of the recent Bakong calls."""
+        return self.bakong.recent.summary()
+
+    def bakong_refused_s(self) -> float | None:
+        """For how long Bakong has answered 403 to every call, once that has lasted."""
+        return self.bakong.refusals.blocked_for(time.monotonic())
+
+    async def deeplink(self, credential_id: int | None, qr: str, source: SourceInfo) -> str | None:
+        """Bakong's deep link for `qr`, or None (a QR works without one)."""
+        return await self.poller.checker.deeplink(credential_id, qr, source)
+
+    @property
+    def in_flight_deliveries(self) -> int:
+        """Webhook attempts this process is sending now."""
+        return self.deliverer.in_flight
 
     async def refresh_figures(self) -> None:
         """The figures tick: read what /metrics and /api/v1/stats show, once for all asking."""

@@ -100,15 +100,3 @@ class AttemptRecord(Attempt):
     delivery_id: str
     new_status: DeliveryStatus
     next_attempt_at: datetime | None
-
-
-@dataclass(frozen=True, slots=True)
-class DeliverySummary:
-    """The delivery of a transaction, as its transaction's page shows it."""
-
-    id: str
-    status: DeliveryStatus
-    attempts: int
-    last_status_code: int | None
-    next_attempt_at: datetime | None
-    delivered_at: datetime | None

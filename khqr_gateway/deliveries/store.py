@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
 from uuid import UUID
 
 import asyncpg
@@ -15,7 +14,6 @@ from khqr_gateway.deliveries.model import (
     AttemptRecord,
     Delivery,
     DeliveryStatus,
-    DeliverySummary,
     DueDelivery,
     PendingDelivery,
 )
@@ -107,20 +105,6 @@ async def pending_page(
         limit,
     )
     return [PendingDelivery(**dict(r)) for r in rows]
-
-
-def summary(row: Mapping[str, Any]) -> DeliverySummary | None:
-    """The delivery part of a transaction row joined with its delivery."""
-    if row["delivery_id"] is None:
-        return None
-    return DeliverySummary(
-        id=row["delivery_id"],
-        status=DeliveryStatus(row["delivery_status"]),
-        attempts=row["delivery_attempts"],
-        last_status_code=row["delivery_last_status"],
-        next_attempt_at=row["delivery_next_attempt_at"],
-        delivered_at=row["delivery_delivered_at"],
-    )
 
 
 DELIVERY_COLUMNS = """

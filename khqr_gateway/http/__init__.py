@@ -1,8 +1,11 @@
-"""HTTP API handlers and schemas; the request keys the middlewares set."""
+"""HTTP API handlers and schemas; the keys the factory and the middlewares set."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
+from khqr_gateway.config import Settings
+
+SETTINGS_KEY = web.AppKey("settings", Settings)
 REQUEST_ID = web.RequestKey("request_id", str)
 API_KEY_ID = web.RequestKey("api_key_id", str)

@@ -1,223 +1,78 @@
-"""The aiohttp application: middlewares (request log, errors, auth), routes, lifecycle."""
+"""The aiohttp application: its factory, its routes and its lifecycle."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
-import random
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import asyncpg
 from aiohttp import web
-from redis.exceptions import RedisClusterException, RedisError
 
 from khqr_gateway.bakong.sandbox import MOUNT_PATH, Expectations, create_sandbox_app
 from khqr_gateway.config import Settings
 from khqr_gateway.http import (
-    API_KEY_ID,
-    REQUEST_ID,
+    SETTINGS_KEY,
     compat,
     credentials,
     dashboard,
     deliveries,
     exports,
     khqr,
-    live,
     notices,
     ops,
     pay,
+    sse,
     transactions,
 )
-from khqr_gateway.http.errors import ApiError, error_response
+from khqr_gateway.http.middleware import auth_middleware, error_middleware, request_log
 from khqr_gateway.http.openapi import setup_openapi
-from khqr_gateway.infra.schedule import keys
-from khqr_gateway.notices.sandbox import create_bot_sandbox_app, redact_token
+from khqr_gateway.http.request import BODY_LIMIT
+from khqr_gateway.notices.sandbox import create_bot_sandbox_app
 from khqr_gateway.service import SERVICE_KEY, Service
 from khqr_gateway.transactions import store as tx_store
 
 log = logging.getLogger("khqr_gateway.http")
 
-BODY_LIMIT = 64 * 1024
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-SETTINGS_KEY = web.AppKey("settings", Settings)
-_STATUS_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-    429: "rate_limited",
-}
-
-
-def _request_id(request: web.Request) -> str:
-    given = request.headers.get("x-request-id", "")
-    if 0 < len(given) <= 128 and given.isprintable():
-        return given
-    # Only has to tell requests apart in the logs: not a secret, so not os.urandom per request.
-    return f"{random.getrandbits(64):016x}"
-
-
-@web.middleware
-async def request_log(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """One log line per request, and the request id echoed back."""
-    request_id = _request_id(request)
-    request[REQUEST_ID] = request_id
-    start = time.perf_counter()
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        response.headers["x-request-id"] = request_id
-        return response
-    finally:
-        level = _request_level(request.path)
-        if level is not None and log.isEnabledFor(level):
-            log.log(
-                level,
-                "request",
-                extra={
-                    "method": request.method,
-                    # A Bot API path (the sandbox's, or a mistaken one) holds a bot token.
-                    "path": redact_token(request.path),
-                    "status": status,
-                    "durationMs": round((time.perf_counter() - start) * 1000, 2),
-                    "requestId": request_id,
-                },
-            )
-
-
-def _request_level(path: str) -> int | None:
-    # Probes and scrapes would drown the requests that users make, and so would the
-    # in-process sandbox's own polls (a third of the lines in sandbox mode): at debug.
-    if path in ("/health", "/metrics"):
-        return None
-    return logging.DEBUG if path.startswith(MOUNT_PATH + "/") else logging.INFO
-
-
-@web.middleware
-async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error as `{"error": {...}}`; never a stack trace to the client."""
-    try:
-        return await handler(request)
-    except ApiError as exc:
-        if compat.is_compat(request):
-            return compat.compat_error(exc)
-        return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = _STATUS_CODES.get(exc.status, "http_error")
-        message = exc.reason if exc.status != 413 else f"the body is larger than {BODY_LIMIT} bytes"
-        return error_response(exc.status, code, message, headers=_kept_headers(exc))
-    except (asyncio.CancelledError, KeyboardInterrupt):
-        raise
-    except Exception as exc:
-        dependency = unavailable_dependency(exc)
-        if dependency is not None:
-            name = type(exc).__name__
-            log.warning("%s unavailable: %s", dependency, name, extra={"path": request.path})
-            return error_response(
-                503,
-                f"{dependency}_unavailable",
-                f"{dependency.capitalize()} is unavailable; nothing was lost, retry shortly",
-                headers={"Retry-After": "5"},
-            )
-        log.exception(
-            "unhandled error", extra={"path": request.path, "requestId": request.get(REQUEST_ID)}
-        )
-        return error_response(500, "internal_error", "something went wrong on our side")
-
-
-def unavailable_dependency(exc: BaseException) -> str | None:
-    """'postgres' or 'redis' when `exc` means that dependency cannot be reached."""
-    if isinstance(exc, RedisError | RedisClusterException):  # the latter: no node answers
-        return "redis"
-    if isinstance(
-        exc,
-        asyncpg.exceptions.ConnectionDoesNotExistError
-        | asyncpg.exceptions.CannotConnectNowError
-        | asyncpg.exceptions.TooManyConnectionsError
-        | asyncpg.exceptions.AdminShutdownError
-        | asyncpg.exceptions.InterfaceError
-        | ConnectionError
-        | OSError
-        | TimeoutError,
-    ):
-        return "postgres"
-    return None
-
-
-def _kept_headers(exc: web.HTTPException) -> dict[str, str]:
-    return {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
-
-
-def _key_digests(keys: tuple[str, ...]) -> list[bytes]:
-    return [hashlib.sha256(k.encode()).digest() for k in keys]
-
-
-def auth_middleware(settings: Settings) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """Every /api/ route needs one of API_KEY's keys, compared as hashes in constant time."""
-    digests = _key_digests(settings.api_keys)
-
-    @web.middleware
-    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not digests or not request.path.startswith("/api/"):
-            return await handler(request)
-        given = _presented_key(request)
-        digest = hashlib.sha256(given.encode()).digest() if given else b""
-        matched = -1
-        for index, expected in enumerate(digests):
-            if hmac.compare_digest(digest, expected):
-                matched = index
-        if matched < 0:
-            raise ApiError(
-                401, "unauthorized", "a valid API key is required (Authorization: Bearer <key>)"
-            )
-        key_id = digests[matched].hex()[:16]
-        request[API_KEY_ID] = key_id
-        if settings.api_rate_limit:
-            await _rate_limit(request, key_id, settings.api_rate_limit)
-        return await handler(request)
-
-    return auth
-
-
-# KEYS[1] this key's counter for this second; returns the count so far.
-_COUNT = (
-    "local n = redis.call('INCR', KEYS[1]) "
-    "if n == 1 then redis.call('PEXPIRE', KEYS[1], 2000) end return n"
+Route = tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]
+# The routes of rachhen/khqr-webhook: they answer errors in that service's shape.
+COMPAT_ROUTES: tuple[Route, ...] = (
+    ("POST", "/api/v1/transaction/token", compat.create_with_token),
+    ("POST", "/api/v1/transaction/email", compat.create_with_email),
+    ("GET", "/api/v1/transaction/{md5}/md5", compat.get_by_md5),
+    ("GET", "/api/v1/transaction/{jobId}/track", compat.track),
 )
-
-
-async def _rate_limit(request: web.Request, key_id: str, limit: int) -> None:
-    """At most `limit` requests a second per API key, counted in Redis across processes."""
-    service = request.app[SERVICE_KEY]
-    second = int(time.time())
-    counter = f"{keys(service.settings.redis_namespace)['api_rate']}:{key_id}:{second}"
-    try:
-        count = int(await service.redis.eval(_COUNT, 1, counter))
-    except RedisError:
-        return  # no Redis, no counting: the request itself will say what is down
-    if count > limit:
-        raise ApiError(
-            429,
-            "rate_limited",
-            f"more than {limit} requests a second with this API key",
-            headers={"Retry-After": "1"},
-        )
-
-
-def _presented_key(request: web.Request) -> str:
-    header = request.headers.get("Authorization", "")
-    if header[:7].lower() == "bearer ":
-        return header[7:].strip()
-    return request.headers.get("x-api-key", "").strip()
+# Matched in this order: the export and the reports before /api/v1/transactions/{jobId},
+# which would take `export` for a jobId. /openapi.json lists each tag's paths in this order.
+ROUTES: tuple[Route, ...] = (
+    ("GET", "/health", ops.health),
+    ("GET", "/ready", ops.ready),
+    ("GET", "/metrics", ops.metrics),
+    ("GET", "/api/v1/stats", ops.stats),
+    ("POST", "/api/v1/transactions", transactions.post_transaction),
+    ("GET", "/api/v1/transactions", transactions.list_transactions),
+    ("GET", "/api/v1/transactions/export", exports.export_transactions),
+    ("GET", "/api/v1/reports/daily", exports.daily_report),
+    ("GET", "/api/v1/reports/hourly", exports.hourly_report),
+    ("GET", "/api/v1/transactions/{jobId}", transactions.get_transaction),
+    ("DELETE", "/api/v1/transactions/{jobId}", transactions.delete_transaction),
+    ("GET", "/api/v1/credentials", credentials.list_credentials),
+    ("POST", "/api/v1/credentials", credentials.post_credential),
+    ("GET", "/api/v1/transactions/{jobId}/events", transactions.transaction_events),
+    *COMPAT_ROUTES,
+    ("POST", "/api/v1/khqr", khqr.post_khqr),
+    ("GET", "/pay/{jobId}", pay.pay_page),
+    ("GET", "/pay/{jobId}/events", pay.pay_events),
+    ("GET", "/static/{name}", pay.asset),
+    ("GET", "/sdk.js", pay.sdk),
+    ("GET", "/api/v1/deliveries", deliveries.list_deliveries),
+    ("POST", "/api/v1/deliveries/retry", deliveries.retry_deliveries),
+    ("GET", "/api/v1/deliveries/{id}", deliveries.get_delivery),
+    ("POST", "/api/v1/deliveries/{id}/retry", deliveries.retry_delivery),
+    ("GET", "/api/v1/notices", notices.list_notices),
+    ("GET", "/", dashboard.home),
+    ("GET", "/queue", dashboard.dashboard),
+    ("GET", "/queue/{name}", dashboard.asset),
+)
 
 
 def create_app(
@@ -229,15 +84,35 @@ def create_app(
     run_ticks: bool = True,
 ) -> web.Application:
     """The gateway as an aiohttp application; the service starts with the app."""
+    shapes = {path: compat.compat_error for _, path, _ in COMPAT_ROUTES}
     app = web.Application(
         client_max_size=BODY_LIMIT,
-        middlewares=[request_log, errors, auth_middleware(settings)],
+        middlewares=[request_log, error_middleware(shapes), auth_middleware(settings)],
     )
     app[SETTINGS_KEY] = settings
+    app[exports.EXPORT_SLOTS] = asyncio.Semaphore(exports.EXPORTS_AT_ONCE)
     if settings.sandbox:
         # Before the sandbox's own mount, whose prefix would take its paths.
         app.add_subapp(MOUNT_PATH + "/telegram", create_bot_sandbox_app())
         app.add_subapp(MOUNT_PATH, create_sandbox_app(expectations=_expectations(app)))
+    app.cleanup_ctx.append(_lifecycle(settings, database_url, redis_url, bakong_url, run_ticks))
+    for method, path, handler in ROUTES:
+        if method == "GET":
+            app.router.add_get(path, handler)
+        else:
+            app.router.add_route(method, path, handler)
+    app.on_shutdown.append(sse.close_streams)
+    setup_openapi(app)
+    return app
+
+
+def _lifecycle(
+    settings: Settings,
+    database_url: str,
+    redis_url: str,
+    bakong_url: str | None,
+    run_ticks: bool,
+) -> Callable[[web.Application], AsyncIterator[None]]:
     url = bakong_url or _bakong_url(settings)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -256,19 +131,7 @@ def create_app(
         yield
         await service.stop()
 
-    app.cleanup_ctx.append(lifecycle)
-    ops.add_routes(app)
-    transactions.add_routes(app, before_job_id=exports.add_routes)
-    credentials.add_routes(app)
-    live.add_routes(app)
-    compat.add_routes(app)
-    khqr.add_routes(app)
-    pay.add_routes(app)
-    deliveries.add_routes(app)
-    notices.add_routes(app)
-    dashboard.add_routes(app, settings)
-    setup_openapi(app)
-    return app
+    return lifecycle
 
 
 def _expectations(app: web.Application) -> Expectations:

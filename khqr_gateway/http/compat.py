@@ -15,25 +15,25 @@ from uuid import UUID
 
 from aiohttp import web
 from aiohttp_apigami import docs, match_info_schema, request_schema, response_schema
-from marshmallow import Schema, ValidationError
+from marshmallow import EXCLUDE, INCLUDE, Schema, ValidationError, fields, post_load
 
 from khqr_gateway.bakong.client import FAILED_CODE, NOT_FOUND_CODE, STATIC_QR_CODE
 from khqr_gateway.bakong.model import CheckKind, CheckResult
 from khqr_gateway.credentials.model import token_expired
 from khqr_gateway.credentials.renewal import NoToken
-from khqr_gateway.http import live, transactions
-from khqr_gateway.http.errors import ApiError, error_body, json_response
-from khqr_gateway.http.schemas import (
-    BakongTransactionSchema,
-    CompatCreatedSchema,
-    CompatEmailCreateSchema,
-    CompatErrorSchema,
-    CompatMd5QuerySchema,
-    CompatTokenCreateSchema,
+from khqr_gateway.http import sse, tracking
+from khqr_gateway.http.errors import ApiError, ErrorDetailSchema, error_body, invalid
+from khqr_gateway.http.fields import (
     JobIdPathSchema,
     Md5PathSchema,
     check_md5,
+    email_field,
+    md5_field,
+    token_field,
+    url_field,
 )
+from khqr_gateway.http.json import json_response
+from khqr_gateway.http.request import job_id_of, load_body, load_query
 from khqr_gateway.service import SERVICE_KEY, Service
 from khqr_gateway.transactions.model import Status
 
@@ -55,11 +55,77 @@ NAMES = {
     503: "SERVICE_UNAVAILABLE",
 }
 TRACK_NAMES = {Status.PENDING: b"PENDING", Status.SUCCESS: b"COMPLETED"}
-# One instance each: loading keeps no state in a schema, and building one costs more.
-TOKEN_CREATE_SCHEMA = CompatTokenCreateSchema()
-EMAIL_CREATE_SCHEMA = CompatEmailCreateSchema()
-MD5_QUERY_SCHEMA = CompatMd5QuerySchema()
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class CompatCreateSchema(Schema):
+    """The body of that service's create routes; unknown fields are dropped, as there."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    md5 = md5_field("md5 of the KHQR string", required=True)
+    webhookUrl = url_field("Where the webhook goes", required=True)
+
+    @post_load
+    def _normalise(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        data["md5"] = data["md5"].lower()
+        return data
+
+
+class CompatTokenCreateSchema(CompatCreateSchema):
+    """POST /api/v1/transaction/token."""
+
+    token = token_field("Bakong token; refused with 401 when its JWT has expired", required=True)
+
+
+class CompatEmailCreateSchema(CompatCreateSchema):
+    """POST /api/v1/transaction/email."""
+
+    email = email_field("Registered Bakong email; tokens are renewed through it", required=True)
+
+
+class CompatMd5QuerySchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    token = token_field("Bakong token")
+    email = email_field("Registered Bakong email")
+
+
+class CompatCreatedSchema(Schema):
+    message = fields.String(required=True, metadata={"example": "Transaction created"})
+    jobId = fields.String(required=True)
+
+
+class CompatErrorSchema(Schema):
+    """That service's error body, with ours beside it under `error`."""
+
+    name = fields.String(required=True, metadata={"example": "NOT_FOUND"})
+    code = fields.Raw(metadata={"description": "Bakong errorCode, when Bakong gave one"})
+    message = fields.String(required=True)
+    details = fields.Raw(allow_none=True)
+    error = fields.Nested(ErrorDetailSchema, required=True)
+
+
+class BakongTransactionSchema(Schema):
+    """Bakong's transaction `data`, passed on as Bakong sent it (with whatever else it sent)."""
+
+    class Meta:
+        unknown = INCLUDE
+
+    hash = fields.String(allow_none=True)
+    fromAccountId = fields.String(allow_none=True)
+    toAccountId = fields.String(allow_none=True)
+    currency = fields.String(allow_none=True)
+    amount = fields.Float(allow_none=True)
+    description = fields.String(allow_none=True)
+    createdDateMs = fields.Integer(allow_none=True)
+    acknowledgedDateMs = fields.Integer(allow_none=True)
+
+
+# One instance: loading keeps no state in a schema, and building one costs more.
+MD5_QUERY_SCHEMA = CompatMd5QuerySchema()
 
 
 class BakongRefusal(ApiError):
@@ -124,45 +190,47 @@ async def _create(request: web.Request, schema: Schema) -> web.Response:
     for that payment goes to the first request's webhookUrl.
     """
     service = request.app[SERVICE_KEY]
-    _, body = await transactions.read_json(request)
-    data = transactions.load(schema, body)
+    data = await load_body(request, schema)
     if "token" in data:
         _check_token(data["token"])
     else:
         await _email_token(service, data["email"])
     # As rachhen/khqr-webhook answers: 201 with the md5's job, whatever the repeat asked for.
-    row, _ = await transactions.create(service, data, repeat_must_match=False)
-    return json_response({"message": CREATED, "jobId": str(row["id"])}, 201)
+    row, _ = await tracking.create(service, data, repeat_must_match=False)
+    return json_response({"message": CREATED, "jobId": str(row.id)}, 201)
 
 
-@docs(
-    tags=["compatibility"],
+def _create_route(schema: type[CompatCreateSchema], *, summary: str, description: str) -> Handler:
+    """A create route of that service, whose body `schema` loads."""
+    loader = schema()  # one instance: loading keeps no state in a schema
+
+    @docs(
+        tags=["compatibility"],
+        summary=summary,
+        description=description,
+        responses=_documented_errors(400, 401, 408, 415, 422),
+    )
+    @request_schema(schema, required=True)
+    @response_schema(CompatCreatedSchema, 201, description="Tracking started")
+    @compat_errors
+    async def create(request: web.Request) -> web.StreamResponse:
+        return await _create(request, loader)
+
+    return create
+
+
+create_with_token = _create_route(
+    CompatTokenCreateSchema,
     summary="Track an md5 with a Bakong token (rachhen/khqr-webhook)",
     description="201 `{message, jobId}`; an md5 already pending answers 201 with the jobId "
     "already tracking it. 401 when the token's JWT has expired.",
-    responses=_documented_errors(400, 401, 408, 415, 422),
 )
-@request_schema(CompatTokenCreateSchema, required=True)
-@response_schema(CompatCreatedSchema, 201, description="Tracking started")
-@compat_errors
-async def create_with_token(request: web.Request) -> web.StreamResponse:
-    """POST /api/v1/transaction/token."""
-    return await _create(request, TOKEN_CREATE_SCHEMA)
-
-
-@docs(
-    tags=["compatibility"],
+create_with_email = _create_route(
+    CompatEmailCreateSchema,
     summary="Track an md5 with a registered Bakong email (rachhen/khqr-webhook)",
     description="201 `{message, jobId}`. A token is obtained through the email now (401 when "
     "Bakong gives none) and renewed through it for as long as the transaction is tracked.",
-    responses=_documented_errors(400, 401, 408, 415, 422),
 )
-@request_schema(CompatEmailCreateSchema, required=True)
-@response_schema(CompatCreatedSchema, 201, description="Tracking started")
-@compat_errors
-async def create_with_email(request: web.Request) -> web.StreamResponse:
-    """POST /api/v1/transaction/email."""
-    return await _create(request, EMAIL_CREATE_SCHEMA)
 
 
 async def _query_credential(
@@ -220,16 +288,8 @@ def _answer(result: CheckResult) -> web.Response:
 async def get_by_md5(request: web.Request) -> web.StreamResponse:
     """GET /api/v1/transaction/{md5}/md5?token=|email=."""
     service = request.app[SERVICE_KEY]
-    try:
-        md5 = check_md5(request.match_info["md5"])
-    except ValidationError as exc:
-        raise ApiError(
-            422,
-            "validation_error",
-            "some fields are not valid",
-            [{"field": "md5", "message": m} for m in exc.messages],
-        ) from None
-    query = transactions.load(MD5_QUERY_SCHEMA, dict(request.query))
+    md5 = _md5_of(request)
+    query = load_query(request, MD5_QUERY_SCHEMA)
     credential_id, token = await _query_credential(service, query)
     result = await service.bakong.check_md5(token, md5)
     if result.error == "unauthorized" and credential_id is not None:
@@ -241,12 +301,19 @@ async def get_by_md5(request: web.Request) -> web.StreamResponse:
     return _answer(result)
 
 
+def _md5_of(request: web.Request) -> str:
+    try:
+        return check_md5(request.match_info["md5"])
+    except ValidationError as exc:
+        raise invalid("md5", str(exc.messages[0])) from None
+
+
 def _track_event(job_id: UUID, status: Status, reason: str | None) -> bytes:
     return b"data: " + TRACK_NAMES.get(status, b"FAILED") + b"\n\n"
 
 
 # As there: `data: PENDING` every 3 s while waiting (ours also ends after a final status).
-TRACK = live.Format(
+TRACK = sse.Format(
     event=_track_event, heartbeat=lambda _: b"data: PENDING\n\n", heartbeat_s=3.0, ids=False
 )
 
@@ -257,34 +324,10 @@ TRACK = live.Format(
     description="`data: PENDING` now and every 3 s while pending, then `data: COMPLETED` "
     "(paid) or `data: FAILED` (failed, timed out, mismatched or cancelled), and the stream "
     "ends.",
-    responses={200: live.SSE_RESPONSE, **_documented_errors(401, 404), **live.STREAM_LIMIT},
+    responses={200: sse.SSE_RESPONSE, **_documented_errors(401, 404), **sse.STREAM_LIMIT},
 )
 @match_info_schema(JobIdPathSchema)
 @compat_errors
 async def track(request: web.Request) -> web.StreamResponse:
     """GET /api/v1/transaction/{jobId}/track."""
-    return await live.stream(request, live.job_id_of(request), TRACK)
-
-
-ROUTES: tuple[tuple[str, str, Handler], ...] = (
-    ("POST", "/api/v1/transaction/token", create_with_token),
-    ("POST", "/api/v1/transaction/email", create_with_email),
-    ("GET", "/api/v1/transaction/{md5}/md5", get_by_md5),
-    ("GET", "/api/v1/transaction/{jobId}/track", track),
-)
-PATHS = frozenset(path for _, path, _ in ROUTES)
-
-
-def is_compat(request: web.Request) -> bool:
-    """True for a request to one of these routes: the middlewares' errors (a missing API
-    key, a rate limit, a store down) are then answered in that service's shape too."""
-    resource = request.match_info.route.resource
-    return resource is not None and resource.canonical in PATHS
-
-
-def add_routes(app: web.Application) -> None:
-    for method, path, handler in ROUTES:
-        if method == "GET":
-            app.router.add_get(path, handler)
-        else:
-            app.router.add_route(method, path, handler)
+    return await sse.stream(request, job_id_of(request), TRACK)

@@ -7,21 +7,73 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp_apigami import docs, request_schema, response_schema
+from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
 from khqr_gateway.credentials import store as credential_store
 from khqr_gateway.credentials.model import Credential, token_expired
-from khqr_gateway.http.errors import ApiError, iso, json_response, page_response
+from khqr_gateway.http.errors import invalid
+from khqr_gateway.http.fields import CURSOR_ERROR, ID_CURSOR_RE, Pattern, email_field, token_field
+from khqr_gateway.http.json import iso, json_response
 from khqr_gateway.http.openapi import errors
-from khqr_gateway.http.schemas import (
-    CredentialCreateSchema,
-    CredentialListQuerySchema,
-    CredentialPageSchema,
-    CredentialSchema,
-)
-from khqr_gateway.http.transactions import load, read_json
+from khqr_gateway.http.paging import page_response, page_schema
+from khqr_gateway.http.request import load_body, load_query
 from khqr_gateway.service import SERVICE_KEY
 
 log = logging.getLogger(__name__)
+
+CREDENTIAL_STATUSES = ("active", "expired")
+
+
+class CredentialCreateSchema(Schema):
+    """POST /api/v1/credentials."""
+
+    class Meta:
+        unknown = RAISE
+
+    token = token_field("A Bakong token (JWT); stored, never shown again")
+    email = email_field("Registered Bakong email; tokens are renewed through it")
+
+    @validates_schema
+    def _something(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if not data.get("token") and not data.get("email"):
+            raise ValidationError("give token, email or both", field_name="token")
+
+
+class CredentialListQuerySchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    status = fields.String(validate=validate.OneOf(CREDENTIAL_STATUSES))
+    limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=500))
+    cursor = fields.String(
+        validate=Pattern(ID_CURSOR_RE, error=CURSOR_ERROR),
+        metadata={"description": "nextCursor of the previous page"},
+    )
+
+
+class CredentialSchema(Schema):
+    """A credential as the API shows it: never its token."""
+
+    id = fields.Integer(required=True, metadata={"description": "Also the metrics label"})
+    email = fields.String(allow_none=True)
+    hasToken = fields.Boolean(required=True)
+    expiresAt = fields.DateTime(allow_none=True, metadata={"description": "The token's JWT exp"})
+    status = fields.String(
+        required=True,
+        validate=validate.OneOf(CREDENTIAL_STATUSES),
+        metadata={"description": "expired: no usable token and renewal failed (see lastError)"},
+    )
+    isDefault = fields.Boolean(required=True)
+    lastError = fields.String(allow_none=True)
+    createdAt = fields.DateTime(required=True)
+    updatedAt = fields.DateTime(required=True)
+
+
+CredentialPageSchema = page_schema(CredentialSchema)
+
+
+CREATE_SCHEMA = CredentialCreateSchema()
+LIST_QUERY_SCHEMA = CredentialListQuerySchema()
 
 
 def credential_json(cred: Credential) -> dict[str, Any]:
@@ -37,12 +89,6 @@ def credential_json(cred: Credential) -> dict[str, Any]:
         "createdAt": iso(cred.created_at),
         "updatedAt": iso(cred.updated_at),
     }
-
-
-def _invalid(field: str, message: str) -> ApiError:
-    return ApiError(
-        422, "validation_error", "some fields are not valid", [{"field": field, "message": message}]
-    )
 
 
 def _after(cursor: str | None) -> int | None:
@@ -65,7 +111,7 @@ def _after(cursor: str | None) -> int | None:
 @response_schema(CredentialPageSchema, 200)
 async def list_credentials(request: web.Request) -> web.Response:
     """GET /api/v1/credentials?status=&limit=&cursor=."""
-    query = load(CredentialListQuerySchema(), dict(request.query))
+    query = load_query(request, LIST_QUERY_SCHEMA)
     limit = query["limit"]
     rows = await credential_store.list_credentials(
         request.app[SERVICE_KEY].pool,
@@ -94,11 +140,10 @@ async def list_credentials(request: web.Request) -> web.Response:
 async def post_credential(request: web.Request) -> web.Response:
     """POST /api/v1/credentials."""
     service = request.app[SERVICE_KEY]
-    _, body = await read_json(request)
-    data = load(CredentialCreateSchema(), body)
+    data = await load_body(request, CREATE_SCHEMA)
     token, email = data.get("token"), data.get("email")
     if token and not email and token_expired(token):
-        raise _invalid("token", "has expired (its JWT exp is past): give a fresh one or an email")
+        raise invalid("token", "has expired (its JWT exp is past): give a fresh one or an email")
     cred, created = await service.credentials.save(token=token, email=email)
     log.info(
         "bakong credential %s",
@@ -106,8 +151,3 @@ async def post_credential(request: web.Request) -> web.Response:
         extra={"credentialId": cred.id, "status": cred.status},
     )
     return json_response(credential_json(cred), 201 if created else 200)
-
-
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/api/v1/credentials", list_credentials)
-    app.router.add_post("/api/v1/credentials", post_credential)

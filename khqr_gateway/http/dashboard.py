@@ -10,11 +10,10 @@ from aiohttp_apigami import docs
 
 from khqr_gateway import __version__
 from khqr_gateway.config import Settings
-from khqr_gateway.http import assets
+from khqr_gateway.http import SETTINGS_KEY, assets
 from khqr_gateway.http.errors import ApiError
 from khqr_gateway.http.openapi import ERROR
 
-SETTINGS = web.AppKey("dashboard_settings", Settings)
 ASSETS = {
     "dashboard.js": "application/javascript",
     "dashboard.css": "text/css",
@@ -33,7 +32,7 @@ def enabled(settings: Settings) -> bool:
 
 
 def _check_enabled(request: web.Request) -> None:
-    if not enabled(request.app[SETTINGS]):
+    if not enabled(request.app[SETTINGS_KEY]):
         raise ApiError(404, "not_found", "the dashboard is off in production without API_KEY")
 
 
@@ -105,7 +104,7 @@ curl -s {base}/sandbox/control/inbox/demo
 
 
 def _base_url(request: web.Request) -> str:
-    public = request.app[SETTINGS].public_url
+    public = request.app[SETTINGS_KEY].public_url
     return public.rstrip("/") if public else str(request.url.origin())
 
 
@@ -117,7 +116,7 @@ def _base_url(request: web.Request) -> str:
 )
 async def home(request: web.Request) -> web.Response:
     """GET /: links to /reference and /queue, and the walk-through in sandbox mode."""
-    settings = request.app[SETTINGS]
+    settings = request.app[SETTINGS_KEY]
     dashboard = (
         '<a href="/queue">Dashboard</a>: queues, pending transactions, failed deliveries'
         if enabled(settings)
@@ -132,10 +131,3 @@ async def home(request: web.Request) -> web.Response:
     return web.Response(
         text=page, headers=assets.page_headers("text/html; charset=utf-8", HOME_CSP)
     )
-
-
-def add_routes(app: web.Application, settings: Settings) -> None:
-    app[SETTINGS] = settings
-    app.router.add_get("/", home)
-    app.router.add_get("/queue", dashboard)
-    app.router.add_get("/queue/{name}", asset)

@@ -9,25 +9,114 @@ from typing import Any
 import orjson
 from aiohttp import web
 from aiohttp_apigami import docs, request_schema, response_schema
+from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
 from khqr_gateway.deliveries import store
 from khqr_gateway.deliveries.model import Attempt, Delivery, DeliveryStatus
-from khqr_gateway.http.errors import ApiError, iso, json_response, page_response
+from khqr_gateway.http.errors import ApiError
+from khqr_gateway.http.fields import Instant, checks_window, cursor_field
+from khqr_gateway.http.json import iso, json_response
 from khqr_gateway.http.openapi import ERROR, errors
-from khqr_gateway.http.schemas import (
-    DeliveryDetailSchema,
-    DeliveryListQuerySchema,
-    DeliveryPageSchema,
-    DeliveryRetryFilterSchema,
-    DeliveryRetryResultSchema,
-    DeliverySchema,
-)
-from khqr_gateway.http.transactions import cursor_position, encode_cursor, load, read_json
+from khqr_gateway.http.paging import cursor_position, encode_cursor, page_response, page_schema
+from khqr_gateway.http.request import load, load_query, read_json
 from khqr_gateway.service import SERVICE_KEY
 
 log = logging.getLogger(__name__)
 
 NOT_FOUND = "no delivery with this id"
+
+
+DELIVERY_STATUSES = [s.value for s in DeliveryStatus]
+BULK_RETRY_MAX = 1000
+
+
+class DeliveryListQuerySchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    status = fields.String(validate=validate.OneOf(DELIVERY_STATUSES))
+    jobId = fields.UUID(metadata={"description": "Only the deliveries of this transaction"})
+    transactionId = fields.UUID(metadata={"description": "The same as jobId"})
+    since = Instant(
+        metadata={"description": "Only deliveries created at or after this ISO 8601 time"}
+    )
+    limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
+    cursor = cursor_field()
+
+    @validates_schema
+    def _one_job(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if "jobId" in data and "transactionId" in data and data["jobId"] != data["transactionId"]:
+            raise ValidationError("jobId and transactionId differ", field_name="transactionId")
+
+
+class DeliveryRetryFilterSchema(Schema):
+    """POST /api/v1/deliveries/retry."""
+
+    class Meta:
+        unknown = RAISE
+
+    status = fields.String(
+        load_default=DeliveryStatus.FAILED.value,
+        validate=validate.OneOf(DELIVERY_STATUSES),
+        metadata={"description": "Deliveries in this status (default failed)"},
+    )
+    since = Instant(metadata={"description": "Created at or after this ISO 8601 time"})
+    until = Instant(metadata={"description": "Created before this ISO 8601 time"})
+    limit = fields.Integer(
+        strict=True,
+        load_default=BULK_RETRY_MAX,
+        validate=validate.Range(min=1, max=BULK_RETRY_MAX),
+        metadata={"description": f"At most this many, oldest first (max {BULK_RETRY_MAX})"},
+    )
+
+    _window = checks_window()
+
+
+class DeliveryAttemptSchema(Schema):
+    attempt = fields.Integer(required=True)
+    startedAt = fields.DateTime(required=True)
+    durationMs = fields.Integer(required=True)
+    statusCode = fields.Integer(allow_none=True)
+    errorKind = fields.String(
+        allow_none=True,
+        metadata={"description": "timeout, connect, dns, tls, ssrf-blocked, ... (no answer)"},
+    )
+    errorMessage = fields.String(allow_none=True)
+    responseBody = fields.String(allow_none=True, metadata={"description": "First 4 KB"})
+    responseHeaders = fields.Dict(keys=fields.String(), values=fields.String(), allow_none=True)
+
+
+class DeliverySchema(Schema):
+    id = fields.String(required=True, metadata={"description": "Also the webhook-id header"})
+    jobId = fields.UUID(required=True)
+    md5 = fields.String(required=True)
+    url = fields.String(required=True)
+    status = fields.String(required=True, validate=validate.OneOf(DELIVERY_STATUSES))
+    attemptCount = fields.Integer(required=True)
+    nextAttemptAt = fields.DateTime(allow_none=True)
+    lastAttemptAt = fields.DateTime(allow_none=True)
+    lastStatusCode = fields.Integer(allow_none=True)
+    lastError = fields.String(allow_none=True)
+    createdAt = fields.DateTime(required=True)
+    updatedAt = fields.DateTime(required=True)
+    deliveredAt = fields.DateTime(allow_none=True)
+
+
+class DeliveryDetailSchema(DeliverySchema):
+    payload = fields.Raw(metadata={"description": "The webhook body, as sent"})
+    attempts = fields.List(fields.Nested(DeliveryAttemptSchema))
+
+
+DeliveryPageSchema = page_schema(DeliverySchema)
+
+
+class DeliveryRetryResultSchema(Schema):
+    retried = fields.Integer(required=True)
+    ids = fields.List(fields.String())
+    hasMore = fields.Boolean(metadata={"description": "More deliveries match the filter"})
+
+
+LIST_QUERY_SCHEMA = DeliveryListQuerySchema()
 
 
 def delivery_json(row: Delivery) -> dict[str, Any]:
@@ -61,6 +150,10 @@ def attempt_json(row: Attempt) -> dict[str, Any]:
     }
 
 
+def _row_cursor(row: Delivery) -> str:
+    return encode_cursor(row.created_at, row.id)
+
+
 def _delivery_id(request: web.Request) -> str:
     delivery_id = request.match_info["id"]
     if "\x00" in delivery_id:  # no id holds one, and Postgres text cannot be asked for it
@@ -77,7 +170,7 @@ def _delivery_id(request: web.Request) -> str:
 @response_schema(DeliveryPageSchema, 200)
 async def list_deliveries(request: web.Request) -> web.Response:
     """GET /api/v1/deliveries?status=&jobId=&since=&limit=&cursor=."""
-    query = load(DeliveryListQuerySchema(), dict(request.query))
+    query = load_query(request, LIST_QUERY_SCHEMA)
     limit = query["limit"]
     rows = await store.list_page(
         request.app[SERVICE_KEY].pool,
@@ -87,7 +180,7 @@ async def list_deliveries(request: web.Request) -> web.Response:
         limit=limit + 1,
         before=cursor_position(query["cursor"]) if "cursor" in query else None,
     )
-    return page_response(rows, limit, delivery_json, _cursor_after)
+    return page_response(rows, limit, delivery_json, _row_cursor)
 
 
 @docs(
@@ -193,14 +286,3 @@ async def _queue(
     if held:
         log.info("retried deliveries still in flight left alone", extra={"count": len(held)})
     return held
-
-
-def _cursor_after(row: Delivery) -> str:
-    return encode_cursor(row.created_at, row.id)
-
-
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/api/v1/deliveries", list_deliveries)
-    app.router.add_post("/api/v1/deliveries/retry", retry_deliveries)
-    app.router.add_get("/api/v1/deliveries/{id}", get_delivery)
-    app.router.add_post("/api/v1/deliveries/{id}/retry", retry_delivery)

@@ -13,12 +13,13 @@ from zoneinfo import ZoneInfo
 import asyncpg
 from aiohttp import web
 from aiohttp_apigami import docs, request_schema, response_schema
-from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import RAISE, Schema, fields, validate
 
-from khqr_gateway.http.errors import ApiError, iso, json_response
+from khqr_gateway.http.errors import ApiError, invalid
+from khqr_gateway.http.fields import Instant, checks_window
+from khqr_gateway.http.json import iso, json_response
 from khqr_gateway.http.openapi import errors
-from khqr_gateway.http.schemas import Instant
-from khqr_gateway.http.transactions import load
+from khqr_gateway.http.request import load_query
 from khqr_gateway.service import SERVICE_KEY
 from khqr_gateway.transactions import exports as store
 from khqr_gateway.transactions.model import Status
@@ -41,11 +42,7 @@ class ExportQuerySchema(Schema):
     until = Instant(data_key="to", metadata={"description": "Created before this ISO 8601 time"})
     status = fields.String(validate=validate.OneOf([s.value for s in Status]))
     format = fields.String(load_default="csv", validate=validate.OneOf(list(CONTENT_TYPES)))
-
-    @validates_schema
-    def _window(self, data: dict[str, Any], **kwargs: Any) -> None:
-        if "since" in data and "until" in data and data["since"] >= data["until"]:
-            raise ValidationError("must be later than from", field_name="to")
+    _window = checks_window(since="from", until="to")
 
 
 class DailyReportQuerySchema(Schema):
@@ -106,7 +103,7 @@ def jsonl_chunk(rows: Sequence[asyncpg.Record]) -> bytes:
 @request_schema(ExportQuerySchema, location="querystring")
 async def export_transactions(request: web.Request) -> web.StreamResponse:
     """GET /api/v1/transactions/export?from=&to=&status=&format=csv|jsonl."""
-    query = load(EXPORT_SCHEMA, dict(request.query))
+    query = load_query(request, EXPORT_SCHEMA)
     slots = request.app[EXPORT_SLOTS]
     if slots.locked():
         raise ApiError(
@@ -158,19 +155,9 @@ def report_days(query: dict[str, Any], today: date) -> tuple[date, date]:
     last = query.get("last") or max(today, query.get("first") or today)
     first = query.get("first") or _days_before(last, REPORT_DEFAULT_DAYS - 1)
     if first > last:
-        raise ApiError(
-            422,
-            "validation_error",
-            "some fields are not valid",
-            [{"field": "to", "message": "must be the same day as from or later"}],
-        )
+        raise invalid("to", "must be the same day as from or later")
     if (last - first).days >= REPORT_MAX_DAYS:
-        raise ApiError(
-            422,
-            "validation_error",
-            "some fields are not valid",
-            [{"field": "to", "message": f"at most {REPORT_MAX_DAYS} days from from"}],
-        )
+        raise invalid("to", f"at most {REPORT_MAX_DAYS} days from from")
     return first, last
 
 
@@ -213,7 +200,7 @@ def report_row(row: asyncpg.Record) -> dict[str, Any]:
 @response_schema(DailyReportSchema, 200)
 async def daily_report(request: web.Request) -> web.Response:
     """GET /api/v1/reports/daily?from=&to=."""
-    query = load(REPORT_SCHEMA, dict(request.query))
+    query = load_query(request, REPORT_SCHEMA)
     today = datetime.now(ZoneInfo(store.REPORT_TZ)).date()
     first, last = report_days(query, today)
     rows = await store.daily_report(request.app[SERVICE_KEY].pool, first, last)
@@ -266,11 +253,3 @@ async def hourly_report(request: web.Request) -> web.Response:
             ]
         }
     )
-
-
-def add_routes(app: web.Application) -> None:
-    """Added before /api/v1/transactions/{jobId}, which would take `export` for a jobId."""
-    app[EXPORT_SLOTS] = asyncio.Semaphore(EXPORTS_AT_ONCE)
-    app.router.add_get("/api/v1/transactions/export", export_transactions)
-    app.router.add_get("/api/v1/reports/daily", daily_report)
-    app.router.add_get("/api/v1/reports/hourly", hourly_report)

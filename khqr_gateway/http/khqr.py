@@ -3,38 +3,47 @@ tracking with a payment page."""
 
 from __future__ import annotations
 
-import base64
-import io
+import re
 import secrets
-import time
-from datetime import UTC, datetime
-from functools import lru_cache
 from typing import Any
 
-import asyncpg
-import segno
 from aiohttp import web
 from aiohttp_apigami import docs, request_schema, response_schema
+from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
 from khqr_gateway.bakong import khqr
 from khqr_gateway.bakong.client import SourceInfo
-from khqr_gateway.config import Settings
-from khqr_gateway.http import transactions
-from khqr_gateway.http.errors import ApiError, iso, json_response
+from khqr_gateway.config import APP_NAME_MAX, Settings
+from khqr_gateway.http import tracking
+from khqr_gateway.http.errors import invalid
+from khqr_gateway.http.fields import (
+    CURRENCIES,
+    TIMEOUT_MAX_S,
+    TIMEOUT_MIN_S,
+    URL_MAX,
+    AmountField,
+    Pattern,
+    checks_metadata,
+    email_field,
+    metadata_field,
+    token_field,
+    url_field,
+)
+from khqr_gateway.http.json import iso, json_response
 from khqr_gateway.http.openapi import errors
-from khqr_gateway.http.schemas import KhqrCreatedSchema, KhqrCreateSchema
+from khqr_gateway.http.qr import qr_image
+from khqr_gateway.http.request import load_body
 from khqr_gateway.service import SERVICE_KEY, Service
+from khqr_gateway.times import from_ms, now_ms, seconds_to_ms
 from khqr_gateway.transactions import pages
+from khqr_gateway.transactions.store import CreatedRow
 
 PAGE_TOKEN_BYTES = 16  # 128 bits
 DEFAULT_CITY = "Phnom Penh"
-IMAGE_TYPES = {"svg": "image/svg+xml", "png": "image/png"}
 # A deep link's sourceInfo when neither the request nor the settings give one: what the
 # bakong-khqr package sends, which Bakong is known to take.
 DEFAULT_ICON_URL = "https://bakong.nbc.gov.kh/images/logo.svg"
 DEFAULT_CALLBACK_URL = "https://bakong.nbc.gov.kh"
-# One instance: loading keeps no state in a schema, and building one costs more.
-CREATE_SCHEMA = KhqrCreateSchema()
 # build()'s argument names as the request spells them, for errors that point at a field.
 _FIELDS = {
     "account_information": "accountInformation",
@@ -60,10 +69,130 @@ _TAG_62 = (
 )
 
 
-def _invalid(field: str, message: str) -> ApiError:
-    return ApiError(
-        422, "validation_error", "some fields are not valid", [{"field": field, "message": message}]
+# Where the Bakong app returns after a payment: an https URL or an app's own scheme
+# (`myshop://orders/7`); never one a browser would run or read as a document.
+CALLBACK_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:[!-~]+$")
+REFUSED_SCHEMES = frozenset({"javascript", "data", "vbscript", "file", "blob"})
+
+
+def check_callback(value: str) -> str:
+    if value.split(":", 1)[0].lower() in REFUSED_SCHEMES:
+        raise ValidationError("must be an https URL or an app link, not a script or a document")
+    return value
+
+
+class DeeplinkSourceSchema(Schema):
+    """What the Bakong app shows of the app that sent the payer (generate_deeplink_by_qr)."""
+
+    class Meta:
+        unknown = RAISE
+
+    appName = fields.String(
+        validate=validate.Length(min=1, max=APP_NAME_MAX),
+        metadata={"description": "Default KHQR_APP_NAME, else merchantName"},
     )
+    appIconUrl = url_field("Default KHQR_APP_ICON_URL, else Bakong's logo")
+    callbackUrl = fields.String(
+        validate=[
+            validate.Length(min=3, max=URL_MAX),
+            Pattern(CALLBACK_RE, error="must be an https URL or an app link (myapp://...)"),
+            check_callback,
+        ],
+        metadata={
+            "description": "Where the Bakong app returns once paid: an https URL or an app "
+            "link; default the payment page (with webhookUrl), else Bakong's site"
+        },
+    )
+
+
+class KhqrCreateSchema(Schema):
+    """POST /api/v1/khqr."""
+
+    class Meta:
+        unknown = RAISE
+
+    amount = AmountField(required=True, metadata={"description": "KHR whole; USD 2 decimals"})
+    currency = fields.String(required=True, validate=validate.OneOf(CURRENCIES))
+    accountId = fields.String(
+        validate=validate.Length(min=3, max=32),
+        metadata={"description": "Bakong account paid, name@bank (default KHQR_ACCOUNT_ID)"},
+    )
+    merchantName = fields.String(
+        validate=validate.Length(min=1, max=25),
+        metadata={"description": "Shown to the payer (default KHQR_MERCHANT_NAME)"},
+    )
+    merchantCity = fields.String(
+        validate=validate.Length(min=1, max=15),
+        metadata={"description": "Default KHQR_MERCHANT_CITY, else Phnom Penh"},
+    )
+    merchantType = fields.String(
+        load_default="individual", validate=validate.OneOf(["individual", "merchant"])
+    )
+    accountInformation = fields.String(validate=validate.Length(min=1, max=32))
+    acquiringBank = fields.String(validate=validate.Length(min=1, max=32))
+    merchantCategoryCode = fields.String(validate=Pattern(r"^[0-9]{4}$"))
+    billNumber = fields.String(validate=validate.Length(min=1, max=25))
+    mobileNumber = fields.String(validate=validate.Length(min=1, max=25))
+    storeLabel = fields.String(validate=validate.Length(min=1, max=25))
+    terminalLabel = fields.String(validate=validate.Length(min=1, max=25))
+    purpose = fields.String(validate=validate.Length(min=1, max=25))
+    expiresInSeconds = fields.Integer(
+        strict=True,
+        validate=validate.Range(min=TIMEOUT_MIN_S, max=TIMEOUT_MAX_S),
+        metadata={"description": "QR validity and tracking window (default POLL_TIMEOUT_S)"},
+    )
+    image = fields.String(
+        validate=validate.OneOf(["svg", "png"]),
+        metadata={"description": "Also return the QR image as a data URL"},
+    )
+    webhookUrl = url_field("Given: tracking starts at once")
+    returnUrl = url_field("The payment page goes here once paid")
+    deeplink = fields.Nested(
+        DeeplinkSourceSchema,
+        metadata={
+            "description": "How the Bakong app presents the deep link of the answer (each "
+            "field has a default)"
+        },
+    )
+    token = token_field("Bakong token for the tracking (else the default)")
+    email = email_field("Registered Bakong email for the tracking")
+    metadata = metadata_field()
+    _metadata = checks_metadata()
+
+    @validates_schema
+    def _tracking_fields(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if "webhookUrl" in data:
+            if "token" in data and "email" in data:
+                raise ValidationError("give token or email, not both", field_name="token")
+            return
+        for name in ("returnUrl", "token", "email", "metadata"):
+            if name in data:
+                raise ValidationError("applies only with webhookUrl", field_name=name)
+
+
+class KhqrCreatedSchema(Schema):
+    qr = fields.String(required=True, metadata={"description": "The KHQR string to show"})
+    md5 = fields.String(required=True)
+    expiresAt = fields.DateTime(required=True)
+    image = fields.String(metadata={"description": "data:image/svg+xml or image/png, base64"})
+    jobId = fields.UUID(metadata={"description": "With webhookUrl: the tracked transaction"})
+    status = fields.String()
+    createdAt = fields.DateTime()
+    deadlineAt = fields.DateTime()
+    payUrl = fields.String(metadata={"description": "With webhookUrl: the hosted payment page"})
+    deeplink = fields.String(
+        required=True,
+        allow_none=True,
+        metadata={
+            "description": "Bakong's link that opens its app with this payment filled in, for a "
+            "customer on the phone that shows the QR; null when Bakong gave none (the QR "
+            "still works). Opaque: use it as given"
+        },
+    )
+
+
+# One instance: loading keeps no state in a schema, and building one costs more.
+CREATE_SCHEMA = KhqrCreateSchema()
 
 
 def _field_of(message: str) -> str:
@@ -76,9 +205,9 @@ def _merchant(settings: Settings, data: dict[str, Any]) -> tuple[str, str, str]:
     name = data.get("merchantName") or settings.khqr_merchant_name
     city = data.get("merchantCity") or settings.khqr_merchant_city or DEFAULT_CITY
     if not account:
-        raise _invalid("accountId", "required: give accountId or set KHQR_ACCOUNT_ID")
+        raise invalid("accountId", "required: give accountId or set KHQR_ACCOUNT_ID")
     if not name:
-        raise _invalid("merchantName", "required: give merchantName or set KHQR_MERCHANT_NAME")
+        raise invalid("merchantName", "required: give merchantName or set KHQR_MERCHANT_NAME")
     return account, name, city
 
 
@@ -101,27 +230,7 @@ def build_qr(settings: Settings, data: dict[str, Any], expires_at_ms: int) -> st
             **{arg: data.get(key) for arg, key in _TAG_62},
         )
     except khqr.KhqrError as exc:
-        raise _invalid(_field_of(str(exc)), str(exc)) from None
-
-
-def qr_image(qr: str, kind: str) -> str:
-    """The QR code of `qr` as a data URL (SVG or PNG)."""
-    buffer = io.BytesIO()
-    segno.make_qr(qr, error="m").save(buffer, kind=kind, scale=8, border=4)
-    return f"data:{IMAGE_TYPES[kind]};base64,{base64.b64encode(buffer.getvalue()).decode()}"
-
-
-# Payment pages drawn at once: the QR of each is drawn once (8 ms of CPU, several KB each);
-# without it every view of a page drew it again, and a link open on many screens slowed the
-# whole process.
-QR_CACHE_SIZE = 1024
-
-
-@lru_cache(maxsize=QR_CACHE_SIZE)
-def qr_svg_inline(qr: str) -> str:
-    """The QR code of `qr` as an <svg> element that scales to its box (for HTML pages)."""
-    svg: str = segno.make_qr(qr, error="m").svg_inline(scale=1, border=4, omitsize=True)
-    return svg
+        raise invalid(_field_of(str(exc)), str(exc)) from None
 
 
 def base_url(request: web.Request, settings: Settings) -> str:
@@ -130,7 +239,7 @@ def base_url(request: web.Request, settings: Settings) -> str:
     return f"{request.scheme}://{request.host}"
 
 
-def _tracking(data: dict[str, Any], qr: str, expires_s: int) -> dict[str, Any]:
+def _tracking_request(data: dict[str, Any], qr: str, expires_s: int) -> dict[str, Any]:
     """The POST /api/v1/transactions body that tracks this QR."""
     request = {"qr": qr, "webhookUrl": data["webhookUrl"], "timeoutSeconds": expires_s}
     request.update({k: data[k] for k in ("token", "email", "metadata") if k in data})
@@ -151,22 +260,22 @@ async def _deeplink(
     service: Service, data: dict[str, Any], qr: str, credential: int | None, page: str | None
 ) -> str | None:
     source = source_info(service.settings, data, page)
-    return await service.poller.checker.deeplink(credential, qr, source)
+    return await service.deeplink(credential, qr, source)
 
 
 async def _track(
     request: web.Request, data: dict[str, Any], qr: str, expires_s: int
-) -> tuple[asyncpg.Record, str, str | None]:
+) -> tuple[CreatedRow, str, str | None]:
     """Track the QR and open its payment page; returns the row, the page URL and the deep
     link, which returns the payer to that page once paid (unless the request says where)."""
     service = request.app[SERVICE_KEY]
-    tracking = _tracking(data, qr, expires_s)
-    row, _ = await transactions.create(service, tracking)
+    body = _tracking_request(data, qr, expires_s)
+    row, _ = await tracking.create(service, body)
     token = secrets.token_urlsafe(PAGE_TOKEN_BYTES)
-    pay_url = f"{base_url(request, service.settings)}/pay/{row['id']}?t={token}"
-    credential = await transactions.credential_id(service, tracking)
+    pay_url = f"{base_url(request, service.settings)}/pay/{row.id}?t={token}"
+    credential = await tracking.credential_id(service, body)
     deeplink = await _deeplink(service, data, qr, credential, pay_url)
-    await pages.open_page(service.pool, row["id"], token, data.get("returnUrl"), deeplink)
+    await pages.open_page(service.pool, row.id, token, data.get("returnUrl"), deeplink)
     return row, pay_url, deeplink
 
 
@@ -192,15 +301,14 @@ async def _track(
 async def post_khqr(request: web.Request) -> web.Response:
     """POST /api/v1/khqr."""
     service = request.app[SERVICE_KEY]
-    _, body = await transactions.read_json(request)
-    data = transactions.load(CREATE_SCHEMA, body)
+    data = await load_body(request, CREATE_SCHEMA)
     expires_s: int = data.get("expiresInSeconds", service.settings.poll_timeout_s)
-    expires_at_ms = int(time.time() * 1000) + expires_s * 1000
+    expires_at_ms = now_ms() + seconds_to_ms(expires_s)
     qr = build_qr(service.settings, data, expires_at_ms)
     out: dict[str, Any] = {
         "qr": qr,
         "md5": khqr.md5_of(qr),
-        "expiresAt": iso(datetime.fromtimestamp(expires_at_ms / 1000, UTC)),
+        "expiresAt": iso(from_ms(expires_at_ms)),
     }
     if "image" in data:
         out["image"] = qr_image(qr, data["image"])
@@ -208,9 +316,5 @@ async def post_khqr(request: web.Request) -> web.Response:
         out["deeplink"] = await _deeplink(service, data, qr, None, None)
         return json_response(out, 200)
     row, out["payUrl"], out["deeplink"] = await _track(request, data, qr, expires_s)
-    out.update(transactions.created_json(row))
+    out.update(tracking.created_json(row))
     return json_response(out, 201)
-
-
-def add_routes(app: web.Application) -> None:
-    app.router.add_post("/api/v1/khqr", post_khqr)

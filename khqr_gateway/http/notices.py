@@ -9,9 +9,9 @@ from aiohttp import web
 from aiohttp_apigami import docs, request_schema, response_schema
 from marshmallow import RAISE, Schema, fields, validate
 
-from khqr_gateway.http.errors import iso, json_response
+from khqr_gateway.http.json import iso, json_response
 from khqr_gateway.http.openapi import errors
-from khqr_gateway.http.transactions import load
+from khqr_gateway.http.request import load_query
 from khqr_gateway.notices import store
 from khqr_gateway.service import SERVICE_KEY
 
@@ -78,12 +78,8 @@ def notice_json(row: asyncpg.Record) -> dict[str, Any]:
 @response_schema(NoticeListSchema, 200)
 async def list_notices(request: web.Request) -> web.Response:
     """GET /api/v1/notices?status=&limit=."""
-    query = load(QUERY_SCHEMA, dict(request.query))
+    query = load_query(request, QUERY_SCHEMA)
     rows = await store.newest(
         request.app[SERVICE_KEY].pool, status=query.get("status"), limit=query["limit"]
     )
     return json_response({"data": [notice_json(r) for r in rows]})
-
-
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/api/v1/notices", list_notices)

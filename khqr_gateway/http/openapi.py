@@ -13,7 +13,7 @@ from aiohttp_apigami import OpenApiVersion, setup_aiohttp_apispec
 from aiohttp_apigami.constants import SWAGGER_DICT
 
 from khqr_gateway import __version__
-from khqr_gateway.http.schemas import ErrorSchema
+from khqr_gateway.http.errors import ErrorSchema
 
 ERROR = {"schema": ErrorSchema}
 ERROR_REF = {"$ref": "#/components/schemas/Error"}

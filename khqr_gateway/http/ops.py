@@ -4,21 +4,69 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 from collections.abc import Awaitable
 from typing import Any
 
 from aiohttp import web
 from aiohttp_apigami import docs, response_schema
+from marshmallow import Schema, fields
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from khqr_gateway.credentials import store as credential_store
 from khqr_gateway.credentials.model import Credential, refused
-from khqr_gateway.http.errors import ApiError, iso, json_response
+from khqr_gateway.http.errors import ApiError
+from khqr_gateway.http.json import iso, json_response
 from khqr_gateway.http.openapi import errors
-from khqr_gateway.http.schemas import HealthSchema, ReadySchema, StatsSchema
+from khqr_gateway.infra import db
 from khqr_gateway.metrics import REGISTRY
 from khqr_gateway.service import FIGURES_INTERVAL_S, SERVICE_KEY, Service
+
+
+class HealthSchema(Schema):
+    status = fields.String(required=True)
+
+
+class ReadySchema(Schema):
+    status = fields.String(
+        required=True, metadata={"description": "ok, degraded (still 200) or unavailable (503)"}
+    )
+    checks = fields.Dict(keys=fields.String(), values=fields.String())
+    tickErrors = fields.Dict(keys=fields.String(), values=fields.String())
+    bakong = fields.Dict(
+        metadata={
+            "description": "defaultCredential, expiredCredentials (ids), circuits (open "
+            "breakers by credential id), checks (how this process checks md5s: `mode` "
+            "`list`, 50 a call, or `single`, one call each while Bakong refuses the default "
+            "credential's list endpoint, asked again in `listRetryInS`; `singleCredentials`: "
+            "how many credentials are checked one call each; `budget`: the pending counts "
+            "and the gaps between checks of young and older md5s that fit BAKONG_MAX_RPS) and "
+            "`problem` when the default credential is expired or missing, or Bakong refuses "
+            "every call"
+        }
+    )
+
+
+class StatsSchema(Schema):
+    transactions = fields.Dict(keys=fields.String(), values=fields.Integer())
+    deliveries = fields.Dict(keys=fields.String(), values=fields.Integer())
+    queues = fields.Dict(keys=fields.String(), values=fields.Integer())
+    pollLagSeconds = fields.Float()
+    oldestPendingSeconds = fields.Float(allow_none=True)
+    latePayments = fields.Dict(
+        keys=fields.String(),
+        values=fields.Integer(),
+        metadata={"description": "Payments found after a timeout or a cancel, by status"},
+    )
+    asOf = fields.DateTime(
+        metadata={"description": "When the counts, queues and ages above were read"}
+    )
+    bakong = fields.Dict(
+        metadata={
+            "description": "Recent call outcomes, circuits (open breakers) and checks (the "
+            "check mode and budget, as in /ready)"
+        }
+    )
+    inFlightDeliveries = fields.Integer()
 
 
 @docs(tags=["operations"], summary="The process is alive")
@@ -53,16 +101,15 @@ async def ready(request: web.Request) -> web.Response:
     """GET /ready: Postgres, Redis and the ticks; 503 with details when any is down."""
     service = request.app[SERVICE_KEY]
     checks = {
-        "postgres": await _check(service.pool.fetchval("select 1")),
+        "postgres": await _check(db.ping(service.pool)),
         "redis": await _check(service.redis.ping()),
-        "scheduler": "ok"
-        if service.ticks.running and not service.ticks.health.stale()
-        else "stale",
+        "scheduler": "ok" if service.ticking else "stale",
     }
     ok = all(v == "ok" for v in checks.values())
     details: dict[str, Any] = {"status": "ok" if ok else "unavailable", "checks": checks}
-    if service.ticks.health.last_error:
-        details["tickErrors"] = dict(service.ticks.health.last_error)
+    tick_errors = service.tick_errors()
+    if tick_errors:
+        details["tickErrors"] = tick_errors
     if checks["postgres"] == "ok":
         details["bakong"] = await bakong_health(service)
         if ok and details["bakong"].get("problem"):
@@ -95,15 +142,15 @@ async def bakong_health(service: Service) -> dict[str, Any]:
         },
         "expiredCredentials": [c.id for c in expired[:EXPIRED_SHOWN]],
         "moreExpired": len(expired) > EXPIRED_SHOWN,
-        "circuits": service.poller.checker.circuits(),
-        "checks": service.poller.checker.modes(),
+        "circuits": service.bakong_circuits(),
+        "checks": service.check_modes(),
     }
     problems = []
     if default is not None and default.status == "expired":
         problems.append(_problem(default))
     elif default is None and not service.settings.sandbox:
         problems.append(NO_DEFAULT)
-    refused_s = service.bakong.refusals.blocked_for(time.monotonic())
+    refused_s = service.bakong_refused_s()
     if refused_s is not None:
         problems.append(
             f"Bakong has answered 403 to every call for {refused_s:.0f} s. It refuses hosts "
@@ -183,17 +230,10 @@ async def stats(request: web.Request) -> web.Response:
         "latePayments": figures.late_payments,
         "asOf": iso(figures.read_at),
         "bakong": {
-            **service.bakong.recent.summary(),
-            "circuits": service.poller.checker.circuits(),
-            "checks": service.poller.checker.modes(),
+            **service.bakong_calls(),
+            "circuits": service.bakong_circuits(),
+            "checks": service.check_modes(),
         },
-        "inFlightDeliveries": service.deliverer.in_flight,
+        "inFlightDeliveries": service.in_flight_deliveries,
     }
     return json_response(body)
-
-
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/health", health)
-    app.router.add_get("/ready", ready)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/api/v1/stats", stats)

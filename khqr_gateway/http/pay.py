@@ -21,11 +21,11 @@ from aiohttp_apigami import docs, match_info_schema
 
 from khqr_gateway.bakong import khqr
 from khqr_gateway.bakong.sandbox import MOUNT_PATH
-from khqr_gateway.http import assets, i18n, live
-from khqr_gateway.http.errors import ApiError
-from khqr_gateway.http.khqr import qr_svg_inline
+from khqr_gateway.http import assets, i18n, sse
+from khqr_gateway.http.errors import ApiError, ErrorSchema
+from khqr_gateway.http.fields import JobIdPathSchema
 from khqr_gateway.http.openapi import errors
-from khqr_gateway.http.schemas import ErrorSchema, JobIdPathSchema
+from khqr_gateway.http.qr import qr_svg_inline
 from khqr_gateway.service import SERVICE_KEY
 from khqr_gateway.transactions import pages
 from khqr_gateway.transactions.model import Status
@@ -286,7 +286,7 @@ def _page_event(job_id: UUID, status: Status, reason: str | None) -> bytes:
     return b"id: " + status.value.encode() + b"\ndata: " + data + b"\n\n"
 
 
-PAGE_EVENTS = live.Format(event=_page_event, heartbeat=live.V1.heartbeat)
+PAGE_EVENTS = sse.Format(event=_page_event, heartbeat=sse.V1.heartbeat)
 
 
 @docs(
@@ -297,7 +297,7 @@ PAGE_EVENTS = live.Format(event=_page_event, heartbeat=live.V1.heartbeat)
     "share of the process's streams kept for the API (503 when the pages have used theirs).",
     parameters=[TOKEN_PARAM],
     responses={
-        200: live.SSE_RESPONSE,
+        200: sse.SSE_RESPONSE,
         204: {"description": "The stream already ended with a final status"},
         404: {"description": "No page for this jobId and token"},
         429: {
@@ -305,7 +305,7 @@ PAGE_EVENTS = live.Format(event=_page_event, heartbeat=live.V1.heartbeat)
             "try again after Retry-After",
             "schema": ErrorSchema,
         },
-        **live.STREAM_LIMIT,
+        **sse.STREAM_LIMIT,
     },
 )
 @match_info_schema(JobIdPathSchema)
@@ -314,7 +314,7 @@ async def pay_events(request: web.Request) -> web.StreamResponse:
     page, _ = await _page_of(request)
     if page is None:
         raise ApiError(404, "not_found", "no payment page for this jobId and token")
-    return await live.stream(request, page.id, PAGE_EVENTS, client_of(request))
+    return await sse.stream(request, page.id, PAGE_EVENTS, client_of(request))
 
 
 def client_of(request: web.Request) -> str:
@@ -358,10 +358,3 @@ async def sdk(request: web.Request) -> web.Response:
     return web.Response(
         body=assets.read("sdk.js"), headers=_asset_headers("application/javascript; charset=utf-8")
     )
-
-
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/pay/{jobId}", pay_page)
-    app.router.add_get("/pay/{jobId}/events", pay_events)
-    app.router.add_get("/static/{name}", asset)
-    app.router.add_get("/sdk.js", sdk)

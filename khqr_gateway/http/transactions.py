@@ -1,145 +1,190 @@
-"""Handlers of /api/v1/transactions: create (idempotent), read, list, cancel."""
+"""Handlers of /api/v1/transactions and their schemas: create, read, list, cancel, follow."""
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import hashlib
-import json
 import logging
-import uuid
-from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
 from typing import Any
-from uuid import UUID
 
-import asyncpg
-import orjson
 from aiohttp import web
 from aiohttp_apigami import docs, match_info_schema, request_schema, response_schema
-from marshmallow import Schema, ValidationError
+from marshmallow import (
+    RAISE,
+    Schema,
+    ValidationError,
+    fields,
+    post_load,
+    validate,
+    validates_schema,
+)
 
-from khqr_gateway.bakong import khqr
-from khqr_gateway.credentials.model import token_expired
-from khqr_gateway.deliveries import store as delivery_store
-from khqr_gateway.deliveries.ssrf import AddressPolicy
-from khqr_gateway.http import API_KEY_ID
-from khqr_gateway.http.errors import (
-    ApiError,
-    error_response,
-    field_errors,
-    iso,
-    json_response,
-    page_response,
-)
-from khqr_gateway.http.openapi import ERROR, errors
-from khqr_gateway.http.schemas import (
-    CURSOR_ERROR,
-    LONG_DIGITS,
+from khqr_gateway.http import idempotency, sse, tracking
+from khqr_gateway.http.errors import ApiError
+from khqr_gateway.http.fields import (
+    ACCOUNT_ID_MAX,
+    ACCOUNT_ID_MIN,
+    CURRENCIES,
+    TIMEOUT_MAX_S,
+    TIMEOUT_MIN_S,
+    AmountField,
+    Instant,
     JobIdPathSchema,
-    TransactionCreatedSchema,
-    TransactionCreateSchema,
-    TransactionListQuerySchema,
-    TransactionPageSchema,
-    TransactionSchema,
-    quick_load_create,
-    walk_json,
+    checks_metadata,
+    checks_window,
+    cursor_field,
+    email_field,
+    md5_field,
+    metadata_field,
+    token_field,
+    url_field,
 )
-from khqr_gateway.infra import idempotency
-from khqr_gateway.service import SERVICE_KEY, Service
+from khqr_gateway.http.json import iso, json_response
+from khqr_gateway.http.openapi import ERROR, errors
+from khqr_gateway.http.paging import decode_cursor, page_response, page_schema, row_cursor
+from khqr_gateway.http.quickload import quick_load_create
+from khqr_gateway.http.request import job_id_of, load, load_query, read_json
+from khqr_gateway.service import SERVICE_KEY
 from khqr_gateway.transactions import store
-from khqr_gateway.transactions.events import Change
-from khqr_gateway.transactions.model import Expected, Status
-from khqr_gateway.transactions.store import NewTransaction
+from khqr_gateway.transactions.model import Status
+from khqr_gateway.transactions.store import LatestDelivery, TransactionRow
 
 log = logging.getLogger(__name__)
 
-JSON_TYPES = ("application/json",)
-IDEMPOTENCY_KEY_MAX = 255
-BODY_READ_TIMEOUT_S = 10.0
-# The standard parser, which keeps such integers exact, recurses: deeper bodies are not
-# read again (every schema refuses nesting this deep, metadata past METADATA_MAX_DEPTH).
-EXACT_READ_MAX_DEPTH = 100
+SEARCH_MAX = 200
+
+
+class ExpectedSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    amount = AmountField(metadata={"description": "Amount the payment must carry"})
+    currency = fields.String(
+        validate=validate.OneOf(CURRENCIES), metadata={"description": "KHR or USD"}
+    )
+    toAccountId = fields.String(
+        validate=validate.Length(min=ACCOUNT_ID_MIN, max=ACCOUNT_ID_MAX),
+        metadata={"description": "Bakong account the payment must reach, e.g. name@bank"},
+    )
+
+    @validates_schema
+    def _not_empty(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if not data:
+            raise ValidationError("give at least one of amount, currency, toAccountId")
+
+
+class TransactionCreateSchema(Schema):
+    """POST /api/v1/transactions."""
+
+    class Meta:
+        unknown = RAISE
+
+    md5 = md5_field("md5 of the KHQR string (32 hex)")
+    qr = fields.String(
+        validate=validate.Length(min=20, max=1024),
+        metadata={"description": "The whole KHQR string; md5 and expectations come from it"},
+    )
+    webhookUrl = url_field("Where the webhook goes", required=True)
+    token = token_field("Bakong token for this transaction (else the default)")
+    email = email_field("Registered Bakong email; tokens are renewed through it")
+    expected = fields.Nested(ExpectedSchema, metadata={"description": "Payment must match"})
+    timeoutSeconds = fields.Integer(
+        strict=True,
+        validate=validate.Range(min=TIMEOUT_MIN_S, max=TIMEOUT_MAX_S),
+        metadata={"description": "Tracking window in seconds (default POLL_TIMEOUT_S)"},
+    )
+    metadata = metadata_field()
+    _metadata = checks_metadata()
+
+    @validates_schema
+    def _one_source(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if "md5" not in data and "qr" not in data:
+            raise ValidationError("give md5 or qr", field_name="md5")
+        if "token" in data and "email" in data:
+            raise ValidationError("give token or email, not both", field_name="token")
+
+    @post_load
+    def _normalise(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        if "md5" in data:
+            data["md5"] = data["md5"].lower()
+        return data
+
+
+class TransactionListQuerySchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    md5 = md5_field("Only transactions of this md5")
+    status = fields.String(validate=validate.OneOf([s.value for s in Status]))
+    q = fields.String(
+        validate=validate.Length(min=1, max=SEARCH_MAX),
+        metadata={
+            "description": "A jobId, an md5 prefix (4 hex digits or more), a bill number, or "
+            "a value anywhere in the metadata (the whole value, any case)"
+        },
+    )
+    since = Instant(metadata={"description": "Created at or after this ISO 8601 time"})
+    until = Instant(metadata={"description": "Created before this ISO 8601 time"})
+    limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
+    cursor = cursor_field()
+
+    _window = checks_window()
+
+
+class DeliverySummarySchema(Schema):
+    id = fields.String()
+    status = fields.String()
+    attempts = fields.Integer()
+    lastStatusCode = fields.Integer(allow_none=True)
+    nextAttemptAt = fields.DateTime(allow_none=True)
+    deliveredAt = fields.DateTime(allow_none=True)
+
+
+class TransactionCreatedSchema(Schema):
+    jobId = fields.UUID(required=True)
+    md5 = fields.String(required=True)
+    status = fields.String(required=True)
+    createdAt = fields.DateTime(required=True)
+    deadlineAt = fields.DateTime(required=True)
+
+
+class TransactionSchema(TransactionCreatedSchema):
+    reason = fields.String(allow_none=True)
+    webhookUrl = fields.String()
+    expected = fields.Dict(allow_none=True)
+    metadata = fields.Raw(allow_none=True)
+    data = fields.Dict(allow_none=True, metadata={"description": "Bakong transaction data"})
+    updatedAt = fields.DateTime()
+    completedAt = fields.DateTime(allow_none=True)
+    late = fields.Boolean(
+        metadata={"description": "Paid after the gateway had given up on it (a late payment)"}
+    )
+    previousStatus = fields.String(
+        allow_none=True,
+        metadata={"description": "For a late payment: `timeout` or `cancelled`, before it"},
+    )
+    deeplink = fields.String(
+        allow_none=True, metadata={"description": "POST /api/v1/khqr's deep link, if any"}
+    )
+    lateWatchUntil = fields.DateTime(
+        allow_none=True,
+        metadata={
+            "description": "After a timeout or a cancel, the md5 is still checked for a late "
+            "payment until then (the QR's expiry plus LATE_MARGIN_S, else LATE_WATCH_S)"
+        },
+    )
+    delivery = fields.Nested(
+        DeliverySummarySchema,
+        allow_none=True,
+        metadata={"description": "Its latest webhook delivery (a late payment's, once made)"},
+    )
+
+
+TransactionPageSchema = page_schema(TransactionSchema)
+
+
 # One instance each: loading keeps no state in the schema, and building one per request
 # (its fields copied) cost a tenth of a create.
 CREATE_SCHEMA = TransactionCreateSchema()
 LIST_QUERY_SCHEMA = TransactionListQuerySchema()
-
-
-async def read_json(request: web.Request) -> tuple[bytes, Any]:
-    """The raw body and its JSON; 415 for another content type, 400 for bad JSON."""
-    if request.content_type not in JSON_TYPES and not request.content_type.endswith("+json"):
-        raise ApiError(415, "unsupported_media_type", "send the body as application/json")
-    raw = await _body(request)
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
-    return raw, _exact_integers(raw, body)
-
-
-def _exact_integers(raw: bytes, body: Any) -> Any:
-    """`body` with every integer as written, for validators to hold to 64 bits. The rare
-    body with a long run of digits is read again by the standard parser, which agrees with
-    orjson on everything orjson accepts but such integers."""
-    if LONG_DIGITS.search(raw) is None:
-        return body
-    if max(depth for _, depth, _ in walk_json(body)) > EXACT_READ_MAX_DEPTH:
-        return body
-    return json.loads(raw)
-
-
-async def _body(request: web.Request) -> bytes:
-    if request.content.is_eof():
-        # All of it has arrived already (the usual case): no timer to arm.
-        return await request.read()
-    try:
-        async with asyncio.timeout(BODY_READ_TIMEOUT_S):
-            return await request.read()
-    except TimeoutError:
-        # A client that trickles its body would hold a connection forever.
-        raise ApiError(408, "request_timeout", "the body took too long to arrive") from None
-
-
-def _nul_fields(value: Any) -> Iterator[str]:
-    """The fields of `value` that hold U+0000, which Postgres text (and jsonb, once read as
-    text) cannot store: refused here rather than failing in the database as a 500. A loop,
-    not recursion: orjson reads nesting deeper than Python's recursion limit."""
-    stack: list[tuple[str, Any]] = [("", value)]
-    while stack:
-        name, item = stack.pop()
-        if isinstance(item, str):
-            if "\x00" in item:
-                yield name or "body"
-        elif isinstance(item, dict):
-            for key, child in item.items():
-                if "\x00" in str(key):
-                    yield name or "body"
-                else:
-                    stack.append((f"{name}.{key}" if name else str(key), child))
-        elif isinstance(item, list):
-            stack.extend((name, child) for child in item)
-
-
-def load(schema: Schema, data: Any) -> dict[str, Any]:
-    if not isinstance(data, dict):
-        raise ApiError(422, "validation_error", "the body must be a JSON object")
-    nul = sorted(set(_nul_fields(data)))
-    if nul:
-        message = "must not contain the NUL character (U+0000)"
-        raise ApiError(
-            422,
-            "validation_error",
-            "some fields are not valid",
-            [{"field": field, "message": message} for field in nul],
-        )
-    try:
-        loaded: dict[str, Any] = schema.load(data)
-    except ValidationError as exc:
-        raise ApiError(
-            422, "validation_error", "some fields are not valid", field_errors(exc.messages)
-        ) from None
-    return loaded
 
 
 def load_create(raw: bytes, body: Any) -> dict[str, Any]:
@@ -153,170 +198,39 @@ def load_create(raw: bytes, body: Any) -> dict[str, Any]:
     return load(CREATE_SCHEMA, body)
 
 
-def _invalid(field: str, message: str) -> ApiError:
-    return ApiError(
-        422, "validation_error", "some fields are not valid", [{"field": field, "message": message}]
-    )
-
-
-def transaction_json(row: asyncpg.Record) -> dict[str, Any]:
+def transaction_json(row: TransactionRow) -> dict[str, Any]:
     return {
-        "jobId": str(row["id"]),
-        "md5": row["md5"],
-        "status": row["status"],
-        "reason": row["reason"],
-        "webhookUrl": row["webhook_url"],
-        "expected": row["expected"],
-        "metadata": row["metadata"],
-        "data": row["bakong_data"],
-        "createdAt": iso(row["created_at"]),
-        "updatedAt": iso(row["updated_at"]),
-        "deadlineAt": iso(row["deadline_at"]),
-        "completedAt": iso(row["completed_at"]),
-        "late": row["late"],
-        "previousStatus": row["previous_status"],
-        "lateWatchUntil": iso(row["late_watch_until"]),
-        "deeplink": row["deeplink"],
-        "delivery": _delivery_json(row),
+        "jobId": str(row.id),
+        "md5": row.md5,
+        "status": row.status,
+        "reason": row.reason,
+        "webhookUrl": row.webhook_url,
+        "expected": row.expected,
+        "metadata": row.metadata,
+        "data": row.bakong_data,
+        "createdAt": iso(row.created_at),
+        "updatedAt": iso(row.updated_at),
+        "deadlineAt": iso(row.deadline_at),
+        "completedAt": iso(row.completed_at),
+        "late": row.late,
+        "previousStatus": row.previous_status,
+        "lateWatchUntil": iso(row.late_watch_until),
+        "deeplink": row.deeplink,
+        "delivery": _delivery_json(row.delivery),
     }
 
 
-def _delivery_json(row: asyncpg.Record) -> dict[str, Any] | None:
-    summary = delivery_store.summary(row)
-    if summary is None:
+def _delivery_json(delivery: LatestDelivery | None) -> dict[str, Any] | None:
+    if delivery is None:
         return None
     return {
-        "id": summary.id,
-        "status": summary.status.value,
-        "attempts": summary.attempts,
-        "lastStatusCode": summary.last_status_code,
-        "nextAttemptAt": iso(summary.next_attempt_at),
-        "deliveredAt": iso(summary.delivered_at),
+        "id": delivery.id,
+        "status": delivery.status,
+        "attempts": delivery.attempts,
+        "lastStatusCode": delivery.last_status_code,
+        "nextAttemptAt": iso(delivery.next_attempt_at),
+        "deliveredAt": iso(delivery.delivered_at),
     }
-
-
-def created_json(row: asyncpg.Record) -> dict[str, Any]:
-    return {
-        "jobId": str(row["id"]),
-        "md5": row["md5"],
-        "status": row["status"],
-        "createdAt": iso(row["created_at"]),
-        "deadlineAt": iso(row["deadline_at"]),
-    }
-
-
-def _from_qr(data: dict[str, Any]) -> datetime | None:
-    """Fill md5 and expectations from a KHQR string (explicit fields win); returns when the
-    QR expires, when it says."""
-    try:
-        # Every rule payer apps apply: a QR they refuse can never be paid.
-        parsed = khqr.verify(data["qr"])
-    except khqr.KhqrError as exc:
-        detail = {"field": "qr", "message": str(exc), "rule": exc.rule}
-        raise ApiError(422, "validation_error", "some fields are not valid", [detail]) from None
-    if not parsed.dynamic:
-        raise _invalid("qr", "a static KHQR cannot be tracked by md5; use a dynamic one")
-    if "md5" in data and data["md5"] != parsed.md5:
-        raise _invalid("md5", "does not match the md5 of qr")
-    data["md5"] = parsed.md5
-    derived = {
-        "amount": parsed.amount,
-        "currency": parsed.currency,
-        "toAccountId": parsed.account_id,
-    }
-    expected = {k: v for k, v in derived.items() if v is not None}
-    expected.update(data.get("expected") or {})
-    data["expected"] = expected
-    if parsed.expires_at_ms is None:
-        return None
-    return datetime.fromtimestamp(parsed.expires_at_ms / 1000, UTC)
-
-
-async def credential_id(service: Service, data: dict[str, Any]) -> int | None:
-    """The Bakong credential a request names (None: the default); stored once, then cached."""
-    token, email = data.get("token"), data.get("email")
-    if token:
-        if token_expired(token):
-            raise ApiError(401, "token_expired", "the Bakong token has expired")
-        return await service.credentials.add(token=token, email=None)
-    if email:
-        return await service.credentials.add(token=None, email=email)
-    if service.credentials.default_id is None:
-        raise _invalid(
-            "token", "no Bakong credential: give token or email, or set BAKONG_TOKEN/BAKONG_EMAIL"
-        )
-    return None
-
-
-async def create(
-    service: Service, data: dict[str, Any], *, repeat_must_match: bool = True
-) -> tuple[asyncpg.Record, bool]:
-    """Track a validated request; returns the row and whether it is new.
-
-    An md5 already tracked is that transaction, whatever its status: with
-    `repeat_must_match`, a repeat that asks for another webhookUrl, expected or metadata is
-    refused (409) rather than silently answered with what the first request asked for.
-    """
-    refused = AddressPolicy.for_settings(service.settings).check_url(data["webhookUrl"])
-    if refused:
-        raise _invalid("webhookUrl", refused)
-    qr_expires_at = _from_qr(data) if "qr" in data else None
-    credential = await credential_id(service, data)
-    timeout_s = data.get("timeoutSeconds", service.settings.poll_timeout_s)
-    deadline_at = datetime.now(UTC) + timedelta(seconds=timeout_s)
-    if qr_expires_at is not None:
-        # The tracking window never outlives the QR: past its expiry it cannot be paid.
-        deadline_at = min(deadline_at, qr_expires_at)
-    expected = data.get("expected")
-    new = NewTransaction(
-        id=uuid.uuid4(),
-        md5=data["md5"],
-        webhook_url=data["webhookUrl"],
-        credential_id=credential,
-        expected=_expected(expected),
-        metadata=data.get("metadata"),
-        qr=data.get("qr"),
-        deadline_at=deadline_at,
-        qr_expires_at=qr_expires_at,
-    )
-    # Written together with the creates of other requests waiting at the same moment.
-    row, created = await service.ingest.create(new)
-    if created:
-        log.debug("transaction created", extra={"jobId": str(row["id"]), "md5": row["md5"]})
-    elif repeat_must_match:
-        _check_repeat(row, new)
-    return row, created
-
-
-def _expected(given: dict[str, Any] | None) -> Expected | None:
-    """What the request expects of the payment; None when it expects nothing (as stored)."""
-    expected = Expected(
-        amount=(given or {}).get("amount"),
-        currency=(given or {}).get("currency"),
-        to_account_id=(given or {}).get("toAccountId"),
-    )
-    return None if expected == Expected() else expected
-
-
-def _check_repeat(row: asyncpg.Record, new: NewTransaction) -> None:
-    """A repeated md5 must ask for what its transaction already does."""
-    differ = [
-        name
-        for name, same in (
-            ("webhookUrl", row["webhook_url"] == new.webhook_url),
-            ("expected", Expected.from_json(row["expected"]) == new.expected),
-            ("metadata", row["metadata"] == new.metadata),
-        )
-        if not same
-    ]
-    if differ:
-        raise ApiError(
-            409,
-            "md5_already_tracked",
-            f"this md5 is already tracked, with another {', '.join(differ)}: one md5 is one "
-            "payment; use a new KHQR for a new payment",
-            {"jobId": str(row["id"]), "status": row["status"], "differs": differ},
-        )
 
 
 @docs(
@@ -327,13 +241,7 @@ def _check_repeat(row: asyncpg.Record, new: NewTransaction) -> None:
     "existing transaction, in whatever status, when the md5 is already tracked; 409 "
     "`md5_already_tracked` (its jobId in `details`) when the repeat asks for another "
     "webhookUrl, expected or metadata. A repeated `Idempotency-Key` replays the first response.",
-    parameters=[
-        {
-            "in": "header",
-            "name": "Idempotency-Key",
-            "schema": {"type": "string", "minLength": 1, "maxLength": IDEMPOTENCY_KEY_MAX},
-        }
-    ],
+    parameters=[idempotency.PARAMETER],
     responses={
         200: {
             "description": "This md5 is already tracked: its transaction, in whatever status",
@@ -352,72 +260,10 @@ async def post_transaction(request: web.Request) -> web.Response:
 
     async def handle() -> web.Response:
         data = load_create(raw, body)
-        row, created = await create(service, data)
-        return json_response(created_json(row), 201 if created else 200)
+        row, created = await tracking.create(service, data)
+        return json_response(tracking.created_json(row), 201 if created else 200)
 
-    return await idempotent(request, service, raw, handle)
-
-
-async def idempotent(
-    request: web.Request, service: Service, raw: bytes, handle: Any
-) -> web.Response:
-    """Replay the first response to a repeated Idempotency-Key (24 h), status included."""
-    key = request.headers.get("Idempotency-Key")
-    if key is None:
-        response: web.Response = await handle()
-        return response
-    if not key or len(key) > IDEMPOTENCY_KEY_MAX:
-        raise ApiError(
-            400,
-            "invalid_idempotency_key",
-            f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} characters",
-        )
-    scope = request.get(API_KEY_ID, "")
-    key_hash = hashlib.sha256(f"{scope}:{request.method}:{request.path}:{key}".encode()).hexdigest()
-    request_hash = hashlib.sha256(raw).hexdigest()
-    existing = await idempotency.claim_idempotency_key(service.pool, key_hash, request_hash)
-    if existing is not None:
-        return _replay(existing, request_hash)
-    try:
-        response = await handle()
-    except ApiError as exc:
-        response = error_response(exc.status, exc.code, exc.message, exc.details)
-    except BaseException:
-        await idempotency.release_idempotency_key(service.pool, key_hash)
-        raise
-    if response.status >= 300:
-        # Only a success is replayed; a refused request may be corrected and sent again.
-        await idempotency.release_idempotency_key(service.pool, key_hash)
-    else:
-        assert isinstance(response.body, bytes)
-        await idempotency.complete_idempotency_key(
-            service.pool, key_hash, response.status, response.body
-        )
-    return response
-
-
-def _replay(existing: asyncpg.Record, request_hash: str) -> web.Response:
-    if existing["request_hash"] != request_hash:
-        raise ApiError(
-            422, "idempotency_key_reused", "this Idempotency-Key was used with a different body"
-        )
-    if existing["status_code"] is None:
-        raise ApiError(
-            409, "idempotency_key_in_use", "a request with this Idempotency-Key is in progress"
-        )
-    return web.Response(
-        body=existing["response"],
-        status=existing["status_code"],
-        content_type="application/json",
-        headers={"Idempotent-Replayed": "true"},
-    )
-
-
-def _job_id(request: web.Request) -> UUID:
-    try:
-        return UUID(request.match_info["jobId"])
-    except ValueError:
-        raise ApiError(404, "not_found", "no transaction with this jobId") from None
+    return await idempotency.idempotent(request, service.pool, raw, handle)
 
 
 @docs(tags=["transactions"], summary="Get a transaction", responses=errors(401, 404))
@@ -425,43 +271,10 @@ def _job_id(request: web.Request) -> UUID:
 @response_schema(TransactionSchema, 200)
 async def get_transaction(request: web.Request) -> web.Response:
     """GET /api/v1/transactions/{jobId}."""
-    row = await store.get(request.app[SERVICE_KEY].pool, _job_id(request))
+    row = await store.get(request.app[SERVICE_KEY].pool, job_id_of(request))
     if row is None:
         raise ApiError(404, "not_found", "no transaction with this jobId")
     return json_response(transaction_json(row))
-
-
-def encode_cursor(created_at: datetime, row_id: UUID | str) -> str:
-    """The position after a row in a newest-first page: its (created_at, id)."""
-    raw = orjson.dumps([created_at.isoformat(), str(row_id)])
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def row_cursor(row: asyncpg.Record) -> str:
-    """The cursor after a row of a newest-first page."""
-    return encode_cursor(row["created_at"], row["id"])
-
-
-def cursor_position(cursor: str) -> tuple[datetime, str]:
-    """The (created_at, id) of encode_cursor; 422 for anything else, however it was made."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created, row_id = orjson.loads(raw)
-        if not isinstance(created, str) or not isinstance(row_id, str) or "\x00" in row_id:
-            raise ValueError(cursor)
-        at = datetime.fromisoformat(created)
-        # Aware and in UTC, so that no offset can push it out of the driver's range.
-        return (at if at.tzinfo else at.replace(tzinfo=UTC)).astimezone(UTC), row_id
-    except (ValueError, TypeError, OverflowError, orjson.JSONDecodeError):
-        raise _invalid("cursor", CURSOR_ERROR) from None
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
-    created, row_id = cursor_position(cursor)
-    try:
-        return created, UUID(row_id)
-    except ValueError:
-        raise _invalid("cursor", CURSOR_ERROR) from None
 
 
 @docs(tags=["transactions"], summary="List transactions, newest first", responses=errors(401, 422))
@@ -469,7 +282,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
 @response_schema(TransactionPageSchema, 200)
 async def list_transactions(request: web.Request) -> web.Response:
     """GET /api/v1/transactions?md5=&status=&q=&since=&until=&limit=&cursor=."""
-    query = load(LIST_QUERY_SCHEMA, dict(request.query))
+    query = load_query(request, LIST_QUERY_SCHEMA)
     before = decode_cursor(query["cursor"]) if "cursor" in query else None
     limit = query["limit"]
     rows = await store.list_page(
@@ -495,7 +308,7 @@ async def list_transactions(request: web.Request) -> web.Response:
 async def delete_transaction(request: web.Request) -> web.Response:
     """DELETE /api/v1/transactions/{jobId}: cancel a pending transaction; no webhook."""
     service = request.app[SERVICE_KEY]
-    job_id = _job_id(request)
+    job_id = job_id_of(request)
     cancelled = await store.cancel(service.pool, job_id, window=service.settings.late_window)
     row = await store.get(service.pool, job_id)
     if row is None:
@@ -504,28 +317,29 @@ async def delete_transaction(request: web.Request) -> web.Response:
         raise ApiError(
             409,
             "not_pending",
-            f"the transaction is already {row['status']}",
-            {"status": row["status"]},
+            f"the transaction is already {row.status}",
+            {"status": row.status},
         )
-    try:
-        await service.polls.remove([str(job_id)])
-    except Exception as exc:  # the poll tick drops it anyway: it is no longer pending
-        log.warning("could not unschedule a cancelled transaction: %s", exc)
-    # The QR can still be paid: a payment made after the cancel is reported all the same.
-    await service.late.watch([str(job_id)])
-    await service.events.publish([Change(job_id, Status.CANCELLED, row["reason"])])
-    log.info("transaction cancelled", extra={"jobId": str(job_id), "md5": row["md5"]})
+    await service.after_cancel(job_id, row.reason)
+    log.info("transaction cancelled", extra={"jobId": str(job_id), "md5": row.md5})
     return json_response(transaction_json(row))
 
 
-def add_routes(
-    app: web.Application, before_job_id: Callable[[web.Application], None] | None = None
-) -> None:
-    """The routes; `before_job_id` adds those under /api/v1/transactions/ that the {jobId}
-    route, matched in the order added, would otherwise take for a jobId."""
-    app.router.add_post("/api/v1/transactions", post_transaction)
-    app.router.add_get("/api/v1/transactions", list_transactions)
-    if before_job_id is not None:
-        before_job_id(app)
-    app.router.add_get("/api/v1/transactions/{jobId}", get_transaction)
-    app.router.add_delete("/api/v1/transactions/{jobId}", delete_transaction)
+@docs(
+    tags=["transactions"],
+    summary="Live status of a transaction (Server-Sent Events)",
+    description="One event with the status now, then one per change, and the stream ends "
+    "after a final status. Each event is `id: <status>` and `data: {jobId, status, reason}`; "
+    "comment lines keep the connection alive every 15 s. An EventSource that reconnects "
+    "after the final event (Last-Event-ID) is answered 204, which stops it.",
+    responses={
+        200: sse.SSE_RESPONSE,
+        204: {"description": "The stream already ended with a final status"},
+        **errors(401, 404),
+        **sse.STREAM_LIMIT,
+    },
+)
+@match_info_schema(JobIdPathSchema)
+async def transaction_events(request: web.Request) -> web.StreamResponse:
+    """GET /api/v1/transactions/{jobId}/events."""
+    return await sse.stream(request, job_id_of(request), sse.V1)

@@ -207,3 +207,8 @@ async def write_isolated(
         except ROW_FAULTS as exc:
             refused.append((row, exc))
     return results, refused
+
+
+async def ping(pool: asyncpg.Pool) -> None:
+    """Raises unless Postgres answers a query through `pool`."""
+    await pool.fetchval("select 1")

@@ -1,7 +1,9 @@
-"""The Bakong rate limit shared by every gateway process: a Redis token bucket and 429 pauses."""
+"""Rate limits shared by every gateway process, in Redis: Bakong's token bucket and 429
+pauses, and the API's requests a second."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -155,3 +157,23 @@ class RateLimit:
         """Stop every process calling Bakong for `credential` for `seconds` (after a 429)."""
         ms = max(1, int(seconds * 1000))
         await self._pause(keys=[self.pause_key(credential)], args=[ms])
+
+
+# KEYS[1] one key's counter for this second; returns the count so far.
+_COUNT = (
+    "local n = redis.call('INCR', KEYS[1]) "
+    "if n == 1 then redis.call('PEXPIRE', KEYS[1], 2000) end return n"
+)
+
+
+class PerSecond:
+    """Counts the calls of each key in each wall-clock second, across processes."""
+
+    def __init__(self, redis: RedisClient, prefix: str) -> None:
+        self.redis = redis
+        self.prefix = prefix
+
+    async def count(self, key: str) -> int:
+        """This call's number in the current second for `key`, 1 for the first."""
+        counter = f"{self.prefix}:{key}:{int(time.time())}"
+        return int(await self.redis.eval(_COUNT, 1, counter))

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass
 
 import asyncpg
 from redis.exceptions import RedisError
 
 from khqr_gateway.infra.schedule import Schedule
+from khqr_gateway.times import now_ms, seconds_to_ms, to_ms
 from khqr_gateway.transactions import store
-from khqr_gateway.transactions.store import NewTransaction
+from khqr_gateway.transactions.store import CreatedRow, NewTransaction
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,8 @@ _ROW_ERRORS = (
     asyncpg.TransactionRollbackError,
 )
 
-Created = tuple[asyncpg.Record, bool]
+# The row and whether it is new; a row not new is the md5's whole TransactionRow.
+Created = tuple[CreatedRow, bool]
 
 
 @dataclass(slots=True)
@@ -124,10 +125,10 @@ class Ingest:
             rows = []
             others = batch
         else:
-            inserted = {row["md5"] for row in rows}
+            inserted = {row.md5 for row in rows}
             others += [w for md5, w in first.items() if md5 not in inserted]
         outcomes: list[tuple[_Waiter, Created | BaseException]] = [
-            (first[row["md5"]], (row, True)) for row in rows
+            (first[row.md5], (row, True)) for row in rows
         ]
         # After the batch has committed: what conflicted finds its md5's row (200).
         alone = await asyncio.gather(
@@ -142,11 +143,9 @@ class Ingest:
         new = [o[0] for _, o in outcomes if not isinstance(o, BaseException) and o[1]]
         if not new:
             return
-        due_ms = (time.time() + self.interval_s) * 1000
+        due_ms = now_ms() + seconds_to_ms(self.interval_s)
         try:
-            await self.polls.add(
-                [(str(r["id"]), int(min(due_ms, r["deadline_at"].timestamp() * 1000))) for r in new]
-            )
+            await self.polls.add([(str(r.id), min(due_ms, to_ms(r.deadline_at))) for r in new])
         except RedisError as exc:
             # Postgres has them and the reconcile tick schedules them when Redis is back; the
             # clients still hear 503, and a retry gets the same transaction (200).

@@ -11,6 +11,7 @@ from uuid import UUID
 import asyncpg
 import orjson
 
+from khqr_gateway.deliveries.model import DeliveryStatus
 from khqr_gateway.infra import keyset
 from khqr_gateway.infra.db import safe_text
 from khqr_gateway.transactions.model import (
@@ -36,8 +37,90 @@ _FROM = """transactions t left join lateral (
     select * from deliveries where transaction_id = t.id
     order by created_at desc, id desc limit 1
 ) d on true"""
-# What the answer to a create needs of a new row (api.transactions.created_json).
+# What a batch insert returns of each new row: a CreatedRow.
 CREATED_COLUMNS = "id, md5, status, created_at, deadline_at"
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedRow:
+    """What the answer to a create shows of its transaction."""
+
+    id: UUID
+    md5: str
+    status: Status
+    created_at: datetime
+    deadline_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class LatestDelivery:
+    """A transaction's latest webhook delivery: a late payment's, once there is one."""
+
+    id: str
+    status: DeliveryStatus
+    attempts: int
+    last_status_code: int | None
+    next_attempt_at: datetime | None
+    delivered_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionRow(CreatedRow):
+    """A transaction as the API shows it (TRANSACTION_COLUMNS); JSON columns as stored."""
+
+    reason: str | None
+    webhook_url: str
+    expected: dict[str, Any] | None
+    metadata: Any
+    bakong_data: dict[str, Any] | None
+    updated_at: datetime
+    completed_at: datetime | None
+    late: bool
+    previous_status: Status | None
+    late_watch_until: datetime | None
+    deeplink: str | None
+    delivery: LatestDelivery | None
+
+
+def _created(r: asyncpg.Record) -> tuple[UUID, str, Status, datetime, datetime]:
+    """The CreatedRow fields of a row, in their order."""
+    return r["id"], r["md5"], Status(r["status"]), r["created_at"], r["deadline_at"]
+
+
+def _created_row(r: asyncpg.Record) -> CreatedRow:
+    return CreatedRow(*_created(r))
+
+
+def _transaction_row(r: asyncpg.Record) -> TransactionRow:
+    previous = r["previous_status"]
+    return TransactionRow(
+        *_created(r),
+        reason=r["reason"],
+        webhook_url=r["webhook_url"],
+        expected=r["expected"],
+        metadata=r["metadata"],
+        bakong_data=r["bakong_data"],
+        updated_at=r["updated_at"],
+        completed_at=r["completed_at"],
+        late=r["late"],
+        previous_status=None if previous is None else Status(previous),
+        late_watch_until=r["late_watch_until"],
+        deeplink=r["deeplink"],
+        delivery=_latest_delivery(r),
+    )
+
+
+def _latest_delivery(r: asyncpg.Record) -> LatestDelivery | None:
+    if r["delivery_id"] is None:
+        return None
+    return LatestDelivery(
+        id=r["delivery_id"],
+        status=DeliveryStatus(r["delivery_status"]),
+        attempts=r["delivery_attempts"],
+        last_status_code=r["delivery_last_status"],
+        next_attempt_at=r["delivery_next_attempt_at"],
+        delivered_at=r["delivery_delivered_at"],
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +136,7 @@ class NewTransaction:
     qr_expires_at: datetime | None = None
 
 
-async def insert_or_get(pool: asyncpg.Pool, new: NewTransaction) -> tuple[asyncpg.Record, bool]:
+async def insert_or_get(pool: asyncpg.Pool, new: NewTransaction) -> tuple[TransactionRow, bool]:
     """Insert a pending transaction, or return the md5's transaction, whatever its status."""
     async with pool.acquire() as conn:
         inserted = await conn.fetchval(
@@ -82,19 +165,17 @@ async def insert_or_get(pool: asyncpg.Pool, new: NewTransaction) -> tuple[asyncp
         )
     if row is None:  # only if retention pruned the md5's row between the two statements
         raise RuntimeError("could not insert or find the transaction of an md5")
-    return row, inserted is not None
+    return _transaction_row(row), inserted is not None
 
 
-async def insert_pending(
-    pool: asyncpg.Pool, news: Sequence[NewTransaction]
-) -> list[asyncpg.Record]:
-    """Insert pending transactions in one statement; returns the rows inserted (CREATED_COLUMNS).
+async def insert_pending(pool: asyncpg.Pool, news: Sequence[NewTransaction]) -> list[CreatedRow]:
+    """Insert pending transactions in one statement; returns the rows inserted.
 
     One whose md5 is already tracked is skipped, so it is not among the rows returned; `news`
     must not repeat an md5. Rows go in md5 order: two batches that share md5s wait for each
     other in the same order, never in a cycle (a deadlock).
     """
-    rows: list[asyncpg.Record] = await pool.fetch(
+    rows = await pool.fetch(
         f"""
         insert into transactions
             (id, md5, webhook_url, credential_id, expected, metadata, qr, deadline_at,
@@ -119,11 +200,12 @@ async def insert_pending(
         [n.deadline_at for n in news],
         [n.qr_expires_at for n in news],
     )
-    return rows
+    return [_created_row(r) for r in rows]
 
 
-async def get(pool: asyncpg.Pool, job_id: UUID) -> asyncpg.Record | None:
-    return await pool.fetchrow(f"select {TRANSACTION_COLUMNS} from {_FROM} where t.id = $1", job_id)
+async def get(pool: asyncpg.Pool, job_id: UUID) -> TransactionRow | None:
+    row = await pool.fetchrow(f"select {TRANSACTION_COLUMNS} from {_FROM} where t.id = $1", job_id)
+    return None if row is None else _transaction_row(row)
 
 
 async def expected_of(pool: asyncpg.Pool, md5: str) -> Expected | None:
@@ -144,7 +226,7 @@ async def list_page(
     q: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
-) -> list[asyncpg.Record]:
+) -> list[TransactionRow]:
     """Newest first; `before` is the (created_at, id) of the last row of the previous page;
     `q` as search_filter finds it; `since` and `until` bound the creation time."""
     filters: list[tuple[str, Any]] = [
@@ -155,9 +237,10 @@ async def list_page(
     ]
     if q is not None:
         filters.append(search_filter(q))
-    return await keyset.newest_first(
+    rows = await keyset.newest_first(
         pool, f"select {TRANSACTION_COLUMNS} from {_FROM}", "t", filters, before=before, limit=limit
     )
+    return [_transaction_row(r) for r in rows]
 
 
 MD5_PREFIX_MIN = 4

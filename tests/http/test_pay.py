@@ -17,7 +17,7 @@ import segno
 from aiohttp.test_utils import make_mocked_request
 
 from khqr_gateway.bakong.sandbox import Faults
-from khqr_gateway.http import khqr as khqr_api
+from khqr_gateway.http import qr as qr_images
 from khqr_gateway.http.pay import client_of
 from khqr_gateway.transactions.events import PAGE_STREAMS_PER_JOB
 from tests.conftest import Gateway, Receiver, SimulatedBakong
@@ -430,7 +430,7 @@ async def test_the_qr_is_drawn_once_per_transaction(
         drawn.append(content)
         return make_qr(content, **kwargs)
 
-    monkeypatch.setattr(khqr_api.segno, "make_qr", counting)
+    monkeypatch.setattr(qr_images.segno, "make_qr", counting)
     made = await checkout(gateway, receiver)
     pages = [await page_of(gateway, made) for _ in range(5)]
     assert drawn == [made["qr"]]

@@ -10,9 +10,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from marshmallow import Schema, ValidationError
 
-from khqr_gateway.http import schemas
+from khqr_gateway.http import compat, credentials, deliveries, khqr, transactions
 from khqr_gateway.http.errors import ApiError
-from khqr_gateway.http.transactions import _from_qr, load
+from khqr_gateway.http.quickload import quick_load_create
+from khqr_gateway.http.request import load
+from khqr_gateway.http.tracking import _from_qr
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=40),
@@ -51,15 +53,15 @@ FIELDS = st.sampled_from(
 BODIES = st.dictionaries(FIELDS, JSON, max_size=8) | JSON
 
 REQUEST_SCHEMAS: list[type[Schema]] = [
-    schemas.TransactionCreateSchema,
-    schemas.TransactionListQuerySchema,
-    schemas.CompatTokenCreateSchema,
-    schemas.CompatEmailCreateSchema,
-    schemas.KhqrCreateSchema,
-    schemas.DeliveryListQuerySchema,
-    schemas.DeliveryRetryFilterSchema,
-    schemas.CredentialCreateSchema,
-    schemas.CredentialListQuerySchema,
+    transactions.TransactionCreateSchema,
+    transactions.TransactionListQuerySchema,
+    compat.CompatTokenCreateSchema,
+    compat.CompatEmailCreateSchema,
+    khqr.KhqrCreateSchema,
+    deliveries.DeliveryListQuerySchema,
+    deliveries.DeliveryRetryFilterSchema,
+    credentials.CredentialCreateSchema,
+    credentials.CredentialListQuerySchema,
 ]
 
 
@@ -146,7 +148,7 @@ def create_bodies(draw: st.DrawFn) -> dict[str, Any]:
 
 def _loaded_by_schema(body: dict[str, Any]) -> dict[str, Any] | None:
     try:
-        loaded: dict[str, Any] = schemas.TransactionCreateSchema().load(body)
+        loaded: dict[str, Any] = transactions.TransactionCreateSchema().load(body)
     except ValidationError:
         return None
     return loaded
@@ -157,7 +159,7 @@ def _loaded_by_schema(body: dict[str, Any]) -> dict[str, Any] | None:
 def test_quick_create_loader_accepts_only_what_the_schema_loads_the_same(
     body: dict[str, Any],
 ) -> None:
-    quick = schemas.quick_load_create(body)
+    quick = quick_load_create(body)
     if quick is not None:
         assert _same(quick, _loaded_by_schema(body))
 
@@ -188,7 +190,7 @@ def _same(a: Any, b: Any) -> bool:
     ],
 )
 def test_usual_create_bodies_take_the_quick_path(body: dict[str, Any]) -> None:
-    quick = schemas.quick_load_create(body)
+    quick = quick_load_create(body)
     assert quick is not None
     assert _same(quick, _loaded_by_schema(body))
 
@@ -212,14 +214,14 @@ def _nested(depth: int) -> Any:
 )
 def test_both_create_loaders_refuse_metadata_the_api_cannot_echo(metadata: Any) -> None:
     body = {"md5": "a" * 32, "webhookUrl": URLS[0], "metadata": metadata}
-    assert schemas.quick_load_create(body) is None
+    assert quick_load_create(body) is None
     assert _loaded_by_schema(body) is None
 
 
 def test_both_create_loaders_keep_64_bit_integers_and_31_nested_arrays() -> None:
     metadata = {"max": 2**63 - 1, "min": -(2**63), "deep": _nested(31)}
     body = {"md5": "a" * 32, "webhookUrl": URLS[0], "metadata": metadata}
-    quick = schemas.quick_load_create(body)
+    quick = quick_load_create(body)
     assert quick is not None and quick["metadata"] == metadata
     assert _same(quick, _loaded_by_schema(body))
 

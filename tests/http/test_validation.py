@@ -394,9 +394,9 @@ async def test_ready_reports_each_dependency(gateway: Gateway) -> None:
 async def test_a_client_trickling_its_body_gets_408(gateway: Gateway, monkeypatch: Any) -> None:
     import asyncio
 
-    from khqr_gateway.http import transactions
+    from khqr_gateway.http import request
 
-    monkeypatch.setattr(transactions, "BODY_READ_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(request, "BODY_READ_TIMEOUT_S", 0.5)
     host, port = gateway.client.server.host, gateway.client.server.port
     reader, writer = await asyncio.open_connection(host, port)
     writer.write(

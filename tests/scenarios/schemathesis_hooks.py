@@ -14,7 +14,7 @@ from typing import Any
 import schemathesis
 from marshmallow import ValidationError
 
-from khqr_gateway.http.schemas import check_webhook_url
+from khqr_gateway.http.fields import check_webhook_url
 
 SINK = os.environ["KHQR_WEBHOOK_SINK"]
 

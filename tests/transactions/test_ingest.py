@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 
 from khqr_gateway.config import Settings
 from khqr_gateway.credentials import store as credential_store
-from khqr_gateway.http.app import unavailable_dependency
+from khqr_gateway.http.middleware import unavailable_dependency
 from khqr_gateway.infra import db
 from khqr_gateway.infra.schedule import Schedule, keys
 from khqr_gateway.transactions import store
@@ -76,18 +76,18 @@ async def test_concurrent_creates_share_statements_and_split_201_200(
 ) -> None:
     ingest = Ingest(pool, polls, interval_s=3)
     already = await ingest.create(new())
-    md5s = [random_md5() for _ in range(100)] + [already[0]["md5"]]
+    md5s = [random_md5() for _ in range(100)] + [already[0].md5]
     # Every md5 three times, interleaved, all at once: 303 creates.
     results = await asyncio.gather(*(ingest.create(new(m)) for _ in range(3) for m in md5s))
 
     by_md5: dict[str, list[tuple[Any, bool]]] = {}
     for row, created in results:
-        by_md5.setdefault(row["md5"], []).append((row["id"], created))
+        by_md5.setdefault(row.md5, []).append((row.id, created))
     assert sorted(by_md5) == sorted(md5s)
     for md5, answers in by_md5.items():
         assert len({job_id for job_id, _ in answers}) == 1, md5
         news = sum(created for _, created in answers)
-        assert news == (0 if md5 == already[0]["md5"] else 1), md5
+        assert news == (0 if md5 == already[0].md5 else 1), md5
     assert await pg.fetchval("select count(*) from transactions") == 101
     assert max(statements) > 1, "concurrent creates were not batched"
     assert sum(statements) < len(results) + 1
@@ -113,9 +113,9 @@ async def test_created_rows_carry_every_field_and_the_first_poll(
     row, created = await ingest.create(item)
 
     assert created
-    assert (row["id"], row["md5"], row["status"]) == (item.id, item.md5, "pending")
-    assert row["deadline_at"] == soon
-    assert row["created_at"] is not None
+    assert (row.id, row.md5, row.status) == (item.id, item.md5, "pending")
+    assert row.deadline_at == soon
+    assert row.created_at is not None
     stored = await pg.fetchrow("select * from transactions where id = $1", item.id)
     assert stored["credential_id"] == credential.id
     assert stored["webhook_url"] == HOOK
@@ -140,15 +140,15 @@ async def test_a_batch_with_a_pending_md5_in_it_answers_each_request(
     pending, _ = await ingest.create(new())
     statements.clear()
     a, b = random_md5(), random_md5()
-    batch = [new(a), new(pending["md5"]), new(b), new(a), new(pending["md5"])]
+    batch = [new(a), new(pending.md5), new(b), new(a), new(pending.md5)]
     results = await asyncio.gather(*(ingest.create(item) for item in batch))
 
     assert statements == [3], "one statement for the distinct md5s of the batch"
     [(ra, ca), (rp, cp), (rb, cb), (ra2, ca2), (rp2, cp2)] = results
     assert (ca, cp, cb, ca2, cp2) == (True, False, True, False, False)
-    assert ra["id"] == batch[0].id and ra2["id"] == batch[0].id
-    assert rp["id"] == rp2["id"] == pending["id"]
-    assert rb["id"] == batch[2].id
+    assert ra.id == batch[0].id and ra2.id == batch[0].id
+    assert rp.id == rp2.id == pending.id
+    assert rb.id == batch[2].id
     assert await pg.fetchval("select count(*) from transactions") == 3
     # Only the new ones were scheduled now (the pending one was already).
     assert await polls.size() == 3
@@ -160,12 +160,12 @@ async def test_an_md5_that_turned_terminal_is_the_same_transaction(
     """One md5 is one payment: once ended it is never tracked a second time."""
     ingest = Ingest(pool, polls, interval_s=3)
     first, _ = await ingest.create(new())
-    await store.cancel(pool, first["id"], window=Settings().late_window)
+    await store.cancel(pool, first.id, window=Settings().late_window)
     polled = await polls.size()
-    again, created = await ingest.create(new(first["md5"]))
-    assert not created and again["id"] == first["id"] and again["status"] == "cancelled"
-    both = await asyncio.gather(*(ingest.create(new(first["md5"])) for _ in range(5)))
-    assert {(r["id"], c) for r, c in both} == {(first["id"], False)}
+    again, created = await ingest.create(new(first.md5))
+    assert not created and again.id == first.id and again.status == "cancelled"
+    both = await asyncio.gather(*(ingest.create(new(first.md5)) for _ in range(5)))
+    assert {(r.id, c) for r, c in both} == {(first.id, False)}
     assert await pg.fetchval("select count(*) from transactions") == 1
     assert await polls.size() == polled
 
@@ -218,7 +218,7 @@ async def test_redis_down_fails_new_rows_after_they_are_durable(
         ingest = Ingest(pool, Schedule(down, polls.key), interval_s=3)
         items = [new() for _ in range(10)]
         results = await asyncio.gather(
-            ingest.create(new(pending["md5"])),
+            ingest.create(new(pending.md5)),
             *(ingest.create(item) for item in items),
             return_exceptions=True,
         )
@@ -226,10 +226,10 @@ async def test_redis_down_fails_new_rows_after_they_are_durable(
         await down.aclose()
     # The md5 already pending needs no Redis: it is answered as usual.
     assert not isinstance(results[0], BaseException)
-    assert results[0][0]["id"] == pending["id"] and results[0][1] is False
+    assert results[0][0].id == pending.id and results[0][1] is False
     assert all(isinstance(r, RedisError) for r in results[1:]), results
     stored = await pg.fetch("select id from transactions")
-    assert {r["id"] for r in stored} == {pending["id"], *(i.id for i in items)}
+    assert {r["id"] for r in stored} == {pending.id, *(i.id for i in items)}
 
 
 async def test_a_cancelled_request_still_has_its_row_written(

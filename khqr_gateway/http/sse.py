@@ -1,4 +1,8 @@
-"""Live status over Server-Sent Events: the status now, each change, then the end."""
+"""Live status over Server-Sent Events: the status now, each change, then the end.
+
+The streams of the API, of the payment page and of rachhen/khqr-webhook's route share it,
+each in its own Format.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +14,8 @@ from uuid import UUID
 
 import orjson
 from aiohttp import hdrs, web
-from aiohttp_apigami import docs, match_info_schema
 
-from khqr_gateway.http.errors import ApiError, error_response
-from khqr_gateway.http.openapi import errors
-from khqr_gateway.http.schemas import ErrorSchema, JobIdPathSchema
+from khqr_gateway.http.errors import ApiError, ErrorSchema, error_response
 from khqr_gateway.service import SERVICE_KEY
 from khqr_gateway.transactions import pages
 from khqr_gateway.transactions.events import (
@@ -89,13 +90,6 @@ def _v1_event(job_id: UUID, status: Status, reason: str | None) -> bytes:
 
 
 V1 = Format(event=_v1_event, heartbeat=_comment)
-
-
-def job_id_of(request: web.Request) -> UUID:
-    try:
-        return UUID(request.match_info["jobId"])
-    except ValueError:
-        raise ApiError(404, "not_found", "no transaction with this jobId") from None
 
 
 def _already_ended(request: web.Request) -> bool:
@@ -191,33 +185,8 @@ def _gone(request: web.Request) -> bool:
     return transport is None or transport.is_closing()
 
 
-@docs(
-    tags=["transactions"],
-    summary="Live status of a transaction (Server-Sent Events)",
-    description="One event with the status now, then one per change, and the stream ends "
-    "after a final status. Each event is `id: <status>` and `data: {jobId, status, reason}`; "
-    "comment lines keep the connection alive every 15 s. An EventSource that reconnects "
-    "after the final event (Last-Event-ID) is answered 204, which stops it.",
-    responses={
-        200: SSE_RESPONSE,
-        204: {"description": "The stream already ended with a final status"},
-        **errors(401, 404),
-        **STREAM_LIMIT,
-    },
-)
-@match_info_schema(JobIdPathSchema)
-async def transaction_events(request: web.Request) -> web.StreamResponse:
-    """GET /api/v1/transactions/{jobId}/events."""
-    return await stream(request, job_id_of(request), V1)
-
-
-async def _close_streams(app: web.Application) -> None:
+async def close_streams(app: web.Application) -> None:
+    """At shutdown: open streams end instead of holding it up until the grace runs out."""
     service = app.get(SERVICE_KEY)
     if service is not None:
         service.events.close_streams()
-
-
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/api/v1/transactions/{jobId}/events", transaction_events)
-    # Open streams end at shutdown instead of holding it up until the grace runs out.
-    app.on_shutdown.append(_close_streams)

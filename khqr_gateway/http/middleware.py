@@ -1,0 +1,218 @@
+"""The middlewares every request goes through: its log line, the error shape, the API key."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+
+import asyncpg
+from aiohttp import web
+from redis.exceptions import RedisClusterException, RedisError
+
+from khqr_gateway.bakong.sandbox import MOUNT_PATH
+from khqr_gateway.config import Settings
+from khqr_gateway.http import API_KEY_ID, REQUEST_ID
+from khqr_gateway.http.errors import ApiError, error_response
+from khqr_gateway.http.request import BODY_LIMIT
+from khqr_gateway.notices.sandbox import redact_token
+from khqr_gateway.service import SERVICE_KEY
+
+log = logging.getLogger("khqr_gateway.http")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Middleware = Callable[..., Awaitable[web.StreamResponse]]
+# How the routes that answer errors in another shape answer them, by their canonical path.
+ErrorShape = Callable[[ApiError], web.Response]
+ErrorShapes = Mapping[str, ErrorShape]
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "rate_limited",
+}
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("x-request-id", "")
+    if 0 < len(given) <= 128 and given.isprintable():
+        return given
+    # Only has to tell requests apart in the logs: not a secret, so not os.urandom per request.
+    return f"{random.getrandbits(64):016x}"
+
+
+@web.middleware
+async def request_log(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One log line per request, and the request id echoed back."""
+    request_id = _request_id(request)
+    request[REQUEST_ID] = request_id
+    start = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        response.headers["x-request-id"] = request_id
+        return response
+    finally:
+        level = _request_level(request.path)
+        if level is not None and log.isEnabledFor(level):
+            log.log(
+                level,
+                "request",
+                extra={
+                    "method": request.method,
+                    # A Bot API path (the sandbox's, or a mistaken one) holds a bot token.
+                    "path": redact_token(request.path),
+                    "status": status,
+                    "durationMs": round((time.perf_counter() - start) * 1000, 2),
+                    "requestId": request_id,
+                },
+            )
+
+
+def _request_level(path: str) -> int | None:
+    # Probes and scrapes would drown the requests that users make, and so would the
+    # in-process sandbox's own polls (a third of the lines in sandbox mode): at debug.
+    if path in ("/health", "/metrics"):
+        return None
+    return logging.DEBUG if path.startswith(MOUNT_PATH + "/") else logging.INFO
+
+
+def error_middleware(shapes: ErrorShapes) -> Middleware:
+    """Every error as `{"error": {...}}` (or in the shape of its route); never a stack trace
+    to the client."""
+
+    @web.middleware
+    async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            shape = _shape_of(request, shapes)
+            if shape is not None:
+                return shape(exc)
+            return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return _http_error(exc)
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            return _unexpected(request, exc)
+
+    return errors
+
+
+def _shape_of(request: web.Request, shapes: ErrorShapes) -> ErrorShape | None:
+    # Also for the middlewares' own refusals (a missing API key, a rate limit).
+    resource = request.match_info.route.resource
+    return None if resource is None else shapes.get(resource.canonical)
+
+
+def _http_error(exc: web.HTTPException) -> web.Response:
+    code = _STATUS_CODES.get(exc.status, "http_error")
+    message = exc.reason if exc.status != 413 else f"the body is larger than {BODY_LIMIT} bytes"
+    return error_response(exc.status, code, message, headers=_kept_headers(exc))
+
+
+def _unexpected(request: web.Request, exc: Exception) -> web.Response:
+    dependency = unavailable_dependency(exc)
+    if dependency is not None:
+        name = type(exc).__name__
+        log.warning("%s unavailable: %s", dependency, name, extra={"path": request.path})
+        return error_response(
+            503,
+            f"{dependency}_unavailable",
+            f"{dependency.capitalize()} is unavailable; nothing was lost, retry shortly",
+            headers={"Retry-After": "5"},
+        )
+    log.exception(
+        "unhandled error", extra={"path": request.path, "requestId": request.get(REQUEST_ID)}
+    )
+    return error_response(500, "internal_error", "something went wrong on our side")
+
+
+def unavailable_dependency(exc: BaseException) -> str | None:
+    """'postgres' or 'redis' when `exc` means that dependency cannot be reached."""
+    if isinstance(exc, RedisError | RedisClusterException):  # the latter: no node answers
+        return "redis"
+    if isinstance(
+        exc,
+        asyncpg.exceptions.ConnectionDoesNotExistError
+        | asyncpg.exceptions.CannotConnectNowError
+        | asyncpg.exceptions.TooManyConnectionsError
+        | asyncpg.exceptions.AdminShutdownError
+        | asyncpg.exceptions.InterfaceError
+        | ConnectionError
+        | OSError
+        | TimeoutError,
+    ):
+        return "postgres"
+    return None
+
+
+def _kept_headers(exc: web.HTTPException) -> dict[str, str]:
+    return {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+
+
+def auth_middleware(settings: Settings) -> Middleware:
+    """Every /api/ route needs one of API_KEY's keys, compared as hashes in constant time."""
+    digests = [hashlib.sha256(k.encode()).digest() for k in settings.api_keys]
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not digests or not request.path.startswith("/api/"):
+            return await handler(request)
+        key_id = _key_id(request, digests)
+        request[API_KEY_ID] = key_id
+        if settings.api_rate_limit:
+            await _rate_limit(request, key_id, settings.api_rate_limit)
+        return await handler(request)
+
+    return auth
+
+
+def _key_id(request: web.Request, digests: list[bytes]) -> str:
+    """The id of the API key the request presents; 401 when it presents none of ours."""
+    given = _presented_key(request)
+    digest = hashlib.sha256(given.encode()).digest() if given else b""
+    matched = -1
+    # Every key compared, so that the time taken says nothing of which one matched.
+    for index, expected in enumerate(digests):
+        if hmac.compare_digest(digest, expected):
+            matched = index
+    if matched < 0:
+        raise ApiError(
+            401, "unauthorized", "a valid API key is required (Authorization: Bearer <key>)"
+        )
+    return digests[matched].hex()[:16]
+
+
+def _presented_key(request: web.Request) -> str:
+    header = request.headers.get("Authorization", "")
+    if header[:7].lower() == "bearer ":
+        return header[7:].strip()
+    return request.headers.get("x-api-key", "").strip()
+
+
+async def _rate_limit(request: web.Request, key_id: str, limit: int) -> None:
+    """At most `limit` requests a second per API key, counted in Redis across processes."""
+    try:
+        count = await request.app[SERVICE_KEY].api_requests.count(key_id)
+    except RedisError:
+        return  # no Redis, no counting: the request itself will say what is down
+    if count > limit:
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"more than {limit} requests a second with this API key",
+            headers={"Retry-After": "1"},
+        )
