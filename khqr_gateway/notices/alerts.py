@@ -11,6 +11,7 @@ from datetime import datetime
 import asyncpg
 
 from khqr_gateway.bakong.client import RecentCalls
+from khqr_gateway.credentials.model import CredentialStatus
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ async def credential_problem(pool: asyncpg.Pool) -> str | None:
     )
     if row is None:
         return None
-    if row["status"] == "expired" or row["past"]:
+    if row["status"] == CredentialStatus.EXPIRED or row["past"]:
         return f"credential {row['id']} has expired: set BAKONG_TOKEN or BAKONG_EMAIL"
     if row["soon"]:
         return f"credential {row['id']} expires at {_iso(row['expires_at'])}"

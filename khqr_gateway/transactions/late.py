@@ -14,12 +14,12 @@ from uuid import UUID
 import asyncpg
 
 from khqr_gateway.bakong.client import MAX_BATCH
-from khqr_gateway.bakong.model import CheckKind, CheckResult
+from khqr_gateway.bakong.model import CheckKind, CheckResult, ErrorKind
 from khqr_gateway.infra.db import write_isolated
 from khqr_gateway.infra.schedule import Lease, Schedule
 from khqr_gateway.metrics import LATE_PAYMENTS, MD5_CHECKS
 from khqr_gateway.transactions import store
-from khqr_gateway.transactions.checker import THROTTLED, Checker
+from khqr_gateway.transactions.checker import NO_RESULT, Checker
 from khqr_gateway.transactions.events import EventHub
 from khqr_gateway.transactions.model import LateItem, LateTransition, LateWindow, decide, transition
 from khqr_gateway.transactions.poller import announce
@@ -118,8 +118,8 @@ class LateWatch:
         reschedule: list[tuple[str, int]] = []
         paid: list[LateItem] = []
         for item in watching:
-            result = results.get(item.poll.id, CheckResult(CheckKind.ERROR, error="no_result"))
-            if result.error != THROTTLED:
+            result = results.get(item.poll.id, NO_RESULT)
+            if result.error is not ErrorKind.THROTTLED:
                 MD5_CHECKS.labels(result.kind.value).inc()
             if result.kind is CheckKind.PAID:
                 paid.append(item)

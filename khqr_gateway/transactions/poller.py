@@ -16,14 +16,14 @@ from uuid import UUID
 import asyncpg
 
 from khqr_gateway.bakong.client import MAX_BATCH, BakongClient
-from khqr_gateway.bakong.model import CheckKind, CheckResult
+from khqr_gateway.bakong.model import CheckResult, ErrorKind
 from khqr_gateway.credentials.renewal import Credentials
 from khqr_gateway.infra.db import write_isolated
 from khqr_gateway.infra.ratelimit import RateLimit
 from khqr_gateway.infra.schedule import Lease, Schedule
 from khqr_gateway.metrics import MD5_CHECKS, TRANSITIONS
 from khqr_gateway.transactions import store
-from khqr_gateway.transactions.checker import THROTTLED, Checker
+from khqr_gateway.transactions.checker import NO_RESULT, Checker
 from khqr_gateway.transactions.events import EventHub
 from khqr_gateway.transactions.model import (
     LateWindow,
@@ -204,8 +204,8 @@ class Poller:
         # The next check is one interval after this one was due, not after it finished.
         base_ms = claimed_at_ms if claimed_at_ms is not None else int(now.timestamp() * 1000)
         for item in items:
-            result = results.get(item.id, CheckResult(CheckKind.ERROR, error="no_result"))
-            if result.error == THROTTLED:  # not asked at all: nothing to decide yet
+            result = results.get(item.id, NO_RESULT)
+            if result.error is ErrorKind.THROTTLED:  # not asked at all: nothing to decide yet
                 reschedule.append((str(item.id), self._next_due(item, result, now, base_ms)))
                 continue
             kinds[result.kind.value] += 1
@@ -277,7 +277,7 @@ class Poller:
         if result.retry_after is not None:
             # Throttled: again as soon as the rate limit has room; 429 / open circuit: later.
             hint = int(result.retry_after * 1000)
-            wait_ms = hint if result.error == THROTTLED else max(wait_ms, hint)
+            wait_ms = hint if result.error is ErrorKind.THROTTLED else max(wait_ms, hint)
         due = now_ms + wait_ms
         if now_ms < deadline_ms <= due:
             # The final check: late enough that no early claim (the next tick's horizon, a

@@ -19,6 +19,7 @@ from khqr_gateway.transactions.model import (
     LateTransition,
     LateWindow,
     PollItem,
+    Reason,
     Status,
     Transition,
 )
@@ -197,7 +198,7 @@ async def cancel(pool: asyncpg.Pool, job_id: UUID, *, window: LateWindow) -> asy
     when it was not pending."""
     return await pool.fetchrow(
         f"""
-        update transactions t set status = 'cancelled', reason = 'cancelled_by_request',
+        update transactions t set status = 'cancelled', reason = $4,
             completed_at = now(), updated_at = now(),
             late_watch_until = {late_watch_sql("now()", "$2", "$3")}
         where id = $1 and status = 'pending' returning id, late_watch_until
@@ -205,6 +206,7 @@ async def cancel(pool: asyncpg.Pool, job_id: UUID, *, window: LateWindow) -> asy
         job_id,
         window.margin_s,
         window.watch_s,
+        Reason.CANCELLED_BY_REQUEST,
     )
 
 
