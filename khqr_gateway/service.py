@@ -18,9 +18,10 @@ from khqr_gateway.deliveries import store as delivery_store
 from khqr_gateway.deliveries.sender import KEEPALIVE_S, MAX_IN_FLIGHT, Deliverer
 from khqr_gateway.deliveries.ssrf import AddressPolicy, GuardedConnector
 from khqr_gateway.infra import db, idempotency
+from khqr_gateway.infra.keys import keys
 from khqr_gateway.infra.locks import Locks
 from khqr_gateway.infra.ratelimit import RateLimit
-from khqr_gateway.infra.schedule import RedisClient, Schedule, connect, keys
+from khqr_gateway.infra.schedule import RedisClient, Schedule, connect
 from khqr_gateway.infra.scheduler import Ticks
 from khqr_gateway.metrics import PENDING, POLL_LAG, QUEUE_DEPTH
 from khqr_gateway.notices.alerts import Alerts

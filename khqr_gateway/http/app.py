@@ -33,7 +33,7 @@ from khqr_gateway.http import (
 )
 from khqr_gateway.http.errors import ApiError, error_response
 from khqr_gateway.http.openapi import setup_openapi
-from khqr_gateway.infra.schedule import keys
+from khqr_gateway.infra.keys import keys, sub_key
 from khqr_gateway.notices.sandbox import create_bot_sandbox_app, redact_token
 from khqr_gateway.service import SERVICE_KEY, Service
 from khqr_gateway.transactions import store as tx_store
@@ -199,7 +199,7 @@ async def _rate_limit(request: web.Request, key_id: str, limit: int) -> None:
     """At most `limit` requests a second per API key, counted in Redis across processes."""
     service = request.app[SERVICE_KEY]
     second = int(time.time())
-    counter = f"{keys(service.settings.redis_namespace)['api_rate']}:{key_id}:{second}"
+    counter = sub_key(keys(service.settings.redis_namespace)["api_rate"], key_id, second)
     try:
         count = int(await service.redis.eval(_COUNT, 1, counter))
     except RedisError:

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from khqr_gateway.infra.keys import sub_key
 from khqr_gateway.infra.schedule import RedisClient
 
 # KEYS[1] the bucket (a hash: tokens, ts, and the end of each line); KEYS[2..] the pause key
@@ -122,7 +123,7 @@ class RateLimit:
         self._pause: Any = redis.register_script(_PAUSE)
 
     def pause_key(self, credential: int | None) -> str:
-        return f"{self.pause_prefix}:{'default' if credential is None else credential}"
+        return sub_key(self.pause_prefix, "default" if credential is None else credential)
 
     async def take(
         self,

@@ -273,7 +273,7 @@ class Lease:
 
 
 # One Redis or a Redis Cluster: every key the service uses together shares one hash tag
-# (see `keys`), so every script and pipeline runs on the one node holding that slot.
+# (see infra/keys.py), so every script and pipeline runs on the one node holding that slot.
 RedisClient = Redis | RedisCluster
 
 
@@ -289,23 +289,3 @@ async def connect(url: str, *, cluster: bool) -> RedisClient:
     except (RedisError, RedisClusterException) as exc:  # down: retried on use, as one Redis
         log.warning("Redis Cluster not reachable at start-up: %s", exc)
     return client
-
-
-def keys(namespace: str) -> dict[str, str]:
-    """Every Redis key of the service, in one place, sharing one hash tag (Redis Cluster)."""
-    tag = "{" + namespace + "}"
-    return {
-        "poll": f"{tag}:poll",
-        "deliver": f"{tag}:deliver",
-        "deliver_retry": f"{tag}:deliver:retry",
-        # Timed-out and cancelled transactions watched for a late payment.
-        "late": f"{tag}:late",
-        "events": f"{tag}:events",
-        # Bakong: the shared rate-limit bucket; prefixes of per-credential keys
-        # (`<prefix>:<credential id>`) for 429 pauses and token-renewal locks.
-        "bakong_rate": f"{tag}:bakong:rate",
-        "bakong_pause": f"{tag}:bakong:pause",
-        "bakong_renew": f"{tag}:bakong:renew",
-        # Per API key request counters, one key a second: `<prefix>:<key id>:<second>`.
-        "api_rate": f"{tag}:api:rate",
-    }

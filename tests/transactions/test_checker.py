@@ -21,8 +21,8 @@ from khqr_gateway.bakong.model import CheckKind, ErrorKind
 from khqr_gateway.bakong.sandbox import Faults, make_token, parse_faults
 from khqr_gateway.credentials.renewal import Credentials
 from khqr_gateway.infra import db
+from khqr_gateway.infra.keys import keys
 from khqr_gateway.infra.ratelimit import RateLimit
-from khqr_gateway.infra.schedule import keys
 from khqr_gateway.metrics import REGISTRY
 from khqr_gateway.transactions.budget import Cadence, Demand, cadence
 from khqr_gateway.transactions.checker import BREAKER_THRESHOLD, Checker
