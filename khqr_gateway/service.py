@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 import asyncpg
 from aiohttp import web
 
+from khqr_gateway import times
 from khqr_gateway.bakong.client import BakongClient
 from khqr_gateway.bakong.sandbox import make_token
 from khqr_gateway.config import Settings
@@ -228,7 +229,7 @@ class Service:
         }
         oldest_due_ms = await self.polls.oldest_due_ms()
         now = datetime.now(UTC)
-        lag_ms = now.timestamp() * 1000 - oldest_due_ms if oldest_due_ms is not None else 0.0
+        lag_ms = times.to_ms(now) - oldest_due_ms if oldest_due_ms is not None else 0
         # Kept by triggers (exact, not pg_class estimates: a test or an operator comparing
         # stats with what they made expects the very number), so no table is counted.
         by_kind = await counts.fold_and_read(self.pool)
@@ -252,7 +253,7 @@ class Service:
         await idempotency.expire_idempotency_keys(self.pool)
 
     async def _reconcile_polls(self) -> None:
-        now_ms = int(time.time() * 1000)
+        now_ms = times.now_ms()
         after = None
         while True:
             rows = await tx_store.pending_ids(self.pool, after=after, limit=RECONCILE_PAGE)
@@ -266,7 +267,7 @@ class Service:
             after = rows[-1]["id"]
 
     async def _reconcile_late(self) -> None:
-        now_ms = int(time.time() * 1000)
+        now_ms = times.now_ms()
         after = None
         while True:
             rows = await tx_store.late_watch_page(self.pool, after=after, limit=RECONCILE_PAGE)
@@ -340,4 +341,4 @@ def _export(figures: Figures) -> None:
 
 
 def _ms(value: datetime | None) -> int:
-    return int((value or datetime.now(UTC)).timestamp() * 1000)
+    return times.to_ms(value) if value is not None else times.now_ms()

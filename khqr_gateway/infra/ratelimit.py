@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from khqr_gateway import times
 from khqr_gateway.infra.keys import sub_key
 from khqr_gateway.infra.schedule import RedisClient
 
@@ -154,5 +155,5 @@ class RateLimit:
 
     async def pause(self, credential: int | None, seconds: float) -> None:
         """Stop every process calling Bakong for `credential` for `seconds` (after a 429)."""
-        ms = max(1, int(seconds * 1000))
+        ms = max(1, times.seconds_to_ms(seconds))
         await self._pause(keys=[self.pause_key(credential)], args=[ms])

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
+
+from khqr_gateway import times
 
 log = logging.getLogger(__name__)
 
@@ -160,12 +161,12 @@ class Schedule:
         if not members:
             return []
         keys = [self.key, *(other.key for other in also_in)]
-        held = await self._requeue(keys=keys, args=[int(time.time() * 1000), due_ms, *members])
+        held = await self._requeue(keys=keys, args=[times.now_ms(), due_ms, *members])
         return [m.decode() if isinstance(m, bytes) else m for m in held]
 
     async def leased(self, members: Sequence[str], also_in: Sequence[Schedule] = ()) -> list[str]:
         """The members a live lease holds, here or in `also_in`."""
-        now_ms = time.time() * 1000
+        now_ms = times.now_ms()
         held: list[str] = []
         for lane in (self, *also_in):
             scores = await lane.scores(members)
@@ -257,7 +258,7 @@ class Lease:
         while self.members:
             await asyncio.sleep(self.length_ms / 3000)
             async with self._lock:
-                new_until = int(time.time() * 1000) + self.length_ms + LEASE_MARK
+                new_until = times.now_ms() + self.length_ms + LEASE_MARK
                 try:
                     await self.schedule.extend(self.until, new_until, sorted(self.members))
                 except RedisError:

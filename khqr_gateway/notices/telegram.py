@@ -16,6 +16,7 @@ import aiohttp
 import asyncpg
 import orjson
 
+from khqr_gateway import times
 from khqr_gateway.notices import store
 from khqr_gateway.notices.store import DueNotice, NoticeAttempt
 
@@ -73,7 +74,7 @@ def _paid_at(notice: DueNotice) -> datetime:
     ms = (notice.data or {}).get("acknowledgedDateMs")
     if isinstance(ms, int | float) and not isinstance(ms, bool):
         try:
-            return datetime.fromtimestamp(ms / 1000, UTC)
+            return times.from_ms(ms)
         except (OverflowError, OSError, ValueError):
             pass
     return notice.completed_at
@@ -205,7 +206,7 @@ class Notifier:
         started = datetime.now(UTC)
         clock = time.monotonic()
         answer = await self.bot.send(notice.chat_id, message_text(notice, self.language))
-        duration_ms = int((time.monotonic() - clock) * 1000)
+        duration_ms = times.seconds_to_ms(time.monotonic() - clock)
         return self._outcome(notice, answer, started, duration_ms)
 
     def _outcome(

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass
 
 import asyncpg
 from redis.exceptions import RedisError
 
+from khqr_gateway import times
 from khqr_gateway.infra.schedule import Schedule
 from khqr_gateway.transactions import store
 from khqr_gateway.transactions.store import NewTransaction
@@ -142,10 +142,10 @@ class Ingest:
         new = [o[0] for _, o in outcomes if not isinstance(o, BaseException) and o[1]]
         if not new:
             return
-        due_ms = (time.time() + self.interval_s) * 1000
+        due_ms = times.now_ms() + times.seconds_to_ms(self.interval_s)
         try:
             await self.polls.add(
-                [(str(r["id"]), int(min(due_ms, r["deadline_at"].timestamp() * 1000))) for r in new]
+                [(str(r["id"]), min(due_ms, times.to_ms(r["deadline_at"]))) for r in new]
             )
         except RedisError as exc:
             # Postgres has them and the reconcile tick schedules them when Redis is back; the
