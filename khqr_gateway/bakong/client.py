@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
@@ -399,13 +398,3 @@ class BakongClient:
             raise BakongError(ErrorKind.NOT_REGISTERED, "Bakong: email not registered")
         raise BakongError(ErrorKind.RENEW_FAILED, "Bakong renew_token gave no token")
 
-
-async def gather_limited(limit: int, *aws: Any) -> list[Any]:
-    """asyncio.gather with at most `limit` awaitables running at once."""
-    semaphore = asyncio.Semaphore(limit)
-
-    async def run(aw: Any) -> Any:
-        async with semaphore:
-            return await aw
-
-    return await asyncio.gather(*(run(aw) for aw in aws))

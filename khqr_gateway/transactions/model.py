@@ -32,11 +32,6 @@ class Status(StrEnum):
         """Every terminal state but `cancelled` gets exactly one webhook."""
         return self.terminal and self is not Status.CANCELLED
 
-    @property
-    def watched_late(self) -> bool:
-        """A QR given up on can still be paid: these states are watched for a late payment."""
-        return self in (Status.TIMEOUT, Status.CANCELLED)
-
 
 class Reason(StrEnum):
     """Why a transaction ended as it did, as `reason` says in Postgres, the API and webhooks

@@ -187,7 +187,7 @@ class Poller:
         found = {str(i.id) for i in items}
         gone = [m for m in members if m not in found]
         now = datetime.now(UTC)
-        results = await self.check(items, now)
+        results = await self.checker.check(items, now)
         reschedule, finished = await self._apply(items, results, now, claimed_at_ms)
         await lease.finish(reschedule, gone + finished)
         return len(items)
@@ -285,10 +285,6 @@ class Poller:
             # batch top-up) takes it before the deadline and makes it a regular check.
             return deadline_ms + self.tick_ms + self.lookahead_ms
         return due
-
-    async def check(self, items: Sequence[PollItem], now: datetime) -> dict[UUID, CheckResult]:
-        """Ask Bakong about every item (see bakong/checker.py for how politely)."""
-        return await self.checker.check(items, now)
 
 
 def _uuids(members: Sequence[str]) -> dict[str, UUID]:
