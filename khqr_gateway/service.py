@@ -260,11 +260,11 @@ class Service:
             if not rows:
                 break
             added = await self.polls.add_missing(
-                [(str(r["id"]), min(now_ms, _ms(r["deadline_at"]))) for r in rows]
+                [(str(r.id), min(now_ms, times.to_ms(r.deadline_at))) for r in rows]
             )
             if added:
                 log.warning("reconcile: %d pending transactions rescheduled", added)
-            after = rows[-1]["id"]
+            after = rows[-1].id
 
     async def _reconcile_late(self) -> None:
         now_ms = times.now_ms()
@@ -273,10 +273,10 @@ class Service:
             rows = await tx_store.late_watch_page(self.pool, after=after, limit=RECONCILE_PAGE)
             if not rows:
                 break
-            added = await self.late.schedule.add_missing([(str(r["id"]), now_ms) for r in rows])
+            added = await self.late.schedule.add_missing([(str(r.id), now_ms) for r in rows])
             if added:
                 log.warning("reconcile: %d late watches rescheduled", added)
-            after = (rows[-1]["late_watch_until"], rows[-1]["id"])
+            after = (rows[-1].late_watch_until, rows[-1].id)
 
     async def _reconcile_deliveries(self) -> None:
         after = None

@@ -397,4 +397,3 @@ class BakongClient:
         if isinstance(body, dict) and body.get("errorCode") == NOT_REGISTERED_CODE:
             raise BakongError(ErrorKind.NOT_REGISTERED, "Bakong: email not registered")
         raise BakongError(ErrorKind.RENEW_FAILED, "Bakong renew_token gave no token")
-

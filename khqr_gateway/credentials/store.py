@@ -9,6 +9,7 @@ from datetime import datetime
 import asyncpg
 
 from khqr_gateway.credentials.model import Credential, CredentialStatus
+from khqr_gateway.infra.db import row_as
 
 CREDENTIAL_COLUMNS = (
     "id, token, email, expires_at, status, is_default, last_error, created_at, updated_at"
@@ -16,17 +17,7 @@ CREDENTIAL_COLUMNS = (
 
 
 def _credential(row: asyncpg.Record) -> Credential:
-    return Credential(
-        row["id"],
-        row["token"],
-        row["email"],
-        row["expires_at"],
-        CredentialStatus(row["status"]),
-        row["is_default"],
-        row["last_error"],
-        row["created_at"],
-        row["updated_at"],
-    )
+    return row_as(Credential, row, status=CredentialStatus(row["status"]))
 
 
 def fingerprint(value: str) -> str:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 import orjson
@@ -26,8 +27,12 @@ ROW_FAULTS: tuple[type[Exception], ...] = (
     asyncpg.IntegrityConstraintViolationError,
 )
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 Row = TypeVar("Row")
 Result = TypeVar("Result")
+Value = TypeVar("Value", bound="DataclassInstance")
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,3 +212,14 @@ async def write_isolated(
         except ROW_FAULTS as exc:
             refused.append((row, exc))
     return results, refused
+
+
+def row_as(kind: type[Value], row: Mapping[str, Any], **given: Any) -> Value:
+    """The typed row `kind` (a dataclass) of a record: each field from the column of its
+    name, unless `given`; a field with a default may have no column."""
+    columns = {
+        f.name: row[f.name]
+        for f in dataclasses.fields(kind)
+        if f.name in row and f.name not in given
+    }
+    return kind(**columns, **given)

@@ -19,6 +19,7 @@ import orjson
 from khqr_gateway import times
 from khqr_gateway.notices import store
 from khqr_gateway.notices.store import DueNotice, NoticeAttempt
+from khqr_gateway.transactions.model import Status
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,8 @@ def message_text(notice: DueNotice, language: str) -> str:
     words = TEXTS.get(language, TEXTS["en"])
     data = notice.data or {}
     currency = data.get("currency")
-    title = words["mismatch"] if notice.status == "mismatch" else words["success"]
-    if notice.late and notice.status == "success":
+    title = words["mismatch"] if notice.status is Status.MISMATCH else words["success"]
+    if notice.late and notice.status is Status.SUCCESS:
         title = words["late"]
     metadata = notice.metadata if isinstance(notice.metadata, dict) else {}
     at = _paid_at(notice).astimezone(PHNOM_PENH).strftime("%Y-%m-%d %H:%M:%S")
@@ -101,7 +102,7 @@ def message_text(notice: DueNotice, language: str) -> str:
     if metadata.get("orderId") is not None:
         lines.append(f"{words['order']}: {metadata['orderId']}")
     lines.append(f"{words['time']}: {at} (Asia/Phnom_Penh)")
-    if notice.status == "mismatch" and notice.reason:
+    if notice.status is Status.MISMATCH and notice.reason:
         lines.append(f"{words['reason']}: {notice.reason}")
     return "\n".join(lines)
 

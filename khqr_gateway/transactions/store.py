@@ -1,4 +1,4 @@
-"""Postgres queries for transactions, their terminal transitions, credentials and idempotency."""
+"""Postgres queries for transactions and their terminal transitions."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import asyncpg
 import orjson
 
 from khqr_gateway.infra import keyset
-from khqr_gateway.infra.db import safe_text
+from khqr_gateway.infra.db import row_as, safe_text
 from khqr_gateway.transactions.model import (
     Expected,
     LateItem,
@@ -52,6 +52,32 @@ class NewTransaction:
     qr: str | None
     deadline_at: datetime
     qr_expires_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PendingDeadline:
+    """A pending transaction and its deadline, as reconcile schedules its poll."""
+
+    id: UUID
+    deadline_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class LateWatchEnd:
+    """A late watch still running and when it ends, as reconcile schedules its check."""
+
+    id: UUID
+    late_watch_until: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class PendingCounts:
+    """What checking every pending md5 costs in Bakong calls (see `pending_demand`)."""
+
+    young: int
+    old: int
+    ending: int
+    lists: int
 
 
 async def insert_or_get(pool: asyncpg.Pool, new: NewTransaction) -> tuple[asyncpg.Record, bool]:
@@ -223,17 +249,11 @@ async def load_pending(pool: asyncpg.Pool, ids: Sequence[UUID | str]) -> list[Po
         """,
         list(ids),
     )
-    return [
-        PollItem(
-            id=r["id"],
-            md5=r["md5"],
-            deadline_at=r["deadline_at"],
-            credential_id=r["credential_id"],
-            expected=Expected.from_json(r["expected"]),
-            created_at=r["created_at"],
-        )
-        for r in rows
-    ]
+    return [_poll_item(r) for r in rows]
+
+
+def _poll_item(row: asyncpg.Record) -> PollItem:
+    return row_as(PollItem, row, expected=Expected.from_json(row["expected"]))
 
 
 async def pending_demand(
@@ -244,13 +264,13 @@ async def pending_demand(
     young_s: float,
     ending_s: float,
     batch: int,
-) -> asyncpg.Record:
+) -> PendingCounts:
     """What checking every pending md5 costs in Bakong calls: of the credentials in `single`
     (one call per md5), how many md5s are younger than `young_s` (`young`) and how many
     older (`old`); of all, how many reach their deadline within `ending_s` (`ending`: one
     final call each); of the others, the list calls of `batch` md5s one round takes
     (`lists`)."""
-    return await pool.fetchrow(
+    row = await pool.fetchrow(
         """
         with pending as (
             select credential_id, created_at, deadline_at,
@@ -276,6 +296,7 @@ async def pending_demand(
         ending_s,
         batch,
     )
+    return row_as(PendingCounts, row)
 
 
 async def metadata_of(pool: asyncpg.Pool, ids: Sequence[UUID]) -> dict[UUID, Any]:
@@ -356,7 +377,7 @@ async def load_late(pool: asyncpg.Pool, ids: Sequence[UUID | str]) -> list[LateI
     rows = await pool.fetch(
         """
         select t.id, t.md5, t.deadline_at, t.credential_id, t.expected, t.status,
-               t.late_watch_until
+               t.late_watch_until as watch_until
         from unnest($1::uuid[]) with ordinality as wanted (id, n)
         join transactions t on t.id = wanted.id
         where t.status in ('timeout', 'cancelled') and t.late_watch_until is not null
@@ -364,20 +385,7 @@ async def load_late(pool: asyncpg.Pool, ids: Sequence[UUID | str]) -> list[LateI
         """,
         list(ids),
     )
-    return [
-        LateItem(
-            poll=PollItem(
-                id=r["id"],
-                md5=r["md5"],
-                deadline_at=r["deadline_at"],
-                credential_id=r["credential_id"],
-                expected=Expected.from_json(r["expected"]),
-            ),
-            status=Status(r["status"]),
-            watch_until=r["late_watch_until"],
-        )
-        for r in rows
-    ]
+    return [row_as(LateItem, r, poll=_poll_item(r), status=Status(r["status"])) for r in rows]
 
 
 async def record_late(
@@ -430,9 +438,9 @@ async def record_late(
 
 async def late_watch_page(
     pool: asyncpg.Pool, *, after: tuple[datetime, UUID] | None, limit: int
-) -> list[asyncpg.Record]:
-    """A page of the late watches still running (id, late_watch_until), for reconcile."""
-    rows: list[asyncpg.Record] = await pool.fetch(
+) -> list[LateWatchEnd]:
+    """A page of the late watches still running, for reconcile."""
+    rows = await pool.fetch(
         """
         select id, late_watch_until from transactions
         where status in ('timeout', 'cancelled') and late_watch_until > now()
@@ -443,7 +451,7 @@ async def late_watch_page(
         after[1] if after else None,
         limit,
     )
-    return rows
+    return [row_as(LateWatchEnd, r) for r in rows]
 
 
 def _json_text(value: Any) -> str | None:
@@ -452,9 +460,9 @@ def _json_text(value: Any) -> str | None:
 
 async def pending_ids(
     pool: asyncpg.Pool, *, after: UUID | None, limit: int
-) -> list[asyncpg.Record]:
-    """A page of pending transactions (id, deadline) in id order, for the reconcile tick."""
-    rows: list[asyncpg.Record] = await pool.fetch(
+) -> list[PendingDeadline]:
+    """A page of pending transactions in id order, for the reconcile tick."""
+    rows = await pool.fetch(
         """
         select id, deadline_at from transactions
         where status = 'pending' and ($1::uuid is null or id > $1)
@@ -463,7 +471,7 @@ async def pending_ids(
         after,
         limit,
     )
-    return rows
+    return [row_as(PendingDeadline, r) for r in rows]
 
 
 async def oldest_pending_seconds(pool: asyncpg.Pool) -> float | None:
@@ -474,9 +482,3 @@ async def oldest_pending_seconds(pool: asyncpg.Pool) -> float | None:
         " where status = 'pending'"
     )
     return float(age) if age is not None else None
-
-
-# Credentials ------------------------------------------------------------------------
-
-
-# Idempotency keys ---------------------------------------------------------------------
