@@ -18,7 +18,7 @@ from khqr_gateway.credentials.renewal import SANDBOX_TOKEN_EMAIL, Credentials
 from khqr_gateway.deliveries import store as delivery_store
 from khqr_gateway.deliveries.sender import KEEPALIVE_S, MAX_IN_FLIGHT, Deliverer
 from khqr_gateway.deliveries.ssrf import AddressPolicy, GuardedConnector
-from khqr_gateway.infra import db, idempotency
+from khqr_gateway.infra import db, idempotency, keyset
 from khqr_gateway.infra.keys import keys
 from khqr_gateway.infra.locks import Locks
 from khqr_gateway.infra.ratelimit import RateLimit
@@ -254,29 +254,24 @@ class Service:
 
     async def _reconcile_polls(self) -> None:
         now_ms = times.now_ms()
-        after = None
-        while True:
-            rows = await tx_store.pending_ids(self.pool, after=after, limit=RECONCILE_PAGE)
-            if not rows:
-                break
-            added = await self.polls.add_missing(
-                [(str(r.id), min(now_ms, times.to_ms(r.deadline_at))) for r in rows]
-            )
-            if added:
+        pending = keyset.pages(
+            lambda after: tx_store.pending_ids(self.pool, after=after, limit=RECONCILE_PAGE),
+            key=lambda row: row.id,
+        )
+        async for rows in pending:
+            due = [(str(r.id), min(now_ms, times.to_ms(r.at))) for r in rows]
+            if added := await self.polls.add_missing(due):
                 log.warning("reconcile: %d pending transactions rescheduled", added)
-            after = rows[-1].id
 
     async def _reconcile_late(self) -> None:
         now_ms = times.now_ms()
-        after = None
-        while True:
-            rows = await tx_store.late_watch_page(self.pool, after=after, limit=RECONCILE_PAGE)
-            if not rows:
-                break
-            added = await self.late.schedule.add_missing([(str(r.id), now_ms) for r in rows])
-            if added:
+        watched = keyset.pages(
+            lambda after: tx_store.late_watch_page(self.pool, after=after, limit=RECONCILE_PAGE),
+            key=lambda row: (row.at, row.id),
+        )
+        async for rows in watched:
+            if added := await self.late.schedule.add_missing([(str(r.id), now_ms) for r in rows]):
                 log.warning("reconcile: %d late watches rescheduled", added)
-            after = (rows[-1].late_watch_until, rows[-1].id)
 
     async def _reconcile_deliveries(self) -> None:
         after = None

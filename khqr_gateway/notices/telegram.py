@@ -214,31 +214,26 @@ class Notifier:
         self, notice: DueNotice, answer: BotAnswer, started: datetime, duration_ms: int
     ) -> NoticeAttempt:
         attempt = notice.attempt_count + 1
-        failed = answer.status in FINAL_STATUSES or (
-            answer.error is not None
-            and answer.retry_after_s is None
-            and attempt > len(self.retry_schedule)
-        )
+        failed = self._gives_up(answer, attempt)
         next_at = None
         if answer.error is not None and not failed:
-            delay = (
-                min(answer.retry_after_s, RETRY_AFTER_MAX_S)
-                if answer.retry_after_s is not None
-                else self.retry_schedule[min(attempt, len(self.retry_schedule)) - 1]
-            )
-            next_at = datetime.now(UTC) + timedelta(seconds=delay)
+            next_at = datetime.now(UTC) + timedelta(seconds=self._delay_s(answer, attempt))
         if failed:
             log.warning("telegram notice stopped: %s", answer.error, extra={"noticeId": notice.id})
         elif answer.error is not None:
             log.info("telegram notice retried: %s", answer.error, extra={"noticeId": notice.id})
-        return NoticeAttempt(
-            notice_id=notice.id,
-            attempt=attempt,
-            started_at=started,
-            duration_ms=duration_ms,
-            status_code=answer.status,
-            error=answer.error,
-            body=answer.body,
-            next_attempt_at=next_at,
-            failed=failed,
-        )
+        answered = (answer.status, answer.error, answer.body)
+        return NoticeAttempt(notice.id, attempt, started, duration_ms, *answered, next_at, failed)
+
+    def _gives_up(self, answer: BotAnswer, attempt: int) -> bool:
+        """A final refusal, or a failed last attempt that Telegram did not ask to repeat."""
+        if answer.status in FINAL_STATUSES:
+            return True
+        spent = attempt > len(self.retry_schedule)
+        return answer.error is not None and answer.retry_after_s is None and spent
+
+    def _delay_s(self, answer: BotAnswer, attempt: int) -> float:
+        """Telegram's `retry_after` (bounded), else the retry schedule's next step."""
+        if answer.retry_after_s is not None:
+            return min(answer.retry_after_s, RETRY_AFTER_MAX_S)
+        return self.retry_schedule[min(attempt, len(self.retry_schedule)) - 1]

@@ -55,19 +55,12 @@ class NewTransaction:
 
 
 @dataclass(frozen=True, slots=True)
-class PendingDeadline:
-    """A pending transaction and its deadline, as reconcile schedules its poll."""
+class Due:
+    """A transaction as reconcile schedules it: its id, and its deadline (a poll) or the end
+    of its late watch."""
 
     id: UUID
-    deadline_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class LateWatchEnd:
-    """A late watch still running and when it ends, as reconcile schedules its check."""
-
-    id: UUID
-    late_watch_until: datetime
+    at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,11 +431,11 @@ async def record_late(
 
 async def late_watch_page(
     pool: asyncpg.Pool, *, after: tuple[datetime, UUID] | None, limit: int
-) -> list[LateWatchEnd]:
-    """A page of the late watches still running, for reconcile."""
+) -> list[Due]:
+    """A page of the late watches still running (`at` their end), for reconcile."""
     rows = await pool.fetch(
         """
-        select id, late_watch_until from transactions
+        select id, late_watch_until as at from transactions
         where status in ('timeout', 'cancelled') and late_watch_until > now()
           and ($1::timestamptz is null or (late_watch_until, id) > ($1, $2::uuid))
         order by late_watch_until, id limit $3
@@ -451,27 +444,25 @@ async def late_watch_page(
         after[1] if after else None,
         limit,
     )
-    return [row_as(LateWatchEnd, r) for r in rows]
+    return [row_as(Due, r) for r in rows]
 
 
 def _json_text(value: Any) -> str | None:
     return None if value is None else orjson.dumps(value).decode()
 
 
-async def pending_ids(
-    pool: asyncpg.Pool, *, after: UUID | None, limit: int
-) -> list[PendingDeadline]:
-    """A page of pending transactions in id order, for the reconcile tick."""
+async def pending_ids(pool: asyncpg.Pool, *, after: UUID | None, limit: int) -> list[Due]:
+    """A page of pending transactions (`at` their deadline) in id order, for reconcile."""
     rows = await pool.fetch(
         """
-        select id, deadline_at from transactions
+        select id, deadline_at as at from transactions
         where status = 'pending' and ($1::uuid is null or id > $1)
         order by id limit $2
         """,
         after,
         limit,
     )
-    return [row_as(PendingDeadline, r) for r in rows]
+    return [row_as(Due, r) for r in rows]
 
 
 async def oldest_pending_seconds(pool: asyncpg.Pool) -> float | None:
