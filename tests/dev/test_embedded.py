@@ -22,8 +22,7 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
-from khqr_gateway.dev.embedded import engines
-from khqr_gateway.dev.embedded import EmbeddedError, EmbeddedServices, EmbeddedUrls
+from khqr_gateway.dev.embedded import EmbeddedError, EmbeddedServices, EmbeddedUrls, engines
 
 # One event loop for the module, so the servers started once serve every test.
 pytestmark = pytest.mark.asyncio(loop_scope="module")
