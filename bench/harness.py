@@ -29,7 +29,7 @@ from procs import CpuMeter, Procs, descendants, memory_kib
 from redis.asyncio import Redis
 
 from khqr_gateway.bakong.sandbox import make_token
-from khqr_gateway.infra.schedule import keys
+from khqr_gateway.infra.keys import keys
 
 BENCH_DIR = Path(__file__).resolve().parent
 ADMIN_DSN = os.environ.get(

@@ -12,6 +12,7 @@ from uuid import UUID
 import asyncpg
 from aiohttp import web
 
+from khqr_gateway import times
 from khqr_gateway.bakong.client import BakongClient, SourceInfo
 from khqr_gateway.bakong.sandbox import make_token
 from khqr_gateway.config import Settings
@@ -21,10 +22,11 @@ from khqr_gateway.deliveries.deliverer import Deliverer
 from khqr_gateway.deliveries.lanes import Lanes
 from khqr_gateway.deliveries.sender import KEEPALIVE_S, MAX_IN_FLIGHT, Sender
 from khqr_gateway.deliveries.ssrf import AddressPolicy, GuardedConnector
-from khqr_gateway.infra import db, idempotency
+from khqr_gateway.infra import db, idempotency, keyset
+from khqr_gateway.infra.keys import keys
 from khqr_gateway.infra.locks import Locks
 from khqr_gateway.infra.ratelimit import PerSecond, RateLimit
-from khqr_gateway.infra.schedule import RedisClient, Schedule, connect, keys
+from khqr_gateway.infra.schedule import RedisClient, Schedule, connect
 from khqr_gateway.infra.scheduler import Ticks
 from khqr_gateway.metrics import PENDING, POLL_LAG, QUEUE_DEPTH
 from khqr_gateway.notices.alerts import Alerts
@@ -266,7 +268,7 @@ class Service:
         }
         oldest_due_ms = await self.polls.oldest_due_ms()
         now = datetime.now(UTC)
-        lag_ms = now.timestamp() * 1000 - oldest_due_ms if oldest_due_ms is not None else 0.0
+        lag_ms = times.to_ms(now) - oldest_due_ms if oldest_due_ms is not None else 0
         # Kept by triggers (exact, not pg_class estimates: a test or an operator comparing
         # stats with what they made expects the very number), so no table is counted.
         by_kind = await counts.fold_and_read(self.pool)
@@ -290,30 +292,25 @@ class Service:
         await idempotency.expire_idempotency_keys(self.pool)
 
     async def _reconcile_polls(self) -> None:
-        now_ms = int(time.time() * 1000)
-        after = None
-        while True:
-            rows = await tx_store.pending_ids(self.pool, after=after, limit=RECONCILE_PAGE)
-            if not rows:
-                break
-            added = await self.polls.add_missing(
-                [(str(r["id"]), min(now_ms, _ms(r["deadline_at"]))) for r in rows]
-            )
-            if added:
+        now_ms = times.now_ms()
+        pending = keyset.pages(
+            lambda after: tx_store.pending_ids(self.pool, after=after, limit=RECONCILE_PAGE),
+            key=lambda row: row.id,
+        )
+        async for rows in pending:
+            due = [(str(r.id), min(now_ms, times.to_ms(r.at))) for r in rows]
+            if added := await self.polls.add_missing(due):
                 log.warning("reconcile: %d pending transactions rescheduled", added)
-            after = rows[-1]["id"]
 
     async def _reconcile_late(self) -> None:
-        now_ms = int(time.time() * 1000)
-        after = None
-        while True:
-            rows = await tx_store.late_watch_page(self.pool, after=after, limit=RECONCILE_PAGE)
-            if not rows:
-                break
-            added = await self.late.schedule.add_missing([(str(r["id"]), now_ms) for r in rows])
-            if added:
+        now_ms = times.now_ms()
+        watched = keyset.pages(
+            lambda after: tx_store.late_watch_page(self.pool, after=after, limit=RECONCILE_PAGE),
+            key=lambda row: (row.at, row.id),
+        )
+        async for rows in watched:
+            if added := await self.late.schedule.add_missing([(str(r.id), now_ms) for r in rows]):
                 log.warning("reconcile: %d late watches rescheduled", added)
-            after = (rows[-1]["late_watch_until"], rows[-1]["id"])
 
     async def _reconcile_deliveries(self) -> None:
         after = None
@@ -388,4 +385,4 @@ def _export(figures: Figures) -> None:
 
 
 def _ms(value: datetime | None) -> int:
-    return int((value or datetime.now(UTC)).timestamp() * 1000)
+    return times.to_ms(value) if value is not None else times.now_ms()

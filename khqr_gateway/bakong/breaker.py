@@ -8,20 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-# Error kinds that say Bakong (or the way to it) is unwell. Any other answer, including
-# "unauthorized" and errorCodes in a well-formed envelope, shows that Bakong is up.
-UNHEALTHY = frozenset(
-    {
-        "server_error",
-        "timeout",
-        "network",
-        "malformed_reply",
-        "bad_status",
-        "forbidden",
-        "endpoint_not_found",
-    }
-)
-RATE_LIMITED = "rate_limited"
 RETRY_AFTER_MAX_S = 300.0
 
 

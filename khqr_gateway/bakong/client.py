@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
@@ -14,7 +13,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from khqr_gateway.bakong.model import CheckKind, CheckResult
+from khqr_gateway.bakong.model import CheckKind, CheckResult, ErrorKind
 from khqr_gateway.metrics import BAKONG_CALLS, BAKONG_GEO_BLOCKED, BAKONG_LATENCY
 from khqr_gateway.times import parse_retry_after
 
@@ -37,11 +36,11 @@ _LINK = re.compile(r"^(?!(?:javascript|data|vbscript|file|blob):)[a-z][a-z0-9+.-
 
 
 class BakongError(Exception):
-    """A Bakong call that gave no trustworthy answer; `kind` is a short snake_case word."""
+    """A Bakong call that gave no trustworthy answer, and why (`kind`)."""
 
     def __init__(
         self,
-        kind: str,
+        kind: ErrorKind,
         message: str,
         *,
         status: int | None = None,
@@ -54,7 +53,7 @@ class BakongError(Exception):
 
     @property
     def unauthorized(self) -> bool:
-        return self.kind == "unauthorized"
+        return self.kind is ErrorKind.UNAUTHORIZED
 
     @property
     def list_unsupported(self) -> bool:
@@ -68,42 +67,54 @@ def _retry_after(headers: Any) -> float | None:
 
 def _error_for_status(status: int, headers: Any) -> BakongError:
     if status == 407:
-        return BakongError("proxy_refused", "BAKONG_PROXY_URL answered 407", status=status)
+        return BakongError(ErrorKind.PROXY_REFUSED, "BAKONG_PROXY_URL answered 407", status=status)
     if status == 401:
-        return BakongError("unauthorized", "Bakong answered 401", status=status)
+        return BakongError(ErrorKind.UNAUTHORIZED, "Bakong answered 401", status=status)
     if status == 403:
-        return BakongError("forbidden", "Bakong answered 403", status=status)
+        return BakongError(ErrorKind.FORBIDDEN, "Bakong answered 403", status=status)
     if status == 404:
-        return BakongError("endpoint_not_found", "Bakong answered 404", status=status)
+        return BakongError(ErrorKind.ENDPOINT_NOT_FOUND, "Bakong answered 404", status=status)
     if status == 429:
         return BakongError(
-            "rate_limited", "Bakong answered 429", status=status, retry_after=_retry_after(headers)
+            ErrorKind.RATE_LIMITED,
+            "Bakong answered 429",
+            status=status,
+            retry_after=_retry_after(headers),
         )
     if status >= 500:
-        return BakongError("server_error", f"Bakong answered {status}", status=status)
-    return BakongError("bad_status", f"Bakong answered {status}", status=status)
+        return BakongError(ErrorKind.SERVER_ERROR, f"Bakong answered {status}", status=status)
+    return BakongError(ErrorKind.BAD_STATUS, f"Bakong answered {status}", status=status)
 
 
 def result_from_envelope(body: Any) -> CheckResult:
     """Map a check_transaction_by_md5 reply to what it says about the payment."""
     if not isinstance(body, dict):
-        return CheckResult(CheckKind.ERROR, error="malformed_reply")
+        return CheckResult(CheckKind.ERROR, error=ErrorKind.MALFORMED_REPLY)
     code = body.get("responseCode")
     error_code = body.get("errorCode")
     if code == 0:
         data = body.get("data")
         if isinstance(data, dict):
             return CheckResult(CheckKind.PAID, data=data)
-        return CheckResult(CheckKind.ERROR, error="malformed_reply")
+        return CheckResult(CheckKind.ERROR, error=ErrorKind.MALFORMED_REPLY)
     if error_code == NOT_FOUND_CODE:
         return CheckResult(CheckKind.NOT_FOUND)
     if error_code == FAILED_CODE:
-        return CheckResult(CheckKind.FAILED, error="transaction_failed")
+        return CheckResult(CheckKind.FAILED)
     if error_code == UNAUTHORIZED_CODE:
-        return CheckResult(CheckKind.ERROR, error="unauthorized")
+        return CheckResult(CheckKind.ERROR, error=ErrorKind.UNAUTHORIZED)
     if error_code == STATIC_QR_CODE:
-        return CheckResult(CheckKind.ERROR, error="static_qr_not_supported")
-    return CheckResult(CheckKind.ERROR, error=f"bakong_error_{error_code}")
+        return CheckResult(CheckKind.ERROR, error=ErrorKind.STATIC_QR)
+    return CheckResult(CheckKind.ERROR, error=ErrorKind.BAKONG_ERROR, code=_error_code(error_code))
+
+
+def _error_code(value: Any) -> int | None:
+    """An errorCode as the number (0 or more) it should be; None for anything else."""
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
 
 
 def results_from_list(body: Any, md5s: Sequence[str]) -> dict[str, CheckResult | None]:
@@ -113,17 +124,17 @@ def results_from_list(body: Any, md5s: Sequence[str]) -> dict[str, CheckResult |
     unknown status such as a failed payment): the caller asks the per-md5 endpoint.
     """
     if not isinstance(body, dict):
-        raise BakongError("malformed_reply", "Bakong list reply is not an object")
+        raise BakongError(ErrorKind.MALFORMED_REPLY, "Bakong list reply is not an object")
     if body.get("responseCode") != 0:
         if body.get("errorCode") == UNAUTHORIZED_CODE:
-            raise BakongError("unauthorized", "Bakong list reply: token expired or invalid")
+            raise BakongError(ErrorKind.UNAUTHORIZED, "Bakong list reply: token expired or invalid")
         if body.get("errorCode") == NOT_FOUND_CODE:
             # Some deployments answer "not found" for the whole list when nothing is paid.
             return {md5: CheckResult(CheckKind.NOT_FOUND) for md5 in md5s}
-        raise BakongError("bakong_error", f"Bakong list errorCode {body.get('errorCode')}")
+        raise BakongError(ErrorKind.BAKONG_ERROR, f"Bakong list errorCode {body.get('errorCode')}")
     items = body.get("data")
     if not isinstance(items, list):
-        raise BakongError("malformed_reply", "Bakong list reply has no data array")
+        raise BakongError(ErrorKind.MALFORMED_REPLY, "Bakong list reply has no data array")
     wanted = set(md5s)
     out: dict[str, CheckResult | None] = dict.fromkeys(md5s)
     for item in items:
@@ -164,18 +175,22 @@ class SourceInfo:
 def link_from_envelope(body: Any) -> str:
     """The short link of a generate_deeplink_by_qr reply; BakongError when there is none."""
     if not isinstance(body, dict):
-        raise BakongError("malformed_reply", "Bakong deeplink reply is not an object")
+        raise BakongError(ErrorKind.MALFORMED_REPLY, "Bakong deeplink reply is not an object")
     if body.get("responseCode") != 0:
         error_code = body.get("errorCode")
         if error_code == UNAUTHORIZED_CODE:
-            raise BakongError("unauthorized", "Bakong deeplink: token expired or invalid")
+            raise BakongError(ErrorKind.UNAUTHORIZED, "Bakong deeplink: token expired or invalid")
         if error_code == LINK_PROVIDER_CODE:
-            raise BakongError("link_provider_failed", "Bakong deeplink: the link provider failed")
-        raise BakongError("bakong_error", f"Bakong deeplink errorCode {error_code}")
+            raise BakongError(
+                ErrorKind.LINK_PROVIDER_FAILED, "Bakong deeplink: the link provider failed"
+            )
+        raise BakongError(ErrorKind.BAKONG_ERROR, f"Bakong deeplink errorCode {error_code}")
     data = body.get("data")
     link = data.get("shortLink") if isinstance(data, dict) else None
     if not isinstance(link, str) or len(link) > LINK_MAX or not _LINK.fullmatch(link):
-        raise BakongError("malformed_reply", "Bakong deeplink reply has no usable shortLink")
+        raise BakongError(
+            ErrorKind.MALFORMED_REPLY, "Bakong deeplink reply has no usable shortLink"
+        )
     return link
 
 
@@ -293,7 +308,7 @@ class BakongClient:
             reply = await self._send(name, body, headers)
         except BakongError as exc:
             BAKONG_CALLS.labels(name, exc.kind).inc()
-            self.recent.add(exc.kind)
+            self.recent.add(exc.kind.value)
             if exc.status == 403:
                 self.refusals.refused(time.monotonic())
             elif exc.status is not None:
@@ -318,16 +333,20 @@ class BakongClient:
                 if resp.status != 200:
                     raise _error_for_status(resp.status, resp.headers)
         except TimeoutError:
-            raise BakongError("timeout", f"Bakong {name} timed out") from None
+            raise BakongError(ErrorKind.TIMEOUT, f"Bakong {name} timed out") from None
         except aiohttp.ClientProxyConnectionError:
             # Never the proxy's URL: it may hold a password.
-            raise BakongError("proxy_unreachable", "BAKONG_PROXY_URL is unreachable") from None
+            raise BakongError(
+                ErrorKind.PROXY_UNREACHABLE, "BAKONG_PROXY_URL is unreachable"
+            ) from None
         except aiohttp.ClientError as exc:
-            raise BakongError("network", f"Bakong {name}: {type(exc).__name__}") from None
+            raise BakongError(ErrorKind.NETWORK, f"Bakong {name}: {type(exc).__name__}") from None
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError:
-            raise BakongError("malformed_reply", f"Bakong {name} reply is not JSON") from None
+            raise BakongError(
+                ErrorKind.MALFORMED_REPLY, f"Bakong {name} reply is not JSON"
+            ) from None
 
     async def check_md5_list(
         self, token: str | None, md5s: Sequence[str]
@@ -359,16 +378,5 @@ class BakongClient:
             if isinstance(token, str) and token:
                 return token
         if isinstance(body, dict) and body.get("errorCode") == NOT_REGISTERED_CODE:
-            raise BakongError("not_registered", "Bakong: email not registered")
-        raise BakongError("renew_failed", "Bakong renew_token gave no token")
-
-
-async def gather_limited(limit: int, *aws: Any) -> list[Any]:
-    """asyncio.gather with at most `limit` awaitables running at once."""
-    semaphore = asyncio.Semaphore(limit)
-
-    async def run(aw: Any) -> Any:
-        async with semaphore:
-            return await aw
-
-    return await asyncio.gather(*(run(aw) for aw in aws))
+            raise BakongError(ErrorKind.NOT_REGISTERED, "Bakong: email not registered")
+        raise BakongError(ErrorKind.RENEW_FAILED, "Bakong renew_token gave no token")

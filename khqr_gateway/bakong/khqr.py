@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import re
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
+
+from khqr_gateway import times
 
 __all__ = ["Khqr", "KhqrError", "build", "crc16", "md5_of", "parse", "utf16_length", "verify"]
 
@@ -314,7 +315,7 @@ def verify(qr: str, *, now_ms: int | None = None) -> Khqr:
     _check_language(khqr)
     _check_codes(khqr)
     _check_amount(khqr)
-    _check_timestamps(khqr, int(time.time() * 1000) if now_ms is None else now_ms)
+    _check_timestamps(khqr, times.now_ms() if now_ms is None else now_ms)
     return khqr
 
 
@@ -633,7 +634,7 @@ def _timestamps(dynamic: bool, created_at_ms: int | None, expires_at_ms: int | N
     if expires_at_ms is None:
         # Payer apps reject dynamic QRs without an expiry (SDK 1.0.18+, doc v2.8).
         raise KhqrError("expires_at_ms is required for a dynamic QR", "expires_at.required")
-    created = int(time.time() * 1000) if created_at_ms is None else created_at_ms
+    created = times.now_ms() if created_at_ms is None else created_at_ms
     _check_epoch_ms("created_at", created)
     _check_epoch_ms("expires_at", expires_at_ms)
     if expires_at_ms <= created:

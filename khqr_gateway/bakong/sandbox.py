@@ -58,6 +58,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from khqr_gateway import times
 from khqr_gateway.bakong import khqr
 
 TOKEN_LIFETIME_S = 90 * 24 * 3600
@@ -416,7 +417,7 @@ def _amount(value: Any) -> int | float:
 def _payment_data(
     md5: str, body: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
-    now = int(time.time() * 1000)
+    now = times.now_ms()
     body = {**PAYMENT_DEFAULTS, **(defaults or {}), **body}
     amount_value = _amount(body["amount"])
     return {
@@ -630,7 +631,7 @@ async def inbox_receive(request: web.Request) -> web.Response:
         for k, v in request.headers.items()
         if k.lower().startswith(("webhook-", "x-webhook"))
     }
-    inbox.append({"receivedAt": int(time.time() * 1000), "headers": headers, "body": body})
+    inbox.append({"receivedAt": times.now_ms(), "headers": headers, "body": body})
     del inbox[:-INBOX_LIMIT]
     return web.json_response({"ok": True})
 

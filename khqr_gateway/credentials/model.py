@@ -6,9 +6,17 @@ import base64
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 import orjson
+
+
+class CredentialStatus(StrEnum):
+    """Whether a credential's token may be used: `expired` says why not in `last_error`."""
+
+    ACTIVE = "active"
+    EXPIRED = "expired"
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,17 +25,11 @@ class Credential:
     token: str | None
     email: str | None
     expires_at: datetime | None
-    status: str
+    status: CredentialStatus
     is_default: bool = False
     last_error: str | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
-
-
-ACTIVE = "active"
-
-
-EXPIRED = "expired"
 
 
 def jwt_expiry(token: str) -> datetime | None:
@@ -52,14 +54,18 @@ def expiry_seconds(credential: Credential, now: float | None = None) -> float | 
     """Seconds the credential's token has left; 0 or less when it cannot be used."""
     now = time.time() if now is None else now
     left = credential.expires_at.timestamp() - now if credential.expires_at else None
-    if credential.status == EXPIRED or credential.token is None:
+    if credential.status is CredentialStatus.EXPIRED or credential.token is None:
         return min(left, 0.0) if left is not None else 0.0
     return left
 
 
 def _usable(credential: Credential | None, stale: str | None) -> str | None:
     """The credential's token if it is active, unexpired and not the one found wanting."""
-    if credential is None or credential.status != ACTIVE or not credential.token:
+    if (
+        credential is None
+        or credential.status is not CredentialStatus.ACTIVE
+        or not credential.token
+    ):
         return None
     if credential.token == stale or token_expired(credential.token):
         return None
@@ -70,7 +76,7 @@ def refused(credential: Credential) -> bool:
     """Expired only because Bakong refused its token, whose `exp` is still ahead, and
     there is no email to renew it: Bakong may accept the token again."""
     return (
-        credential.status == EXPIRED
+        credential.status is CredentialStatus.EXPIRED
         and credential.token is not None
         and not credential.email
         and not token_expired(credential.token)

@@ -20,20 +20,20 @@ import contextlib
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 import asyncpg
 
 from khqr_gateway.bakong.breaker import backoff_s
 from khqr_gateway.bakong.client import BakongClient, BakongError
-from khqr_gateway.bakong.model import CheckKind
+from khqr_gateway.bakong.model import CheckKind, CheckResult, ErrorKind
 from khqr_gateway.credentials import store as credential_store
 from khqr_gateway.credentials.model import (
-    ACTIVE,
-    EXPIRED,
     Credential,
+    CredentialStatus,
     _usable,
     expiry_seconds,
     jwt_expiry,
@@ -59,7 +59,7 @@ KNOWN_MAX = 10_000
 # Longer than a renew_token call can take, so a live holder never loses the lock.
 RENEW_LOCK_TTL_MS = 30_000
 # Renewal failures that no retry will fix.
-PERMANENT_RENEWAL_ERRORS = frozenset({"not_registered", "renew_failed"})
+PERMANENT_RENEWAL_ERRORS = frozenset({ErrorKind.NOT_REGISTERED, ErrorKind.RENEW_FAILED})
 # An expired email credential that is asked for is tried again at most this often.
 EXPIRED_RETRY_S = 60.0
 # A refused token-only credential is asked about again after these many seconds, doubling.
@@ -67,6 +67,10 @@ REFUSED_PROBE_FIRST_S = 5.0
 REFUSED_PROBE_MAX_S = 300.0
 # The md5 a probe asks about: Bakong knows no payment by it, so any envelope means "accepted".
 PROBE_MD5 = "0" * 32
+# A check whose token Bakong refused, and that no renewal could replace.
+REFUSED = CheckResult(CheckKind.ERROR, error=ErrorKind.UNAUTHORIZED)
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -183,11 +187,15 @@ class Credentials:
         if credential_id is None:
             return None
         cred = await self.get(credential_id)
-        if cred is not None and cred.status == EXPIRED:
+        if cred is not None and cred.status is CredentialStatus.EXPIRED:
             cred = await self._fresh(credential_id)
             if cred is not None and refused(cred):
                 return await self._probe(cred)
-            if cred is not None and cred.status == EXPIRED and not _retry_due(cred):
+            if (
+                cred is not None
+                and cred.status is CredentialStatus.EXPIRED
+                and not _retry_due(cred)
+            ):
                 raise NoToken(f"credential {credential_id} is expired")
         if cred is None:
             raise NoToken(f"credential {credential_id} not found")
@@ -229,6 +237,45 @@ class Credentials:
             except LockTimeout:
                 raise NoToken(f"credential {credential_id}: renewal elsewhere is stuck") from None
 
+    async def renewing(
+        self,
+        credential_id: int | None,
+        token: str | None,
+        send: Callable[[str | None], Awaitable[T]],
+        *,
+        retry_allowed: Callable[[], Awaitable[bool]] | None = None,
+    ) -> tuple[T, str | None]:
+        """`send(token)` to Bakong; when Bakong refuses the token (a 401 raised, or a check's
+        `unauthorized` result), renew the credential's token once and send again with it if
+        `retry_allowed` lets a second call out (else the refusal stands). Returns the answer
+        and the token last sent; NoToken when no fresh token can be had."""
+        try:
+            answer = await send(token)
+        except BakongError as exc:
+            if not exc.unauthorized:
+                raise
+            return await self._send_again(credential_id, token, send, retry_allowed, exc)
+        if isinstance(answer, CheckResult) and answer.error is ErrorKind.UNAUTHORIZED:
+            return await self._send_again(credential_id, token, send, retry_allowed, answer)
+        return answer, token
+
+    async def _send_again(
+        self,
+        credential_id: int | None,
+        stale: str | None,
+        send: Callable[[str | None], Awaitable[T]],
+        retry_allowed: Callable[[], Awaitable[bool]] | None,
+        refusal: T | BakongError,
+    ) -> tuple[T, str | None]:
+        if credential_id is None:
+            raise NoToken("no credential to renew")
+        token = await self.renew(credential_id, stale=stale)
+        if retry_allowed is None or await retry_allowed():
+            return await send(token), token
+        if isinstance(refusal, BakongError):
+            raise refusal
+        return refusal, token
+
     @contextlib.asynccontextmanager
     async def _shared_lock(self, credential_id: int) -> AsyncIterator[None]:
         if self.locks is None:
@@ -259,7 +306,7 @@ class Credentials:
         )
         return token
 
-    async def _renewal_failed(self, cred: Credential, kind: str, *, rejected: bool) -> None:
+    async def _renewal_failed(self, cred: Credential, kind: ErrorKind, *, rejected: bool) -> None:
         error = f"token renewal failed: {kind}"
         if rejected or _usable(cred, None) is None:
             await self._expire(cred, error)
@@ -278,7 +325,7 @@ class Credentials:
         changed = await credential_store.mark_credential_expired(self.pool, cred.id, error)
         self._cache.pop(cred.id, None)
         if cred.id == self.default_id:
-            seconds = expiry_seconds(replace(cred, status=EXPIRED)) or 0.0
+            seconds = expiry_seconds(replace(cred, status=CredentialStatus.EXPIRED)) or 0.0
             TOKEN_EXPIRY.labels(DEFAULT_CREDENTIAL).set(seconds)
         log.log(
             logging.ERROR if changed or cred.last_error != error else logging.WARNING,
@@ -305,7 +352,7 @@ class Credentials:
         refusal.next_at = now + refusal.wait_s()  # the other callers wait for this one
         result = await self.bakong.check_md5(cred.token, PROBE_MD5)
         if result.kind is CheckKind.ERROR:
-            if result.error == "unauthorized":  # else Bakong is unwell: no news, same wait
+            if result.error is ErrorKind.UNAUTHORIZED:  # else Bakong is unwell: no news, same wait
                 refusal.note(time.monotonic())
             log.info(
                 "bakong did not accept the refused token; asking again later",
@@ -319,7 +366,7 @@ class Credentials:
         self._cache.pop(cred.id, None)
         if await credential_store.reactivate_credential(self.pool, cred.id, token):
             TOKEN_EXPIRY.labels(str(cred.id)).set(
-                expiry_seconds(replace(cred, status=ACTIVE)) or 0.0
+                expiry_seconds(replace(cred, status=CredentialStatus.ACTIVE)) or 0.0
             )
             log.warning(
                 "bakong accepts the credential's token again: credential active",
@@ -362,14 +409,14 @@ class Credentials:
                 continue
             if label == DEFAULT_CREDENTIAL:
                 TOKEN_EXPIRY.labels(label).set(seconds)
-            elif cred.status == ACTIVE:
+            elif cred.status is CredentialStatus.ACTIVE:
                 soonest = seconds if soonest is None else min(soonest, seconds)
         if soonest is None:
             TOKEN_EXPIRY.remove(PER_TRANSACTION)
         else:
             TOKEN_EXPIRY.labels(PER_TRANSACTION).set(soonest)
         for label in (DEFAULT_CREDENTIAL, PER_TRANSACTION):
-            for status in (ACTIVE, EXPIRED):
+            for status in CredentialStatus:
                 CREDENTIALS.labels(label, status).set(counts[label, status])
 
     async def _every_credential(self) -> AsyncIterator[Credential]:
@@ -395,4 +442,8 @@ def _retry_due(cred: Credential) -> bool:
 
 def _failed_since(cred: Credential, moment: datetime) -> bool:
     """Marked expired after `moment`: a renewal failed while we waited for the lock."""
-    return cred.status == EXPIRED and cred.updated_at is not None and cred.updated_at > moment
+    return (
+        cred.status is CredentialStatus.EXPIRED
+        and cred.updated_at is not None
+        and cred.updated_at > moment
+    )

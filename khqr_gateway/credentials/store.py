@@ -8,7 +8,8 @@ from datetime import datetime
 
 import asyncpg
 
-from khqr_gateway.credentials.model import Credential
+from khqr_gateway.credentials.model import Credential, CredentialStatus
+from khqr_gateway.infra.db import row_as
 
 CREDENTIAL_COLUMNS = (
     "id, token, email, expires_at, status, is_default, last_error, created_at, updated_at"
@@ -16,17 +17,7 @@ CREDENTIAL_COLUMNS = (
 
 
 def _credential(row: asyncpg.Record) -> Credential:
-    return Credential(
-        row["id"],
-        row["token"],
-        row["email"],
-        row["expires_at"],
-        row["status"],
-        row["is_default"],
-        row["last_error"],
-        row["created_at"],
-        row["updated_at"],
-    )
+    return row_as(Credential, row, status=CredentialStatus(row["status"]))
 
 
 def fingerprint(value: str) -> str:
@@ -103,7 +94,11 @@ async def credentials_by_id(pool: asyncpg.Pool, ids: Sequence[int]) -> dict[int,
 
 
 async def list_credentials(
-    pool: asyncpg.Pool, *, status: str | None = None, after: int | None = None, limit: int = 100
+    pool: asyncpg.Pool,
+    *,
+    status: CredentialStatus | None = None,
+    after: int | None = None,
+    limit: int = 100,
 ) -> list[Credential]:
     """Credentials in id order, optionally of one status, after the id `after`."""
     rows = await pool.fetch(
@@ -151,7 +146,7 @@ async def mark_credential_expired(pool: asyncpg.Pool, credential_id: int, error:
         credential_id,
         error,
     )
-    return bool(was == "active")
+    return bool(was == CredentialStatus.ACTIVE)
 
 
 async def reactivate_credential(pool: asyncpg.Pool, credential_id: int, token: str) -> bool:

@@ -10,9 +10,10 @@ share one hash tag (`infra.schedule.keys`), so the scripts run on a Redis Cluste
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 
 from khqr_gateway.deliveries.model import Lane, PendingDelivery
+from khqr_gateway.infra.keys import RedisKeys
 from khqr_gateway.infra.schedule import Lease, RedisClient, Schedule
 from khqr_gateway.times import now_ms, to_ms
 
@@ -20,8 +21,9 @@ from khqr_gateway.times import now_ms, to_ms
 class Lanes:
     """Both delivery lanes; the only way in, out and across."""
 
-    def __init__(self, redis: RedisClient, names: Mapping[str, str]) -> None:
-        self._schedules = {lane: Schedule(redis, names[lane]) for lane in Lane}
+    def __init__(self, redis: RedisClient, names: RedisKeys) -> None:
+        sets = {Lane.FIRST: names["deliver"], Lane.RETRY: names["deliver_retry"]}
+        self._schedules = {lane: Schedule(redis, key) for lane, key in sets.items()}
 
     async def add(self, ids: Iterable[str], due_ms: int, lane: Lane = Lane.FIRST) -> int:
         """Queue new deliveries; one the lane already has keeps its place (reconcile may have

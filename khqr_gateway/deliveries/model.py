@@ -18,7 +18,7 @@ class Lane(StrEnum):
     """The two schedules a pending delivery waits in: first attempts go before retries, so a
     receiver that keeps failing never delays a new payment's webhook.
 
-    A value is the lane's name in `infra.schedule.keys` and its `khqr_queue_depth` label,
+    A value is the lane's name in `infra.keys.keys` and its `khqr_queue_depth` label,
     both kept as they were: the Redis keys are persisted state, the label a metric's contract.
     """
 

@@ -18,9 +18,9 @@ from aiohttp_apigami import docs, match_info_schema, request_schema, response_sc
 from marshmallow import EXCLUDE, INCLUDE, Schema, ValidationError, fields, post_load
 
 from khqr_gateway.bakong.client import FAILED_CODE, NOT_FOUND_CODE, STATIC_QR_CODE
-from khqr_gateway.bakong.model import CheckKind, CheckResult
+from khqr_gateway.bakong.model import CheckKind, CheckResult, ErrorKind
 from khqr_gateway.credentials.model import token_expired
-from khqr_gateway.credentials.renewal import NoToken
+from khqr_gateway.credentials.renewal import REFUSED, NoToken
 from khqr_gateway.http import sse, tracking
 from khqr_gateway.http.errors import ApiError, ErrorDetailSchema, error_body, invalid
 from khqr_gateway.http.fields import (
@@ -261,16 +261,21 @@ def _answer(result: CheckResult) -> web.Response:
         )
     if result.kind is CheckKind.FAILED:
         raise BakongRefusal(417, "transaction_failed", "Transaction failed.", FAILED_CODE)
-    error = result.error or ""
-    if error == "unauthorized":
+    if result.error is ErrorKind.UNAUTHORIZED:
         raise BakongRefusal(
             401, "unauthorized", "Bakong refused the token (expired or invalid)", UNAUTHORIZED_CODE
         )
-    if error == "static_qr_not_supported":
+    if result.error is ErrorKind.STATIC_QR:
         raise BakongRefusal(404, "not_found", "Static KHQR is not supported", STATIC_QR_CODE)
-    if error.startswith("bakong_error_") and error[13:].isdigit():
-        raise BakongRefusal(404, "not_found", f"Bakong errorCode {error[13:]}", int(error[13:]))
-    raise ApiError(502, "bakong_unavailable", f"Bakong gave no answer ({error or 'unknown'})")
+    if result.error is ErrorKind.BAKONG_ERROR and result.code is not None:
+        raise BakongRefusal(404, "not_found", f"Bakong errorCode {result.code}", result.code)
+    raise ApiError(502, "bakong_unavailable", f"Bakong gave no answer ({_why(result)})")
+
+
+def _why(result: CheckResult) -> str:
+    if result.error is ErrorKind.BAKONG_ERROR:
+        return f"{result.error}_{result.code}"  # an errorCode that is not a number
+    return result.error or "unknown"
 
 
 @docs(
@@ -291,13 +296,12 @@ async def get_by_md5(request: web.Request) -> web.StreamResponse:
     md5 = _md5_of(request)
     query = load_query(request, MD5_QUERY_SCHEMA)
     credential_id, token = await _query_credential(service, query)
-    result = await service.bakong.check_md5(token, md5)
-    if result.error == "unauthorized" and credential_id is not None:
-        try:
-            token = await service.credentials.renew(credential_id, stale=token)
-        except NoToken:
-            return _answer(result)
-        result = await service.bakong.check_md5(token, md5)
+    try:
+        result, _ = await service.credentials.renewing(
+            credential_id, token, lambda fresh: service.bakong.check_md5(fresh, md5)
+        )
+    except NoToken:
+        result = REFUSED
     return _answer(result)
 
 

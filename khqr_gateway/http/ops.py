@@ -13,7 +13,7 @@ from marshmallow import Schema, fields
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from khqr_gateway.credentials import store as credential_store
-from khqr_gateway.credentials.model import Credential, refused
+from khqr_gateway.credentials.model import Credential, CredentialStatus, refused
 from khqr_gateway.http.errors import ApiError
 from khqr_gateway.http.json import iso, json_response
 from khqr_gateway.http.openapi import errors
@@ -129,7 +129,7 @@ async def bakong_health(service: Service) -> dict[str, Any]:
     )
     default = found.get(default_id) if default_id else None
     expired = await credential_store.list_credentials(
-        service.pool, status="expired", limit=EXPIRED_SHOWN + 1
+        service.pool, status=CredentialStatus.EXPIRED, limit=EXPIRED_SHOWN + 1
     )
     health: dict[str, Any] = {
         "defaultCredential": None

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import logging
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 import orjson
@@ -26,8 +28,12 @@ ROW_FAULTS: tuple[type[Exception], ...] = (
     asyncpg.IntegrityConstraintViolationError,
 )
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 Row = TypeVar("Row")
 Result = TypeVar("Result")
+Value = TypeVar("Value", bound="DataclassInstance")
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,3 +218,16 @@ async def write_isolated(
 async def ping(pool: asyncpg.Pool) -> None:
     """Raises unless Postgres answers a query through `pool`."""
     await pool.fetchval("select 1")
+
+
+def row_as(kind: type[Value], row: Mapping[str, Any], **given: Any) -> Value:
+    """The typed row `kind` (a dataclass) of a record: each field from the column of its
+    name, unless `given`; a field with a default may have no column."""
+    columns = {name: row[name] for name in _fields(kind) if name not in given and name in row}
+    return kind(**columns, **given)
+
+
+@functools.cache
+def _fields(kind: type[DataclassInstance]) -> tuple[str, ...]:
+    # Read once per type: the poll tick makes thousands of rows a second.
+    return tuple(f.name for f in dataclasses.fields(kind))

@@ -1,12 +1,15 @@
-"""Newest-first pages by (created_at, id): the listing query every list route shares."""
+"""Keyset pages: the newest-first listing query every list route shares, and walking pages."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
+
+Row = TypeVar("Row")
+Key = TypeVar("Key")
 
 
 async def newest_first(
@@ -38,3 +41,14 @@ async def newest_first(
         *args,
     )
     return rows
+
+
+async def pages(
+    fetch: Callable[[Key | None], Awaitable[Sequence[Row]]], key: Callable[[Row], Key]
+) -> AsyncIterator[Sequence[Row]]:
+    """Every page `fetch` gives, from the first (after None) on, each asked after the `key`
+    of the last row of the one before, until a page comes back empty."""
+    after: Key | None = None
+    while rows := await fetch(after):
+        yield rows
+        after = key(rows[-1])

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from khqr_gateway.infra.keys import sub_key
 from khqr_gateway.infra.schedule import RedisClient
 
 # KEYS[1] the lock; ARGV[1] the holder's token. Only the holder can release it.
@@ -33,7 +34,7 @@ class Locks:
         self._release: Any = redis.register_script(_RELEASE)
 
     def key(self, name: str) -> str:
-        return f"{self.prefix}:{name}"
+        return sub_key(self.prefix, name)
 
     async def acquire(self, name: str, ttl_ms: int) -> str | None:
         """The lock's token if we got it, None if someone else holds it."""

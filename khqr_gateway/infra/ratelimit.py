@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from khqr_gateway import times
+from khqr_gateway.infra.keys import sub_key
 from khqr_gateway.infra.schedule import RedisClient
 
 # KEYS[1] the bucket (a hash: tokens, ts, and the end of each line); KEYS[2..] the pause key
@@ -124,7 +126,7 @@ class RateLimit:
         self._pause: Any = redis.register_script(_PAUSE)
 
     def pause_key(self, credential: int | None) -> str:
-        return f"{self.pause_prefix}:{'default' if credential is None else credential}"
+        return sub_key(self.pause_prefix, "default" if credential is None else credential)
 
     async def take(
         self,
@@ -155,7 +157,7 @@ class RateLimit:
 
     async def pause(self, credential: int | None, seconds: float) -> None:
         """Stop every process calling Bakong for `credential` for `seconds` (after a 429)."""
-        ms = max(1, int(seconds * 1000))
+        ms = max(1, times.seconds_to_ms(seconds))
         await self._pause(keys=[self.pause_key(credential)], args=[ms])
 
 
@@ -175,5 +177,5 @@ class PerSecond:
 
     async def count(self, key: str) -> int:
         """This call's number in the current second for `key`, 1 for the first."""
-        counter = f"{self.prefix}:{key}:{int(time.time())}"
+        counter = sub_key(self.prefix, key, int(time.time()))
         return int(await self.redis.eval(_COUNT, 1, counter))

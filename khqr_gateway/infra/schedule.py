@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
+
+from khqr_gateway import times
 
 log = logging.getLogger(__name__)
 
@@ -164,12 +165,12 @@ class Schedule:
         if not members:
             return []
         keys = [self.key, *(other.key for other in also_in)]
-        held = await self._requeue(keys=keys, args=[int(time.time() * 1000), due_ms, *members])
+        held = await self._requeue(keys=keys, args=[times.now_ms(), due_ms, *members])
         return [m.decode() if isinstance(m, bytes) else m for m in held]
 
     async def leased(self, members: Sequence[str], also_in: Sequence[Schedule] = ()) -> list[str]:
         """The members a live lease holds, here or in `also_in`."""
-        now_ms = time.time() * 1000
+        now_ms = times.now_ms()
         held: list[str] = []
         for lane in (self, *also_in):
             scores = await lane.scores(members)
@@ -268,7 +269,7 @@ class Lease:
         while self.members:
             await asyncio.sleep(self.length_ms / 3000)
             async with self._lock:
-                new_until = int(time.time() * 1000) + self.length_ms + LEASE_MARK
+                new_until = times.now_ms() + self.length_ms + LEASE_MARK
                 try:
                     await self.schedule.extend(self.until, new_until, sorted(self.members))
                 except RedisError:
@@ -290,7 +291,7 @@ class Lease:
 
 
 # One Redis or a Redis Cluster: every key the service uses together shares one hash tag
-# (see `keys`), so every script and pipeline runs on the one node holding that slot.
+# (see infra/keys.py), so every script and pipeline runs on the one node holding that slot.
 RedisClient = Redis | RedisCluster
 
 
@@ -306,23 +307,3 @@ async def connect(url: str, *, cluster: bool) -> RedisClient:
     except (RedisError, RedisClusterException) as exc:  # down: retried on use, as one Redis
         log.warning("Redis Cluster not reachable at start-up: %s", exc)
     return client
-
-
-def keys(namespace: str) -> dict[str, str]:
-    """Every Redis key of the service, in one place, sharing one hash tag (Redis Cluster)."""
-    tag = "{" + namespace + "}"
-    return {
-        "poll": f"{tag}:poll",
-        "deliver": f"{tag}:deliver",
-        "deliver_retry": f"{tag}:deliver:retry",
-        # Timed-out and cancelled transactions watched for a late payment.
-        "late": f"{tag}:late",
-        "events": f"{tag}:events",
-        # Bakong: the shared rate-limit bucket; prefixes of per-credential keys
-        # (`<prefix>:<credential id>`) for 429 pauses and token-renewal locks.
-        "bakong_rate": f"{tag}:bakong:rate",
-        "bakong_pause": f"{tag}:bakong:pause",
-        "bakong_renew": f"{tag}:bakong:renew",
-        # Per API key request counters, one key a second: `<prefix>:<key id>:<second>`.
-        "api_rate": f"{tag}:api:rate",
-    }

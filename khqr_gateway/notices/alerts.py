@@ -7,10 +7,12 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 
 import asyncpg
 
 from khqr_gateway.bakong.client import RecentCalls
+from khqr_gateway.credentials.model import CredentialStatus
 
 log = logging.getLogger(__name__)
 
@@ -18,10 +20,23 @@ CREDENTIAL_WARN_S = 3 * 86_400
 BAKONG_FAILING_S = 300.0
 DELIVERIES_FAILING_S = 900
 
-TITLES = {
-    "credential": "the default Bakong credential",
-    "bakong": "Bakong",
-    "deliveries": "webhook deliveries",
+
+class Alert(StrEnum):
+    """What an operator is alerted about; the value is the row's `kind` in operator_alerts."""
+
+    CREDENTIAL = "credential"
+    BAKONG = "bakong"
+    DELIVERIES = "deliveries"
+
+    @property
+    def subject(self) -> str:
+        return _SUBJECTS[self]
+
+
+_SUBJECTS = {
+    Alert.CREDENTIAL: "the default Bakong credential",
+    Alert.BAKONG: "Bakong",
+    Alert.DELIVERIES: "webhook deliveries",
 }
 
 
@@ -55,7 +70,7 @@ async def credential_problem(pool: asyncpg.Pool) -> str | None:
     )
     if row is None:
         return None
-    if row["status"] == "expired" or row["past"]:
+    if row["status"] == CredentialStatus.EXPIRED or row["past"]:
         return f"credential {row['id']} has expired: set BAKONG_TOKEN or BAKONG_EMAIL"
     if row["soon"]:
         return f"credential {row['id']} expires at {_iso(row['expires_at'])}"
@@ -83,7 +98,7 @@ def bakong_failing(recent: RecentCalls) -> bool | None:
     return bool(summary["errors"] == summary["calls"])
 
 
-async def flip(pool: asyncpg.Pool, kind: str, firing: bool, detail: str | None) -> bool:
+async def flip(pool: asyncpg.Pool, kind: Alert, firing: bool, detail: str | None) -> bool:
     """Record that `kind` starts (or stops) firing; True only for the process that changed it."""
     if firing:
         changed = await pool.fetchval(
@@ -119,20 +134,20 @@ class Alerts:
     async def tick(self, now: float | None = None) -> None:
         at = time.monotonic() if now is None else now
         credential = await credential_problem(self.pool)
-        await self._settle("credential", credential is not None, credential)
+        await self._settle(Alert.CREDENTIAL, credential is not None, credential)
         failing = self._bakong.observe(bakong_failing(self.recent), at)
         if failing is not None:
-            await self._settle("bakong", failing, "every call has failed for 5 minutes")
+            await self._settle(Alert.BAKONG, failing, "every call has failed for 5 minutes")
         deliveries = await deliveries_problem(self.pool)
-        await self._settle("deliveries", deliveries is not None, deliveries)
+        await self._settle(Alert.DELIVERIES, deliveries is not None, deliveries)
 
-    async def _settle(self, kind: str, firing: bool, detail: str | None) -> None:
+    async def _settle(self, kind: Alert, firing: bool, detail: str | None) -> None:
         if not await flip(self.pool, kind, firing, detail):
             return
         text = (
-            f"🔴 khqr-gateway: {TITLES[kind]}: {detail}"
+            f"🔴 khqr-gateway: {kind.subject}: {detail}"
             if firing
-            else f"✅ khqr-gateway: {TITLES[kind]} is fine again"
+            else f"✅ khqr-gateway: {kind.subject} is fine again"
         )
         if not await self.send(text):
             # Not announced: undone, so that the next tick tries again.

@@ -9,7 +9,8 @@ from typing import Any
 
 import asyncpg
 
-from khqr_gateway.infra.db import safe_text
+from khqr_gateway.infra.db import row_as, safe_text
+from khqr_gateway.transactions.model import Status
 
 # How far back the first sweep of a process looks when no notice exists yet: a bot set up
 # today does not announce last month's payments.
@@ -26,7 +27,7 @@ class DueNotice:
     chat_id: str
     attempt_count: int
     late: bool
-    status: str
+    status: Status
     reason: str | None
     data: dict[str, Any] | None
     metadata: Any
@@ -81,27 +82,13 @@ async def claim(pool: asyncpg.Pool, lease_s: float) -> list[DueNotice]:
             returning n.id, n.chat_id, n.attempt_count, n.late, n.transaction_id
         )
         select leased.id, leased.chat_id, leased.attempt_count, leased.late, t.status,
-               t.reason, t.bakong_data, t.metadata, t.bill_number, t.completed_at
+               t.reason, t.bakong_data as data, t.metadata, t.bill_number, t.completed_at
         from leased join transactions t on t.id = leased.transaction_id
         """,
         lease_s,
         CLAIM_LIMIT,
     )
-    return [
-        DueNotice(
-            id=r["id"],
-            chat_id=r["chat_id"],
-            attempt_count=r["attempt_count"],
-            late=r["late"],
-            status=r["status"],
-            reason=r["reason"],
-            data=r["bakong_data"],
-            metadata=r["metadata"],
-            bill_number=r["bill_number"],
-            completed_at=r["completed_at"],
-        )
-        for r in rows
-    ]
+    return [row_as(DueNotice, r, status=Status(r["status"])) for r in rows]
 
 
 @dataclass(frozen=True, slots=True)

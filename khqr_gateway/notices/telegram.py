@@ -16,8 +16,10 @@ import aiohttp
 import asyncpg
 import orjson
 
+from khqr_gateway import times
 from khqr_gateway.notices import store
 from khqr_gateway.notices.store import DueNotice, NoticeAttempt
+from khqr_gateway.transactions.model import Status
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,7 @@ def _paid_at(notice: DueNotice) -> datetime:
     ms = (notice.data or {}).get("acknowledgedDateMs")
     if isinstance(ms, int | float) and not isinstance(ms, bool):
         try:
-            return datetime.fromtimestamp(ms / 1000, UTC)
+            return times.from_ms(ms)
         except (OverflowError, OSError, ValueError):
             pass
     return notice.completed_at
@@ -84,8 +86,8 @@ def message_text(notice: DueNotice, language: str) -> str:
     words = TEXTS.get(language, TEXTS["en"])
     data = notice.data or {}
     currency = data.get("currency")
-    title = words["mismatch"] if notice.status == "mismatch" else words["success"]
-    if notice.late and notice.status == "success":
+    title = words["mismatch"] if notice.status is Status.MISMATCH else words["success"]
+    if notice.late and notice.status is Status.SUCCESS:
         title = words["late"]
     metadata = notice.metadata if isinstance(notice.metadata, dict) else {}
     at = _paid_at(notice).astimezone(PHNOM_PENH).strftime("%Y-%m-%d %H:%M:%S")
@@ -100,7 +102,7 @@ def message_text(notice: DueNotice, language: str) -> str:
     if metadata.get("orderId") is not None:
         lines.append(f"{words['order']}: {metadata['orderId']}")
     lines.append(f"{words['time']}: {at} (Asia/Phnom_Penh)")
-    if notice.status == "mismatch" and notice.reason:
+    if notice.status is Status.MISMATCH and notice.reason:
         lines.append(f"{words['reason']}: {notice.reason}")
     return "\n".join(lines)
 
@@ -205,38 +207,33 @@ class Notifier:
         started = datetime.now(UTC)
         clock = time.monotonic()
         answer = await self.bot.send(notice.chat_id, message_text(notice, self.language))
-        duration_ms = int((time.monotonic() - clock) * 1000)
+        duration_ms = times.seconds_to_ms(time.monotonic() - clock)
         return self._outcome(notice, answer, started, duration_ms)
 
     def _outcome(
         self, notice: DueNotice, answer: BotAnswer, started: datetime, duration_ms: int
     ) -> NoticeAttempt:
         attempt = notice.attempt_count + 1
-        failed = answer.status in FINAL_STATUSES or (
-            answer.error is not None
-            and answer.retry_after_s is None
-            and attempt > len(self.retry_schedule)
-        )
+        failed = self._gives_up(answer, attempt)
         next_at = None
         if answer.error is not None and not failed:
-            delay = (
-                min(answer.retry_after_s, RETRY_AFTER_MAX_S)
-                if answer.retry_after_s is not None
-                else self.retry_schedule[min(attempt, len(self.retry_schedule)) - 1]
-            )
-            next_at = datetime.now(UTC) + timedelta(seconds=delay)
+            next_at = datetime.now(UTC) + timedelta(seconds=self._delay_s(answer, attempt))
         if failed:
             log.warning("telegram notice stopped: %s", answer.error, extra={"noticeId": notice.id})
         elif answer.error is not None:
             log.info("telegram notice retried: %s", answer.error, extra={"noticeId": notice.id})
-        return NoticeAttempt(
-            notice_id=notice.id,
-            attempt=attempt,
-            started_at=started,
-            duration_ms=duration_ms,
-            status_code=answer.status,
-            error=answer.error,
-            body=answer.body,
-            next_attempt_at=next_at,
-            failed=failed,
-        )
+        answered = (answer.status, answer.error, answer.body)
+        return NoticeAttempt(notice.id, attempt, started, duration_ms, *answered, next_at, failed)
+
+    def _gives_up(self, answer: BotAnswer, attempt: int) -> bool:
+        """A final refusal, or a failed last attempt that Telegram did not ask to repeat."""
+        if answer.status in FINAL_STATUSES:
+            return True
+        spent = attempt > len(self.retry_schedule)
+        return answer.error is not None and answer.retry_after_s is None and spent
+
+    def _delay_s(self, answer: BotAnswer, attempt: int) -> float:
+        """Telegram's `retry_after` (bounded), else the retry schedule's next step."""
+        if answer.retry_after_s is not None:
+            return min(answer.retry_after_s, RETRY_AFTER_MAX_S)
+        return self.retry_schedule[min(attempt, len(self.retry_schedule)) - 1]

@@ -140,10 +140,10 @@ class Budget:
             batch=MAX_BATCH,
         )
         return Demand(
-            young=row["young"],
-            old=row["old"],
-            finals_per_s=row["ending"] / ENDING_S,
-            lists_per_s=row["lists"] / self.interval_s,
+            young=row.young,
+            old=row.old,
+            finals_per_s=row.ending / ENDING_S,
+            lists_per_s=row.lists / self.interval_s,
         )
 
     def summary(self) -> dict[str, Any] | None:

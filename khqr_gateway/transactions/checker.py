@@ -23,10 +23,10 @@ from enum import IntEnum
 from typing import Any, TypeVar
 from uuid import UUID
 
-from khqr_gateway.bakong.breaker import RATE_LIMITED, UNHEALTHY, Breaker, CircuitState
+from khqr_gateway.bakong.breaker import Breaker, CircuitState
 from khqr_gateway.bakong.client import MAX_BATCH, BakongClient, BakongError, SourceInfo
-from khqr_gateway.bakong.model import CheckKind, CheckResult
-from khqr_gateway.credentials.renewal import Credentials, NoToken
+from khqr_gateway.bakong.model import CheckKind, CheckResult, ErrorKind
+from khqr_gateway.credentials.renewal import REFUSED, Credentials, NoToken
 from khqr_gateway.infra.ratelimit import Grant, RateLimit
 from khqr_gateway.metrics import (
     BAKONG_CIRCUIT,
@@ -41,10 +41,6 @@ from khqr_gateway.transactions.model import PollItem
 
 log = logging.getLogger(__name__)
 
-# Error words of items that got no answer for a reason of our own.
-THROTTLED = "throttled"  # the shared rate limit had no room: not asked at all
-CIRCUIT_OPEN = "circuit_open"
-NO_TOKEN = "no_token"
 # A credential whose list endpoint is refused (403/404) has it asked again this often, with
 # one list call: it may be allowed again, and one call per md5 costs up to 50 times more.
 LIST_RETRY_S = 120.0
@@ -56,6 +52,8 @@ LATE_KEEP = 0.5
 # interval, doubling up to ten intervals (30 s at the default POLL_INTERVAL_S).
 BREAKER_THRESHOLD = 5
 BACKOFF_CAP_S = 30.0
+# What an item the checker has no result for (it never should) counts as.
+NO_RESULT = CheckResult(CheckKind.ERROR, error=ErrorKind.NO_RESULT)
 
 T = TypeVar("T")
 
@@ -221,9 +219,7 @@ class Checker:
             call = Call(credential, await self.credentials.token(credential), [], single=True)
             if not await self._retry_allowed(credential):
                 return None
-            link = await self._with_renewal(
-                call, lambda token: self.bakong.deeplink(token, qr, source)
-            )
+            link = await self._renewing(call, lambda token: self.bakong.deeplink(token, qr, source))
         except NoToken:
             return None
         except BakongError as exc:
@@ -281,7 +277,7 @@ class Checker:
         try:
             token = await self.credentials.token(credential)
         except NoToken:
-            results.update(_all(group, CheckResult(CheckKind.ERROR, error=NO_TOKEN)))
+            results.update(_all(group, CheckResult(CheckKind.ERROR, error=ErrorKind.NO_TOKEN)))
             return []
         final = [] if late else [i for i in group if now >= i.deadline_at]
         regular = group if late else [i for i in group if now < i.deadline_at]
@@ -292,7 +288,7 @@ class Checker:
         allowed = breaker.allowed_calls(mono)
         if allowed is not None and len(calls) > allowed:
             wait = breaker.wait_s(mono) or self.backoff_base_s
-            held = CheckResult(CheckKind.ERROR, error=CIRCUIT_OPEN, retry_after=wait)
+            held = CheckResult(CheckKind.ERROR, error=ErrorKind.CIRCUIT_OPEN, retry_after=wait)
             for call in calls[allowed:]:
                 results.update(_all(call.items, held))
             calls = calls[:allowed]
@@ -354,7 +350,9 @@ class Checker:
         for call in calls:
             paused = grant.paused_s.get(call.credential)
             if paused is not None:
-                result = CheckResult(CheckKind.ERROR, error=RATE_LIMITED, retry_after=paused)
+                result = CheckResult(
+                    CheckKind.ERROR, error=ErrorKind.RATE_LIMITED, retry_after=paused
+                )
                 results.update(_all(call.items, result))
             elif len(runnable) < grant.calls:
                 runnable.append(call)
@@ -364,7 +362,7 @@ class Checker:
         if deferred:
             BAKONG_THROTTLED.inc(len(deferred))
         for call, turn in zip(deferred, grant.turns(len(deferred), rate), strict=True):
-            later = CheckResult(CheckKind.ERROR, error=THROTTLED, retry_after=turn)
+            later = CheckResult(CheckKind.ERROR, error=ErrorKind.THROTTLED, retry_after=turn)
             results.update(_all(call.items, later))
         # Over the limit, those asked now come back at their turns, behind those waiting:
         # none is starved, every md5's interval stretches alike.
@@ -391,16 +389,18 @@ class Checker:
                     type(exc).__name__,
                     extra={"credentialId": call.credential},
                 )
-                return Answer(_all(call.items, CheckResult(CheckKind.ERROR, error="client_error")))
+                return Answer(
+                    _all(call.items, CheckResult(CheckKind.ERROR, error=ErrorKind.CLIENT_ERROR))
+                )
 
     async def _list(self, call: Call) -> Answer:
         md5s = [i.md5 for i in call.items]
         try:
-            by_md5 = await self._with_renewal(
+            by_md5 = await self._renewing(
                 call, lambda token: self.bakong.check_md5_list(token, md5s)
             )
         except NoToken:
-            return Answer(_all(call.items, CheckResult(CheckKind.ERROR, error=NO_TOKEN)))
+            return Answer(_all(call.items, CheckResult(CheckKind.ERROR, error=ErrorKind.NO_TOKEN)))
         except BakongError as exc:
             if exc.list_unsupported:
                 return Answer({}, self._fall_back_to_singles(call, exc))
@@ -439,45 +439,36 @@ class Checker:
 
     async def _single(self, call: Call) -> Answer:
         item = call.items[0]
-        result = await self.bakong.check_md5(call.token, item.md5)
-        if result.error == "unauthorized":
-            try:
-                call.token = await self._renewed(call.credential, call.token)
-            except NoToken:
-                return Answer({item.id: result})
-            if await self._retry_allowed(call.credential):
-                result = await self.bakong.check_md5(call.token, item.md5)
-        error = result.error if result.kind is CheckKind.ERROR else None
-        wait = await self._health(call.credential, error, result.retry_after)
+        try:
+            result = await self._renewing(
+                call, lambda token: self.bakong.check_md5(token, item.md5)
+            )
+        except NoToken:
+            return Answer({item.id: REFUSED})
+        wait = await self._health(call.credential, result.error, result.retry_after)
         return Answer({item.id: dataclasses.replace(result, retry_after=wait)})
 
-    async def _with_renewal(self, call: Call, send: Callable[[str | None], Awaitable[T]]) -> T:
-        """Send; on 401 renew the credential's token once and send again."""
-        try:
-            return await send(call.token)
-        except BakongError as exc:
-            if not exc.unauthorized:
-                raise
-            call.token = await self._renewed(call.credential, call.token)
-            if not await self._retry_allowed(call.credential):
-                raise
-        return await send(call.token)
-
-    async def _renewed(self, credential: int | None, token: str | None) -> str:
-        if credential is None:
-            raise NoToken("no credential to renew")
-        return await self.credentials.renew(credential, stale=token)
+    async def _renewing(self, call: Call, send: Callable[[str | None], Awaitable[T]]) -> T:
+        """Send; on 401 renew the credential's token once and send again, if the rate limit
+        has room for the second call. The call keeps the token last sent."""
+        answer, call.token = await self.credentials.renewing(
+            call.credential,
+            call.token,
+            send,
+            retry_allowed=lambda: self._retry_allowed(call.credential),
+        )
+        return answer
 
     async def _retry_allowed(self, credential: int | None) -> bool:
         return (await self._take({credential: 1}, queue=False)).calls >= 1
 
     async def _health(
-        self, credential: int | None, error: str | None, retry_after: float | None
+        self, credential: int | None, error: ErrorKind | None, retry_after: float | None
     ) -> float | None:
         """Feed one call's outcome to the credential's breaker; returns seconds to hold off."""
         breaker = self.breaker(credential)
         mono = time.monotonic()
-        if error == RATE_LIMITED:
+        if error is ErrorKind.RATE_LIMITED:
             pause = breaker.rate_limited(retry_after)
             if self.limits is not None:
                 await self.limits.pause(credential, pause)
@@ -486,7 +477,7 @@ class Checker:
                 extra={"credentialId": credential, "pauseS": round(pause, 3)},
             )
             return pause
-        if error in UNHEALTHY:
+        if error is not None and error.unhealthy:
             if breaker.failure(mono):
                 self._export_circuits(mono)
                 log.warning(

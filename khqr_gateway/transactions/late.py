@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from functools import partial
@@ -13,14 +12,15 @@ from uuid import UUID
 
 import asyncpg
 
+from khqr_gateway import times
 from khqr_gateway.bakong.client import MAX_BATCH
-from khqr_gateway.bakong.model import CheckKind, CheckResult
+from khqr_gateway.bakong.model import CheckKind, CheckResult, ErrorKind
 from khqr_gateway.deliveries.lanes import Lanes
 from khqr_gateway.infra.db import write_isolated
 from khqr_gateway.infra.schedule import Lease, Schedule
 from khqr_gateway.metrics import LATE_PAYMENTS, MD5_CHECKS
 from khqr_gateway.transactions import store
-from khqr_gateway.transactions.checker import THROTTLED, Checker
+from khqr_gateway.transactions.checker import NO_RESULT, Checker
 from khqr_gateway.transactions.events import EventHub
 from khqr_gateway.transactions.model import LateItem, LateTransition, LateWindow, decide, transition
 from khqr_gateway.transactions.poller import announce
@@ -59,10 +59,10 @@ class LateWatch:
         self.lanes = lanes
         self.checker = checker
         self.window = window
-        self.interval_ms = int(window.check_interval_s * 1000)
-        self.poll_interval_ms = int(poll_interval_s * 1000)
+        self.interval_ms = times.seconds_to_ms(window.check_interval_s)
+        self.poll_interval_ms = times.seconds_to_ms(poll_interval_s)
         # Past the watch's end, an md5 Bakong gave no answer for is asked this much longer.
-        self.grace_ms = int(grace_s * 1000)
+        self.grace_ms = times.seconds_to_ms(grace_s)
         self.events = events
         self.on_deliveries = on_deliveries
 
@@ -70,7 +70,7 @@ class LateWatch:
         """Start watching these transactions (just timed out or cancelled)."""
         if not ids:
             return
-        due_ms = int(time.time() * 1000) + (self.interval_ms if delay_ms is None else delay_ms)
+        due_ms = times.now_ms() + (self.interval_ms if delay_ms is None else delay_ms)
         try:
             await self.schedule.add((i, due_ms) for i in ids)
         except Exception as exc:  # the reconcile tick puts them there from Postgres
@@ -78,7 +78,7 @@ class LateWatch:
 
     async def tick(self) -> int:
         """Check the watches that are due; returns how many md5s were checked."""
-        now_ms = int(time.time() * 1000)
+        now_ms = times.now_ms()
         if await self._live_polls_behind(now_ms):
             return 0
         # A late check a little early costs nothing at this cadence, and fills list calls.
@@ -93,7 +93,7 @@ class LateWatch:
                 return await self._process(lease, members)
             except Exception as exc:
                 log.warning("late watch batch failed: %s", exc)
-                due = int(time.time() * 1000) + self.interval_ms
+                due = times.now_ms() + self.interval_ms
                 with contextlib.suppress(Exception):  # Redis too: the lease runs out instead
                     await lease.finish([(m, due) for m in lease.members], [])
                 return 0
@@ -109,8 +109,8 @@ class LateWatch:
         now = datetime.now(UTC)
         # Past its end a watch still gets the check it is owed (a tick skipped while live
         # polls were behind, Bakong silent at the end), within the grace.
-        ends = {i.poll.id: int(i.watch_until.timestamp() * 1000) + self.grace_ms for i in items}
-        now_ms = int(now.timestamp() * 1000)
+        ends = {i.poll.id: times.to_ms(i.watch_until) + self.grace_ms for i in items}
+        now_ms = times.to_ms(now)
         watching = [i for i in items if now_ms < ends[i.poll.id]]
         done += [str(i.poll.id) for i in items if now_ms >= ends[i.poll.id]]
         results = (
@@ -119,8 +119,8 @@ class LateWatch:
         reschedule: list[tuple[str, int]] = []
         paid: list[LateItem] = []
         for item in watching:
-            result = results.get(item.poll.id, CheckResult(CheckKind.ERROR, error="no_result"))
-            if result.error != THROTTLED:
+            result = results.get(item.poll.id, NO_RESULT)
+            if result.error is not ErrorKind.THROTTLED:
                 MD5_CHECKS.labels(result.kind.value).inc()
             if result.kind is CheckKind.PAID:
                 paid.append(item)
@@ -138,8 +138,8 @@ class LateWatch:
         """When to check again, or None once the watch is over: after a real answer at its
         end, or once the grace past its end is spent without one."""
         # Put off by the rate limit, paused by a 429 or an open circuit: a late turn later.
-        wait_ms = max(self.interval_ms, int((result.retry_after or 0) * 1000))
-        last_ms = int(item.watch_until.timestamp() * 1000) - LAST_CHECK_LEAD_MS
+        wait_ms = max(self.interval_ms, times.seconds_to_ms(result.retry_after or 0))
+        last_ms = times.to_ms(item.watch_until) - LAST_CHECK_LEAD_MS
         if now_ms + wait_ms < last_ms:
             return now_ms + wait_ms
         if now_ms < last_ms:

@@ -32,10 +32,19 @@ class Status(StrEnum):
         """Every terminal state but `cancelled` gets exactly one webhook."""
         return self.terminal and self is not Status.CANCELLED
 
-    @property
-    def watched_late(self) -> bool:
-        """A QR given up on can still be paid: these states are watched for a late payment."""
-        return self in (Status.TIMEOUT, Status.CANCELLED)
+
+class Reason(StrEnum):
+    """Why a transaction ended as it did, as `reason` says in Postgres, the API and webhooks
+    (a mismatch's reason is instead the fields that differ)."""
+
+    # At the final check Bakong still knew no payment by the md5.
+    NOT_PAID = "not_paid"
+    # Past the deadline and the grace Bakong gave no answer: it refused the token...
+    BAKONG_UNAUTHORIZED = "bakong_unauthorized"
+    # ... or could not be reached (network, 5xx, 429, open circuit).
+    BAKONG_UNREACHABLE = "bakong_unreachable"
+    TRANSACTION_FAILED = "transaction_failed"
+    CANCELLED_BY_REQUEST = "cancelled_by_request"
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +135,7 @@ class Outcome:
     """What one check means for a pending transaction: a terminal state, or stay pending."""
 
     status: Status
-    reason: str | None = None
+    reason: Reason | str | None = None
     data: dict[str, Any] | None = None
 
 
@@ -170,17 +179,20 @@ def decide(item: PollItem, result: CheckResult, now: datetime, *, grace_s: float
             return Outcome(Status.MISMATCH, "; ".join(differs), data)
         return Outcome(Status.SUCCESS, None, data)
     if result.kind is CheckKind.FAILED:
-        return Outcome(Status.FAILED, result.error or "transaction_failed")
+        return Outcome(Status.FAILED, Reason.TRANSACTION_FAILED)
     if now < item.deadline_at:
         return PENDING
     if result.kind is CheckKind.NOT_FOUND:
-        return Outcome(Status.TIMEOUT, "not_paid")
+        return Outcome(Status.TIMEOUT, Reason.NOT_PAID)
     if now >= item.deadline_at + timedelta(seconds=grace_s):
-        unauthorized = result.error in ("unauthorized", "no_token")
-        return Outcome(
-            Status.TIMEOUT, "bakong_unauthorized" if unauthorized else "bakong_unreachable"
-        )
+        return Outcome(Status.TIMEOUT, _no_answer(result))
     return PENDING
+
+
+def _no_answer(result: CheckResult) -> Reason:
+    if result.error is not None and result.error.unauthorized:
+        return Reason.BAKONG_UNAUTHORIZED
+    return Reason.BAKONG_UNREACHABLE
 
 
 def new_delivery_id() -> str:

@@ -11,6 +11,7 @@ from uuid import UUID
 
 import asyncpg
 
+from khqr_gateway.infra.db import row_as
 from khqr_gateway.transactions.model import Status
 
 
@@ -64,7 +65,7 @@ async def page(pool: asyncpg.Pool, job_id: UUID, token: str) -> Page | None:
     row = await pool.fetchrow(
         """
         select id, md5, status, qr, expected, deadline_at, return_url, page_token_hash,
-               bakong_data, completed_at, deeplink
+               bakong_data as paid, completed_at, deeplink
         from transactions where id = $1
         """,
         job_id,
@@ -74,15 +75,4 @@ async def page(pool: asyncpg.Pool, job_id: UUID, token: str) -> Page | None:
     matches = hmac.compare_digest(token_hash(token), stored or "0" * 64)
     if row is None or stored is None or not matches:
         return None
-    return Page(
-        id=row["id"],
-        md5=row["md5"],
-        status=Status(row["status"]),
-        qr=row["qr"],
-        expected=row["expected"],
-        deadline_at=row["deadline_at"],
-        return_url=row["return_url"],
-        paid=row["bakong_data"],
-        completed_at=row["completed_at"],
-        deeplink=row["deeplink"],
-    )
+    return row_as(Page, row, status=Status(row["status"]))

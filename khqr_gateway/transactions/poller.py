@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from asyncio import FIRST_COMPLETED
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -15,8 +14,9 @@ from uuid import UUID
 
 import asyncpg
 
+from khqr_gateway import times
 from khqr_gateway.bakong.client import MAX_BATCH, BakongClient
-from khqr_gateway.bakong.model import CheckKind, CheckResult
+from khqr_gateway.bakong.model import CheckResult, ErrorKind
 from khqr_gateway.credentials.renewal import Credentials
 from khqr_gateway.deliveries.lanes import Lanes
 from khqr_gateway.infra.db import write_isolated
@@ -25,7 +25,7 @@ from khqr_gateway.infra.schedule import Lease, Schedule
 from khqr_gateway.metrics import MD5_CHECKS, TRANSITIONS
 from khqr_gateway.times import now_ms
 from khqr_gateway.transactions import store
-from khqr_gateway.transactions.checker import THROTTLED, Checker
+from khqr_gateway.transactions.checker import NO_RESULT, Checker
 from khqr_gateway.transactions.events import EventHub
 from khqr_gateway.transactions.model import (
     LateWindow,
@@ -96,7 +96,7 @@ class Poller:
         self.lanes = lanes
         self.bakong = bakong
         self.credentials = credentials
-        self.interval_ms = int(interval_s * 1000)
+        self.interval_ms = times.seconds_to_ms(interval_s)
         self.grace_s = grace_s
         self.claim_limit = claim_limit
         self.max_in_flight = max_in_flight
@@ -110,7 +110,7 @@ class Poller:
             interval_s=interval_s,
             max_in_flight=max_in_flight,
         )
-        self.tick_ms = int(tick_s * 1000)
+        self.tick_ms = times.seconds_to_ms(tick_s)
         # Partial Bakong batches are topped up with md5s due this much later.
         self.lookahead_ms = min(1000, self.interval_ms // 5)
         self.on_deliveries = on_deliveries
@@ -128,10 +128,10 @@ class Poller:
         Claims are taken until one comes back short, and up to `max_in_flight` of them are
         worked on at once, so one process keeps up with tens of thousands of md5s.
         """
-        self.last_tick = time.time()
+        started_ms = times.now_ms()
+        self.last_tick = started_ms / 1000
         # Members due before the next tick are taken now: a check a little early keeps the
         # gap between checks at the interval instead of the interval plus a tick.
-        started_ms = int(self.last_tick * 1000)
         horizon_ms = started_ms + self.tick_ms
         working: set[asyncio.Task[int]] = set()
         checked = 0
@@ -172,7 +172,7 @@ class Poller:
             self._claimed.discard(claim)
 
     async def _give_back(self, claim: Lease, delay_ms: int) -> None:
-        due = int(time.time() * 1000) + delay_ms
+        due = times.now_ms() + delay_ms
         with contextlib.suppress(Exception):  # Redis down too: the lease runs out instead
             await claim.finish([(m, due) for m in claim.members], [])
 
@@ -186,7 +186,7 @@ class Poller:
         found = {str(i.id) for i in items}
         gone = [m for m in members if m not in found]
         now = datetime.now(UTC)
-        results = await self.check(items, now)
+        results = await self.checker.check(items, now)
         reschedule, finished = await self._apply(items, results, now, claimed_at_ms)
         await lease.finish(reschedule, gone + finished)
         return len(items)
@@ -202,10 +202,10 @@ class Poller:
         ending: list[tuple[PollItem, Outcome]] = []
         kinds: Counter[str] = Counter()
         # The next check is one interval after this one was due, not after it finished.
-        base_ms = claimed_at_ms if claimed_at_ms is not None else int(now.timestamp() * 1000)
+        base_ms = claimed_at_ms if claimed_at_ms is not None else times.to_ms(now)
         for item in items:
-            result = results.get(item.id, CheckResult(CheckKind.ERROR, error="no_result"))
-            if result.error == THROTTLED:  # not asked at all: nothing to decide yet
+            result = results.get(item.id, NO_RESULT)
+            if result.error is ErrorKind.THROTTLED:  # not asked at all: nothing to decide yet
                 reschedule.append((str(item.id), self._next_due(item, result, now, base_ms)))
                 continue
             kinds[result.kind.value] += 1
@@ -269,25 +269,21 @@ class Poller:
     def _next_due(
         self, item: PollItem, result: CheckResult, now: datetime, base_ms: int | None = None
     ) -> int:
-        now_ms = int(now.timestamp() * 1000)
-        deadline_ms = int(item.deadline_at.timestamp() * 1000)
-        wait_ms = int(self.checker.gap_s(item, now) * 1000)
+        now_ms = times.to_ms(now)
+        deadline_ms = times.to_ms(item.deadline_at)
+        wait_ms = times.seconds_to_ms(self.checker.gap_s(item, now))
         if base_ms is not None and result.retry_after is None:
             now_ms = min(now_ms, base_ms)
         if result.retry_after is not None:
             # Throttled: again as soon as the rate limit has room; 429 / open circuit: later.
-            hint = int(result.retry_after * 1000)
-            wait_ms = hint if result.error == THROTTLED else max(wait_ms, hint)
+            hint = times.seconds_to_ms(result.retry_after)
+            wait_ms = hint if result.error is ErrorKind.THROTTLED else max(wait_ms, hint)
         due = now_ms + wait_ms
         if now_ms < deadline_ms <= due:
             # The final check: late enough that no early claim (the next tick's horizon, a
             # batch top-up) takes it before the deadline and makes it a regular check.
             return deadline_ms + self.tick_ms + self.lookahead_ms
         return due
-
-    async def check(self, items: Sequence[PollItem], now: datetime) -> dict[UUID, CheckResult]:
-        """Ask Bakong about every item (see bakong/checker.py for how politely)."""
-        return await self.checker.check(items, now)
 
 
 def _uuids(members: Sequence[str]) -> dict[str, UUID]:

@@ -1,4 +1,4 @@
-"""Postgres queries for transactions, their terminal transitions, credentials and idempotency."""
+"""Postgres queries for transactions and their terminal transitions."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ import orjson
 
 from khqr_gateway.deliveries.model import DeliveryStatus
 from khqr_gateway.infra import keyset
-from khqr_gateway.infra.db import safe_text
+from khqr_gateway.infra.db import row_as, safe_text
 from khqr_gateway.transactions.model import (
     Expected,
     LateItem,
     LateTransition,
     LateWindow,
     PollItem,
+    Reason,
     Status,
     Transition,
 )
@@ -134,6 +135,25 @@ class NewTransaction:
     qr: str | None
     deadline_at: datetime
     qr_expires_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Due:
+    """A transaction as reconcile schedules it: its id, and its deadline (a poll) or the end
+    of its late watch."""
+
+    id: UUID
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class PendingCounts:
+    """What checking every pending md5 costs in Bakong calls (see `pending_demand`)."""
+
+    young: int
+    old: int
+    ending: int
+    lists: int
 
 
 async def insert_or_get(pool: asyncpg.Pool, new: NewTransaction) -> tuple[TransactionRow, bool]:
@@ -280,7 +300,7 @@ async def cancel(pool: asyncpg.Pool, job_id: UUID, *, window: LateWindow) -> asy
     when it was not pending."""
     return await pool.fetchrow(
         f"""
-        update transactions t set status = 'cancelled', reason = 'cancelled_by_request',
+        update transactions t set status = 'cancelled', reason = $4,
             completed_at = now(), updated_at = now(),
             late_watch_until = {late_watch_sql("now()", "$2", "$3")}
         where id = $1 and status = 'pending' returning id, late_watch_until
@@ -288,6 +308,7 @@ async def cancel(pool: asyncpg.Pool, job_id: UUID, *, window: LateWindow) -> asy
         job_id,
         window.margin_s,
         window.watch_s,
+        Reason.CANCELLED_BY_REQUEST,
     )
 
 
@@ -304,17 +325,11 @@ async def load_pending(pool: asyncpg.Pool, ids: Sequence[UUID | str]) -> list[Po
         """,
         list(ids),
     )
-    return [
-        PollItem(
-            id=r["id"],
-            md5=r["md5"],
-            deadline_at=r["deadline_at"],
-            credential_id=r["credential_id"],
-            expected=Expected.from_json(r["expected"]),
-            created_at=r["created_at"],
-        )
-        for r in rows
-    ]
+    return [_poll_item(r) for r in rows]
+
+
+def _poll_item(row: asyncpg.Record) -> PollItem:
+    return row_as(PollItem, row, expected=Expected.from_json(row["expected"]))
 
 
 async def pending_demand(
@@ -325,13 +340,13 @@ async def pending_demand(
     young_s: float,
     ending_s: float,
     batch: int,
-) -> asyncpg.Record:
+) -> PendingCounts:
     """What checking every pending md5 costs in Bakong calls: of the credentials in `single`
     (one call per md5), how many md5s are younger than `young_s` (`young`) and how many
     older (`old`); of all, how many reach their deadline within `ending_s` (`ending`: one
     final call each); of the others, the list calls of `batch` md5s one round takes
     (`lists`)."""
-    return await pool.fetchrow(
+    row = await pool.fetchrow(
         """
         with pending as (
             select credential_id, created_at, deadline_at,
@@ -357,6 +372,7 @@ async def pending_demand(
         ending_s,
         batch,
     )
+    return row_as(PendingCounts, row)
 
 
 async def metadata_of(pool: asyncpg.Pool, ids: Sequence[UUID]) -> dict[UUID, Any]:
@@ -437,7 +453,7 @@ async def load_late(pool: asyncpg.Pool, ids: Sequence[UUID | str]) -> list[LateI
     rows = await pool.fetch(
         """
         select t.id, t.md5, t.deadline_at, t.credential_id, t.expected, t.status,
-               t.late_watch_until
+               t.late_watch_until as watch_until
         from unnest($1::uuid[]) with ordinality as wanted (id, n)
         join transactions t on t.id = wanted.id
         where t.status in ('timeout', 'cancelled') and t.late_watch_until is not null
@@ -445,20 +461,7 @@ async def load_late(pool: asyncpg.Pool, ids: Sequence[UUID | str]) -> list[LateI
         """,
         list(ids),
     )
-    return [
-        LateItem(
-            poll=PollItem(
-                id=r["id"],
-                md5=r["md5"],
-                deadline_at=r["deadline_at"],
-                credential_id=r["credential_id"],
-                expected=Expected.from_json(r["expected"]),
-            ),
-            status=Status(r["status"]),
-            watch_until=r["late_watch_until"],
-        )
-        for r in rows
-    ]
+    return [row_as(LateItem, r, poll=_poll_item(r), status=Status(r["status"])) for r in rows]
 
 
 async def record_late(
@@ -511,11 +514,11 @@ async def record_late(
 
 async def late_watch_page(
     pool: asyncpg.Pool, *, after: tuple[datetime, UUID] | None, limit: int
-) -> list[asyncpg.Record]:
-    """A page of the late watches still running (id, late_watch_until), for reconcile."""
-    rows: list[asyncpg.Record] = await pool.fetch(
+) -> list[Due]:
+    """A page of the late watches still running (`at` their end), for reconcile."""
+    rows = await pool.fetch(
         """
-        select id, late_watch_until from transactions
+        select id, late_watch_until as at from transactions
         where status in ('timeout', 'cancelled') and late_watch_until > now()
           and ($1::timestamptz is null or (late_watch_until, id) > ($1, $2::uuid))
         order by late_watch_until, id limit $3
@@ -524,27 +527,25 @@ async def late_watch_page(
         after[1] if after else None,
         limit,
     )
-    return rows
+    return [row_as(Due, r) for r in rows]
 
 
 def _json_text(value: Any) -> str | None:
     return None if value is None else orjson.dumps(value).decode()
 
 
-async def pending_ids(
-    pool: asyncpg.Pool, *, after: UUID | None, limit: int
-) -> list[asyncpg.Record]:
-    """A page of pending transactions (id, deadline) in id order, for the reconcile tick."""
-    rows: list[asyncpg.Record] = await pool.fetch(
+async def pending_ids(pool: asyncpg.Pool, *, after: UUID | None, limit: int) -> list[Due]:
+    """A page of pending transactions (`at` their deadline) in id order, for reconcile."""
+    rows = await pool.fetch(
         """
-        select id, deadline_at from transactions
+        select id, deadline_at as at from transactions
         where status = 'pending' and ($1::uuid is null or id > $1)
         order by id limit $2
         """,
         after,
         limit,
     )
-    return rows
+    return [row_as(Due, r) for r in rows]
 
 
 async def oldest_pending_seconds(pool: asyncpg.Pool) -> float | None:
@@ -555,9 +556,3 @@ async def oldest_pending_seconds(pool: asyncpg.Pool) -> float | None:
         " where status = 'pending'"
     )
     return float(age) if age is not None else None
-
-
-# Credentials ------------------------------------------------------------------------
-
-
-# Idempotency keys ---------------------------------------------------------------------

@@ -15,7 +15,13 @@ from prometheus_client import generate_latest
 
 from khqr_gateway.bakong.sandbox import make_token
 from khqr_gateway.config import AppEnv, Settings
-from khqr_gateway.credentials.model import Credential, expiry_seconds, jwt_expiry, token_expired
+from khqr_gateway.credentials.model import (
+    Credential,
+    CredentialStatus,
+    expiry_seconds,
+    jwt_expiry,
+    token_expired,
+)
 from khqr_gateway.credentials.renewal import NoToken
 from khqr_gateway.metrics import REGISTRY
 from tests.conftest import (
@@ -45,10 +51,12 @@ def test_unreadable_tokens_have_no_expiry_and_are_not_called_expired(token: str)
 
 def test_expiry_seconds_is_zero_or_less_for_an_unusable_credential() -> None:
     exp = datetime.fromtimestamp(1_000 + 3 * DAY, UTC)
-    active = Credential(1, "t", None, exp, "active")
+    active = Credential(1, "t", None, exp, CredentialStatus.ACTIVE)
     assert expiry_seconds(active, now=1_000) == 3 * DAY
-    assert expiry_seconds(Credential(1, "t", None, exp, "expired"), now=1_000) == 0
-    assert expiry_seconds(Credential(1, None, "a@b.co", None, "active"), now=1_000) == 0
+    assert expiry_seconds(Credential(1, "t", None, exp, CredentialStatus.EXPIRED), now=1_000) == 0
+    assert (
+        expiry_seconds(Credential(1, None, "a@b.co", None, CredentialStatus.ACTIVE), now=1_000) == 0
+    )
 
 
 # The API ------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from typing import Any
 
 from khqr_gateway.deliveries.lanes import Claim, Lanes
 from khqr_gateway.deliveries.model import Lane, PendingDelivery
-from khqr_gateway.infra.schedule import keys
+from khqr_gateway.infra.keys import keys
 from khqr_gateway.times import now_ms
 
 # KEYS: both lanes; ARGV: members. Those in neither lane and those in both, read in one step.

@@ -22,8 +22,7 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
-from khqr_gateway.dev import embedded
-from khqr_gateway.dev.embedded import EmbeddedError, EmbeddedServices, EmbeddedUrls
+from khqr_gateway.dev.embedded import EmbeddedError, EmbeddedServices, EmbeddedUrls, engines
 
 # One event loop for the module, so the servers started once serve every test.
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -345,12 +344,12 @@ async def test_stop_before_start_and_twice_is_harmless(tmp_path: Path) -> None:
 
 def _no_postgres(monkeypatch: pytest.MonkeyPatch) -> None:
     for finder in ("_pg_config_bindir", "_debian_bindir", "_pgserver_bindir"):
-        monkeypatch.setattr(embedded, finder, lambda: None)
+        monkeypatch.setattr(engines, finder, lambda: None)
 
 
 def _no_redis(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(embedded.shutil, "which", lambda name, **_: None)
-    monkeypatch.setattr(embedded, "_packaged_redis", lambda module: None)
+    monkeypatch.setattr(engines.shutil, "which", lambda name, **_: None)
+    monkeypatch.setattr(engines, "_packaged_redis", lambda module: None)
 
 
 async def test_missing_postgres_says_how_to_fix_it(

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from khqr_gateway.infra.keys import keys
 from khqr_gateway.infra.locks import Locks, LockTimeout
-from khqr_gateway.infra.schedule import keys
 
 
 def locks(redis: Any, namespace: str) -> Locks:

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from khqr_gateway.infra.keys import keys
 from khqr_gateway.infra.ratelimit import RateLimit
-from khqr_gateway.infra.schedule import keys
 
 
 def limit(redis: Any, namespace: str, rate: float = 10, capacity: float | None = None) -> RateLimit:

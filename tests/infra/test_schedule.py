@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from khqr_gateway.infra.schedule import Lease, Schedule, keys
+from khqr_gateway.infra.keys import keys
+from khqr_gateway.infra.schedule import Lease, Schedule
 
 
 def schedule(redis: Any, namespace: str, name: str = "poll") -> Schedule:

@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 from redis.asyncio import RedisCluster
 
-from khqr_gateway.infra.schedule import keys
+from khqr_gateway.infra.keys import keys
 from tests import conftest
 from tests.conftest import Gateway, GatewayFactory, Receiver, SimulatedBakong, random_md5
 

@@ -17,15 +17,15 @@ from redis.asyncio import Redis
 
 from khqr_gateway.bakong import khqr
 from khqr_gateway.bakong.client import BakongClient, SourceInfo
-from khqr_gateway.bakong.model import CheckKind
+from khqr_gateway.bakong.model import CheckKind, ErrorKind
 from khqr_gateway.bakong.sandbox import Faults, make_token, parse_faults
 from khqr_gateway.credentials.renewal import Credentials
 from khqr_gateway.infra import db
+from khqr_gateway.infra.keys import keys
 from khqr_gateway.infra.ratelimit import RateLimit
-from khqr_gateway.infra.schedule import keys
 from khqr_gateway.metrics import REGISTRY
 from khqr_gateway.transactions.budget import Cadence, Demand, cadence
-from khqr_gateway.transactions.checker import BREAKER_THRESHOLD, THROTTLED, Checker
+from khqr_gateway.transactions.checker import BREAKER_THRESHOLD, Checker
 from khqr_gateway.transactions.model import PollItem
 from tests.conftest import SimulatedBakong, random_md5
 
@@ -68,7 +68,7 @@ async def test_two_processes_share_one_rate_limit(
         while time.monotonic() - start < 2.0:
             results = await checker.check(items, datetime.now(UTC))
             assert len(results) == len(items), "every item gets a result"
-            throttled += sum(r.error == THROTTLED for r in results.values())
+            throttled += sum(r.error is ErrorKind.THROTTLED for r in results.values())
             await asyncio.sleep(random.uniform(0.01, 0.09))
         return throttled
 
@@ -90,7 +90,9 @@ async def test_what_the_limit_puts_off_gets_turns_not_a_verdict(
     items = final_checks(25)
     results = await checker.check(items, datetime.now(UTC))
     answered = [r for r in results.values() if r.kind is CheckKind.NOT_FOUND]
-    put_off = sorted((r.retry_after or 0.0) for r in results.values() if r.error == THROTTLED)
+    put_off = sorted(
+        (r.retry_after or 0.0) for r in results.values() if r.error is ErrorKind.THROTTLED
+    )
     assert len(answered) == 10 and len(put_off) == 15, "a full bucket holds 10"
     assert put_off == pytest.approx([n / 10 for n in range(1, 16)]), "one turn each, 0.1 s apart"
     answered_next = {r.retry_after for r in answered}
@@ -259,7 +261,7 @@ async def test_late_checks_take_only_what_the_live_checks_leave(
     calls = bakong.state.calls["check_transaction_by_md5"]
     late = await checker.check(waiting(4), datetime.now(UTC), late=True)
     assert bakong.state.calls["check_transaction_by_md5"] == calls, "the bucket's last 4 stay"
-    assert {r.error for r in late.values()} == {THROTTLED}
+    assert {r.error for r in late.values()} == {ErrorKind.THROTTLED}
     await checker.bakong.close()
 
 
@@ -296,7 +298,9 @@ async def test_older_md5s_leave_the_last_of_the_bucket_to_young_ones(
     await checker.check(waiting(1), datetime.now(UTC))  # from now on, one call per md5
     await asyncio.sleep(1.0)  # the bucket holds 10 again
     old = await checker.check(aged(10, timedelta(minutes=10)), datetime.now(UTC))
-    assert sum(r.error == THROTTLED for r in old.values()) == 2, "8 of 10: a fifth is kept"
+    assert sum(r.error is ErrorKind.THROTTLED for r in old.values()) == 2, (
+        "8 of 10: a fifth is kept"
+    )
     young = await checker.check(aged(2, timedelta(seconds=5)), datetime.now(UTC))
     assert all(r.kind is CheckKind.NOT_FOUND for r in young.values()), "for young ones"
     await checker.bakong.close()

@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from khqr_gateway.config import Settings
 from khqr_gateway.http.app import create_app
 from khqr_gateway.http.server import serve_app
-from khqr_gateway.infra.schedule import keys
+from khqr_gateway.infra.keys import keys
 from khqr_gateway.service import SERVICE_KEY
 from khqr_gateway.transactions.events import Change, EventHub
 from khqr_gateway.transactions.model import Status

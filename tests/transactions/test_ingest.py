@@ -19,7 +19,8 @@ from khqr_gateway.config import Settings
 from khqr_gateway.credentials import store as credential_store
 from khqr_gateway.http.middleware import unavailable_dependency
 from khqr_gateway.infra import db
-from khqr_gateway.infra.schedule import Schedule, keys
+from khqr_gateway.infra.keys import keys
+from khqr_gateway.infra.schedule import Schedule
 from khqr_gateway.transactions import store
 from khqr_gateway.transactions.ingest import Ingest
 from khqr_gateway.transactions.model import Expected

@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from khqr_gateway.bakong import khqr
-from khqr_gateway.infra.schedule import keys
+from khqr_gateway.infra.keys import keys
 from khqr_gateway.metrics import REGISTRY
 from tests.conftest import Gateway, GatewayFactory, Receiver, SimulatedBakong, random_md5
 

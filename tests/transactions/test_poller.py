@@ -12,7 +12,7 @@ import asyncpg
 import orjson
 import pytest
 
-from khqr_gateway.bakong.model import CheckKind, CheckResult
+from khqr_gateway.bakong.model import CheckKind, CheckResult, ErrorKind
 from khqr_gateway.infra.db import write_isolated
 from khqr_gateway.transactions.model import (
     Expected,
@@ -44,7 +44,7 @@ def test_paid_is_success() -> None:
 
 
 def test_failed_is_failed_even_before_deadline() -> None:
-    out = decide(item(), CheckResult(CheckKind.FAILED, error="transaction_failed"), NOW, grace_s=60)
+    out = decide(item(), CheckResult(CheckKind.FAILED), NOW, grace_s=60)
     assert out.status is Status.FAILED
 
 
@@ -61,20 +61,20 @@ def test_not_found_at_the_final_check_times_out() -> None:
 
 def test_no_answer_is_never_evidence_within_grace() -> None:
     late = item(deadline=NOW - timedelta(seconds=59))
-    out = decide(late, CheckResult(CheckKind.ERROR, error="server_error"), NOW, grace_s=60)
+    out = decide(late, CheckResult(CheckKind.ERROR, error=ErrorKind.SERVER_ERROR), NOW, grace_s=60)
     assert out.status is Status.PENDING
 
 
 @pytest.mark.parametrize(
     ("error", "reason"),
     [
-        ("server_error", "bakong_unreachable"),
-        ("timeout", "bakong_unreachable"),
-        ("unauthorized", "bakong_unauthorized"),
-        ("no_token", "bakong_unauthorized"),
+        (ErrorKind.SERVER_ERROR, "bakong_unreachable"),
+        (ErrorKind.TIMEOUT, "bakong_unreachable"),
+        (ErrorKind.UNAUTHORIZED, "bakong_unauthorized"),
+        (ErrorKind.NO_TOKEN, "bakong_unauthorized"),
     ],
 )
-def test_no_answer_after_grace_times_out_saying_why(error: str, reason: str) -> None:
+def test_no_answer_after_grace_times_out_saying_why(error: ErrorKind, reason: str) -> None:
     late = item(deadline=NOW - timedelta(seconds=61))
     out = decide(late, CheckResult(CheckKind.ERROR, error=error), NOW, grace_s=60)
     assert out == Outcome(Status.TIMEOUT, reason)
