@@ -146,3 +146,14 @@ async def test_the_pool_serves_callers_in_the_order_they_asked(database_url: str
     finally:
         await pool.close()
     assert worst <= 9, f"a caller waited while {worst} others were served"
+
+
+async def test_a_database_from_before_apps_gets_the_default_app_once(
+    blank: asyncpg.Connection,
+) -> None:
+    """Rows made before apps existed belong to the default app: its row is there after the
+    migration, and migrating again (a second process starting) changes nothing."""
+    await db.migrate(blank)
+    assert await db.migrate(blank) == []
+    rows = await blank.fetch("select id, name, disabled_at from apps")
+    assert [tuple(r) for r in rows] == [("app_default", "default", None)]
