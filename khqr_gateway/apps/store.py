@@ -45,31 +45,12 @@ def _merchant_json(merchant: Merchant | None) -> str | None:
 
 
 def _app(row: Mapping[str, Any]) -> App:
-    return App(
-        id=row["id"],
-        name=row["name"],
-        webhook_url=row["webhook_url"],
-        merchant=_merchant(row["merchant"]),
-        credential_id=row["credential_id"],
-        telegram_chat_id=row["telegram_chat_id"],
-        telegram_bot_token=row["telegram_bot_token"],
-        rate_limit=row["rate_limit"],
-        disabled_at=row["disabled_at"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-    )
+    values = {c: row[c] for c in APP_COLUMNS.split(", ")}
+    return App(**values | {"merchant": _merchant(values["merchant"])})
 
 
-def _key(row: asyncpg.Record) -> ApiKey:
-    return ApiKey(
-        row["id"],
-        row["app_id"],
-        row["prefix"],
-        row["created_at"],
-        row["expires_at"],
-        row["last_used_at"],
-        row["revoked_at"],
-    )
+def _key(row: Mapping[str, Any]) -> ApiKey:
+    return ApiKey(**{c: row[c] for c in KEY_COLUMNS.split(", ")})
 
 
 async def create(
@@ -209,8 +190,7 @@ async def find_key(pool: asyncpg.Pool, digest: bytes) -> tuple[ApiKey, App] | No
     )
     if row is None:
         return None
-    app_row = {c: row["app_" + c] for c in APP_COLUMNS.split(", ")}
-    return _key(row), _app(app_row)
+    return _key(row), _app({c: row["app_" + c] for c in APP_COLUMNS.split(", ")})
 
 
 async def touch_keys(pool: asyncpg.Pool, used: Mapping[str, datetime]) -> None:
