@@ -1,4 +1,4 @@
-"""Command line: `khqr-gateway serve | migrate | sandbox`."""
+"""Command line: `khqr-gateway serve | migrate | sandbox | apps`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -20,6 +21,7 @@ from khqr_gateway.config import ConfigError, Settings, load_settings
 from khqr_gateway.logs import setup_logging
 
 log = logging.getLogger("khqr_gateway")
+T = TypeVar("T")
 
 
 @contextlib.asynccontextmanager
@@ -122,6 +124,90 @@ async def migrate(settings: Settings) -> None:
     log.info("migrations applied: %s", ", ".join(applied) or "none (up to date)")
 
 
+async def apps(settings: Settings, args: argparse.Namespace) -> int:
+    """`apps create NAME`, `apps list`, `apps key NAME`: for an operator with a shell and no
+    admin key yet. A key and a webhook secret are printed once, never stored in clear."""
+    import asyncpg
+
+    from khqr_gateway.infra import db
+
+    async with _storage(settings) as (database_url, _):
+        conn = await asyncpg.connect(database_url)
+        try:
+            await db.migrate(conn)
+        finally:
+            await conn.close()
+        pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+        try:
+            return await _apps_command(pool, args)
+        finally:
+            await pool.close()
+
+
+async def _apps_command(pool: Any, args: argparse.Namespace) -> int:
+    from khqr_gateway.apps.model import AppError, app_name
+
+    if args.apps_command == "list":
+        await _apps_list(pool)
+        return 0
+    try:
+        name = app_name(args.name)
+    except AppError as exc:
+        print(f"khqr-gateway: {exc}", file=sys.stderr)
+        return 2
+    if args.apps_command == "create":
+        return await _apps_create(pool, name)
+    return await _apps_key(pool, name, args.expires_in_days)
+
+
+async def _apps_list(pool: Any) -> None:
+    from khqr_gateway.apps import store as app_store
+
+    counts = await app_store.usable_key_counts(pool)
+    print(f"{'ID':<26} {'NAME':<24} {'KEYS':>4}  {'CREATED':<16}  STATUS")
+    after: str | None = None
+    while page := await app_store.list_page(pool, after=after, limit=500):
+        for app in page:
+            created = app.created_at.strftime("%Y-%m-%d %H:%M") if app.created_at else ""
+            status = "disabled" if app.disabled else "active"
+            keys = counts.get(app.id, 0)
+            print(f"{app.id:<26} {app.name:<24} {keys:>4}  {created:<16}  {status}")
+        after = page[-1].id
+
+
+async def _apps_create(pool: Any, name: str) -> int:
+    from khqr_gateway.apps import store as app_store
+
+    if await app_store.find(pool, name) is not None:
+        print(
+            f"khqr-gateway: an app named {name!r} exists: `apps key {name}` makes it a key",
+            file=sys.stderr,
+        )
+        return 1
+    app, key, secret = await app_store.create(pool, name)
+    print(f"app {app.id} ({app.name}) created")
+    print(f"API key, shown once: {key.key}")
+    print(f"webhook secret, shown once: {secret}")
+    return 0
+
+
+async def _apps_key(pool: Any, name: str, expires_in_days: int | None) -> int:
+    from datetime import UTC, datetime, timedelta
+
+    from khqr_gateway.apps import store as app_store
+
+    app = await app_store.find(pool, name)
+    if app is None or app.disabled:
+        print(f"khqr-gateway: no enabled app has the id or name {name!r}", file=sys.stderr)
+        return 1
+    expires = datetime.now(UTC) + timedelta(days=expires_in_days) if expires_in_days else None
+    key = await app_store.add_key(pool, app.id, expires_at=expires)
+    until = f", expires {expires.isoformat(timespec='seconds')}" if expires else ""
+    print(f"key {key.id} for app {app.id} ({app.name}){until}")
+    print(f"API key, shown once: {key.key}")
+    return 0
+
+
 async def sandbox(settings: Settings, sockets: list[socket.socket], port: int) -> None:
     from khqr_gateway.bakong.sandbox import create_sandbox_app
 
@@ -146,16 +232,34 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("migrate", help="apply database migrations and exit")
     box = commands.add_parser("sandbox", help="run the simulated Bakong on its own port")
     box.add_argument("--port", type=int, default=None, help="port (default: PORT or 3001)")
+    apps = commands.add_parser("apps", help="create and list apps, make API keys")
+    verbs = apps.add_subparsers(dest="apps_command", required=True)
+    verbs.add_parser(
+        "create", help="a new app, with its first key and webhook secret"
+    ).add_argument("name")
+    verbs.add_parser("list", help="every app, with how many usable keys it has")
+    key = verbs.add_parser("key", help="a new API key for an app (id or name)")
+    key.add_argument("name")
+    key.add_argument("--expires-in-days", type=_positive_days, default=None)
     return parser
 
 
-def _run(coro: object) -> None:
+def _positive_days(text: str) -> int:
+    try:
+        days = int(text)
+    except ValueError:
+        days = 0
+    if not 1 <= days <= 3650:
+        raise argparse.ArgumentTypeError("a whole number of days from 1 to 3650")
+    return days
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         import uvloop
-
-        uvloop.run(coro)  # type: ignore[arg-type]
     except ImportError:
-        asyncio.run(coro)  # type: ignore[arg-type]
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def _bind(command: str, host: str, port: int) -> list[socket.socket] | None:
@@ -200,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "migrate":
         _run(migrate(settings))
         return 0
+    if args.command == "apps":
+        return _run(apps(settings, args))
     port = settings.port
     if args.command == "sandbox":
         port = args.port or (settings.port if "PORT" in os.environ else 3001)

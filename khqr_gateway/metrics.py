@@ -56,6 +56,13 @@ LATE_PAYMENTS = Counter(
     ["status", "previous"],
     registry=REGISTRY,
 )
+RETENTION_ROWS = Counter(
+    "khqr_retention_rows_total",
+    "Rows retention removed: transactions, deliveries and attempts deleted, response bodies"
+    " blanked",
+    ["kind"],
+    registry=REGISTRY,
+)
 DELIVERY_ATTEMPTS = Counter(
     "khqr_webhook_attempts_total",
     "Webhook attempts by outcome (delivered, retry, failed)",

@@ -48,7 +48,8 @@ REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 REDIS_CLUSTER = bool(os.environ.get("TEST_REDIS_CLUSTER"))
 CLUSTER: cluster.Cluster | None = None
 TABLES = (
-    "delivery_attempts, deliveries, transactions, credentials, idempotency_keys, operator_alerts"
+    "delivery_attempts, deliveries, transactions, credentials, idempotency_keys, operator_alerts,"
+    " api_keys, webhook_secrets, apps"
 )
 
 
@@ -146,6 +147,7 @@ async def pg(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     """A connection to a database emptied for this test."""
     conn = await asyncpg.connect(database_url)
     await conn.execute(f"truncate {TABLES} restart identity cascade")
+    await conn.execute("insert into apps (id, name) values ('app_default', 'default')")
     yield conn
     await conn.close()
 

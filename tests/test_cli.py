@@ -300,3 +300,76 @@ async def test_sandbox_on_a_taken_port_says_so_in_one_line(
     assert code == 1
     assert len(lines) == 1, lines
     assert f"port {port}" in lines[0] and "already in use" in lines[0], lines[0]
+
+
+async def cli(database_url: str, *argv: str) -> tuple[int, str, str]:
+    """`khqr-gateway <argv>` against this session's Postgres: (exit code, stdout, stderr)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "REDIS_URL"))}
+    env |= {"DATABASE_URL": database_url, "REDIS_URL": REDIS_URL, "LOG_LEVEL": "warn"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "khqr_gateway",
+        *argv,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_an_operator_with_a_shell_makes_an_app_and_its_keys(
+    database_url: str, pg: asyncpg.Connection
+) -> None:
+    """`apps create`, `apps key`, `apps list`: each key and the secret printed once, and only
+    their hashes (never the text) kept in Postgres."""
+    code, out, _ = await cli(database_url, "apps", "create", "Coffee Shop")
+    assert code == 0, out
+    app_id = out.split()[1]
+    first = out.split("API key, shown once: ")[1].split()[0]
+    secret = out.split("webhook secret, shown once: ")[1].split()[0]
+    assert app_id.startswith("app_") and first.startswith("kgw_") and secret.startswith("whsec_")
+
+    code, out, _ = await cli(database_url, "apps", "key", "coffee shop", "--expires-in-days", "30")
+    assert code == 0 and app_id in out and "expires 20" in out
+    second = out.split("API key, shown once: ")[1].split()[0]
+    assert second.startswith("kgw_") and second != first
+
+    code, listing, _ = await cli(database_url, "apps", "list")
+    row = next(line for line in listing.splitlines() if line.startswith(app_id))
+    assert row.split()[1:4] == ["Coffee", "Shop", "2"] and row.endswith("active")
+    assert any(line.startswith("app_default") for line in listing.splitlines())
+    assert first not in listing and second not in listing and secret not in listing
+
+    stored = await pg.fetchval(
+        "select string_agg(k::text || encode(k.key_hash, 'escape'), '') from api_keys k"
+    )
+    assert first not in stored and second not in stored
+    assert await pg.fetchval("select count(*) from api_keys where app_id = $1", app_id) == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "says"),
+    [
+        (["apps", "key", "nobody"], 1, "no enabled app has the id or name 'nobody'"),
+        (["apps", "create", "  "], 2, "name: must not be empty"),
+        (["apps", "key", "x", "--expires-in-days", "0"], 2, "a whole number of days"),
+    ],
+)
+async def test_apps_commands_refuse_what_they_cannot_do_in_one_line(
+    database_url: str, pg: asyncpg.Connection, argv: list[str], code: int, says: str
+) -> None:
+    got, out, err = await cli(database_url, *argv)
+    assert got == code and says in err and "Traceback" not in err + out
+    assert await pg.fetchval("select count(*) from api_keys") == 0
+
+
+async def test_a_second_app_of_the_same_name_is_refused(
+    database_url: str, pg: asyncpg.Connection
+) -> None:
+    assert (await cli(database_url, "apps", "create", "POS"))[0] == 0
+    code, out, err = await cli(database_url, "apps", "create", "pos")
+    assert code == 1 and "an app named 'pos' exists" in err and "kgw_" not in out
+    assert await pg.fetchval("select count(*) from apps where lower(name) = 'pos'") == 1

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
 # Pure: values and rules with no I/O. They import the standard library, orjson and one another.
 PURE = {
+    "apps.model",
     "bakong.model",
     "bakong.khqr",
     "bakong.breaker",
@@ -27,7 +28,7 @@ PURE = {
 PURE_THIRD_PARTY = {"orjson"}
 # Adapters to what is outside the process; they know no concept.
 ADAPTERS = {"bakong", "infra"}
-CONCEPTS = {"transactions", "deliveries", "credentials", "notices"}
+CONCEPTS = {"apps", "transactions", "deliveries", "credentials", "notices"}
 # Below everything but the pure modules: settings, logging and metrics.
 FOUNDATION = {"config", "logs", "metrics", ""}
 # Only these may import each of the top layers.

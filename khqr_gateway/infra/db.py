@@ -36,11 +36,44 @@ Result = TypeVar("Result")
 Value = TypeVar("Value", bound="DataclassInstance")
 
 
+# A migration that starts with this line runs statement by statement outside a transaction,
+# so that `create index concurrently` builds an index on a large table without stopping
+# writes. Each statement must then be safe to run again: a crash between two of them
+# re-runs the whole migration at the next start.
+NO_TRANSACTION = "-- migrate: no transaction"
+_CONCURRENT_INDEX = re.compile(
+    r"^\s*create\s+(?:unique\s+)?index\s+concurrently\s+if\s+not\s+exists\s+(\w+)", re.I
+)
+_ANY_INDEX = re.compile(r"^\s*create\s+(?:unique\s+)?index\b", re.I)
+
+
 @dataclass(frozen=True, slots=True)
 class Migration:
     version: int
     name: str
     sql: str
+
+    @property
+    def in_transaction(self) -> bool:
+        return not self.sql.lstrip().startswith(NO_TRANSACTION)
+
+    def statements(self) -> list[str]:
+        """The statements of a no-transaction migration (its files hold no `;` but at ends)."""
+        body = "\n".join(
+            line for line in self.sql.splitlines() if not line.lstrip().startswith("--")
+        )
+        return [s.strip() for s in body.split(";") if s.strip()]
+
+    def check(self) -> None:
+        """Refuse, before anything runs, a no-transaction migration that could not run twice."""
+        if self.in_transaction:
+            return
+        for statement in self.statements():
+            if _ANY_INDEX.match(statement) and not _CONCURRENT_INDEX.match(statement):
+                raise RuntimeError(
+                    f"{self.name}: outside a transaction an index is made with"
+                    " `create index concurrently if not exists`"
+                )
 
 
 def migrations_dir() -> Path:
@@ -59,6 +92,7 @@ def load_migrations(folder: Path | None = None) -> list[Migration]:
         match = _MIGRATION_NAME.match(path.name)
         if match:
             found.append(Migration(int(match.group(1)), path.stem, path.read_text()))
+            found[-1].check()
     versions = [m.version for m in found]
     if len(set(versions)) != len(versions):
         raise RuntimeError(f"two migrations share a number in {folder}")
@@ -79,18 +113,41 @@ async def migrate(conn: asyncpg.Connection, folder: Path | None = None) -> list[
         for migration in load_migrations(folder):
             if migration.version in done:
                 continue
-            async with conn.transaction():
-                await conn.execute(migration.sql)
-                await conn.execute(
-                    "insert into schema_migrations (version, name) values ($1, $2)",
-                    migration.version,
-                    migration.name,
-                )
+            await _apply(conn, migration)
             applied_now.append(migration.name)
             log.info("migration applied", extra={"migration": migration.name})
     finally:
         await conn.execute("select pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
     return applied_now
+
+
+async def _apply(conn: asyncpg.Connection, migration: Migration) -> None:
+    record = "insert into schema_migrations (version, name) values ($1, $2)"
+    if migration.in_transaction:
+        async with conn.transaction():
+            await conn.execute(migration.sql)
+            await conn.execute(record, migration.version, migration.name)
+        return
+    for statement in migration.statements():
+        await _drop_if_invalid(conn, statement)
+        await conn.execute(statement)
+    await conn.execute(record, migration.version, migration.name)
+
+
+async def _drop_if_invalid(conn: asyncpg.Connection, statement: str) -> None:
+    """A concurrent build that failed (or was killed) leaves an invalid index behind, which
+    `if not exists` would keep: drop it so that the statement builds it again."""
+    match = _CONCURRENT_INDEX.match(statement)
+    if match is None:
+        return
+    valid = await conn.fetchval(
+        "select i.indisvalid from pg_class c join pg_index i on i.indexrelid = c.oid"
+        " where c.relname = $1 and pg_table_is_visible(c.oid)",
+        match.group(1),
+    )
+    if valid is False:
+        log.warning("rebuilding an index a failed build left invalid: %s", match.group(1))
+        await conn.execute(f'drop index concurrently if exists "{match.group(1)}"')
 
 
 async def migrate_database(dsn: str) -> list[str]:

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from khqr_gateway.metrics import RETENTION_ROWS
+
 log = logging.getLogger(__name__)
 
 # One process prunes at a time: each batch holds this lock for its statement, so a second
@@ -157,6 +159,12 @@ async def blank_batch(pool: asyncpg.Pool, *, days: int, max_rows: int = BATCH_RO
     return int(row["blanked"]) if row["locked"] else None
 
 
+def _count(batch: Pruned) -> None:
+    RETENTION_ROWS.labels("transactions").inc(batch.transactions)
+    RETENTION_ROWS.labels("deliveries").inc(batch.deliveries)
+    RETENTION_ROWS.labels("attempts").inc(batch.attempts)
+
+
 class Retention:
     """The retention tick: prunes and blanks in batches, paced to leave Postgres to ingest."""
 
@@ -193,6 +201,7 @@ class Retention:
                 self.pool, days=self.days, after=after, max_rows=self.max_rows
             )
             total += batch.transactions
+            _count(batch)
             if not batch.locked or batch.after is None:
                 break
             after = batch.after
@@ -206,6 +215,7 @@ class Retention:
             started = time.monotonic()
             blanked = await blank_batch(self.pool, days=self.body_days, max_rows=self.max_rows)
             total += blanked or 0
+            RETENTION_ROWS.labels("response_bodies").inc(blanked or 0)
             if not blanked:
                 break
             await asyncio.sleep(time.monotonic() - started)

@@ -146,3 +146,75 @@ async def test_the_pool_serves_callers_in_the_order_they_asked(database_url: str
     finally:
         await pool.close()
     assert worst <= 9, f"a caller waited while {worst} others were served"
+
+
+async def test_a_database_from_before_apps_gets_the_default_app_once(
+    blank: asyncpg.Connection,
+) -> None:
+    """Rows made before apps existed belong to the default app: its row is there after the
+    migration, and migrating again (a second process starting) changes nothing."""
+    await db.migrate(blank)
+    assert await db.migrate(blank) == []
+    rows = await blank.fetch("select id, name, disabled_at from apps")
+    assert [tuple(r) for r in rows] == [("app_default", "default", None)]
+
+
+NO_TX_INDEX = """-- migrate: no transaction
+create unique index concurrently if not exists things_name on things (name);
+"""
+
+
+async def test_an_index_is_built_concurrently_and_a_failed_build_is_redone(
+    blank: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """`create index concurrently` refuses to run in a transaction, so a migration that makes
+    one runs outside; a build that failed leaves an invalid index, which the next start
+    drops and builds again instead of taking it for done."""
+    (tmp_path / "001_things.sql").write_text("create table things (name text);")
+    (tmp_path / "002_things_name.sql").write_text(NO_TX_INDEX)
+    await blank.execute("create table things (name text)")
+    await blank.execute("insert into things values ('a'), ('a')")
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await _migrate_skipping_001(blank, tmp_path)
+    valid = "select indisvalid from pg_index where indexrelid = 'things_name'::regclass"
+    assert await blank.fetchval(valid) is False
+    await blank.execute("delete from things where ctid in (select max(ctid) from things)")
+    assert await _migrate_skipping_001(blank, tmp_path) == ["002_things_name"]
+    assert await blank.fetchval(valid) is True
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await blank.execute("insert into things values ('a')")
+
+
+async def _migrate_skipping_001(conn: asyncpg.Connection, folder: Path) -> list[str]:
+    """Migrate as if 001 (the table, made by the test) were applied already."""
+    await conn.execute(
+        "create table if not exists schema_migrations (version integer primary key,"
+        " name text not null, applied_at timestamptz not null default now())"
+    )
+    await conn.execute(
+        "insert into schema_migrations (version, name) values (1, '001_things')"
+        " on conflict do nothing"
+    )
+    return await db.migrate(conn, folder)
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "create index things_name on things (name);",
+        "create index concurrently things_name on things (name);",
+        "CREATE UNIQUE INDEX if not exists things_name on things (name);",
+    ],
+)
+def test_outside_a_transaction_only_a_rerunnable_index_is_accepted(
+    tmp_path: Path, statement: str
+) -> None:
+    (tmp_path / "001_x.sql").write_text("-- migrate: no transaction\n" + statement)
+    with pytest.raises(RuntimeError, match="create index concurrently if not exists"):
+        db.load_migrations(tmp_path)
+
+
+def test_every_migration_of_the_project_loads() -> None:
+    names = [m.name for m in db.load_migrations()]
+    assert names[0] == "001_init" and "007_retention" in names
+    assert not next(m for m in db.load_migrations() if m.name == "007_retention").in_transaction

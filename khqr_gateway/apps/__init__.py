@@ -1,0 +1,1 @@
+"""Apps (tenants): each backend with its own keys, webhook secrets and settings."""
