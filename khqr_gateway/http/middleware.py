@@ -95,10 +95,7 @@ def error_middleware(shapes: ErrorShapes) -> Middleware:
         try:
             return await handler(request)
         except ApiError as exc:
-            shape = _shape_of(request, shapes)
-            if shape is not None:
-                return shape(exc)
-            return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
+            return _answer(request, shapes, exc)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -106,7 +103,8 @@ def error_middleware(shapes: ErrorShapes) -> Middleware:
         except (asyncio.CancelledError, KeyboardInterrupt):
             raise
         except Exception as exc:
-            return _unexpected(request, exc)
+            # In the route's shape too: a client of the compat routes reads `name` on a 503.
+            return _answer(request, shapes, _unexpected(request, exc))
 
     return errors
 
@@ -123,12 +121,19 @@ def _http_error(exc: web.HTTPException) -> web.Response:
     return error_response(exc.status, code, message, headers=_kept_headers(exc))
 
 
-def _unexpected(request: web.Request, exc: Exception) -> web.Response:
+def _answer(request: web.Request, shapes: ErrorShapes, exc: ApiError) -> web.Response:
+    shape = _shape_of(request, shapes)
+    if shape is not None:
+        return shape(exc)
+    return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
+
+
+def _unexpected(request: web.Request, exc: Exception) -> ApiError:
     dependency = unavailable_dependency(exc)
     if dependency is not None:
         name = type(exc).__name__
         log.warning("%s unavailable: %s", dependency, name, extra={"path": request.path})
-        return error_response(
+        return ApiError(
             503,
             f"{dependency}_unavailable",
             f"{dependency.capitalize()} is unavailable; nothing was lost, retry shortly",
@@ -137,7 +142,7 @@ def _unexpected(request: web.Request, exc: Exception) -> web.Response:
     log.exception(
         "unhandled error", extra={"path": request.path, "requestId": request.get(REQUEST_ID)}
     )
-    return error_response(500, "internal_error", "something went wrong on our side")
+    return ApiError(500, "internal_error", "something went wrong on our side")
 
 
 def unavailable_dependency(exc: BaseException) -> str | None:

@@ -15,6 +15,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
+from khqr_gateway.bakong.sandbox import make_token
 from khqr_gateway.config import Settings
 from khqr_gateway.http.app import create_app
 from tests.conftest import REDIS_URL, Receiver, SimulatedBakong, random_md5
@@ -155,3 +156,21 @@ async def test_postgres_restart_loses_and_doubles_nothing(
     )
     assert all(r["n"] == 1 for r in per_job) and len(per_job) == 10
     assert len({h.headers["webhook-id"] for h in hooks}) == 10
+
+
+async def test_the_compat_routes_answer_an_outage_in_their_own_shape(
+    proxied: TestClient, proxies: tuple[Proxy, Proxy], receiver: Receiver
+) -> None:
+    """A client of the rachhen/khqr-webhook routes reads `name` and `message`: Postgres
+    down is a 503 in that shape there, and in the v1 shape on the v1 routes."""
+    pg_proxy, _ = proxies
+    await pg_proxy.cut()
+    body = {"md5": random_md5(), "webhookUrl": receiver.url, "token": make_token()}
+    resp = await proxied.post("/api/v1/transaction/token", json=body)
+    answer = await resp.json()
+    assert resp.status == 503 and resp.headers["Retry-After"] == "5"
+    assert answer["name"] == "SERVICE_UNAVAILABLE"
+    assert answer["message"] == answer["error"]["message"]
+    assert answer["error"]["code"] == "postgres_unavailable"
+    status, v1, _ = await create(proxied, receiver.url)
+    assert status == 503 and "name" not in v1 and v1["error"]["code"] == "postgres_unavailable"
