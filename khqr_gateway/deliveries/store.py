@@ -121,6 +121,7 @@ _RESTART = """
 
 async def list_page(
     pool: asyncpg.Pool,
+    app_id: str,
     *,
     status: DeliveryStatus | None,
     transaction_id: UUID | None,
@@ -134,6 +135,7 @@ async def list_page(
         f"select {DELIVERY_COLUMNS} from {_FROM}",
         "d",
         [
+            ("d.app_id =", app_id),
             ("d.status =", status.value if status else None),
             ("d.transaction_id =", transaction_id),
             ("d.created_at >=", since),
@@ -144,34 +146,41 @@ async def list_page(
     return [_delivery(r) for r in rows]
 
 
-async def get(pool: asyncpg.Pool, delivery_id: str) -> Delivery | None:
-    """One delivery with the webhook body it sends."""
+async def get(pool: asyncpg.Pool, app_id: str, delivery_id: str) -> Delivery | None:
+    """One delivery of the app with the webhook body it sends."""
     row = await pool.fetchrow(
-        f"select {DELIVERY_COLUMNS}, d.payload from {_FROM} where d.id = $1", delivery_id
+        f"select {DELIVERY_COLUMNS}, d.payload from {_FROM} where d.app_id = $1 and d.id = $2",
+        app_id,
+        delivery_id,
     )
     return _delivery(row) if row is not None else None
 
 
-async def attempts_of(pool: asyncpg.Pool, delivery_id: str) -> list[Attempt]:
+async def attempts_of(pool: asyncpg.Pool, app_id: str, delivery_id: str) -> list[Attempt]:
+    """The attempts of the app's delivery; none for another app's."""
     rows = await pool.fetch(
         """
-        select attempt, started_at, duration_ms, status_code, error_kind, error_message,
-               response_body, response_headers
-        from delivery_attempts where delivery_id = $1 order by attempt, id
+        select a.attempt, a.started_at, a.duration_ms, a.status_code, a.error_kind,
+               a.error_message, a.response_body, a.response_headers
+        from delivery_attempts a join deliveries d on d.id = a.delivery_id
+        where d.app_id = $1 and a.delivery_id = $2 order by a.attempt, a.id
         """,
+        app_id,
         delivery_id,
     )
     return [_attempt(r) for r in rows]
 
 
-async def restart(pool: asyncpg.Pool, delivery_id: str) -> Delivery | None:
-    """Start a new attempt series now, whatever the status; None if there is no such delivery."""
+async def restart(pool: asyncpg.Pool, app_id: str, delivery_id: str) -> Delivery | None:
+    """Start a new attempt series now, whatever the status; None if the app has no such
+    delivery."""
     row = await pool.fetchrow(
         f"""
         update deliveries d set {_RESTART}
-        from transactions t where d.id = $1 and t.id = d.transaction_id
+        from transactions t where d.app_id = $1 and d.id = $2 and t.id = d.transaction_id
         returning {DELIVERY_COLUMNS}
         """,
+        app_id,
         delivery_id,
     )
     return _delivery(row) if row is not None else None
@@ -179,13 +188,15 @@ async def restart(pool: asyncpg.Pool, delivery_id: str) -> Delivery | None:
 
 async def restart_matching(
     pool: asyncpg.Pool,
+    app_id: str,
     *,
     status: DeliveryStatus,
     since: datetime | None,
     until: datetime | None,
     limit: int,
 ) -> tuple[list[str], bool]:
-    """Restart up to `limit` deliveries with `status` created in [since, until), oldest first.
+    """Restart up to `limit` of the app's deliveries with `status` created in [since, until),
+    oldest first.
 
     Returns the restarted ids and whether more deliveries match. One statement.
     """
@@ -193,7 +204,7 @@ async def restart_matching(
         f"""
         with picked as (
             select id from deliveries
-            where status = $1 and ($2::timestamptz is null or created_at >= $2)
+            where app_id = $5 and status = $1 and ($2::timestamptz is null or created_at >= $2)
               and ($3::timestamptz is null or created_at < $3)
             order by created_at, id
             limit $4
@@ -205,7 +216,7 @@ async def restart_matching(
         )
         select array(select id from restarted) as ids, exists(
             select 1 from deliveries
-            where status = $1 and ($2::timestamptz is null or created_at >= $2)
+            where app_id = $5 and status = $1 and ($2::timestamptz is null or created_at >= $2)
               and ($3::timestamptz is null or created_at < $3)
               and id not in (select id from picked)
         ) as more
@@ -214,6 +225,7 @@ async def restart_matching(
         since,
         until,
         limit,
+        app_id,
     )
     return list(row["ids"]), bool(row["more"])
 

@@ -33,7 +33,7 @@ from khqr_gateway.http.fields import (
     url_field,
 )
 from khqr_gateway.http.json import json_response
-from khqr_gateway.http.request import job_id_of, load_body, load_query
+from khqr_gateway.http.request import app_of, job_id_of, load_body, load_query
 from khqr_gateway.service import SERVICE_KEY, Service
 from khqr_gateway.transactions.model import Status
 
@@ -196,7 +196,7 @@ async def _create(request: web.Request, schema: Schema) -> web.Response:
     else:
         await _email_token(service, data["email"])
     # As rachhen/khqr-webhook answers: 201 with the md5's job, whatever the repeat asked for.
-    row, _ = await tracking.create(service, data, repeat_must_match=False)
+    row, _ = await tracking.create(service, app_of(request), data, repeat_must_match=False)
     return json_response({"message": CREATED, "jobId": str(row.id)}, 201)
 
 

@@ -18,7 +18,7 @@ from khqr_gateway.http.fields import Instant, checks_window, cursor_field
 from khqr_gateway.http.json import iso, json_response
 from khqr_gateway.http.openapi import ERROR, errors
 from khqr_gateway.http.paging import cursor_position, encode_cursor, page_response, page_schema
-from khqr_gateway.http.request import load, load_query, read_json
+from khqr_gateway.http.request import app_of, load, load_query, read_json
 from khqr_gateway.service import SERVICE_KEY
 
 log = logging.getLogger(__name__)
@@ -174,6 +174,7 @@ async def list_deliveries(request: web.Request) -> web.Response:
     limit = query["limit"]
     rows = await store.list_page(
         request.app[SERVICE_KEY].pool,
+        app_of(request),
         status=DeliveryStatus(query["status"]) if "status" in query else None,
         transaction_id=query.get("jobId", query.get("transactionId")),
         since=query.get("since"),
@@ -194,13 +195,13 @@ async def list_deliveries(request: web.Request) -> web.Response:
 async def get_delivery(request: web.Request) -> web.Response:
     """GET /api/v1/deliveries/{id}."""
     pool = request.app[SERVICE_KEY].pool
-    delivery_id = _delivery_id(request)
-    row = await store.get(pool, delivery_id)
+    app_id, delivery_id = app_of(request), _delivery_id(request)
+    row = await store.get(pool, app_id, delivery_id)
     if row is None:
         raise ApiError(404, "not_found", NOT_FOUND)
     body = delivery_json(row)
     body["payload"] = orjson.loads(row.payload) if row.payload is not None else None
-    body["attempts"] = [attempt_json(a) for a in await store.attempts_of(pool, delivery_id)]
+    body["attempts"] = [attempt_json(a) for a in await store.attempts_of(pool, app_id, delivery_id)]
     return json_response(body)
 
 
@@ -225,7 +226,7 @@ async def retry_delivery(request: web.Request) -> web.Response:
     # Checked first, so that a 409 leaves the delivery as it was.
     if await service.lanes.in_flight([delivery_id]):
         raise _in_flight(delivery_id)
-    row = await store.restart(service.pool, delivery_id)
+    row = await store.restart(service.pool, app_of(request), delivery_id)
     if row is None:
         raise ApiError(404, "not_found", NOT_FOUND)
     # A person is waiting on this one: it goes in the lane of first attempts.
@@ -262,6 +263,7 @@ async def retry_deliveries(request: web.Request) -> web.Response:
     query = load(DeliveryRetryFilterSchema(), body)
     ids, more = await store.restart_matching(
         service.pool,
+        app_of(request),
         status=DeliveryStatus(query["status"]),
         since=query.get("since"),
         until=query.get("until"),

@@ -19,7 +19,7 @@ from khqr_gateway.http.errors import ApiError, invalid
 from khqr_gateway.http.fields import Instant, checks_window
 from khqr_gateway.http.json import iso, json_response
 from khqr_gateway.http.openapi import errors
-from khqr_gateway.http.request import load_query
+from khqr_gateway.http.request import app_of, load_query
 from khqr_gateway.service import SERVICE_KEY
 from khqr_gateway.transactions import exports as store
 from khqr_gateway.transactions.model import Status
@@ -127,7 +127,7 @@ async def _stream(request: web.Request, query: dict[str, Any]) -> web.StreamResp
             "Cache-Control": "no-store",
         }
     )
-    pool = request.app[SERVICE_KEY].pool
+    pool, app_id = request.app[SERVICE_KEY].pool, app_of(request)
 
     async def write(chunk: bytes) -> None:
         # The head goes out with the first rows (the header line at least), so that a
@@ -139,9 +139,9 @@ async def _stream(request: web.Request, query: dict[str, Any]) -> web.StreamResp
         await response.write(chunk)
 
     if kind == "csv":
-        await store.export_csv(pool, wanted, write)
+        await store.export_csv(pool, app_id, wanted, write)
     else:
-        async with aclosing(store.export_lines(pool, wanted)) as batches:
+        async with aclosing(store.export_lines(pool, app_id, wanted)) as batches:
             async for batch in batches:
                 await write(jsonl_chunk(batch))
     if not response.prepared:  # a JSON export of no rows
@@ -203,7 +203,7 @@ async def daily_report(request: web.Request) -> web.Response:
     query = load_query(request, REPORT_SCHEMA)
     today = datetime.now(ZoneInfo(store.REPORT_TZ)).date()
     first, last = report_days(query, today)
-    rows = await store.daily_report(request.app[SERVICE_KEY].pool, first, last)
+    rows = await store.daily_report(request.app[SERVICE_KEY].pool, app_of(request), first, last)
     return json_response(
         {
             "timezone": store.REPORT_TZ,

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from khqr_gateway.http import API_KEY_ID
 from khqr_gateway.http.errors import ApiError, error_response
+from khqr_gateway.http.request import app_of
 from khqr_gateway.infra import idempotency
 
 KEY_MAX = 255
@@ -31,9 +32,9 @@ async def idempotent(
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return await handle()
-    key_hash = _key_hash(request, key)
+    app_id, key_hash = app_of(request), _key_hash(request, key)
     request_hash = hashlib.sha256(raw).hexdigest()
-    existing = await idempotency.claim_idempotency_key(pool, key_hash, request_hash)
+    existing = await idempotency.claim_idempotency_key(pool, app_id, key_hash, request_hash)
     if existing is not None:
         return _replay(existing, request_hash)
     try:
@@ -41,9 +42,9 @@ async def idempotent(
     except ApiError as exc:
         response = error_response(exc.status, exc.code, exc.message, exc.details)
     except BaseException:
-        await idempotency.release_idempotency_key(pool, key_hash)
+        await idempotency.release_idempotency_key(pool, app_id, key_hash)
         raise
-    await _keep(pool, key_hash, response)
+    await _keep(pool, app_id, key_hash, response)
     return response
 
 
@@ -57,13 +58,15 @@ def _key_hash(request: web.Request, key: str) -> str:
     return hashlib.sha256(f"{scope}:{request.method}:{request.path}:{key}".encode()).hexdigest()
 
 
-async def _keep(pool: asyncpg.Pool, key_hash: str, response: web.Response) -> None:
+async def _keep(pool: asyncpg.Pool, app_id: str, key_hash: str, response: web.Response) -> None:
     if response.status >= 300:
         # Only a success is replayed; a refused request may be corrected and sent again.
-        await idempotency.release_idempotency_key(pool, key_hash)
+        await idempotency.release_idempotency_key(pool, app_id, key_hash)
         return
     assert isinstance(response.body, bytes)
-    await idempotency.complete_idempotency_key(pool, key_hash, response.status, response.body)
+    await idempotency.complete_idempotency_key(
+        pool, app_id, key_hash, response.status, response.body
+    )
 
 
 def _replay(existing: asyncpg.Record, request_hash: str) -> web.Response:

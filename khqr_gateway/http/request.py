@@ -16,6 +16,7 @@ import orjson
 from aiohttp import web
 from marshmallow import Schema, ValidationError
 
+from khqr_gateway.apps.model import DEFAULT_APP_ID
 from khqr_gateway.http.errors import ApiError, field_errors
 from khqr_gateway.http.fields import LONG_DIGITS, walk_json
 
@@ -117,3 +118,8 @@ def job_id_of(request: web.Request) -> UUID:
         return UUID(request.match_info["jobId"])
     except ValueError:
         raise ApiError(404, "not_found", "no transaction with this jobId") from None
+
+
+def app_of(request: web.Request) -> str:
+    """The app a request acts for: the default app, until requests are authenticated by app."""
+    return DEFAULT_APP_ID

@@ -16,6 +16,7 @@ import orjson
 from aiohttp import hdrs, web
 
 from khqr_gateway.http.errors import ApiError, ErrorSchema, error_response
+from khqr_gateway.http.request import app_of
 from khqr_gateway.service import SERVICE_KEY
 from khqr_gateway.transactions import pages
 from khqr_gateway.transactions.events import (
@@ -115,7 +116,7 @@ async def stream(
             return await _head(request, job_id, client)
         async with service.events.subscribe(job_id, client) as sub:
             # Subscribed first, read second: a change in between is queued, not lost.
-            current = await pages.status_of(service.pool, job_id)
+            current = await pages.status_of(service.pool, app_of(request), job_id)
             if current is None:
                 raise ApiError(404, "not_found", "no transaction with this jobId")
             response = web.StreamResponse(headers=SSE_HEADERS)
@@ -136,7 +137,7 @@ async def _head(request: web.Request, job_id: UUID, client: str | None) -> web.S
     answer would be read as the next response on this keep-alive connection."""
     service = request.app[SERVICE_KEY]
     service.events.check(job_id, client)
-    if await pages.status_of(service.pool, job_id) is None:
+    if await pages.status_of(service.pool, app_of(request), job_id) is None:
         raise ApiError(404, "not_found", "no transaction with this jobId")
     return web.StreamResponse(headers=SSE_HEADERS)
 
@@ -174,7 +175,7 @@ async def _pump(
 
 async def _reread(request: web.Request, job_id: UUID) -> Change | None:
     try:
-        found = await pages.status_of(request.app[SERVICE_KEY].pool, job_id)
+        found = await pages.status_of(request.app[SERVICE_KEY].pool, app_of(request), job_id)
     except Exception:  # Postgres away for a moment: the next heartbeat tries again
         return None
     return None if found is None else Change(job_id, *found)

@@ -35,9 +35,9 @@ def created_json(row: CreatedRow) -> dict[str, Any]:
 
 
 async def create(
-    service: Service, data: dict[str, Any], *, repeat_must_match: bool = True
+    service: Service, app_id: str, data: dict[str, Any], *, repeat_must_match: bool = True
 ) -> tuple[CreatedRow, bool]:
-    """Track a validated request; returns the row and whether it is new.
+    """Track a validated request of the app; returns the row and whether it is new.
 
     An md5 already tracked is that transaction, whatever its status: with
     `repeat_must_match`, a repeat that asks for another webhookUrl, expected or metadata is
@@ -48,6 +48,7 @@ async def create(
         raise invalid("webhookUrl", refused)
     qr_expires_at = _from_qr(data) if "qr" in data else None
     new = NewTransaction(
+        app_id=app_id,
         id=uuid.uuid4(),
         md5=data["md5"],
         webhook_url=data["webhookUrl"],

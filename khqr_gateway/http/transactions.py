@@ -41,7 +41,7 @@ from khqr_gateway.http.json import iso, json_response
 from khqr_gateway.http.openapi import ERROR, errors
 from khqr_gateway.http.paging import decode_cursor, page_response, page_schema, row_cursor
 from khqr_gateway.http.quickload import quick_load_create
-from khqr_gateway.http.request import job_id_of, load, load_query, read_json
+from khqr_gateway.http.request import app_of, job_id_of, load, load_query, read_json
 from khqr_gateway.service import SERVICE_KEY
 from khqr_gateway.transactions import store
 from khqr_gateway.transactions.model import Status
@@ -260,7 +260,7 @@ async def post_transaction(request: web.Request) -> web.Response:
 
     async def handle() -> web.Response:
         data = load_create(raw, body)
-        row, created = await tracking.create(service, data)
+        row, created = await tracking.create(service, app_of(request), data)
         return json_response(tracking.created_json(row), 201 if created else 200)
 
     return await idempotency.idempotent(request, service.pool, raw, handle)
@@ -271,7 +271,7 @@ async def post_transaction(request: web.Request) -> web.Response:
 @response_schema(TransactionSchema, 200)
 async def get_transaction(request: web.Request) -> web.Response:
     """GET /api/v1/transactions/{jobId}."""
-    row = await store.get(request.app[SERVICE_KEY].pool, job_id_of(request))
+    row = await store.get(request.app[SERVICE_KEY].pool, app_of(request), job_id_of(request))
     if row is None:
         raise ApiError(404, "not_found", "no transaction with this jobId")
     return json_response(transaction_json(row))
@@ -287,6 +287,7 @@ async def list_transactions(request: web.Request) -> web.Response:
     limit = query["limit"]
     rows = await store.list_page(
         request.app[SERVICE_KEY].pool,
+        app_of(request),
         md5=query.get("md5", "").lower() or None,
         status=Status(query["status"]) if "status" in query else None,
         limit=limit + 1,
@@ -308,9 +309,11 @@ async def list_transactions(request: web.Request) -> web.Response:
 async def delete_transaction(request: web.Request) -> web.Response:
     """DELETE /api/v1/transactions/{jobId}: cancel a pending transaction; no webhook."""
     service = request.app[SERVICE_KEY]
-    job_id = job_id_of(request)
-    cancelled = await store.cancel(service.pool, job_id, window=service.settings.late_window)
-    row = await store.get(service.pool, job_id)
+    app_id, job_id = app_of(request), job_id_of(request)
+    cancelled = await store.cancel(
+        service.pool, app_id, job_id, window=service.settings.late_window
+    )
+    row = await store.get(service.pool, app_id, job_id)
     if row is None:
         raise ApiError(404, "not_found", "no transaction with this jobId")
     if cancelled is None:

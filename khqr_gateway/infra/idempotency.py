@@ -1,4 +1,4 @@
-"""Postgres queries for Idempotency-Key reservations and their stored responses."""
+"""Postgres queries for Idempotency-Key reservations and their stored responses, per app."""
 
 from __future__ import annotations
 
@@ -6,39 +6,46 @@ import asyncpg
 
 
 async def claim_idempotency_key(
-    pool: asyncpg.Pool, key_hash: str, request_hash: str
+    pool: asyncpg.Pool, app_id: str, key_hash: str, request_hash: str
 ) -> asyncpg.Record | None:
-    """Reserve a key; returns None when reserved now, else the existing row."""
+    """Reserve the app's key; returns None when reserved now, else the existing row."""
     inserted = await pool.fetchval(
         """
-        insert into idempotency_keys (key_hash, request_hash) values ($1, $2)
-        on conflict (key_hash) do nothing returning key_hash
+        insert into idempotency_keys (app_id, key_hash, request_hash) values ($1, $2, $3)
+        on conflict (app_id, key_hash) do nothing returning key_hash
         """,
+        app_id,
         key_hash,
         request_hash,
     )
     if inserted:
         return None
     return await pool.fetchrow(
-        "select request_hash, status_code, response from idempotency_keys where key_hash = $1",
+        "select request_hash, status_code, response from idempotency_keys"
+        " where app_id = $1 and key_hash = $2",
+        app_id,
         key_hash,
     )
 
 
 async def complete_idempotency_key(
-    pool: asyncpg.Pool, key_hash: str, status_code: int, response: bytes
+    pool: asyncpg.Pool, app_id: str, key_hash: str, status_code: int, response: bytes
 ) -> None:
     await pool.execute(
-        "update idempotency_keys set status_code = $2, response = $3 where key_hash = $1",
+        "update idempotency_keys set status_code = $3, response = $4"
+        " where app_id = $1 and key_hash = $2",
+        app_id,
         key_hash,
         status_code,
         response,
     )
 
 
-async def release_idempotency_key(pool: asyncpg.Pool, key_hash: str) -> None:
+async def release_idempotency_key(pool: asyncpg.Pool, app_id: str, key_hash: str) -> None:
     await pool.execute(
-        "delete from idempotency_keys where key_hash = $1 and status_code is null", key_hash
+        "delete from idempotency_keys where app_id = $1 and key_hash = $2 and status_code is null",
+        app_id,
+        key_hash,
     )
 
 

@@ -51,12 +51,13 @@ async def sweep_start(pool: asyncpg.Pool) -> datetime:
 
 
 async def make_notices(pool: asyncpg.Pool, chat_id: str, since: datetime) -> int:
-    """A notice for each paid or mismatched transition completed since `since` that has none;
-    once per transition whichever process (or sweep) gets there first."""
+    """A notice for each paid or mismatched transition completed since `since` that has none,
+    of its transaction's app; once per transition whichever process (or sweep) gets there
+    first."""
     result = await pool.execute(
         """
-        insert into telegram_notices (transaction_id, late, chat_id)
-        select t.id, t.late, $1 from transactions t
+        insert into telegram_notices (transaction_id, late, chat_id, app_id)
+        select t.id, t.late, $1, t.app_id from transactions t
         where t.completed_at >= $2 and not t.superseded
           and t.status in ('success', 'mismatch')
         on conflict (transaction_id, late) do nothing

@@ -82,11 +82,11 @@ def _csv_cell(name: str) -> str:
     )
 
 
-def _export_query(wanted: ExportFilter, *, as_json: bool) -> tuple[str, list[Any]]:
+def _export_query(app_id: str, wanted: ExportFilter, *, as_json: bool) -> tuple[str, list[Any]]:
     # Superseded rows are history of an md5 whose payment another row reports: exporting
     # them would count one payment twice.
-    where = ["not t.superseded"]
-    args: list[Any] = []
+    where = ["t.app_id = $1", "not t.superseded"]
+    args: list[Any] = [app_id]
     for condition, value in (
         ("t.created_at >=", wanted.since),
         ("t.created_at <", wanted.until),
@@ -118,21 +118,24 @@ def _json_pairs() -> str:
 
 
 async def export_csv(
-    pool: asyncpg.Pool, wanted: ExportFilter, write: Callable[[bytes], Awaitable[None]]
+    pool: asyncpg.Pool,
+    app_id: str,
+    wanted: ExportFilter,
+    write: Callable[[bytes], Awaitable[None]],
 ) -> None:
-    """The export as CSV with a header line, handed to `write` chunk by chunk as COPY sends
+    """The app's export as CSV with a header line, handed to `write` chunk by chunk as COPY sends
     it: each write is awaited, so a slow reader slows the query instead of filling memory."""
-    query, args = _export_query(wanted, as_json=False)
+    query, args = _export_query(app_id, wanted, as_json=False)
     async with pool.acquire() as conn:
         await conn.copy_from_query(query, *args, output=write, format="csv", header=True)
 
 
 async def export_lines(
-    pool: asyncpg.Pool, wanted: ExportFilter
+    pool: asyncpg.Pool, app_id: str, wanted: ExportFilter
 ) -> AsyncGenerator[Sequence[asyncpg.Record], None]:
-    """Batches of JSON lines, oldest first, from a server-side cursor in one read-only
+    """Batches of the app's JSON lines, oldest first, from a server-side cursor in one read-only
     snapshot: memory stays flat however many rows there are."""
-    query, args = _export_query(wanted, as_json=True)
+    query, args = _export_query(app_id, wanted, as_json=True)
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         cursor = await conn.cursor(query, *args)
         while batch := await cursor.fetch(EXPORT_BATCH):
@@ -152,7 +155,7 @@ DAILY_REPORT_SQL = f"""
                count(*) filter (where t.status = 'failed') as failed_count,
                count(*) filter (where t.status = 'timeout') as timeout_count
         from transactions t
-        where not t.superseded
+        where t.app_id = $3 and not t.superseded
           and t.completed_at >= ($1::date::timestamp at time zone '{REPORT_TZ}')
           and t.completed_at < (($2::date + 1)::timestamp at time zone '{REPORT_TZ}')
           and t.status in ('success', 'mismatch', 'failed', 'timeout')
@@ -161,10 +164,13 @@ DAILY_REPORT_SQL = f"""
         """
 
 
-async def daily_report(pool: asyncpg.Pool, first: date, last: date) -> list[asyncpg.Record]:
-    """Per day (Asia/Phnom_Penh, the day it completed), currency and account: payments (late
-    ones included), mismatches, failures and timeouts, from `first` to `last` included."""
-    rows: list[asyncpg.Record] = await pool.fetch(DAILY_REPORT_SQL, first, last)
+async def daily_report(
+    pool: asyncpg.Pool, app_id: str, first: date, last: date
+) -> list[asyncpg.Record]:
+    """Of the app, per day (Asia/Phnom_Penh, the day it completed), currency and account:
+    payments (late ones included), mismatches, failures and timeouts, from `first` to `last`
+    included."""
+    rows: list[asyncpg.Record] = await pool.fetch(DAILY_REPORT_SQL, first, last, app_id)
     return rows
 
 

@@ -112,23 +112,26 @@ class Ingest:
             _settle(waiter, outcome)
 
     async def _insert(self, batch: list[_Waiter]) -> list[tuple[_Waiter, Created | BaseException]]:
-        first: dict[str, _Waiter] = {}
+        # One md5 is one payment of one app: the same md5 in two apps is two rows.
+        first: dict[tuple[str, str], _Waiter] = {}
         others: list[_Waiter] = []
         for waiter in batch:
-            if waiter.new.md5 in first:
+            payment = (waiter.new.app_id, waiter.new.md5)
+            if payment in first:
                 others.append(waiter)
             else:
-                first[waiter.new.md5] = waiter
+                first[payment] = waiter
+        by_id = {w.new.id: w for w in first.values()}
         try:
             rows = await store.insert_pending(self.pool, [w.new for w in first.values()])
         except _ROW_ERRORS:
             rows = []
             others = batch
         else:
-            inserted = {row.md5 for row in rows}
-            others += [w for md5, w in first.items() if md5 not in inserted]
+            inserted = {row.id for row in rows}
+            others += [w for w in first.values() if w.new.id not in inserted]
         outcomes: list[tuple[_Waiter, Created | BaseException]] = [
-            (first[row.md5], (row, True)) for row in rows
+            (by_id[row.id], (row, True)) for row in rows
         ]
         # After the batch has committed: what conflicted finds its md5's row (200).
         alone = await asyncio.gather(

@@ -36,27 +36,33 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-async def status_of(pool: asyncpg.Pool, job_id: UUID) -> tuple[Status, str | None] | None:
-    """The status and reason of a transaction; None when there is none with this id."""
-    row = await pool.fetchrow("select status, reason from transactions where id = $1", job_id)
+async def status_of(
+    pool: asyncpg.Pool, app_id: str, job_id: UUID
+) -> tuple[Status, str | None] | None:
+    """The status and reason of the app's transaction; None when it has none with this id."""
+    row = await pool.fetchrow(
+        "select status, reason from transactions where app_id = $1 and id = $2", app_id, job_id
+    )
     return None if row is None else (Status(row["status"]), row["reason"])
 
 
 async def open_page(
     pool: asyncpg.Pool,
+    app_id: str,
     job_id: UUID,
     token: str,
     return_url: str | None,
     deeplink: str | None = None,
 ) -> None:
-    """Guard the page of a transaction with `token` (only its hash is kept)."""
+    """Guard the page of the app's transaction with `token` (only its hash is kept)."""
     await pool.execute(
         "update transactions set page_token_hash = $2, return_url = $3, deeplink = $4"
-        " where id = $1",
+        " where id = $1 and app_id = $5",
         job_id,
         token_hash(token),
         return_url,
         deeplink,
+        app_id,
     )
 
 

@@ -126,6 +126,7 @@ def _latest_delivery(r: asyncpg.Record) -> LatestDelivery | None:
 
 @dataclass(frozen=True, slots=True)
 class NewTransaction:
+    app_id: str
     id: UUID
     md5: str
     webhook_url: str
@@ -157,15 +158,16 @@ class PendingCounts:
 
 
 async def insert_or_get(pool: asyncpg.Pool, new: NewTransaction) -> tuple[TransactionRow, bool]:
-    """Insert a pending transaction, or return the md5's transaction, whatever its status."""
+    """Insert a pending transaction, or return the md5's transaction in its app, whatever its
+    status."""
     async with pool.acquire() as conn:
         inserted = await conn.fetchval(
             """
             insert into transactions
                 (id, md5, webhook_url, credential_id, expected, metadata, qr, deadline_at,
-                 qr_expires_at)
-            values ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-            on conflict (md5) where not superseded do nothing
+                 qr_expires_at, app_id)
+            values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+            on conflict (app_id, md5) where not superseded do nothing
             returning id
             """,
             new.id,
@@ -177,11 +179,13 @@ async def insert_or_get(pool: asyncpg.Pool, new: NewTransaction) -> tuple[Transa
             new.qr,
             new.deadline_at,
             new.qr_expires_at,
+            new.app_id,
         )
         row = await conn.fetchrow(
-            f"select {TRANSACTION_COLUMNS} from {_FROM} where "
+            f"select {TRANSACTION_COLUMNS} from {_FROM} where t.app_id = $2 and "
             + ("t.id = $1" if inserted else "t.md5 = $1 and not t.superseded"),
             inserted or new.md5,
+            new.app_id,
         )
     if row is None:  # only if retention pruned the md5's row between the two statements
         raise RuntimeError("could not insert or find the transaction of an md5")
@@ -191,23 +195,23 @@ async def insert_or_get(pool: asyncpg.Pool, new: NewTransaction) -> tuple[Transa
 async def insert_pending(pool: asyncpg.Pool, news: Sequence[NewTransaction]) -> list[CreatedRow]:
     """Insert pending transactions in one statement; returns the rows inserted.
 
-    One whose md5 is already tracked is skipped, so it is not among the rows returned; `news`
-    must not repeat an md5. Rows go in md5 order: two batches that share md5s wait for each
-    other in the same order, never in a cycle (a deadlock).
+    One whose md5 is already tracked in its app is skipped, so it is not among the rows
+    returned; `news` must not repeat an (app, md5). Rows go in (app, md5) order: two batches
+    that share md5s wait for each other in the same order, never in a cycle (a deadlock).
     """
     rows = await pool.fetch(
         f"""
         insert into transactions
             (id, md5, webhook_url, credential_id, expected, metadata, qr, deadline_at,
-             qr_expires_at)
+             qr_expires_at, app_id)
         select id, md5, webhook_url, credential_id, expected::jsonb, metadata::json, qr,
-               deadline_at, qr_expires_at
+               deadline_at, qr_expires_at, app_id
         from unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[],
-                    $7::text[], $8::timestamptz[], $9::timestamptz[])
+                    $7::text[], $8::timestamptz[], $9::timestamptz[], $10::text[])
             as u(id, md5, webhook_url, credential_id, expected, metadata, qr, deadline_at,
-                 qr_expires_at)
-        order by md5
-        on conflict (md5) where not superseded do nothing
+                 qr_expires_at, app_id)
+        order by app_id, md5
+        on conflict (app_id, md5) where not superseded do nothing
         returning {CREATED_COLUMNS}
         """,
         [n.id for n in news],
@@ -219,25 +223,35 @@ async def insert_pending(pool: asyncpg.Pool, news: Sequence[NewTransaction]) -> 
         [n.qr for n in news],
         [n.deadline_at for n in news],
         [n.qr_expires_at for n in news],
+        [n.app_id for n in news],
     )
     return [_created_row(r) for r in rows]
 
 
-async def get(pool: asyncpg.Pool, job_id: UUID) -> TransactionRow | None:
-    row = await pool.fetchrow(f"select {TRANSACTION_COLUMNS} from {_FROM} where t.id = $1", job_id)
+async def get(pool: asyncpg.Pool, app_id: str, job_id: UUID) -> TransactionRow | None:
+    """The app's transaction with this id; None when there is none (or another app's)."""
+    row = await pool.fetchrow(
+        f"select {TRANSACTION_COLUMNS} from {_FROM} where t.app_id = $1 and t.id = $2",
+        app_id,
+        job_id,
+    )
     return None if row is None else _transaction_row(row)
 
 
-async def expected_of(pool: asyncpg.Pool, md5: str) -> Expected | None:
-    """What the md5's transaction expects of its payment, if it is tracked with any."""
+async def expected_of(pool: asyncpg.Pool, app_id: str, md5: str) -> Expected | None:
+    """What the md5's transaction in the app expects of its payment, if it is tracked with
+    any."""
     value = await pool.fetchval(
-        "select expected from transactions where md5 = $1 and not superseded", md5
+        "select expected from transactions where app_id = $1 and md5 = $2 and not superseded",
+        app_id,
+        md5,
     )
     return Expected.from_json(value)
 
 
 async def list_page(
     pool: asyncpg.Pool,
+    app_id: str,
     *,
     md5: str | None,
     status: Status | None,
@@ -250,6 +264,7 @@ async def list_page(
     """Newest first; `before` is the (created_at, id) of the last row of the previous page;
     `q` as search_filter finds it; `since` and `until` bound the creation time."""
     filters: list[tuple[str, Any]] = [
+        ("t.app_id =", app_id),
         ("t.md5 =", md5),
         ("t.status =", status.value if status else None),
         ("t.created_at >=", since),
@@ -295,20 +310,23 @@ def _is_uuid(text: str) -> bool:
         return False
 
 
-async def cancel(pool: asyncpg.Pool, job_id: UUID, *, window: LateWindow) -> asyncpg.Record | None:
-    """Cancel if pending, starting its late watch; returns (id, late_watch_until), or None
-    when it was not pending."""
+async def cancel(
+    pool: asyncpg.Pool, app_id: str, job_id: UUID, *, window: LateWindow
+) -> asyncpg.Record | None:
+    """Cancel the app's transaction if pending, starting its late watch; returns (id,
+    late_watch_until), or None when it was not pending (or is another app's)."""
     return await pool.fetchrow(
         f"""
         update transactions t set status = 'cancelled', reason = $4,
             completed_at = now(), updated_at = now(),
             late_watch_until = {late_watch_sql("now()", "$2", "$3")}
-        where id = $1 and status = 'pending' returning id, late_watch_until
+        where id = $1 and app_id = $5 and status = 'pending' returning id, late_watch_until
         """,
         job_id,
         window.margin_s,
         window.watch_s,
         Reason.CANCELLED_BY_REQUEST,
+        app_id,
     )
 
 
@@ -415,10 +433,10 @@ async def record_transitions(
                     then {late_watch_sql("t.deadline_at", "$7", "$8")} end
             from input
             where t.id = input.id and t.status = 'pending'
-            returning t.id, t.webhook_url
+            returning t.id, t.webhook_url, t.app_id
         ), delivered as (
-            insert into deliveries (id, transaction_id, url, payload, next_attempt_at)
-            select input.delivery_id, done.id, done.webhook_url, input.payload, now()
+            insert into deliveries (id, transaction_id, url, payload, next_attempt_at, app_id)
+            select input.delivery_id, done.id, done.webhook_url, input.payload, now(), done.app_id
             from done join input on input.id = done.id
             where input.delivery_id is not null
             returning id, transaction_id
@@ -487,14 +505,14 @@ async def record_late(
                 updated_at = now()
             from input
             where t.id = input.id and t.status = input.previous
-            returning t.id, t.webhook_url
+            returning t.id, t.webhook_url, t.app_id
         ), superseded as (
             update deliveries d set status = 'failed', last_error = 'superseded_by_late_payment',
                 next_attempt_at = null, updated_at = now()
             from done where d.transaction_id = done.id and d.status = 'pending'
         ), delivered as (
-            insert into deliveries (id, transaction_id, url, payload, next_attempt_at)
-            select input.delivery_id, done.id, done.webhook_url, input.payload, now()
+            insert into deliveries (id, transaction_id, url, payload, next_attempt_at, app_id)
+            select input.delivery_id, done.id, done.webhook_url, input.payload, now(), done.app_id
             from done join input on input.id = done.id
             returning id, transaction_id
         )

@@ -159,6 +159,54 @@ async def test_a_database_from_before_apps_gets_the_default_app_once(
     assert [tuple(r) for r in rows] == [("app_default", "default", None)]
 
 
+APP_TABLES = ("transactions", "deliveries", "idempotency_keys", "credentials", "telegram_notices")
+
+
+async def test_rows_from_before_app_columns_are_the_default_apps(
+    blank: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """A database migrated up to 013 keeps its rows through 014 and 015, every one of them
+    the default app's, and the md5 stays one payment of that app."""
+    before = [m for m in sorted(db.migrations_dir().glob("*.sql")) if m.name < "014"]
+    assert before[-1].name.startswith("013_")
+    for migration in before:
+        shutil.copy(migration, tmp_path)
+    await db.migrate(blank, tmp_path)
+    md5 = random_md5()
+    await _insert_one_of_each(blank, md5)
+
+    applied = await db.migrate(blank)
+
+    assert applied == ["014_app_columns", "015_app_indexes"]
+    for table in APP_TABLES:
+        apps = await blank.fetch(f"select distinct app_id from {table}")
+        assert [r["app_id"] for r in apps] == ["app_default"], table
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await blank.execute(
+            "insert into transactions (id, md5, webhook_url, deadline_at, app_id)"
+            " values (gen_random_uuid(), $1, 'http://x/', now(), 'app_default')",
+            md5,
+        )
+
+
+async def _insert_one_of_each(conn: asyncpg.Connection, md5: str) -> None:
+    job = await conn.fetchval(
+        "insert into transactions (id, md5, webhook_url, deadline_at)"
+        " values (gen_random_uuid(), $1, 'http://x/', now()) returning id",
+        md5,
+    )
+    await conn.execute(
+        "insert into deliveries (id, transaction_id, url, payload) values ('msg_1', $1, 'x', '')",
+        job,
+    )
+    await conn.execute(
+        "insert into telegram_notices (transaction_id, late, chat_id) values ($1, false, '1')",
+        job,
+    )
+    await conn.execute("insert into idempotency_keys (key_hash, request_hash) values ('k', 'r')")
+    await conn.execute("insert into credentials (fingerprint, token) values ('f', 't')")
+
+
 NO_TX_INDEX = """-- migrate: no transaction
 create unique index concurrently if not exists things_name on things (name);
 """

@@ -16,6 +16,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import orjson
 
+from khqr_gateway.apps.model import DEFAULT_APP_ID
 from tests.conftest import Gateway, random_md5
 
 PP = ZoneInfo("Asia/Phnom_Penh")
@@ -290,6 +291,7 @@ async def test_daily_report_is_one_query_on_the_index_of_completed_times(
         "explain (format json) " + exports.DAILY_REPORT_SQL,
         datetime(2026, 11, 1).date(),
         datetime(2026, 11, 7).date(),
+        DEFAULT_APP_ID,
     )
     # One range read of an index on completion times (transactions_finished), whatever
     # else the planner weighs: never a scan, never a query per day.

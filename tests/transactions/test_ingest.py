@@ -15,6 +15,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from khqr_gateway.apps.model import DEFAULT_APP_ID
 from khqr_gateway.config import Settings
 from khqr_gateway.credentials import store as credential_store
 from khqr_gateway.http.middleware import unavailable_dependency
@@ -33,6 +34,7 @@ HOOK = "http://127.0.0.1:9/hook"
 
 def new(md5: str | None = None, **fields: Any) -> NewTransaction:
     values: dict[str, Any] = {
+        "app_id": DEFAULT_APP_ID,
         "id": uuid.uuid4(),
         "md5": md5 or random_md5(),
         "webhook_url": HOOK,
@@ -161,7 +163,7 @@ async def test_an_md5_that_turned_terminal_is_the_same_transaction(
     """One md5 is one payment: once ended it is never tracked a second time."""
     ingest = Ingest(pool, polls, interval_s=3)
     first, _ = await ingest.create(new())
-    await store.cancel(pool, first.id, window=Settings().late_window)
+    await store.cancel(pool, DEFAULT_APP_ID, first.id, window=Settings().late_window)
     polled = await polls.size()
     again, created = await ingest.create(new(first.md5))
     assert not created and again.id == first.id and again.status == "cancelled"
