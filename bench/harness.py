@@ -116,7 +116,7 @@ QUICK = Scale(
     lf_pending=40,
     lf_lifetime_s=30.0,
     lf_warmup_s=1.0,
-    lf_window_s=1.5,
+    lf_window_s=4.5,
     proxy_s=1.0,
     max_s=180.0,
 )
