@@ -13,6 +13,7 @@ import asyncpg
 from aiohttp import web
 
 from khqr_gateway import times
+from khqr_gateway.apps.keys import KeyCache
 from khqr_gateway.bakong.client import BakongClient, SourceInfo
 from khqr_gateway.bakong.sandbox import make_token
 from khqr_gateway.config import Settings
@@ -48,6 +49,8 @@ RECONCILE_PAGE = 5000
 # A run of the retention tick works for at most RUN_BUDGET_S; with work left, the next comes
 # soon after.
 RETENTION_INTERVAL_S = 10.0
+# When keys were last used reaches Postgres this often: a request never writes it.
+KEYS_INTERVAL_S = 10.0
 # /metrics and /api/v1/stats show figures at most this old (plus one read): a scrape or a
 # stats call costs no query, so however many come they cannot take the database pool.
 FIGURES_INTERVAL_S = 2.0
@@ -86,6 +89,7 @@ class Service:
     ingest: Ingest
     retention: Retention
     api_requests: PerSecond
+    keys: KeyCache
     ticks: Ticks = field(default_factory=Ticks)
     started_at: float = field(default_factory=time.time)
     figures: Figures | None = None  # None until the figures tick first ran
@@ -165,6 +169,7 @@ class Service:
                 pool, days=settings.retention_days, body_days=settings.attempt_body_days
             ),
             api_requests=PerSecond(redis, names["api_rate"]),
+            keys=KeyCache(pool),
         )
         if settings.telegram_bot_token:
             service.bot = BotApi(settings.telegram_api_url, settings.telegram_bot_token)
@@ -196,6 +201,7 @@ class Service:
         if self.alerts is not None:
             self.ticks.add("alerts", ALERTS_INTERVAL_S, self.alerts.tick)
         self.ticks.add("retention", RETENTION_INTERVAL_S, self.retention.tick)
+        self.ticks.add("keys", KEYS_INTERVAL_S, self.keys.flush_used)
         self.ticks.start()
 
     async def stop(self) -> None:

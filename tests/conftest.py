@@ -324,7 +324,7 @@ async def make_gateway(
         app = create_app(these, database_url=database_url, redis_url=REDIS_URL, run_ticks=run_ticks)
         client = TestClient(TestServer(app, host="127.0.0.1", port=port))
         await client.start_server()
-        for value in these.api_keys:
+        for value in (*these.api_keys, *these.admin_api_keys):
             secret(value)
         for raw in these.webhook_secrets:
             secret(base64.b64encode(raw).decode())

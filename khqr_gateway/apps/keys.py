@@ -1,43 +1,97 @@
 """Which app a presented API key belongs to: one indexed lookup of its hash, then cached
 briefly, so that a revoked or expired key, or a disabled app, stops working in every process
-within 5 s while a request costs no query; when keys were last used is written in batches."""
+within 5 s while a request costs no query; when keys were last used is written in batches.
+Apps named by id (an admin key's `Khqr-App`, a webhook's signing) are cached the same way."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Generic, TypeVar
 
 import asyncpg
 
 from khqr_gateway.apps import store
-from khqr_gateway.apps.model import ApiKey, App, key_hash
+from khqr_gateway.apps.model import ApiKey, App, Caller, key_hash
 
 # Every process re-reads a key at least this often: the bound on how long a revocation takes.
 TTL_S = 4.0
 # Keys remembered per process, wrong ones included (a flood of wrong keys evicts only itself).
 CACHE_MAX = 10_000
 
-
-@dataclass(frozen=True, slots=True)
-class Caller:
-    """Who is calling: the app, and the key it used."""
-
-    app: App
-    key: ApiKey
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
 
 
 @dataclass(frozen=True, slots=True)
-class _Entry:
-    found: tuple[ApiKey, App] | None
+class _Entry(Generic[V]):
+    value: V
     until: float
 
 
+class TtlCache(Generic[K, V]):
+    """Values loaded once per `ttl_s` per key; callers asking for one key at once share one
+    load; at most `size` keys, the least recently used dropped first."""
+
+    def __init__(
+        self,
+        load: Callable[[K], Awaitable[V]],
+        *,
+        ttl_s: float,
+        size: int = CACHE_MAX,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.load = load
+        self.ttl_s = ttl_s
+        self.size = size
+        self.clock = clock
+        self._entries: OrderedDict[K, _Entry[V]] = OrderedDict()
+        self._loading: dict[K, asyncio.Future[V]] = {}
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    async def get(self, key: K) -> V:
+        entry = self._entries.get(key)
+        if entry is not None and entry.until > self.clock():
+            self._entries.move_to_end(key)
+            return entry.value
+        loading = self._loading.get(key)
+        if loading is not None:  # the same key asked for at once: one load for all of them
+            try:
+                return await asyncio.shield(loading)
+            except asyncio.CancelledError:
+                if not loading.cancelled():
+                    raise  # this caller was cancelled, not the load it waited for
+            return await self.load(key)
+        future: asyncio.Future[V] = asyncio.get_running_loop().create_future()
+        self._loading[key] = future
+        try:
+            value = await self.load(key)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except Exception as exc:
+            future.set_exception(exc)
+            future.exception()  # marked retrieved: without waiters nobody else reads it
+            raise
+        finally:
+            del self._loading[key]
+        future.set_result(value)
+        self._entries[key] = _Entry(value, self.clock() + self.ttl_s)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return value
+
+
 class KeyCache:
-    """Presented keys to their app, for at most `ttl_s` before Postgres is asked again."""
+    """Presented keys to their app, and app ids to their app, for at most `ttl_s` before
+    Postgres is asked again."""
 
     def __init__(
         self,
@@ -48,14 +102,15 @@ class KeyCache:
     ) -> None:
         self.pool = pool
         self.ttl_s = ttl_s
-        self.clock = clock
-        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
-        self._loading: dict[bytes, asyncio.Future[tuple[ApiKey, App] | None]] = {}
+        self._keys: TtlCache[bytes, tuple[ApiKey, App] | None] = TtlCache(
+            self._find_key, ttl_s=ttl_s, clock=clock
+        )
+        self._apps: TtlCache[str, App | None] = TtlCache(self._find_app, ttl_s=ttl_s, clock=clock)
         self._used: dict[str, datetime] = {}
 
     async def caller(self, presented: str) -> Caller | None:
         """The app and key of a presented key, or None when it is unknown or may not be used."""
-        found = await self._lookup(key_hash(presented))
+        found = await self._keys.get(key_hash(presented))
         if found is None:
             return None
         key, app = found
@@ -63,11 +118,16 @@ class KeyCache:
         if app.disabled or not key.usable(now):
             return None
         self._used[key.id] = now
-        return Caller(app, key)
+        return Caller(app.id, key.id, app=app)
+
+    async def app(self, app_id: str) -> App | None:
+        """The app with this id (disabled ones too), as read at most `ttl_s` ago."""
+        return await self._apps.get(app_id)
 
     def forget(self) -> None:
-        """Drop every cached key: the next use of each asks Postgres."""
-        self._entries.clear()
+        """Drop every cached key and app: the next use of each asks Postgres."""
+        self._keys.clear()
+        self._apps.clear()
 
     async def flush_used(self) -> None:
         """Write when keys were last used (a tick calls this; a request never waits for it)."""
@@ -79,39 +139,8 @@ class KeyCache:
                 self._used[key_id] = max(at, self._used.get(key_id, at))
             raise
 
-    async def _lookup(self, digest: bytes) -> tuple[ApiKey, App] | None:
-        entry = self._entries.get(digest)
-        if entry is not None and entry.until > self.clock():
-            self._entries.move_to_end(digest)
-            return entry.found
-        loading = self._loading.get(digest)
-        if loading is not None:  # the same key asked for at once: one query for all of them
-            try:
-                return await asyncio.shield(loading)
-            except asyncio.CancelledError:
-                if not loading.cancelled():
-                    raise  # this caller was cancelled, not the lookup it waited for
-            return await store.find_key(self.pool, digest)
-        future: asyncio.Future[tuple[ApiKey, App] | None]
-        future = asyncio.get_running_loop().create_future()
-        self._loading[digest] = future
-        try:
-            found = await store.find_key(self.pool, digest)
-        except asyncio.CancelledError:
-            future.cancel()
-            raise
-        except Exception as exc:
-            future.set_exception(exc)
-            future.exception()  # marked retrieved: without waiters nobody else reads it
-            raise
-        finally:
-            del self._loading[digest]
-        future.set_result(found)
-        self._remember(digest, found)
-        return found
+    async def _find_key(self, digest: bytes) -> tuple[ApiKey, App] | None:
+        return await store.find_key(self.pool, digest)
 
-    def _remember(self, digest: bytes, found: tuple[ApiKey, App] | None) -> None:
-        self._entries[digest] = _Entry(found, self.clock() + self.ttl_s)
-        self._entries.move_to_end(digest)
-        while len(self._entries) > CACHE_MAX:
-            self._entries.popitem(last=False)
+    async def _find_app(self, app_id: str) -> App | None:
+        return await store.get(self.pool, app_id)

@@ -77,6 +77,24 @@ class ApiKey:
 
 
 @dataclass(frozen=True, slots=True)
+class Caller:
+    """Who a request acts for: the app, and by which key (for logs and rate limits).
+
+    `key_id` is a made key's id (`key_...`), `env:` or `admin:` and a digest prefix for a key
+    of the environment, or None when the default app is open (no API_KEY set). `app` is the
+    app's row when it was looked up (a made key, or an admin key naming an app).
+    """
+
+    app_id: str
+    key_id: str | None = None
+    admin: bool = False
+    app: App | None = None
+
+
+OPEN = Caller(DEFAULT_APP_ID)
+
+
+@dataclass(frozen=True, slots=True)
 class NewKey:
     """A key just made: the only moment its text exists outside the caller's hands."""
 

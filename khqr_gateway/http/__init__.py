@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from khqr_gateway.apps.model import Caller
 from khqr_gateway.config import Settings
 
 SETTINGS_KEY = web.AppKey("settings", Settings)
 REQUEST_ID = web.RequestKey("request_id", str)
-API_KEY_ID = web.RequestKey("api_key_id", str)
+CALLER = web.RequestKey("caller", Caller)

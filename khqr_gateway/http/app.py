@@ -25,7 +25,8 @@ from khqr_gateway.http import (
     sse,
     transactions,
 )
-from khqr_gateway.http.middleware import auth_middleware, error_middleware, request_log
+from khqr_gateway.http.auth import auth_middleware
+from khqr_gateway.http.middleware import error_middleware, request_log
 from khqr_gateway.http.openapi import setup_openapi
 from khqr_gateway.http.request import BODY_LIMIT
 from khqr_gateway.notices.sandbox import create_bot_sandbox_app

@@ -8,7 +8,6 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 from aiohttp import web
 
-from khqr_gateway.http import API_KEY_ID
 from khqr_gateway.http.errors import ApiError, error_response
 from khqr_gateway.http.request import app_of
 from khqr_gateway.infra import idempotency
@@ -49,13 +48,12 @@ async def idempotent(
 
 
 def _key_hash(request: web.Request, key: str) -> str:
-    """The key as stored: scoped to the API key, the method and the path."""
+    """The key as stored (in its app's rows): scoped to the method and the path."""
     if not key or len(key) > KEY_MAX:
         raise ApiError(
             400, "invalid_idempotency_key", f"Idempotency-Key must be 1 to {KEY_MAX} characters"
         )
-    scope = request.get(API_KEY_ID, "")
-    return hashlib.sha256(f"{scope}:{request.method}:{request.path}:{key}".encode()).hexdigest()
+    return hashlib.sha256(f"{request.method}:{request.path}:{key}".encode()).hexdigest()
 
 
 async def _keep(pool: asyncpg.Pool, app_id: str, key_hash: str, response: web.Response) -> None:

@@ -1,10 +1,9 @@
-"""The middlewares every request goes through: its log line, the error shape, the API key."""
+"""The middlewares every request goes through: its log line and the error shape (the API
+key's is in `auth`)."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
 import random
 import time
@@ -15,12 +14,10 @@ from aiohttp import web
 from redis.exceptions import RedisClusterException, RedisError
 
 from khqr_gateway.bakong.sandbox import MOUNT_PATH
-from khqr_gateway.config import Settings
-from khqr_gateway.http import API_KEY_ID, REQUEST_ID
+from khqr_gateway.http import REQUEST_ID
 from khqr_gateway.http.errors import ApiError, error_response
 from khqr_gateway.http.request import BODY_LIMIT
 from khqr_gateway.notices.sandbox import redact_token
-from khqr_gateway.service import SERVICE_KEY
 
 log = logging.getLogger("khqr_gateway.http")
 
@@ -166,58 +163,3 @@ def unavailable_dependency(exc: BaseException) -> str | None:
 
 def _kept_headers(exc: web.HTTPException) -> dict[str, str]:
     return {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
-
-
-def auth_middleware(settings: Settings) -> Middleware:
-    """Every /api/ route needs one of API_KEY's keys, compared as hashes in constant time."""
-    digests = [hashlib.sha256(k.encode()).digest() for k in settings.api_keys]
-
-    @web.middleware
-    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not digests or not request.path.startswith("/api/"):
-            return await handler(request)
-        key_id = _key_id(request, digests)
-        request[API_KEY_ID] = key_id
-        if settings.api_rate_limit:
-            await _rate_limit(request, key_id, settings.api_rate_limit)
-        return await handler(request)
-
-    return auth
-
-
-def _key_id(request: web.Request, digests: list[bytes]) -> str:
-    """The id of the API key the request presents; 401 when it presents none of ours."""
-    given = _presented_key(request)
-    digest = hashlib.sha256(given.encode()).digest() if given else b""
-    matched = -1
-    # Every key compared, so that the time taken says nothing of which one matched.
-    for index, expected in enumerate(digests):
-        if hmac.compare_digest(digest, expected):
-            matched = index
-    if matched < 0:
-        raise ApiError(
-            401, "unauthorized", "a valid API key is required (Authorization: Bearer <key>)"
-        )
-    return digests[matched].hex()[:16]
-
-
-def _presented_key(request: web.Request) -> str:
-    header = request.headers.get("Authorization", "")
-    if header[:7].lower() == "bearer ":
-        return header[7:].strip()
-    return request.headers.get("x-api-key", "").strip()
-
-
-async def _rate_limit(request: web.Request, key_id: str, limit: int) -> None:
-    """At most `limit` requests a second per API key, counted in Redis across processes."""
-    try:
-        count = await request.app[SERVICE_KEY].api_requests.count(key_id)
-    except RedisError:
-        return  # no Redis, no counting: the request itself will say what is down
-    if count > limit:
-        raise ApiError(
-            429,
-            "rate_limited",
-            f"more than {limit} requests a second with this API key",
-            headers={"Retry-After": "1"},
-        )

@@ -16,7 +16,8 @@ import orjson
 from aiohttp import web
 from marshmallow import Schema, ValidationError
 
-from khqr_gateway.apps.model import DEFAULT_APP_ID
+from khqr_gateway.apps.model import OPEN, Caller
+from khqr_gateway.http import CALLER
 from khqr_gateway.http.errors import ApiError, field_errors
 from khqr_gateway.http.fields import LONG_DIGITS, walk_json
 
@@ -120,6 +121,12 @@ def job_id_of(request: web.Request) -> UUID:
         raise ApiError(404, "not_found", "no transaction with this jobId") from None
 
 
+def caller_of(request: web.Request) -> Caller:
+    """Who an /api/ request acts for, as the auth middleware found it."""
+    caller: Caller = request.get(CALLER, OPEN)
+    return caller
+
+
 def app_of(request: web.Request) -> str:
-    """The app a request acts for: the default app, until requests are authenticated by app."""
-    return DEFAULT_APP_ID
+    """The id of the app an /api/ request acts for."""
+    return caller_of(request).app_id

@@ -45,7 +45,7 @@ async def test_many_requests_with_one_key_cost_one_query(
     cache = KeyCache(pool)
     callers = await asyncio.gather(*(cache.caller(key.key) for _ in range(50)))
     callers += [await cache.caller(key.key) for _ in range(50)]
-    assert {c.app.id for c in callers if c} == {app.id} and all(callers)
+    assert {c.app_id for c in callers if c} == {app.id} and all(callers)
     assert len(lookups) == 1
 
 

@@ -421,30 +421,6 @@ async def test_oversized_headers_are_refused_not_crashed(gateway: Gateway) -> No
     assert resp.status in (400, 431)
 
 
-async def test_each_api_key_is_rate_limited_with_retry_after(make_gateway: GatewayFactory) -> None:
-    import asyncio
-
-    gw = await make_gateway(api_keys=("k" * 32, "j" * 32), api_rate_limit=5)
-    key1 = {"Authorization": "Bearer " + "k" * 32}
-    key2 = {"Authorization": "Bearer " + "j" * 32}
-    statuses = [
-        (await gw.client.get("/api/v1/transactions", headers=key1)).status for _ in range(8)
-    ]
-    if statuses.count(429) < 3:  # the second ticked over mid-way: try once more
-        await asyncio.sleep(0.05)
-        statuses = [
-            (await gw.client.get("/api/v1/transactions", headers=key1)).status for _ in range(8)
-        ]
-    assert statuses.count(429) >= 3
-    limited = await gw.client.get("/api/v1/transactions", headers=key1)
-    if limited.status == 429:
-        assert limited.headers["Retry-After"] == "1"
-        assert (await limited.json())["error"]["code"] == "rate_limited"
-    assert (await gw.client.get("/api/v1/transactions", headers=key2)).status == 200
-    await asyncio.sleep(1.1)
-    assert (await gw.client.get("/api/v1/transactions", headers=key1)).status == 200
-
-
 def _cursor(*parts: Any) -> str:
     import base64
 

@@ -26,16 +26,6 @@ async def pool(database_url: str, pg: asyncpg.Connection) -> AsyncIterator[async
     await made.close()
 
 
-@pytest.fixture
-async def per_app(pg: asyncpg.Connection) -> AsyncIterator[None]:
-    """The key of one app only, as it is once every process claims per app and the primary
-    key of before apps is replaced (restored for the tests after)."""
-    await pg.execute("alter table idempotency_keys drop constraint idempotency_keys_pkey")
-    yield
-    await pg.execute("truncate idempotency_keys")
-    await pg.execute("alter table idempotency_keys add primary key (key_hash)")
-
-
 async def test_a_key_claimed_again_in_its_app_is_a_replay(pool: asyncpg.Pool) -> None:
     assert await claim_idempotency_key(pool, A, "k", "r") is None
     in_progress = await claim_idempotency_key(pool, A, "k", "r")
@@ -45,7 +35,6 @@ async def test_a_key_claimed_again_in_its_app_is_a_replay(pool: asyncpg.Pool) ->
     assert done is not None and (done["status_code"], done["response"]) == (201, b"{}")
 
 
-@pytest.mark.usefixtures("per_app")
 async def test_another_apps_key_is_not_a_replay(pool: asyncpg.Pool) -> None:
     assert await claim_idempotency_key(pool, A, "k", "r") is None
     await complete_idempotency_key(pool, A, "k", 201, b'{"a": 1}')

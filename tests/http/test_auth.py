@@ -1,0 +1,206 @@
+"""Who a request acts for: the default app's keys, keys made for an app, admin keys and the
+`Khqr-App` header, with each app's data its own and its requests counted per app."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from khqr_gateway.apps import store as apps
+from khqr_gateway.apps.model import DEFAULT_APP_ID
+from tests.conftest import Gateway, GatewayFactory, Receiver, random_md5, secret
+
+DEFAULT_KEY = "default-key-" + "d" * 20
+ADMIN_KEY = "admin-key-" + "a" * 20
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def made_app(gw: Gateway, name: str, **fields: Any) -> tuple[str, str]:
+    """An app made in the gateway's database: its id and its key (a secret)."""
+    app, key, webhook_secret = await apps.create(gw.service.pool, name, **fields)
+    secret(webhook_secret)
+    return app.id, secret(key.key)
+
+
+async def call(
+    gw: Gateway, method: str, path: str, key: str | None, body: Any = None, **headers: str
+) -> tuple[int, Any]:
+    sent = {**(bearer(key) if key else {}), **headers}
+    resp = await gw.client.request(method, path, json=body, headers=sent)
+    text = await resp.text()
+    return resp.status, (await resp.json()) if text else None
+
+
+@pytest.fixture
+async def gw(make_gateway: GatewayFactory) -> Gateway:
+    return await make_gateway(api_keys=(DEFAULT_KEY,), admin_api_keys=(ADMIN_KEY,))
+
+
+async def test_a_made_key_acts_for_its_app_and_no_other_sees_its_transaction(
+    gw: Gateway, receiver: Receiver
+) -> None:
+    _, shop = await made_app(gw, "Shop")
+    md5 = random_md5()
+    status, created = await call(
+        gw, "POST", "/api/v1/transactions", shop, {"md5": md5, "webhookUrl": receiver.url}
+    )
+    assert status == 201
+    path = f"/api/v1/transactions/{created['jobId']}"
+    assert (await call(gw, "GET", path, shop))[0] == 200
+    status, body = await call(gw, "GET", path, DEFAULT_KEY)
+    assert status == 404 and body["error"]["code"] == "not_found"
+    assert (await call(gw, "DELETE", path, DEFAULT_KEY))[0] == 404
+    _, listed = await call(gw, "GET", "/api/v1/transactions", DEFAULT_KEY)
+    assert md5 not in {row["md5"] for row in listed["data"]}
+    _, mine = await call(gw, "GET", "/api/v1/transactions", shop)
+    assert [row["md5"] for row in mine["data"]] == [md5]
+
+
+async def test_one_md5_in_two_apps_is_two_payments(gw: Gateway, receiver: Receiver) -> None:
+    _, shop = await made_app(gw, "Shop")
+    body = {"md5": random_md5(), "webhookUrl": receiver.url}
+    mine_status, mine = await call(gw, "POST", "/api/v1/transactions", shop, body)
+    theirs_status, theirs = await call(gw, "POST", "/api/v1/transactions", DEFAULT_KEY, body)
+    again_status, again = await call(gw, "POST", "/api/v1/transactions", shop, body)
+    assert (mine_status, theirs_status, again_status) == (201, 201, 200)
+    assert mine["jobId"] != theirs["jobId"] and again["jobId"] == mine["jobId"]
+
+
+async def test_an_idempotency_key_is_the_apps_own(gw: Gateway, receiver: Receiver) -> None:
+    _, shop = await made_app(gw, "Shop")
+    key = {"Idempotency-Key": "order-42"}
+    first = {"md5": random_md5(), "webhookUrl": receiver.url}
+    other = {"md5": random_md5(), "webhookUrl": receiver.url}
+    status, mine = await call(gw, "POST", "/api/v1/transactions", shop, first, **key)
+    assert status == 201
+    # Another app's same key with another body is its own request, not a reuse.
+    status, theirs = await call(gw, "POST", "/api/v1/transactions", DEFAULT_KEY, other, **key)
+    assert status == 201 and theirs["md5"] == other["md5"]
+    status, replay = await call(gw, "POST", "/api/v1/transactions", shop, first, **key)
+    assert status == 201 and replay == mine
+    status, reused = await call(gw, "POST", "/api/v1/transactions", shop, other, **key)
+    assert status == 422 and reused["error"]["code"] == "idempotency_key_reused"
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["kgw_" + "n" * 43, "wrong-key-" + "w" * 20, None],
+    ids=["unknown made key", "unknown key", "no key"],
+)
+async def test_a_key_that_is_not_ours_is_refused(gw: Gateway, key: str | None) -> None:
+    status, body = await call(gw, "GET", "/api/v1/transactions", key)
+    assert status == 401 and body["error"]["code"] == "unauthorized"
+
+
+async def test_with_no_api_key_the_default_app_is_open_but_a_bad_made_key_is_not(
+    make_gateway: GatewayFactory, receiver: Receiver
+) -> None:
+    gw = await make_gateway(api_keys=())
+    _, shop = await made_app(gw, "Shop")
+    body = {"md5": random_md5(), "webhookUrl": receiver.url}
+    status, opened = await call(gw, "POST", "/api/v1/transactions", None, body)
+    assert status == 201
+    # Any other text is no key at all on an open gateway (as in rachhen/khqr-webhook).
+    assert (await call(gw, "GET", "/api/v1/transactions", "whatever-" + "x" * 20))[0] == 200
+    # A made key acts for its own app: the default app's transaction is not its.
+    assert (await call(gw, "GET", f"/api/v1/transactions/{opened['jobId']}", shop))[0] == 404
+    # A made key that is not valid never falls back to the open default app.
+    status, refused = await call(gw, "POST", "/api/v1/transactions", "kgw_" + "r" * 43, body)
+    assert status == 401 and refused["error"]["code"] == "unauthorized"
+
+
+async def test_an_admin_key_acts_for_the_app_its_header_names(
+    gw: Gateway, receiver: Receiver
+) -> None:
+    shop_id, shop = await made_app(gw, "Shop")
+    body = {"md5": random_md5(), "webhookUrl": receiver.url}
+    status, created = await call(
+        gw, "POST", "/api/v1/transactions", ADMIN_KEY, body, **{"Khqr-App": shop_id}
+    )
+    assert status == 201
+    path = f"/api/v1/transactions/{created['jobId']}"
+    assert (await call(gw, "GET", path, shop))[0] == 200
+    # Without the header an admin key acts for the default app.
+    assert (await call(gw, "GET", path, ADMIN_KEY))[0] == 404
+    status, _ = await call(gw, "GET", path, ADMIN_KEY, **{"Khqr-App": DEFAULT_APP_ID})
+    assert status == 404
+    status, missing = await call(gw, "GET", path, ADMIN_KEY, **{"Khqr-App": "app_nope"})
+    assert status == 404 and missing["error"]["code"] == "app_not_found"
+    # The header means nothing to any other key.
+    assert (await call(gw, "GET", path, DEFAULT_KEY, **{"Khqr-App": shop_id}))[0] == 404
+
+
+async def test_only_an_admin_key_may_call_the_app_routes(
+    gw: Gateway, make_gateway: GatewayFactory
+) -> None:
+    _, shop = await made_app(gw, "Shop")
+    for key in (shop, DEFAULT_KEY):
+        status, body = await call(gw, "GET", "/api/v1/apps", key)
+        assert status == 403 and "ADMIN_API_KEY" in body["error"]["message"]
+    assert (await call(gw, "GET", "/api/v1/apps", None))[0] == 401
+    closed = await make_gateway(api_keys=())
+    status, body = await call(closed, "GET", "/api/v1/apps", None)
+    assert status == 403 and "set ADMIN_API_KEY" in body["error"]["message"]
+
+
+async def test_a_revoked_key_and_a_disabled_apps_key_stop_in_every_process_within_5_s(
+    gw: Gateway, make_gateway: GatewayFactory
+) -> None:
+    other = await make_gateway(api_keys=(DEFAULT_KEY,), admin_api_keys=(ADMIN_KEY,))
+    shop_id, shop = await made_app(gw, "Shop")
+    bar_id, bar = await made_app(gw, "Bar")
+    for process in (gw, other):  # both have the keys cached now
+        for key in (shop, bar):
+            assert (await call(process, "GET", "/api/v1/transactions", key))[0] == 200
+    (listed,) = await apps.list_keys(gw.service.pool, shop_id)
+    assert await apps.revoke_key(gw.service.pool, shop_id, listed.id)
+    assert await apps.disable(gw.service.pool, bar_id) is not None
+    deadline = time.monotonic() + 5.0
+    refused: set[tuple[int, str]] = set()
+    while time.monotonic() < deadline and len(refused) < 4:
+        for n, process in enumerate((gw, other)):
+            for key in (shop, bar):
+                if (await call(process, "GET", "/api/v1/transactions", key))[0] == 401:
+                    refused.add((n, key))
+        await asyncio.sleep(0.1)
+    assert len(refused) == 4, "every process refuses both keys within 5 s"
+
+
+async def test_requests_are_counted_per_app_with_retry_after(
+    make_gateway: GatewayFactory,
+) -> None:
+    gw = await make_gateway(api_keys=(DEFAULT_KEY, "second-key-" + "s" * 20), api_rate_limit=5)
+    _, shop = await made_app(gw, "Shop")
+    first, second = DEFAULT_KEY, "second-key-" + "s" * 20
+
+    async def statuses(key: str, n: int) -> list[int]:
+        return [(await call(gw, "GET", "/api/v1/transactions", key))[0] for _ in range(n)]
+
+    seen = await statuses(first, 4) + await statuses(second, 4)
+    if seen.count(429) < 3:  # the second ticked over mid-way: try once more
+        await asyncio.sleep(0.05)
+        seen = await statuses(first, 4) + await statuses(second, 4)
+    # The default app's two keys share its limit.
+    assert seen.count(429) >= 3
+    limited = await gw.client.get("/api/v1/transactions", headers=bearer(second))
+    if limited.status == 429:
+        assert limited.headers["Retry-After"] == "1"
+        assert (await limited.json())["error"]["code"] == "rate_limited"
+    # Another app is not held back by the default app's requests.
+    assert (await call(gw, "GET", "/api/v1/transactions", shop))[0] == 200
+    await asyncio.sleep(1.1)
+    assert (await call(gw, "GET", "/api/v1/transactions", first))[0] == 200
+
+
+async def test_an_apps_own_rate_limit_holds_for_it(make_gateway: GatewayFactory) -> None:
+    gw = await make_gateway(api_keys=(DEFAULT_KEY,), api_rate_limit=1000)
+    _, shop = await made_app(gw, "Shop", rate_limit=2)
+    seen = [(await call(gw, "GET", "/api/v1/transactions", shop))[0] for _ in range(6)]
+    assert 429 in seen
+    assert (await call(gw, "GET", "/api/v1/transactions", DEFAULT_KEY))[0] == 200
