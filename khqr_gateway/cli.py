@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from khqr_gateway import __version__
+from khqr_gateway.apps.model import KEY_DAYS_MAX
 from khqr_gateway.config import ConfigError, Settings, load_settings
 from khqr_gateway.logs import setup_logging
 
@@ -249,8 +250,8 @@ def _positive_days(text: str) -> int:
         days = int(text)
     except ValueError:
         days = 0
-    if not 1 <= days <= 3650:
-        raise argparse.ArgumentTypeError("a whole number of days from 1 to 3650")
+    if not 1 <= days <= KEY_DAYS_MAX:
+        raise argparse.ArgumentTypeError(f"a whole number of days from 1 to {KEY_DAYS_MAX}")
     return days
 
 

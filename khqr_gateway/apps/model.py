@@ -8,6 +8,7 @@ import secrets
 import unicodedata
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TypedDict
 
 DEFAULT_APP_ID = "app_default"
 APP_ID_PREFIX = "app_"
@@ -19,6 +20,8 @@ KEY_RANDOM_BYTES = 32
 KEY_SHOWN_CHARS = len(KEY_PREFIX) + 4
 WEBHOOK_SECRET_BYTES = 32
 NAME_MAX = 100
+# How long a made key may be given to live: ten years, past which "expires" means nothing.
+KEY_DAYS_MAX = 3650
 
 
 class AppError(ValueError):
@@ -56,6 +59,18 @@ class App:
     @property
     def default(self) -> bool:
         return self.id == DEFAULT_APP_ID
+
+
+class AppChanges(TypedDict, total=False):
+    """The settings an update sets, by column; a column left out keeps its value, None clears it."""
+
+    name: str
+    webhook_url: str | None
+    merchant: Merchant | None
+    credential_id: int | None
+    telegram_chat_id: str | None
+    telegram_bot_token: str | None
+    rate_limit: int | None
 
 
 @dataclass(frozen=True, slots=True)

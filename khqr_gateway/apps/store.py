@@ -12,6 +12,7 @@ import orjson
 from khqr_gateway.apps.model import (
     ApiKey,
     App,
+    AppChanges,
     Merchant,
     NewKey,
     new_app_id,
@@ -24,6 +25,8 @@ APP_COLUMNS = (
     " rate_limit, disabled_at, created_at, updated_at"
 )
 KEY_COLUMNS = "id, app_id, prefix, created_at, expires_at, last_used_at, revoked_at"
+# What an update may set: the settings, never an id, a time or whether it is disabled.
+UPDATABLE = frozenset(AppChanges.__annotations__)
 
 
 def _merchant(value: Any) -> Merchant | None:
@@ -60,6 +63,8 @@ async def create(
     webhook_url: str | None = None,
     merchant: Merchant | None = None,
     credential_id: int | None = None,
+    telegram_chat_id: str | None = None,
+    telegram_bot_token: str | None = None,
     rate_limit: int | None = None,
     key_expires_at: datetime | None = None,
 ) -> tuple[App, NewKey, str]:
@@ -67,8 +72,9 @@ async def create(
     async with pool.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(
             f"""
-            insert into apps (id, name, webhook_url, merchant, credential_id, rate_limit)
-            values ($1, $2, $3, $4::jsonb, $5, $6)
+            insert into apps (id, name, webhook_url, merchant, credential_id, telegram_chat_id,
+                              telegram_bot_token, rate_limit)
+            values ($1, $2, $3, $4::jsonb, $5, $6, $7, $8)
             returning {APP_COLUMNS}
             """,
             new_app_id(),
@@ -76,6 +82,8 @@ async def create(
             webhook_url,
             _merchant_json(merchant),
             credential_id,
+            telegram_chat_id,
+            telegram_bot_token,
             rate_limit,
         )
         key = await _insert_key(conn, row["id"], key_expires_at)
@@ -109,6 +117,31 @@ async def list_page(pool: asyncpg.Pool, *, after: str | None, limit: int) -> lis
         limit,
     )
     return [_app(r) for r in rows]
+
+
+async def update(pool: asyncpg.Pool, app_id: str, changes: AppChanges) -> App | None:
+    """The enabled app with `changes` set (the columns they name, no other); None when no
+    enabled app has this id. A name another enabled app has raises UniqueViolationError."""
+    unknown = set(changes) - UPDATABLE
+    if unknown:  # column names are written into the statement: only ours, ever
+        raise ValueError(f"not a setting of an app: {sorted(unknown)}")
+    values: list[Any] = [app_id]
+    sets = ["updated_at = now()"]
+    for column, value in changes.items():
+        if column == "merchant":
+            values.append(_merchant_json(changes["merchant"]))
+            sets.append(f"merchant = ${len(values)}::jsonb")
+        else:
+            values.append(value)
+            sets.append(f"{column} = ${len(values)}")
+    row = await pool.fetchrow(
+        f"""
+        update apps set {", ".join(sets)}
+        where id = $1 and disabled_at is null returning {APP_COLUMNS}
+        """,
+        *values,
+    )
+    return _app(row) if row else None
 
 
 async def disable(pool: asyncpg.Pool, app_id: str) -> App | None:

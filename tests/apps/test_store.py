@@ -117,3 +117,45 @@ async def test_apps_page_by_id_without_skipping_or_repeating(pool: asyncpg.Pool)
         seen += [a.id for a in page]
         after = page[-1].id
     assert set(seen) == made | {DEFAULT_APP_ID} and len(seen) == len(set(seen))
+
+
+async def test_an_app_is_made_with_its_telegram_chat_and_bot_token(pool: asyncpg.Pool) -> None:
+    app, _, _ = await store.create(
+        pool, "Shop", telegram_chat_id="-1001234", telegram_bot_token="123:bot-token"
+    )
+    found = await store.get(pool, app.id)
+    assert found is not None
+    assert (found.telegram_chat_id, found.telegram_bot_token) == ("-1001234", "123:bot-token")
+
+
+async def test_an_update_sets_what_it_names_and_clears_what_it_gives_as_none(
+    pool: asyncpg.Pool,
+) -> None:
+    merchant = Merchant("shop@aclb", "Shop", "Phnom Penh")
+    app, _, _ = await store.create(
+        pool, "Shop", webhook_url="https://shop.example/hook", merchant=merchant, rate_limit=50
+    )
+    other = Merchant("pos@aclb", "POS", "Siem Reap")
+    changed = await store.update(pool, app.id, {"name": "Shop 2", "merchant": other})
+    assert changed is not None
+    assert (changed.name, changed.merchant, changed.rate_limit) == ("Shop 2", other, 50)
+    assert changed.webhook_url == "https://shop.example/hook"
+    assert changed.updated_at is not None and app.updated_at is not None
+    assert changed.updated_at > app.updated_at
+    cleared = await store.update(pool, app.id, {"merchant": None, "rate_limit": None})
+    assert cleared is not None and (cleared.merchant, cleared.rate_limit) == (None, None)
+    assert await store.get(pool, app.id) == cleared
+
+
+async def test_an_update_needs_an_enabled_app_and_a_free_name(pool: asyncpg.Pool) -> None:
+    shop, _, _ = await store.create(pool, "Shop")
+    bar, _, _ = await store.create(pool, "Bar")
+    assert await store.update(pool, "app_nope", {"name": "x"}) is None
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await store.update(pool, bar.id, {"name": "shop"})
+    await store.disable(pool, shop.id)
+    assert await store.update(pool, shop.id, {"rate_limit": 5}) is None
+    unchanged = await store.get(pool, shop.id)
+    assert unchanged is not None and unchanged.rate_limit is None
+    with pytest.raises(ValueError, match="disabled_at"):
+        await store.update(pool, bar.id, {"disabled_at": None})
