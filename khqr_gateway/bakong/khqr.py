@@ -10,7 +10,17 @@ from decimal import Decimal
 
 from khqr_gateway import times
 
-__all__ = ["Khqr", "KhqrError", "build", "crc16", "md5_of", "parse", "utf16_length", "verify"]
+__all__ = [
+    "DEFAULT_CITY",
+    "Khqr",
+    "KhqrError",
+    "build",
+    "crc16",
+    "md5_of",
+    "parse",
+    "utf16_length",
+    "verify",
+]
 
 _CRC_HEADER = "6304"
 _MAX_VALUE_LENGTH = 99  # two length digits
@@ -33,6 +43,8 @@ _EPOCH_MS_MIN = 10**12  # 13-digit epoch milliseconds: 2001-09-09 ...
 _EPOCH_MS_MAX = 10**13 - 1  # ... to 2286-11-20
 _EPOCH_MS = re.compile(r"[0-9]{13}")
 _COUNTRY = "KH"
+# A QR's merchant city when none is given (the official SDK's default).
+DEFAULT_CITY = "Phnom Penh"
 # Each text field's limit in UTF-16 units, for build and verify alike (the SDK's limits).
 _LIMITS = {
     "merchant_name": 25,
@@ -426,7 +438,7 @@ def build(
     *,
     account_id: str,
     merchant_name: str,
-    merchant_city: str = "Phnom Penh",
+    merchant_city: str = DEFAULT_CITY,
     amount: Decimal | int | str | None = None,
     currency: str = "KHR",
     dynamic: bool | None = None,

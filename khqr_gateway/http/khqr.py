@@ -39,7 +39,7 @@ from khqr_gateway.transactions import pages
 from khqr_gateway.transactions.store import CreatedRow
 
 PAGE_TOKEN_BYTES = 16  # 128 bits
-DEFAULT_CITY = "Phnom Penh"
+DEFAULT_CITY = khqr.DEFAULT_CITY
 # A deep link's sourceInfo when neither the request nor the settings give one: what the
 # bakong-khqr package sends, which Bakong is known to take.
 DEFAULT_ICON_URL = "https://bakong.nbc.gov.kh/images/logo.svg"

@@ -28,6 +28,7 @@ def errors(*codes: int) -> dict[int, dict[str, Any]]:
     described = {
         400: "The body is not valid JSON",
         401: "A valid API key is required",
+        403: "Only an admin key (ADMIN_API_KEY) may call this",
         404: "Not found",
         408: "The body took too long to arrive",
         409: "Conflict with the current state",
@@ -74,6 +75,11 @@ TAGS = (
         "`WebhookBody` (under Schemas), with the headers described at the top.",
     ),
     ("credentials", "Bakong tokens and emails the gateway checks payments with."),
+    (
+        "apps",
+        "Apps (tenants), their API keys and webhook secrets: an admin key's (ADMIN_API_KEY); "
+        "`GET /api/v1/app` is every caller's own.",
+    ),
     ("payment page", "The hosted payment page and the checkout script."),
     ("compatibility", "The routes of rachhen/khqr-webhook, unchanged."),
     ("operations", "Health, readiness, metrics, figures, the dashboard."),

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from marshmallow import Schema, ValidationError
 
-from khqr_gateway.http import compat, credentials, deliveries, khqr, transactions
+from khqr_gateway.http import apps, compat, credentials, deliveries, khqr, transactions
 from khqr_gateway.http.errors import ApiError
 from khqr_gateway.http.quickload import quick_load_create
 from khqr_gateway.http.request import load
@@ -47,6 +47,12 @@ FIELDS = st.sampled_from(
         "image",
         "returnUrl",
         "expiresInSeconds",
+        "name",
+        "merchant",
+        "bakong",
+        "telegram",
+        "rateLimit",
+        "expiresInDays",
     ]
 )
 # Bodies that look like real requests: known field names with values of any type.
@@ -62,6 +68,12 @@ REQUEST_SCHEMAS: list[type[Schema]] = [
     deliveries.DeliveryRetryFilterSchema,
     credentials.CredentialCreateSchema,
     credentials.CredentialListQuerySchema,
+    apps.AppCreateSchema,
+    apps.AppUpdateSchema,
+    apps.AppListQuerySchema,
+    apps.KeyCreateSchema,
+    apps.MerchantSchema,
+    apps.TelegramSchema,
 ]
 
 
