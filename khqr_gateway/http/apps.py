@@ -42,7 +42,7 @@ from khqr_gateway.deliveries.ssrf import AddressPolicy
 from khqr_gateway.http.errors import ApiError, invalid
 from khqr_gateway.http.fields import Pattern, cursor_field, email_field, token_field, url_field
 from khqr_gateway.http.json import iso, json_response
-from khqr_gateway.http.openapi import errors
+from khqr_gateway.http.openapi import errors, links, operation_ref
 from khqr_gateway.http.paging import page_response, page_schema
 from khqr_gateway.http.request import caller_of, load, load_body, load_query, read_json
 from khqr_gateway.service import SERVICE_KEY, Service
@@ -482,6 +482,28 @@ def _name_taken(exc: asyncpg.UniqueViolationError) -> ApiError:
 
 
 ADMIN_ERRORS = (401, 403, 404)
+APP_PATH = "/api/v1/apps/{appId}"
+# Where a made app leads, and a made key: the docs show them, the fuzzer follows them.
+APP_LINKS = {
+    name: {
+        "operationRef": operation_ref(path, method),
+        "parameters": {"appId": "$response.body#/id"},
+    }
+    for name, path, method in (
+        ("GetApp", APP_PATH, "get"),
+        ("ChangeApp", APP_PATH, "patch"),
+        ("DisableApp", APP_PATH, "delete"),
+        ("MakeKey", APP_PATH + "/keys", "post"),
+        ("ListKeys", APP_PATH + "/keys", "get"),
+        ("MakeWebhookSecret", APP_PATH + "/webhook-secret", "post"),
+    )
+}
+KEY_LINKS = {
+    "RevokeKey": {
+        "operationRef": operation_ref(APP_PATH + "/keys/{keyId}", "delete"),
+        "parameters": {"appId": "$request.path.appId", "keyId": "$response.body#/id"},
+    }
+}
 
 
 @docs(
@@ -492,6 +514,7 @@ ADMIN_ERRORS = (401, 403, 404)
     "secret if lost). `bakong` is registered as POST /api/v1/credentials registers one, and "
     "the app uses it; `webhookUrl` is checked as a transaction's is. An admin key only.",
     responses=errors(401, 403, 409, 422),
+    **links({201: APP_LINKS}),
 )
 @request_schema(AppCreateSchema, required=True)
 @response_schema(AppCreatedSchema, 201, description="Made; the key and secret shown once")
@@ -614,6 +637,7 @@ async def delete_app(request: web.Request) -> web.Response:
     "at once. The default app's keys are API_KEY's (409); a disabled app's: 409. An admin "
     "key only.",
     responses=errors(*ADMIN_ERRORS, 409, 422),
+    **links({201: KEY_LINKS}),
 )
 @match_info_schema(AppIdPathSchema)
 @request_schema(KeyCreateSchema)

@@ -19,6 +19,8 @@ ERROR = {"schema": ErrorSchema}
 ERROR_REF = {"$ref": "#/components/schemas/Error"}
 # Answered by the middlewares whatever the route, so every /api/ operation can answer them.
 API_ERRORS = (401, 429, 503)
+# Where links() keeps a handler's links until the spec is built.
+LINKS = "x-links"
 # Answered while the body is read (read_json, aiohttp's size limit), before any validation.
 BODY_ERRORS = (400, 408, 413, 415)
 
@@ -51,6 +53,22 @@ def _strip_produces(node: Any) -> None:
     elif isinstance(node, list):
         for value in node:
             _strip_produces(value)
+
+
+def links(by_code: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """`@docs(**links({201: {name: link}}))`: OpenAPI links of a handler's answers, which
+    apigami's response decorator has no room for; moved into place once the spec is built."""
+    return {LINKS: by_code}
+
+
+def operation_ref(path: str, method: str) -> str:
+    """The operationRef of a link to the operation at `path`."""
+    return "#/paths/" + path.replace("~", "~0").replace("/", "~1") + "/" + method
+
+
+def _place_links(operation: dict[str, Any]) -> None:
+    for code, links in operation.pop(LINKS, {}).items():
+        operation.setdefault("responses", {}).setdefault(str(code), {})["links"] = links
 
 
 def _add_errors(operation: dict[str, Any], codes: tuple[int, ...]) -> None:
@@ -201,6 +219,7 @@ async def _finish_spec(app: web.Application) -> None:
         for operation in operations.values():
             if not isinstance(operation, dict):
                 continue
+            _place_links(operation)
             if "requestBody" in operation:
                 _add_errors(operation, BODY_ERRORS)
             if path.startswith("/api/"):

@@ -469,3 +469,17 @@ async def test_the_default_app_shows_what_the_environment_sets_but_no_secret(
     bare = await make_gateway(api_keys=(DEFAULT_KEY,))
     status, own = await call(bare, "GET", "/api/v1/app", DEFAULT_KEY)
     assert status == 200 and (own["merchant"], own["telegram"]) == (None, None)
+
+
+async def test_the_spec_links_a_made_app_and_key_to_their_routes(gw: Gateway) -> None:
+    spec = await (await gw.client.get("/openapi.json")).json()
+    made = spec["paths"]["/api/v1/apps"]["post"]["responses"]["201"]
+    assert "schema" in made["content"]["application/json"]
+    targets = {link["operationRef"] for link in made["links"].values()}
+    for ref in targets:
+        path, method = ref.removeprefix("#/paths/").rsplit("/", 1)
+        assert method in spec["paths"][path.replace("~1", "/")], ref
+    assert len(targets) == 6
+    key = spec["paths"]["/api/v1/apps/{appId}/keys"]["post"]["responses"]["201"]
+    assert key["links"]["RevokeKey"]["parameters"]["keyId"] == "$response.body#/id"
+    assert "x-links" not in str(spec)
