@@ -4,9 +4,11 @@ makes it; no list or read shows one, nor a bot token."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import re
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -52,6 +54,8 @@ log = logging.getLogger(__name__)
 NOT_FOUND = "no app with this id"
 KEY_NOT_FOUND = "this app has no key with this id"
 RATE_LIMIT_MAX = 1_000_000
+# On the answers that show a key or a secret: no cache along the way keeps a copy.
+NO_STORE = {"Cache-Control": "no-store"}
 # Ids are url-safe text (app_..., key_...): anything else names nothing, and is not asked of
 # Postgres (a NUL in a path cannot even be).
 ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
@@ -475,10 +479,17 @@ def _webhook_url(settings: Settings, url: str | None) -> str | None:
     return url
 
 
-def _name_taken(exc: asyncpg.UniqueViolationError) -> ApiError:
-    if getattr(exc, "constraint_name", None) != "apps_name":
-        raise exc
-    return ApiError(409, "name_taken", "an enabled app has this name (names ignore case)")
+@contextlib.contextmanager
+def _unique_name() -> Iterator[None]:
+    """409 for a name another enabled app has (the unique index apps_name says so)."""
+    try:
+        yield
+    except asyncpg.UniqueViolationError as exc:
+        if getattr(exc, "constraint_name", None) != "apps_name":
+            raise
+        raise ApiError(
+            409, "name_taken", "an enabled app has this name (names ignore case)"
+        ) from None
 
 
 ADMIN_ERRORS = (401, 403, 404)
@@ -523,7 +534,7 @@ async def post_app(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
     data = await load_body(request, CREATE_SCHEMA)
     changes = await _changes(service, data)
-    try:
+    with _unique_name():
         app, key, secret = await store.create(
             service.pool,
             data["name"],
@@ -534,13 +545,11 @@ async def post_app(request: web.Request) -> web.Response:
             telegram_bot_token=changes.get("telegram_bot_token"),
             rate_limit=changes.get("rate_limit"),
         )
-    except asyncpg.UniqueViolationError as exc:
-        raise _name_taken(exc) from None
     log.info("app created", extra={"appId": app.id, "keyId": key.id})
     body = app_json(app, service.settings)
     body["apiKey"] = {"id": key.id, "key": key.key}
     body["webhookSecret"] = secret
-    return json_response(body, 201)
+    return json_response(body, 201, NO_STORE)
 
 
 @docs(
@@ -591,10 +600,8 @@ async def patch_app(request: web.Request) -> web.Response:
     changes = await _changes(service, data)
     if not changes:
         return json_response(app_json(app, service.settings))
-    try:
+    with _unique_name():
         changed = await store.update(service.pool, app.id, changes)
-    except asyncpg.UniqueViolationError as exc:
-        raise _name_taken(exc) from None
     if changed is None:
         raise _disabled("be changed")  # since it was read
     service.keys.forget()  # its new settings (a rate limit) hold here at once
@@ -653,7 +660,8 @@ async def post_key(request: web.Request) -> web.Response:
     expires = datetime.now(UTC) + timedelta(days=days) if days else None
     key = await store.add_key(service.pool, app.id, expires_at=expires)
     log.info("api key made", extra={"appId": app.id, "keyId": key.id})
-    return json_response({"id": key.id, "key": key.key, "expiresAt": iso(expires)}, 201)
+    body = {"id": key.id, "key": key.key, "expiresAt": iso(expires)}
+    return json_response(body, 201, NO_STORE)
 
 
 async def _optional_body(request: web.Request, schema: Schema) -> dict[str, Any]:
@@ -721,7 +729,7 @@ async def post_webhook_secret(request: web.Request) -> web.Response:
     _not_default(app, "the default app's webhook secret is WEBHOOK_SECRET's: set it there")
     secret = await store.rotate_secret(service.pool, app.id)
     log.info("webhook secret rotated", extra={"appId": app.id})
-    return json_response({"webhookSecret": secret}, 201)
+    return json_response({"webhookSecret": secret}, 201, NO_STORE)
 
 
 @docs(

@@ -48,8 +48,11 @@ async def call(
 async def make(gw: Gateway, body: dict[str, Any]) -> dict[str, Any]:
     """An app made through the API; its key and webhook secret registered as secrets from
     here on (so that no later answer or log line may show them)."""
-    status, made = await call(gw, "POST", "/api/v1/apps", body=body)
-    assert status == 201, made
+    resp = await gw.client.post("/api/v1/apps", json=body, headers=bearer(ADMIN_KEY))
+    assert_no_secret(await resp.text())  # none of those registered before (a bot token)
+    made = await resp.json()
+    assert resp.status == 201, made
+    assert resp.headers["Cache-Control"] == "no-store"
     secret(made["apiKey"]["key"])
     secret(made["webhookSecret"])
     return made
@@ -396,7 +399,7 @@ async def test_a_key_made_works_at_once_and_a_revoked_one_stops_at_once(
 async def test_a_key_is_made_without_a_body_and_never_expires(gw: Gateway) -> None:
     made = await make(gw, {"name": "Shop"})
     resp = await gw.client.post(f"/api/v1/apps/{made['id']}/keys", headers=bearer(ADMIN_KEY))
-    assert resp.status == 201
+    assert resp.status == 201 and resp.headers["Cache-Control"] == "no-store"
     new = await resp.json()
     secret(new["key"])
     assert new["expiresAt"] is None
