@@ -69,6 +69,13 @@ class Figures:
     oldest_pending_s: float | None
     late_payments: dict[str, int]
     read_at: datetime
+    # Each app's own counts, and how long its oldest pending transaction has waited.
+    by_app: dict[str, counts.Counts] = field(default_factory=dict)
+    oldest_by_app: dict[str, float] = field(default_factory=dict)
+
+    def of(self, app_id: str) -> tuple[counts.Counts, float | None]:
+        """One app's counts and its oldest pending transaction's wait."""
+        return self.by_app.get(app_id) or counts.empty(), self.oldest_by_app.get(app_id)
 
 
 @dataclass
@@ -277,7 +284,8 @@ class Service:
         lag_ms = times.to_ms(now) - oldest_due_ms if oldest_due_ms is not None else 0
         # Kept by triggers (exact, not pg_class estimates: a test or an operator comparing
         # stats with what they made expects the very number), so no table is counted.
-        by_kind = await counts.fold_and_read(self.pool)
+        by_app = await counts.fold_and_read(self.pool)
+        by_kind = counts.total(by_app)
         figures = Figures(
             transactions=by_kind["transactions"],
             deliveries=by_kind["deliveries"],
@@ -286,6 +294,8 @@ class Service:
             oldest_pending_s=await tx_store.oldest_pending_seconds(self.pool),
             late_payments=by_kind["late"],
             read_at=now,
+            by_app=by_app,
+            oldest_by_app=await tx_store.oldest_pending_by_app(self.pool),
         )
         self.figures = figures
         _export(figures)

@@ -334,4 +334,4 @@ TRACK = sse.Format(
 @compat_errors
 async def track(request: web.Request) -> web.StreamResponse:
     """GET /api/v1/transaction/{jobId}/track."""
-    return await sse.stream(request, job_id_of(request), TRACK)
+    return await sse.stream(request, app_of(request), job_id_of(request), TRACK)

@@ -345,4 +345,4 @@ async def delete_transaction(request: web.Request) -> web.Response:
 @match_info_schema(JobIdPathSchema)
 async def transaction_events(request: web.Request) -> web.StreamResponse:
     """GET /api/v1/transactions/{jobId}/events."""
-    return await sse.stream(request, job_id_of(request), sse.V1)
+    return await sse.stream(request, app_of(request), job_id_of(request), sse.V1)

@@ -238,11 +238,15 @@ async def get(pool: asyncpg.Pool, app_id: str, job_id: UUID) -> TransactionRow |
     return None if row is None else _transaction_row(row)
 
 
-async def expected_of(pool: asyncpg.Pool, app_id: str, md5: str) -> Expected | None:
-    """What the md5's transaction in the app expects of its payment, if it is tracked with
-    any."""
+async def expected_of(pool: asyncpg.Pool, app_id: str | None, md5: str) -> Expected | None:
+    """What the md5's transaction in the app (None: in any app, a pending one first, then the
+    newest) expects of its payment, if it is tracked with any."""
     value = await pool.fetchval(
-        "select expected from transactions where app_id = $1 and md5 = $2 and not superseded",
+        """
+        select expected from transactions
+        where ($1::text is null or app_id = $1) and md5 = $2 and not superseded
+        order by status = 'pending' desc, created_at desc, id desc limit 1
+        """,
         app_id,
         md5,
     )
@@ -564,6 +568,22 @@ async def pending_ids(pool: asyncpg.Pool, *, after: UUID | None, limit: int) -> 
         limit,
     )
     return [row_as(Due, r) for r in rows]
+
+
+async def oldest_pending_by_app(pool: asyncpg.Pool) -> dict[str, float]:
+    """How long each app's oldest pending transaction has waited, for apps with one pending:
+    one index probe per app (transactions_app_status_created), however many rows are final."""
+    rows = await pool.fetch(
+        """
+        select a.id, extract(epoch from now() - o.oldest) as age
+        from apps a cross join lateral (
+            select min(created_at) as oldest from transactions t
+            where t.app_id = a.id and t.status = 'pending'
+        ) o
+        where o.oldest is not null
+        """
+    )
+    return {r["id"]: float(r["age"]) for r in rows}
 
 
 async def oldest_pending_seconds(pool: asyncpg.Pool) -> float | None:

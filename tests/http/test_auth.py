@@ -204,3 +204,18 @@ async def test_an_apps_own_rate_limit_holds_for_it(make_gateway: GatewayFactory)
     seen = [(await call(gw, "GET", "/api/v1/transactions", shop))[0] for _ in range(6)]
     assert 429 in seen
     assert (await call(gw, "GET", "/api/v1/transactions", DEFAULT_KEY))[0] == 200
+
+
+async def test_stats_count_each_apps_own_transactions(gw: Gateway, receiver: Receiver) -> None:
+    _, shop = await made_app(gw, "Shop")
+    for key, n in ((shop, 2), (DEFAULT_KEY, 1)):
+        for _ in range(n):
+            body = {"md5": random_md5(), "webhookUrl": receiver.url}
+            assert (await call(gw, "POST", "/api/v1/transactions", key, body))[0] == 201
+    await gw.service.refresh_figures()
+    _, mine = await call(gw, "GET", "/api/v1/stats", shop)
+    _, theirs = await call(gw, "GET", "/api/v1/stats", DEFAULT_KEY)
+    assert sum(mine["transactions"].values()) == 2
+    assert sum(theirs["transactions"].values()) == 1
+    if mine["transactions"].get("pending"):
+        assert mine["oldestPendingSeconds"] is not None

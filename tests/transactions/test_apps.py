@@ -103,6 +103,7 @@ async def test_expectations_are_read_in_the_apps_own_transactions(pool: asyncpg.
     )
     assert await store.expected_of(pool, A, md5) is None
     assert await store.expected_of(pool, B, md5) is not None
+    assert await store.expected_of(pool, None, md5) is not None
 
 
 async def test_lists_and_searches_show_only_the_apps_own_rows(pool: asyncpg.Pool) -> None:
