@@ -13,7 +13,7 @@ import asyncpg
 from aiohttp import web
 
 from khqr_gateway import times
-from khqr_gateway.apps.keys import KeyCache
+from khqr_gateway.apps.keys import KeyCache, SigningKeys
 from khqr_gateway.bakong.client import BakongClient, SourceInfo
 from khqr_gateway.bakong.sandbox import make_token
 from khqr_gateway.config import Settings
@@ -97,6 +97,7 @@ class Service:
     retention: Retention
     api_requests: PerSecond
     keys: KeyCache
+    signing: SigningKeys
     ticks: Ticks = field(default_factory=Ticks)
     started_at: float = field(default_factory=time.time)
     figures: Figures | None = None  # None until the figures tick first ran
@@ -133,6 +134,7 @@ class Service:
         )
         polls = Schedule(redis, names["poll"])
         lanes = Lanes(redis, names)
+        signing = SigningKeys(pool, settings.webhook_secrets, overlap_s=settings.secret_overlap_s)
         events = EventHub(redis, names["events"])
         poller = Poller(
             pool=pool,
@@ -169,7 +171,7 @@ class Service:
             lanes=lanes,
             poller=poller,
             late=late,
-            deliverer=deliverer_for(settings, pool, lanes),
+            deliverer=deliverer_for(settings, pool, lanes, signing),
             events=events,
             ingest=Ingest(pool, polls, interval_s=settings.poll_interval_s),
             retention=Retention(
@@ -177,6 +179,7 @@ class Service:
             ),
             api_requests=PerSecond(redis, names["api_rate"]),
             keys=KeyCache(pool),
+            signing=signing,
         )
         if settings.telegram_bot_token:
             service.bot = BotApi(settings.telegram_api_url, settings.telegram_bot_token)
@@ -343,8 +346,11 @@ class Service:
 SERVICE_KEY = web.AppKey("service", Service)
 
 
-def deliverer_for(settings: Settings, pool: asyncpg.Pool, lanes: Lanes) -> Deliverer:
-    """The delivery tick, sending through the SSRF guard that settings ask for."""
+def deliverer_for(
+    settings: Settings, pool: asyncpg.Pool, lanes: Lanes, signing: SigningKeys | None = None
+) -> Deliverer:
+    """The delivery tick, sending through the SSRF guard that settings ask for, each webhook
+    signed with its app's secrets."""
     policy = AddressPolicy.for_settings(settings)
     sender = Sender(
         secrets=settings.webhook_secrets,
@@ -352,6 +358,7 @@ def deliverer_for(settings: Settings, pool: asyncpg.Pool, lanes: Lanes) -> Deliv
         connector_factory=lambda: GuardedConnector(
             policy, limit=MAX_IN_FLIGHT, keepalive_timeout=KEEPALIVE_S
         ),
+        secrets_of=signing.of if signing is not None else None,
     )
     return Deliverer(
         pool=pool, lanes=lanes, sender=sender, retry_schedule=settings.webhook_retry_schedule

@@ -25,7 +25,7 @@ async def load_due(pool: asyncpg.Pool, ids: Sequence[str]) -> list[DueDelivery]:
     rows = await pool.fetch(
         """
         select d.id, d.transaction_id, t.md5, d.url, d.payload, d.attempt_count, d.series_attempts,
-               d.next_attempt_at
+               d.next_attempt_at, d.app_id
         from deliveries d join transactions t on t.id = d.transaction_id
         where d.id = any($1::text[]) and d.status = 'pending'
         """,
