@@ -18,12 +18,14 @@ async def newest_first(
     alias: str,
     filters: Sequence[tuple[str, Any]],
     *,
+    as_row: Callable[[asyncpg.Record], Row],
     before: tuple[datetime, Any] | None,
     limit: int,
-) -> list[asyncpg.Record]:
+) -> list[Row]:
     """Rows of `select` (aliased `alias`) matching every `(column op, value)` with a value,
-    strictly older than `before` (the last row of the previous page), newest first. A
-    condition that names its value more than once says where with `{}`."""
+    strictly older than `before` (the last row of the previous page), newest first, each
+    made a value by `as_row`. A condition that names its value more than once says where
+    with `{}`."""
     where: list[str] = []
     args: list[Any] = []
     for condition, value in filters:
@@ -36,11 +38,11 @@ async def newest_first(
         where.append(f"({alias}.created_at, {alias}.id) < (${len(args) - 1}, ${len(args)})")
     args.append(limit)
     clause = ("where " + " and ".join(where)) if where else ""
-    rows: list[asyncpg.Record] = await pool.fetch(
+    rows = await pool.fetch(
         f"{select} {clause} order by {alias}.created_at desc, {alias}.id desc limit ${len(args)}",
         *args,
     )
-    return rows
+    return [as_row(r) for r in rows]
 
 
 async def pages(

@@ -272,10 +272,15 @@ async def list_page(
     ]
     if q is not None:
         filters.append(search_filter(q))
-    rows = await keyset.newest_first(
-        pool, f"select {TRANSACTION_COLUMNS} from {_FROM}", "t", filters, before=before, limit=limit
+    return await keyset.newest_first(
+        pool,
+        f"select {TRANSACTION_COLUMNS} from {_FROM}",
+        "t",
+        filters,
+        as_row=_transaction_row,
+        before=before,
+        limit=limit,
     )
-    return [_transaction_row(r) for r in rows]
 
 
 MD5_PREFIX_MIN = 4
