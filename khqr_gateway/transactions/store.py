@@ -15,6 +15,7 @@ from khqr_gateway.deliveries.model import DeliveryStatus
 from khqr_gateway.infra import keyset
 from khqr_gateway.infra.db import row_as, safe_text
 from khqr_gateway.transactions.model import (
+    CancelledRow,
     Expected,
     LateItem,
     LateTransition,
@@ -317,10 +318,10 @@ def _is_uuid(text: str) -> bool:
 
 async def cancel(
     pool: asyncpg.Pool, app_id: str, job_id: UUID, *, window: LateWindow
-) -> asyncpg.Record | None:
-    """Cancel the app's transaction if pending, starting its late watch; returns (id,
-    late_watch_until), or None when it was not pending (or is another app's)."""
-    return await pool.fetchrow(
+) -> CancelledRow | None:
+    """Cancel the app's transaction if pending, starting its late watch; None when it was not
+    pending (or is another app's)."""
+    row = await pool.fetchrow(
         f"""
         update transactions t set status = 'cancelled', reason = $4,
             completed_at = now(), updated_at = now(),
@@ -333,6 +334,7 @@ async def cancel(
         Reason.CANCELLED_BY_REQUEST,
         app_id,
     )
+    return None if row is None else row_as(CancelledRow, row)
 
 
 async def load_pending(pool: asyncpg.Pool, ids: Sequence[UUID | str]) -> list[PollItem]:
