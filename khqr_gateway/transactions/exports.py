@@ -9,7 +9,7 @@ from typing import Any
 
 import asyncpg
 
-from khqr_gateway.infra.db import row_as
+from khqr_gateway.infra.db import conditions, row_as
 from khqr_gateway.transactions.model import DayTotals, HourCounts
 
 # Bakong has no settlement report: these queries are the merchant's ledger, so money is read
@@ -86,18 +86,16 @@ def _csv_cell(name: str) -> str:
 
 
 def _export_query(app_id: str, wanted: ExportFilter, *, as_json: bool) -> tuple[str, list[Any]]:
-    # Superseded rows are history of an md5 whose payment another row reports: exporting
-    # them would count one payment twice.
-    where = ["t.app_id = $1", "not t.superseded"]
-    args: list[Any] = [app_id]
-    for condition, value in (
+    args: list[Any] = []
+    filters = [
+        ("t.app_id =", app_id),
         ("t.created_at >=", wanted.since),
         ("t.created_at <", wanted.until),
         ("t.status =", wanted.status),
-    ):
-        if value is not None:
-            args.append(value)
-            where.append(f"{condition} ${len(args)}")
+    ]
+    # Superseded rows are history of an md5 whose payment another row reports: exporting
+    # them would count one payment twice.
+    where = [*conditions(filters, args), "not t.superseded"]
     # Built by Postgres: numbers stay exact, metadata stays the JSON stored, and CSV is
     # quoted by COPY, which knows every rule of it.
     columns = (
