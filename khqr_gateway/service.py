@@ -332,15 +332,13 @@ class Service:
                 log.warning("reconcile: %d late watches rescheduled", added)
 
     async def _reconcile_deliveries(self) -> None:
-        after = None
-        while True:
-            rows = await delivery_store.pending_page(self.pool, after=after, limit=RECONCILE_PAGE)
-            if not rows:
-                break
-            added = await self.lanes.restore(rows)
-            if added:
+        pending = keyset.pages(
+            lambda after: delivery_store.pending_page(self.pool, after=after, limit=RECONCILE_PAGE),
+            key=lambda row: row.id,
+        )
+        async for rows in pending:
+            if added := await self.lanes.restore(rows):
                 log.warning("reconcile: %d pending deliveries rescheduled", added)
-            after = rows[-1].id
 
 
 SERVICE_KEY = web.AppKey("service", Service)

@@ -22,6 +22,7 @@ PURE = {
     "deliveries.model",
     "deliveries.retry",
     "deliveries.signing",
+    "notices.model",
     "transactions.model",
     "times",
 }

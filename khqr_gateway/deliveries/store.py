@@ -130,7 +130,7 @@ async def list_page(
     before: tuple[datetime, str] | None,
 ) -> list[Delivery]:
     """Newest first; `before` is the (created_at, id) of the last row of the previous page."""
-    rows = await keyset.newest_first(
+    return await keyset.newest_first(
         pool,
         f"select {DELIVERY_COLUMNS} from {_FROM}",
         "d",
@@ -140,10 +140,10 @@ async def list_page(
             ("d.transaction_id =", transaction_id),
             ("d.created_at >=", since),
         ],
+        as_row=_delivery,
         before=before,
         limit=limit,
     )
-    return [_delivery(r) for r in rows]
 
 
 async def get(pool: asyncpg.Pool, app_id: str, delivery_id: str) -> Delivery | None:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 import asyncpg
 
 from khqr_gateway.infra.db import row_as, safe_text
+from khqr_gateway.notices.model import DueNotice, NoticeAttempt, NoticeRow, NoticeStatus
 from khqr_gateway.transactions.model import Status
 
 # How far back the first sweep of a process looks when no notice exists yet: a bot set up
@@ -19,20 +18,6 @@ FIRST_SWEEP_LOOKBACK_S = 600
 # still falls inside the next window.
 SWEEP_OVERLAP_S = 300
 CLAIM_LIMIT = 20
-
-
-@dataclass(frozen=True, slots=True)
-class DueNotice:
-    id: int
-    chat_id: str
-    attempt_count: int
-    late: bool
-    status: Status
-    reason: str | None
-    data: dict[str, Any] | None
-    metadata: Any
-    bill_number: str | None
-    completed_at: datetime
 
 
 async def sweep_start(pool: asyncpg.Pool) -> datetime:
@@ -92,20 +77,6 @@ async def claim(pool: asyncpg.Pool, lease_s: float) -> list[DueNotice]:
     return [row_as(DueNotice, r, status=Status(r["status"])) for r in rows]
 
 
-@dataclass(frozen=True, slots=True)
-class NoticeAttempt:
-    notice_id: int
-    attempt: int
-    started_at: datetime
-    duration_ms: int
-    status_code: int | None
-    error: str | None
-    body: str | None
-    # None: sent; a time: try again then; "failed" when neither.
-    next_attempt_at: datetime | None
-    failed: bool
-
-
 async def record(pool: asyncpg.Pool, attempts: Sequence[NoticeAttempt]) -> None:
     """Store the attempts and each notice's outcome, releasing their leases."""
     async with pool.acquire() as conn, conn.transaction():
@@ -152,9 +123,9 @@ async def record(pool: asyncpg.Pool, attempts: Sequence[NoticeAttempt]) -> None:
         )
 
 
-async def newest(pool: asyncpg.Pool, *, status: str | None, limit: int) -> list[asyncpg.Record]:
+async def newest(pool: asyncpg.Pool, *, status: NoticeStatus | None, limit: int) -> list[NoticeRow]:
     """The newest notices, optionally of one status (what an operator checks)."""
-    rows: list[asyncpg.Record] = await pool.fetch(
+    rows = await pool.fetch(
         """
         select id, transaction_id, late, chat_id, status, attempt_count, next_attempt_at,
                last_status_code, last_error, created_at, sent_at
@@ -164,4 +135,4 @@ async def newest(pool: asyncpg.Pool, *, status: str | None, limit: int) -> list[
         status,
         limit,
     )
-    return rows
+    return [row_as(NoticeRow, r, status=NoticeStatus(r["status"])) for r in rows]

@@ -18,7 +18,7 @@ import orjson
 
 from khqr_gateway import times
 from khqr_gateway.notices import store
-from khqr_gateway.notices.store import DueNotice, NoticeAttempt
+from khqr_gateway.notices.model import DueNotice, NoticeAttempt
 from khqr_gateway.transactions.model import Status
 
 log = logging.getLogger(__name__)

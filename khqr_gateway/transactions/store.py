@@ -15,6 +15,7 @@ from khqr_gateway.deliveries.model import DeliveryStatus
 from khqr_gateway.infra import keyset
 from khqr_gateway.infra.db import row_as, safe_text
 from khqr_gateway.transactions.model import (
+    CancelledRow,
     Expected,
     LateItem,
     LateTransition,
@@ -276,10 +277,15 @@ async def list_page(
     ]
     if q is not None:
         filters.append(search_filter(q))
-    rows = await keyset.newest_first(
-        pool, f"select {TRANSACTION_COLUMNS} from {_FROM}", "t", filters, before=before, limit=limit
+    return await keyset.newest_first(
+        pool,
+        f"select {TRANSACTION_COLUMNS} from {_FROM}",
+        "t",
+        filters,
+        as_row=_transaction_row,
+        before=before,
+        limit=limit,
     )
-    return [_transaction_row(r) for r in rows]
 
 
 MD5_PREFIX_MIN = 4
@@ -316,10 +322,10 @@ def _is_uuid(text: str) -> bool:
 
 async def cancel(
     pool: asyncpg.Pool, app_id: str, job_id: UUID, *, window: LateWindow
-) -> asyncpg.Record | None:
-    """Cancel the app's transaction if pending, starting its late watch; returns (id,
-    late_watch_until), or None when it was not pending (or is another app's)."""
-    return await pool.fetchrow(
+) -> CancelledRow | None:
+    """Cancel the app's transaction if pending, starting its late watch; None when it was not
+    pending (or is another app's)."""
+    row = await pool.fetchrow(
         f"""
         update transactions t set status = 'cancelled', reason = $4,
             completed_at = now(), updated_at = now(),
@@ -332,6 +338,7 @@ async def cancel(
         Reason.CANCELLED_BY_REQUEST,
         app_id,
     )
+    return None if row is None else row_as(CancelledRow, row)
 
 
 async def load_pending(pool: asyncpg.Pool, ids: Sequence[UUID | str]) -> list[PollItem]:

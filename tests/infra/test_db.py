@@ -282,3 +282,12 @@ def test_every_migration_of_the_project_loads() -> None:
     names = [m.name for m in db.load_migrations()]
     assert names[0] == "001_init" and "007_retention" in names
     assert not next(m for m in db.load_migrations() if m.name == "007_retention").in_transaction
+
+
+def test_conditions_number_only_the_values_given() -> None:
+    args: list[object] = ["app"]
+    found = db.conditions(
+        [("t.md5 =", None), ("t.status =", "paid"), ("(s.md5 ~>=~ {} or s.id = {})", "ab")], args
+    )
+    assert found == ["t.status = $2", "(s.md5 ~>=~ $3 or s.id = $3)"]
+    assert args == ["app", "paid", "ab"]
