@@ -226,7 +226,7 @@ class HourlySchema(Schema):
 @response_schema(HourlySchema, 200)
 async def hourly_report(request: web.Request) -> web.Response:
     """GET /api/v1/reports/hourly."""
-    rows = await store.hourly(request.app[SERVICE_KEY].pool)
+    rows = await store.hourly(request.app[SERVICE_KEY].pool, app_of(request))
     return json_response(
         {
             "data": [

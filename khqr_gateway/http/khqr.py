@@ -32,7 +32,7 @@ from khqr_gateway.http.fields import (
 from khqr_gateway.http.json import iso, json_response
 from khqr_gateway.http.openapi import errors
 from khqr_gateway.http.qr import qr_image
-from khqr_gateway.http.request import app_of, load_body
+from khqr_gateway.http.request import caller_of, load_body
 from khqr_gateway.service import SERVICE_KEY, Service
 from khqr_gateway.times import from_ms, now_ms, seconds_to_ms
 from khqr_gateway.transactions import pages
@@ -270,11 +270,12 @@ async def _track(
     link, which returns the payer to that page once paid (unless the request says where)."""
     service = request.app[SERVICE_KEY]
     body = _tracking_request(data, qr, expires_s)
-    app_id = app_of(request)
-    row, _ = await tracking.create(service, app_id, body)
+    caller = caller_of(request)
+    app_id = caller.app_id
+    row, _ = await tracking.create(service, caller, body)
     token = secrets.token_urlsafe(PAGE_TOKEN_BYTES)
     pay_url = f"{base_url(request, service.settings)}/pay/{row.id}?t={token}"
-    credential = await tracking.credential_id(service, body)
+    credential = await tracking.credential_id(service, caller, body)
     deeplink = await _deeplink(service, data, qr, credential, pay_url)
     await pages.open_page(service.pool, app_id, row.id, token, data.get("returnUrl"), deeplink)
     return row, pay_url, deeplink

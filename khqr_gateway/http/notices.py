@@ -10,7 +10,7 @@ from marshmallow import RAISE, Schema, fields, validate
 
 from khqr_gateway.http.json import iso, json_response
 from khqr_gateway.http.openapi import errors
-from khqr_gateway.http.request import load_query
+from khqr_gateway.http.request import app_of, load_query
 from khqr_gateway.notices import store
 from khqr_gateway.notices.model import NoticeRow, NoticeStatus
 from khqr_gateway.service import SERVICE_KEY
@@ -80,5 +80,7 @@ async def list_notices(request: web.Request) -> web.Response:
     """GET /api/v1/notices?status=&limit=."""
     query = load_query(request, QUERY_SCHEMA)
     status = NoticeStatus(query["status"]) if "status" in query else None
-    rows = await store.newest(request.app[SERVICE_KEY].pool, status=status, limit=query["limit"])
+    rows = await store.newest(
+        request.app[SERVICE_KEY].pool, app_of(request), status=status, limit=query["limit"]
+    )
     return json_response({"data": [notice_json(r) for r in rows]})

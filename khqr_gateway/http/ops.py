@@ -129,8 +129,9 @@ async def bakong_health(service: Service) -> dict[str, Any]:
         service.pool, [default_id] if default_id else []
     )
     default = found.get(default_id) if default_id else None
+    # Readiness is the operator's: every app's expired credentials.
     expired = await credential_store.list_credentials(
-        service.pool, status=CredentialStatus.EXPIRED, limit=EXPIRED_SHOWN + 1
+        service.pool, None, status=CredentialStatus.EXPIRED, limit=EXPIRED_SHOWN + 1
     )
     health: dict[str, Any] = {
         "defaultCredential": None

@@ -286,7 +286,7 @@ async def post_transaction(request: web.Request) -> web.Response:
         data = load_create(raw, _with_default_url(body, caller_of(request)))
         if "webhookUrl" not in data:
             raise ApiError(422, "validation_error", "some fields are not valid", NO_WEBHOOK_URL)
-        row, created = await tracking.create(service, app_of(request), data)
+        row, created = await tracking.create(service, caller_of(request), data)
         return json_response(tracking.created_json(row), 201 if created else 200)
 
     return await idempotency.idempotent(request, service.pool, raw, handle)

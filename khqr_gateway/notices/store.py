@@ -123,16 +123,19 @@ async def record(pool: asyncpg.Pool, attempts: Sequence[NoticeAttempt]) -> None:
         )
 
 
-async def newest(pool: asyncpg.Pool, *, status: NoticeStatus | None, limit: int) -> list[NoticeRow]:
-    """The newest notices, optionally of one status (what an operator checks)."""
+async def newest(
+    pool: asyncpg.Pool, app_id: str, *, status: NoticeStatus | None, limit: int
+) -> list[NoticeRow]:
+    """The app's newest notices, optionally of one status (what an operator checks)."""
     rows = await pool.fetch(
         """
         select id, transaction_id, late, chat_id, status, attempt_count, next_attempt_at,
                last_status_code, last_error, created_at, sent_at
-        from telegram_notices where ($1::text is null or status = $1)
+        from telegram_notices where app_id = $3 and ($1::text is null or status = $1)
         order by created_at desc, id desc limit $2
         """,
         status,
         limit,
+        app_id,
     )
     return [row_as(NoticeRow, r, status=NoticeStatus(r["status"])) for r in rows]

@@ -189,7 +189,7 @@ HOURLY_SQL = """
                count(*) filter (where status = 'mismatch') as mismatch
         from transactions
         where not superseded and completed_at >= date_trunc('hour', now()) - interval '23 hours'
-          and status in ('success', 'mismatch')
+          and status in ('success', 'mismatch') and app_id = $1
         group by 1
     ), hooks as (
         select date_trunc('hour', created_at) as hour,
@@ -197,7 +197,7 @@ HOURLY_SQL = """
                count(*) filter (where status = 'failed') as failed,
                count(*) filter (where status = 'pending' and attempt_count > 0) as retrying
         from deliveries
-        where created_at >= date_trunc('hour', now()) - interval '23 hours'
+        where app_id = $1 and created_at >= date_trunc('hour', now()) - interval '23 hours'
         group by 1
     )
     select hours.hour, coalesce(paid.paid, 0) as paid, coalesce(paid.mismatch, 0) as mismatch,
@@ -208,7 +208,7 @@ HOURLY_SQL = """
 """
 
 
-async def hourly(pool: asyncpg.Pool) -> list[HourCounts]:
-    """Per hour of the last 24: payments, mismatches, and webhooks delivered, failed and
-    being retried (by the hour they were made)."""
-    return [row_as(HourCounts, r) for r in await pool.fetch(HOURLY_SQL)]
+async def hourly(pool: asyncpg.Pool, app_id: str) -> list[HourCounts]:
+    """Per hour of the last 24, of the app: payments, mismatches, and webhooks delivered,
+    failed and being retried (by the hour they were made)."""
+    return [row_as(HourCounts, r) for r in await pool.fetch(HOURLY_SQL, app_id)]
