@@ -35,20 +35,21 @@ async def sweep_start(pool: asyncpg.Pool) -> datetime:
     return value
 
 
-async def make_notices(pool: asyncpg.Pool, chat_id: str, since: datetime) -> int:
-    """A notice for each paid or mismatched transition completed since `since` that has none,
-    of its transaction's app; once per transition whichever process (or sweep) gets there
-    first."""
+async def make_notices(pool: asyncpg.Pool, app_id: str, chat_id: str, since: datetime) -> int:
+    """A notice to the app's chat for each of its paid or mismatched transitions completed
+    since `since` that has none; once per transition whichever process (or sweep) gets there
+    first. Another app's payments never go to this chat."""
     result = await pool.execute(
         """
         insert into telegram_notices (transaction_id, late, chat_id, app_id)
         select t.id, t.late, $1, t.app_id from transactions t
-        where t.completed_at >= $2 and not t.superseded
+        where t.completed_at >= $2 and not t.superseded and t.app_id = $3
           and t.status in ('success', 'mismatch')
         on conflict (transaction_id, late) do nothing
         """,
         chat_id,
         since,
+        app_id,
     )
     return int(result.split()[-1])
 
