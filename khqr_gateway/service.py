@@ -13,7 +13,7 @@ import asyncpg
 from aiohttp import web
 
 from khqr_gateway import times
-from khqr_gateway.apps.keys import KeyCache
+from khqr_gateway.apps.keys import KeyCache, SigningKeys
 from khqr_gateway.bakong.client import BakongClient, SourceInfo
 from khqr_gateway.bakong.sandbox import make_token
 from khqr_gateway.config import Settings
@@ -69,6 +69,13 @@ class Figures:
     oldest_pending_s: float | None
     late_payments: dict[str, int]
     read_at: datetime
+    # Each app's own counts, and how long its oldest pending transaction has waited.
+    by_app: dict[str, counts.Counts] = field(default_factory=dict)
+    oldest_by_app: dict[str, float] = field(default_factory=dict)
+
+    def of(self, app_id: str) -> tuple[counts.Counts, float | None]:
+        """One app's counts and its oldest pending transaction's wait."""
+        return self.by_app.get(app_id) or counts.empty(), self.oldest_by_app.get(app_id)
 
 
 @dataclass
@@ -90,6 +97,7 @@ class Service:
     retention: Retention
     api_requests: PerSecond
     keys: KeyCache
+    signing: SigningKeys
     ticks: Ticks = field(default_factory=Ticks)
     started_at: float = field(default_factory=time.time)
     figures: Figures | None = None  # None until the figures tick first ran
@@ -126,6 +134,7 @@ class Service:
         )
         polls = Schedule(redis, names["poll"])
         lanes = Lanes(redis, names)
+        signing = SigningKeys(pool, settings.webhook_secrets, overlap_s=settings.secret_overlap_s)
         events = EventHub(redis, names["events"])
         poller = Poller(
             pool=pool,
@@ -162,7 +171,7 @@ class Service:
             lanes=lanes,
             poller=poller,
             late=late,
-            deliverer=deliverer_for(settings, pool, lanes),
+            deliverer=deliverer_for(settings, pool, lanes, signing),
             events=events,
             ingest=Ingest(pool, polls, interval_s=settings.poll_interval_s),
             retention=Retention(
@@ -170,6 +179,7 @@ class Service:
             ),
             api_requests=PerSecond(redis, names["api_rate"]),
             keys=KeyCache(pool),
+            signing=signing,
         )
         if settings.telegram_bot_token:
             service.bot = BotApi(settings.telegram_api_url, settings.telegram_bot_token)
@@ -277,7 +287,8 @@ class Service:
         lag_ms = times.to_ms(now) - oldest_due_ms if oldest_due_ms is not None else 0
         # Kept by triggers (exact, not pg_class estimates: a test or an operator comparing
         # stats with what they made expects the very number), so no table is counted.
-        by_kind = await counts.fold_and_read(self.pool)
+        by_app = await counts.fold_and_read(self.pool)
+        by_kind = counts.total(by_app)
         figures = Figures(
             transactions=by_kind["transactions"],
             deliveries=by_kind["deliveries"],
@@ -286,6 +297,8 @@ class Service:
             oldest_pending_s=await tx_store.oldest_pending_seconds(self.pool),
             late_payments=by_kind["late"],
             read_at=now,
+            by_app=by_app,
+            oldest_by_app=await tx_store.oldest_pending_by_app(self.pool),
         )
         self.figures = figures
         _export(figures)
@@ -319,22 +332,23 @@ class Service:
                 log.warning("reconcile: %d late watches rescheduled", added)
 
     async def _reconcile_deliveries(self) -> None:
-        after = None
-        while True:
-            rows = await delivery_store.pending_page(self.pool, after=after, limit=RECONCILE_PAGE)
-            if not rows:
-                break
-            added = await self.lanes.restore(rows)
-            if added:
+        pending = keyset.pages(
+            lambda after: delivery_store.pending_page(self.pool, after=after, limit=RECONCILE_PAGE),
+            key=lambda row: row.id,
+        )
+        async for rows in pending:
+            if added := await self.lanes.restore(rows):
                 log.warning("reconcile: %d pending deliveries rescheduled", added)
-            after = rows[-1].id
 
 
 SERVICE_KEY = web.AppKey("service", Service)
 
 
-def deliverer_for(settings: Settings, pool: asyncpg.Pool, lanes: Lanes) -> Deliverer:
-    """The delivery tick, sending through the SSRF guard that settings ask for."""
+def deliverer_for(
+    settings: Settings, pool: asyncpg.Pool, lanes: Lanes, signing: SigningKeys | None = None
+) -> Deliverer:
+    """The delivery tick, sending through the SSRF guard that settings ask for, each webhook
+    signed with its app's secrets."""
     policy = AddressPolicy.for_settings(settings)
     sender = Sender(
         secrets=settings.webhook_secrets,
@@ -342,6 +356,7 @@ def deliverer_for(settings: Settings, pool: asyncpg.Pool, lanes: Lanes) -> Deliv
         connector_factory=lambda: GuardedConnector(
             policy, limit=MAX_IN_FLIGHT, keepalive_timeout=KEEPALIVE_S
         ),
+        secrets_of=signing.of if signing is not None else None,
     )
     return Deliverer(
         pool=pool, lanes=lanes, sender=sender, retry_schedule=settings.webhook_retry_schedule

@@ -10,13 +10,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Generic, TypeVar
 
 import asyncpg
 
 from khqr_gateway.apps import store
-from khqr_gateway.apps.model import ApiKey, App, Caller, key_hash
+from khqr_gateway.apps.model import DEFAULT_APP_ID, ApiKey, App, Caller, key_hash
+from khqr_gateway.deliveries.signing import decode_secret
 
 # Every process re-reads a key at least this often: the bound on how long a revocation takes.
 TTL_S = 4.0
@@ -144,3 +145,38 @@ class KeyCache:
 
     async def _find_app(self, app_id: str) -> App | None:
         return await store.get(self.pool, app_id)
+
+
+class SigningKeys:
+    """The secrets that sign each app's webhooks, newest first: the environment's
+    (`WEBHOOK_SECRET`) for the default app, each other app's own from Postgres, read at most
+    once per `ttl_s` (a rotated secret keeps signing for `overlap_s`, so a stale read never
+    drops the one a receiver still checks)."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        default: tuple[bytes, ...],
+        *,
+        overlap_s: float,
+        ttl_s: float = TTL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.pool = pool
+        self.default = default
+        self.overlap = timedelta(seconds=overlap_s)
+        self._cache: TtlCache[str, tuple[bytes, ...]] = TtlCache(
+            self._load, ttl_s=ttl_s, clock=clock
+        )
+
+    async def of(self, app_id: str) -> tuple[bytes, ...]:
+        if app_id == DEFAULT_APP_ID:
+            return self.default
+        return await self._cache.get(app_id)
+
+    def forget(self) -> None:
+        self._cache.clear()
+
+    async def _load(self, app_id: str) -> tuple[bytes, ...]:
+        stored = await store.signing_secrets(self.pool, app_id, self.overlap)
+        return tuple(decode_secret(secret) for secret in stored)

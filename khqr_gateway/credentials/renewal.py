@@ -27,6 +27,7 @@ from typing import TypeVar
 
 import asyncpg
 
+from khqr_gateway.apps.model import DEFAULT_APP_ID
 from khqr_gateway.bakong.breaker import backoff_s
 from khqr_gateway.bakong.client import BakongClient, BakongError
 from khqr_gateway.bakong.model import CheckKind, CheckResult, ErrorKind
@@ -130,7 +131,9 @@ class Credentials:
         )
         self.default_id = cred.id
 
-    async def add(self, *, token: str | None, email: str | None) -> int:
+    async def add(
+        self, *, token: str | None, email: str | None, app_id: str = DEFAULT_APP_ID
+    ) -> int:
         """The id of the credential of this token or email, stored if new.
 
         The rachhen/khqr-webhook route sends a token with every request: one this process
@@ -143,7 +146,11 @@ class Credentials:
             self._known.move_to_end(key)
             return known[0]
         cred = await credential_store.upsert_credential(
-            self.pool, token=token, email=email, expires_at=jwt_expiry(token) if token else None
+            self.pool,
+            token=token,
+            email=email,
+            expires_at=jwt_expiry(token) if token else None,
+            app_id=app_id,
         )
         self._cache.pop(cred.id, None)
         self._known[key] = (cred.id, token)
@@ -151,14 +158,20 @@ class Credentials:
             self._known.popitem(last=False)
         return cred.id
 
-    async def save(self, *, token: str | None, email: str | None) -> tuple[Credential, bool]:
+    async def save(
+        self, *, token: str | None, email: str | None, app_id: str = DEFAULT_APP_ID
+    ) -> tuple[Credential, bool]:
         """Add or replace a credential (POST /api/v1/credentials); returns it and whether new.
 
         An email credential without a usable token is renewed at once, so that the answer
         says whether the email works.
         """
         cred, created = await credential_store.save_credential(
-            self.pool, token=token, email=email, expires_at=jwt_expiry(token) if token else None
+            self.pool,
+            token=token,
+            email=email,
+            expires_at=jwt_expiry(token) if token else None,
+            app_id=app_id,
         )
         self._cache.pop(cred.id, None)
         if cred.email and _usable(cred, None) is None:
@@ -421,7 +434,9 @@ class Credentials:
 
     async def _every_credential(self) -> AsyncIterator[Credential]:
         after: int | None = None
-        while page := await credential_store.list_credentials(self.pool, after=after, limit=1000):
+        while page := await credential_store.list_credentials(
+            self.pool, None, after=after, limit=1000
+        ):
             for cred in page:
                 yield cred
             after = page[-1].id

@@ -8,6 +8,7 @@ from datetime import datetime
 
 import asyncpg
 
+from khqr_gateway.apps.model import DEFAULT_APP_ID
 from khqr_gateway.credentials.model import Credential, CredentialStatus
 from khqr_gateway.infra.db import row_as
 
@@ -36,10 +37,16 @@ async def upsert_credential(
     email: str | None,
     expires_at: datetime | None,
     is_default: bool = False,
+    app_id: str = DEFAULT_APP_ID,
 ) -> Credential:
     """One row per token (or per email): the same credential sent twice is stored once."""
     credential, _ = await save_credential(
-        pool, token=token, email=email, expires_at=expires_at, is_default=is_default
+        pool,
+        token=token,
+        email=email,
+        expires_at=expires_at,
+        is_default=is_default,
+        app_id=app_id,
     )
     return credential
 
@@ -51,8 +58,10 @@ async def save_credential(
     email: str | None,
     expires_at: datetime | None,
     is_default: bool = False,
+    app_id: str = DEFAULT_APP_ID,
 ) -> tuple[Credential, bool]:
-    """`upsert_credential`, also saying whether the row is new. A new token reactivates it."""
+    """`upsert_credential`, also saying whether the row is new. A new token reactivates it.
+    A new row is the app's that sent it (which lists it)."""
     key = credential_fingerprint(token=token, email=email)
     async with pool.acquire() as conn, conn.transaction():
         if is_default:
@@ -62,8 +71,8 @@ async def save_credential(
             )
         row = await conn.fetchrow(
             f"""
-            insert into credentials (fingerprint, email, token, expires_at, is_default)
-            values ($1, $2, $3, $4, $5)
+            insert into credentials (fingerprint, email, token, expires_at, is_default, app_id)
+            values ($1, $2, $3, $4, $5, $6)
             on conflict (fingerprint) do update set
                 token = coalesce(excluded.token, credentials.token),
                 expires_at = case when excluded.token is null then credentials.expires_at
@@ -81,6 +90,7 @@ async def save_credential(
             token,
             expires_at,
             is_default,
+            app_id,
         )
     return _credential(row), bool(row["inserted"])
 
@@ -95,21 +105,25 @@ async def credentials_by_id(pool: asyncpg.Pool, ids: Sequence[int]) -> dict[int,
 
 async def list_credentials(
     pool: asyncpg.Pool,
+    app_id: str | None,
     *,
     status: CredentialStatus | None = None,
     after: int | None = None,
     limit: int = 100,
 ) -> list[Credential]:
-    """Credentials in id order, optionally of one status, after the id `after`."""
+    """The app's credentials (None: every app's) in id order, optionally of one status, after
+    the id `after`."""
     rows = await pool.fetch(
         f"""
         select {CREDENTIAL_COLUMNS} from credentials
-        where ($1::text is null or status = $1) and ($2::bigint is null or id > $2)
+        where ($4::text is null or app_id = $4) and ($1::text is null or status = $1)
+              and ($2::bigint is null or id > $2)
         order by id limit $3
         """,
         status,
         after,
         limit,
+        app_id,
     )
     return [_credential(r) for r in rows]
 

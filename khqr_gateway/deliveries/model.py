@@ -43,6 +43,7 @@ class DueDelivery:
     attempt_count: int
     series_attempts: int
     next_attempt_at: datetime | None
+    app_id: str  # whose secrets sign it
 
 
 @dataclass(frozen=True, slots=True)

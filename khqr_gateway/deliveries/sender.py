@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -20,6 +20,8 @@ KEPT_RESPONSE_HEADERS = ("retry-after", "content-type")
 # Sends at once from one process, and so connections kept open.
 MAX_IN_FLIGHT = 256
 KEEPALIVE_S = 30.0
+# The secrets that sign an app's webhooks now, newest first.
+SecretsOf = Callable[[str], Awaitable[Sequence[bytes]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,8 +46,10 @@ class Sender:
         secrets: Sequence[bytes],
         timeout_s: float,
         connector_factory: Callable[[], aiohttp.BaseConnector] | None = None,
+        secrets_of: SecretsOf | None = None,
     ) -> None:
         self.secrets = tuple(secrets)
+        self.secrets_of = secrets_of
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._connector_factory = connector_factory
         self._session: aiohttp.ClientSession | None = None
@@ -72,12 +76,13 @@ class Sender:
 
     async def send(self, delivery: DueDelivery) -> SendResult:
         """One attempt: POST the stored bytes, signed now, never following redirects."""
-        timestamp = int(time.time())
-        headers = {"Content-Type": "application/json"}
-        headers.update(sign_headers(self.secrets, delivery.id, timestamp, delivery.payload))
         started_at = datetime.now(UTC)
         start = time.perf_counter()
         try:
+            timestamp = int(time.time())
+            headers = {"Content-Type": "application/json"}
+            secrets = await self._secrets(delivery.app_id)
+            headers.update(sign_headers(secrets, delivery.id, timestamp, delivery.payload))
             async with self.session.post(
                 delivery.url, data=delivery.payload, headers=headers, allow_redirects=False
             ) as resp:
@@ -92,6 +97,16 @@ class Sender:
                 started_at,
                 _ms_since(start),
             )
+
+    async def _secrets(self, app_id: str) -> Sequence[bytes]:
+        """The app's secrets (`secrets` for all without `secrets_of`); an error reading them
+        fails the attempt: a webhook never goes out unsigned by mistake."""
+        if self.secrets_of is None:
+            return self.secrets
+        try:
+            return await self.secrets_of(app_id)
+        except Exception as exc:
+            raise SecretsUnavailable(f"the app's webhook secrets could not be read: {exc}") from exc
 
     async def close(self) -> None:
         if self._session is not None:
@@ -112,8 +127,14 @@ async def _answer(resp: aiohttp.ClientResponse, started_at: datetime, start: flo
     )
 
 
+class SecretsUnavailable(Exception):
+    """What signs an app's webhook could not be read: the attempt is not sent (and retried)."""
+
+
 def error_kind(exc: BaseException) -> str:
     """A short word for why an attempt got no HTTP answer."""
+    if isinstance(exc, SecretsUnavailable):
+        return "secrets-unavailable"
     if isinstance(exc, Blocked):
         return "ssrf-blocked"
     if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):

@@ -25,7 +25,7 @@ async def load_due(pool: asyncpg.Pool, ids: Sequence[str]) -> list[DueDelivery]:
     rows = await pool.fetch(
         """
         select d.id, d.transaction_id, t.md5, d.url, d.payload, d.attempt_count, d.series_attempts,
-               d.next_attempt_at
+               d.next_attempt_at, d.app_id
         from deliveries d join transactions t on t.id = d.transaction_id
         where d.id = any($1::text[]) and d.status = 'pending'
         """,
@@ -130,7 +130,7 @@ async def list_page(
     before: tuple[datetime, str] | None,
 ) -> list[Delivery]:
     """Newest first; `before` is the (created_at, id) of the last row of the previous page."""
-    rows = await keyset.newest_first(
+    return await keyset.newest_first(
         pool,
         f"select {DELIVERY_COLUMNS} from {_FROM}",
         "d",
@@ -140,10 +140,10 @@ async def list_page(
             ("d.transaction_id =", transaction_id),
             ("d.created_at >=", since),
         ],
+        as_row=_delivery,
         before=before,
         limit=limit,
     )
-    return [_delivery(r) for r in rows]
 
 
 async def get(pool: asyncpg.Pool, app_id: str, delivery_id: str) -> Delivery | None:

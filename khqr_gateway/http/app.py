@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from khqr_gateway.apps.model import DEFAULT_APP_ID
 from khqr_gateway.bakong.sandbox import MOUNT_PATH, Expectations, create_sandbox_app
 from khqr_gateway.config import Settings
 from khqr_gateway.http import (
@@ -151,8 +150,8 @@ def _expectations(app: web.Application) -> Expectations:
     """What the mounted sandbox pays by default: what the md5's transaction expects."""
 
     async def expected(md5: str) -> dict[str, str]:
-        # The simulated Bakong is the default app's until it learns which app an md5 is for.
-        found = await tx_store.expected_of(app[SERVICE_KEY].pool, DEFAULT_APP_ID, md5)
+        # Bakong knows nothing of apps: an md5 tracked by two apps is paid as one expects.
+        found = await tx_store.expected_of(app[SERVICE_KEY].pool, None, md5)
         return found.to_json() if found else {}
 
     return expected

@@ -33,7 +33,7 @@ from khqr_gateway.http.fields import (
     url_field,
 )
 from khqr_gateway.http.json import json_response
-from khqr_gateway.http.request import app_of, job_id_of, load_body, load_query
+from khqr_gateway.http.request import app_of, caller_of, job_id_of, load_body, load_query
 from khqr_gateway.service import SERVICE_KEY, Service
 from khqr_gateway.transactions.model import Status
 
@@ -166,9 +166,9 @@ def _documented_errors(*codes: int) -> dict[int, dict[str, Any]]:
     }
 
 
-async def _email_token(service: Service, email: str) -> tuple[int, str | None]:
+async def _email_token(service: Service, app_id: str, email: str) -> tuple[int, str | None]:
     """The credential of a registered email and a live token, renewed through it if need be."""
-    credential_id = await service.credentials.add(token=None, email=email)
+    credential_id = await service.credentials.add(token=None, email=email, app_id=app_id)
     try:
         return credential_id, await service.credentials.token(credential_id)
     except NoToken:
@@ -194,9 +194,9 @@ async def _create(request: web.Request, schema: Schema) -> web.Response:
     if "token" in data:
         _check_token(data["token"])
     else:
-        await _email_token(service, data["email"])
+        await _email_token(service, app_of(request), data["email"])
     # As rachhen/khqr-webhook answers: 201 with the md5's job, whatever the repeat asked for.
-    row, _ = await tracking.create(service, app_of(request), data, repeat_must_match=False)
+    row, _ = await tracking.create(service, caller_of(request), data, repeat_must_match=False)
     return json_response({"message": CREATED, "jobId": str(row.id)}, 201)
 
 
@@ -234,13 +234,13 @@ create_with_email = _create_route(
 
 
 async def _query_credential(
-    service: Service, query: dict[str, Any]
+    service: Service, app_id: str, query: dict[str, Any]
 ) -> tuple[int | None, str | None]:
     if query.get("token"):
         _check_token(query["token"])
         return None, query["token"]
     if query.get("email"):
-        return await _email_token(service, query["email"])
+        return await _email_token(service, app_id, query["email"])
     if service.credentials.default_id is None:
         raise ApiError(400, "bad_request", "Token or email is required")
     try:
@@ -295,7 +295,7 @@ async def get_by_md5(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE_KEY]
     md5 = _md5_of(request)
     query = load_query(request, MD5_QUERY_SCHEMA)
-    credential_id, token = await _query_credential(service, query)
+    credential_id, token = await _query_credential(service, app_of(request), query)
     try:
         result, _ = await service.credentials.renewing(
             credential_id, token, lambda fresh: service.bakong.check_md5(fresh, md5)
@@ -334,4 +334,4 @@ TRACK = sse.Format(
 @compat_errors
 async def track(request: web.Request) -> web.StreamResponse:
     """GET /api/v1/transaction/{jobId}/track."""
-    return await sse.stream(request, job_id_of(request), TRACK)
+    return await sse.stream(request, app_of(request), job_id_of(request), TRACK)

@@ -16,7 +16,7 @@ from khqr_gateway.http.fields import CURSOR_ERROR, ID_CURSOR_RE, Pattern, email_
 from khqr_gateway.http.json import iso, json_response
 from khqr_gateway.http.openapi import errors
 from khqr_gateway.http.paging import page_response, page_schema
-from khqr_gateway.http.request import load_body, load_query
+from khqr_gateway.http.request import app_of, load_body, load_query
 from khqr_gateway.service import SERVICE_KEY
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,7 @@ async def list_credentials(request: web.Request) -> web.Response:
     limit = query["limit"]
     rows = await credential_store.list_credentials(
         request.app[SERVICE_KEY].pool,
+        app_of(request),
         status=query.get("status"),
         after=_after(query.get("cursor")),
         limit=limit + 1,
@@ -144,7 +145,7 @@ async def post_credential(request: web.Request) -> web.Response:
     token, email = data.get("token"), data.get("email")
     if token and not email and token_expired(token):
         raise invalid("token", "has expired (its JWT exp is past): give a fresh one or an email")
-    cred, created = await service.credentials.save(token=token, email=email)
+    cred, created = await service.credentials.save(token=token, email=email, app_id=app_of(request))
     log.info(
         "bakong credential %s",
         "added" if created else "replaced",

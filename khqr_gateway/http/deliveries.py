@@ -222,11 +222,14 @@ async def get_delivery(request: web.Request) -> web.Response:
 async def retry_delivery(request: web.Request) -> web.Response:
     """POST /api/v1/deliveries/{id}/retry."""
     service = request.app[SERVICE_KEY]
-    delivery_id = _delivery_id(request)
-    # Checked first, so that a 409 leaves the delivery as it was.
+    app_id, delivery_id = app_of(request), _delivery_id(request)
+    # Another app's delivery is not found, whether or not it is being sent now.
+    if await store.get(service.pool, app_id, delivery_id) is None:
+        raise ApiError(404, "not_found", NOT_FOUND)
+    # Checked before the restart, so that a 409 leaves the delivery as it was.
     if await service.lanes.in_flight([delivery_id]):
         raise _in_flight(delivery_id)
-    row = await store.restart(service.pool, app_of(request), delivery_id)
+    row = await store.restart(service.pool, app_id, delivery_id)
     if row is None:
         raise ApiError(404, "not_found", NOT_FOUND)
     # A person is waiting on this one: it goes in the lane of first attempts.

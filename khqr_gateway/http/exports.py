@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from contextlib import aclosing
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import asyncpg
 from aiohttp import web
 from aiohttp_apigami import docs, request_schema, response_schema
 from marshmallow import RAISE, Schema, fields, validate
@@ -22,7 +19,7 @@ from khqr_gateway.http.openapi import errors
 from khqr_gateway.http.request import app_of, load_query
 from khqr_gateway.service import SERVICE_KEY
 from khqr_gateway.transactions import exports as store
-from khqr_gateway.transactions.model import Status
+from khqr_gateway.transactions.model import DayTotals, Status
 
 REPORT_MAX_DAYS = 366
 REPORT_DEFAULT_DAYS = 7
@@ -76,10 +73,6 @@ class DailyReportSchema(Schema):
 
 EXPORT_SCHEMA = ExportQuerySchema()
 REPORT_SCHEMA = DailyReportQuerySchema()
-
-
-def jsonl_chunk(rows: Sequence[asyncpg.Record]) -> bytes:
-    return "".join(r["line"] + "\n" for r in rows).encode()
 
 
 @docs(
@@ -138,12 +131,8 @@ async def _stream(request: web.Request, query: dict[str, Any]) -> web.StreamResp
                 await response.write("\ufeff".encode())
         await response.write(chunk)
 
-    if kind == "csv":
-        await store.export_csv(pool, app_id, wanted, write)
-    else:
-        async with aclosing(store.export_lines(pool, app_id, wanted)) as batches:
-            async for batch in batches:
-                await write(jsonl_chunk(batch))
+    export = store.export_csv if kind == "csv" else store.export_jsonl
+    await export(pool, app_id, wanted, write)
     if not response.prepared:  # a JSON export of no rows
         await response.prepare(request)
     await response.write_eof()
@@ -173,18 +162,18 @@ def _amount(value: Decimal) -> int | float:
     return int(value) if value == value.to_integral_value() else float(value)
 
 
-def report_row(row: asyncpg.Record) -> dict[str, Any]:
+def report_row(row: DayTotals) -> dict[str, Any]:
     return {
-        "day": row["day"].isoformat(),
-        "currency": row["currency"],
-        "account": row["account"],
-        "paidCount": row["paid_count"],
-        "paidAmount": _amount(row["paid_sum"]),
-        "lateCount": row["late_count"],
-        "mismatchCount": row["mismatch_count"],
-        "mismatchAmount": _amount(row["mismatch_sum"]),
-        "failedCount": row["failed_count"],
-        "timeoutCount": row["timeout_count"],
+        "day": row.day.isoformat(),
+        "currency": row.currency,
+        "account": row.account,
+        "paidCount": row.paid_count,
+        "paidAmount": _amount(row.paid_sum),
+        "lateCount": row.late_count,
+        "mismatchCount": row.mismatch_count,
+        "mismatchAmount": _amount(row.mismatch_sum),
+        "failedCount": row.failed_count,
+        "timeoutCount": row.timeout_count,
     }
 
 
@@ -237,17 +226,17 @@ class HourlySchema(Schema):
 @response_schema(HourlySchema, 200)
 async def hourly_report(request: web.Request) -> web.Response:
     """GET /api/v1/reports/hourly."""
-    rows = await store.hourly(request.app[SERVICE_KEY].pool)
+    rows = await store.hourly(request.app[SERVICE_KEY].pool, app_of(request))
     return json_response(
         {
             "data": [
                 {
-                    "hour": iso(r["hour"]),
-                    "paid": r["paid"],
-                    "mismatch": r["mismatch"],
-                    "delivered": r["delivered"],
-                    "failed": r["failed"],
-                    "retrying": r["retrying"],
+                    "hour": iso(r.hour),
+                    "paid": r.paid,
+                    "mismatch": r.mismatch,
+                    "delivered": r.delivered,
+                    "failed": r.failed,
+                    "retrying": r.retrying,
                 }
                 for r in rows
             ]

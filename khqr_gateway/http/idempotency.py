@@ -67,18 +67,18 @@ async def _keep(pool: asyncpg.Pool, app_id: str, key_hash: str, response: web.Re
     )
 
 
-def _replay(existing: asyncpg.Record, request_hash: str) -> web.Response:
-    if existing["request_hash"] != request_hash:
+def _replay(existing: idempotency.StoredResponse, request_hash: str) -> web.Response:
+    if existing.request_hash != request_hash:
         raise ApiError(
             422, "idempotency_key_reused", "this Idempotency-Key was used with a different body"
         )
-    if existing["status_code"] is None:
+    if existing.status_code is None:
         raise ApiError(
             409, "idempotency_key_in_use", "a request with this Idempotency-Key is in progress"
         )
     return web.Response(
-        body=existing["response"],
-        status=existing["status_code"],
+        body=existing.response,
+        status=existing.status_code,
         content_type="application/json",
         headers={"Idempotent-Replayed": "true"},
     )

@@ -11,6 +11,7 @@ from aiohttp import web
 from aiohttp_apigami import docs, request_schema, response_schema
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
+from khqr_gateway.apps.model import Caller
 from khqr_gateway.bakong import khqr
 from khqr_gateway.bakong.client import SourceInfo
 from khqr_gateway.config import APP_NAME_MAX, Settings
@@ -32,7 +33,7 @@ from khqr_gateway.http.fields import (
 from khqr_gateway.http.json import iso, json_response
 from khqr_gateway.http.openapi import errors
 from khqr_gateway.http.qr import qr_image
-from khqr_gateway.http.request import app_of, load_body
+from khqr_gateway.http.request import caller_of, load_body
 from khqr_gateway.service import SERVICE_KEY, Service
 from khqr_gateway.times import from_ms, now_ms, seconds_to_ms
 from khqr_gateway.transactions import pages
@@ -200,6 +201,20 @@ def _field_of(message: str) -> str:
     return min(found)[1] if found else "body"
 
 
+def _with_app_merchant(data: dict[str, Any], caller: Caller) -> dict[str, Any]:
+    """The request, with its app's merchant profile where it gives none of its own (the
+    default app's is KHQR_* of the environment, filled in by `_merchant`)."""
+    merchant = caller.app.merchant if caller.app is not None else None
+    if merchant is None:
+        return data
+    given = {
+        "accountId": merchant.account_id,
+        "merchantName": merchant.merchant_name,
+        "merchantCity": merchant.merchant_city,
+    }
+    return {**{k: v for k, v in given.items() if v}, **data}
+
+
 def _merchant(settings: Settings, data: dict[str, Any]) -> tuple[str, str, str]:
     account = data.get("accountId") or settings.khqr_account_id
     name = data.get("merchantName") or settings.khqr_merchant_name
@@ -270,11 +285,12 @@ async def _track(
     link, which returns the payer to that page once paid (unless the request says where)."""
     service = request.app[SERVICE_KEY]
     body = _tracking_request(data, qr, expires_s)
-    app_id = app_of(request)
-    row, _ = await tracking.create(service, app_id, body)
+    caller = caller_of(request)
+    app_id = caller.app_id
+    row, _ = await tracking.create(service, caller, body)
     token = secrets.token_urlsafe(PAGE_TOKEN_BYTES)
     pay_url = f"{base_url(request, service.settings)}/pay/{row.id}?t={token}"
-    credential = await tracking.credential_id(service, body)
+    credential = await tracking.credential_id(service, caller, body)
     deeplink = await _deeplink(service, data, qr, credential, pay_url)
     await pages.open_page(service.pool, app_id, row.id, token, data.get("returnUrl"), deeplink)
     return row, pay_url, deeplink
@@ -302,7 +318,7 @@ async def _track(
 async def post_khqr(request: web.Request) -> web.Response:
     """POST /api/v1/khqr."""
     service = request.app[SERVICE_KEY]
-    data = await load_body(request, CREATE_SCHEMA)
+    data = _with_app_merchant(await load_body(request, CREATE_SCHEMA), caller_of(request))
     expires_s: int = data.get("expiresInSeconds", service.settings.poll_timeout_s)
     expires_at_ms = now_ms() + seconds_to_ms(expires_s)
     qr = build_qr(service.settings, data, expires_at_ms)

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-import asyncpg
 from aiohttp import web
 from aiohttp_apigami import docs, request_schema, response_schema
 from marshmallow import RAISE, Schema, fields, validate
 
 from khqr_gateway.http.json import iso, json_response
 from khqr_gateway.http.openapi import errors
-from khqr_gateway.http.request import load_query
+from khqr_gateway.http.request import app_of, load_query
 from khqr_gateway.notices import store
+from khqr_gateway.notices.model import NoticeRow, NoticeStatus
 from khqr_gateway.service import SERVICE_KEY
 
-NOTICE_STATUSES = ("pending", "sent", "failed")
+NOTICE_STATUSES = [s.value for s in NoticeStatus]
 
 
 class NoticeListQuerySchema(Schema):
@@ -31,7 +31,7 @@ class NoticeSchema(Schema):
     jobId = fields.UUID(required=True)
     late = fields.Boolean()
     chatId = fields.String()
-    status = fields.String(metadata={"enum": list(NOTICE_STATUSES)})
+    status = fields.String(metadata={"enum": NOTICE_STATUSES})
     attempts = fields.Integer()
     nextAttemptAt = fields.DateTime(allow_none=True)
     lastStatusCode = fields.Integer(allow_none=True)
@@ -50,19 +50,19 @@ class NoticeListSchema(Schema):
 QUERY_SCHEMA = NoticeListQuerySchema()
 
 
-def notice_json(row: asyncpg.Record) -> dict[str, Any]:
+def notice_json(row: NoticeRow) -> dict[str, Any]:
     return {
-        "id": row["id"],
-        "jobId": str(row["transaction_id"]),
-        "late": row["late"],
-        "chatId": row["chat_id"],
-        "status": row["status"],
-        "attempts": row["attempt_count"],
-        "nextAttemptAt": iso(row["next_attempt_at"]) if row["status"] == "pending" else None,
-        "lastStatusCode": row["last_status_code"],
-        "lastError": row["last_error"],
-        "createdAt": iso(row["created_at"]),
-        "sentAt": iso(row["sent_at"]),
+        "id": row.id,
+        "jobId": str(row.transaction_id),
+        "late": row.late,
+        "chatId": row.chat_id,
+        "status": row.status,
+        "attempts": row.attempt_count,
+        "nextAttemptAt": iso(row.next_attempt_at) if row.status is NoticeStatus.PENDING else None,
+        "lastStatusCode": row.last_status_code,
+        "lastError": row.last_error,
+        "createdAt": iso(row.created_at),
+        "sentAt": iso(row.sent_at),
     }
 
 
@@ -79,7 +79,8 @@ def notice_json(row: asyncpg.Record) -> dict[str, Any]:
 async def list_notices(request: web.Request) -> web.Response:
     """GET /api/v1/notices?status=&limit=."""
     query = load_query(request, QUERY_SCHEMA)
+    status = NoticeStatus(query["status"]) if "status" in query else None
     rows = await store.newest(
-        request.app[SERVICE_KEY].pool, status=query.get("status"), limit=query["limit"]
+        request.app[SERVICE_KEY].pool, app_of(request), status=status, limit=query["limit"]
     )
     return json_response({"data": [notice_json(r) for r in rows]})

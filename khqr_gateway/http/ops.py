@@ -17,6 +17,7 @@ from khqr_gateway.credentials.model import Credential, CredentialStatus, refused
 from khqr_gateway.http.errors import ApiError
 from khqr_gateway.http.json import iso, json_response
 from khqr_gateway.http.openapi import errors
+from khqr_gateway.http.request import app_of
 from khqr_gateway.infra import db
 from khqr_gateway.metrics import REGISTRY
 from khqr_gateway.service import FIGURES_INTERVAL_S, SERVICE_KEY, Service
@@ -128,8 +129,9 @@ async def bakong_health(service: Service) -> dict[str, Any]:
         service.pool, [default_id] if default_id else []
     )
     default = found.get(default_id) if default_id else None
+    # Readiness is the operator's: every app's expired credentials.
     expired = await credential_store.list_credentials(
-        service.pool, status=CredentialStatus.EXPIRED, limit=EXPIRED_SHOWN + 1
+        service.pool, None, status=CredentialStatus.EXPIRED, limit=EXPIRED_SHOWN + 1
     )
     health: dict[str, Any] = {
         "defaultCredential": None
@@ -202,7 +204,9 @@ async def metrics(request: web.Request) -> web.Response:
 @docs(
     tags=["operations"],
     summary="Queue and status figures",
-    description="Counts, queues, poll lag and the oldest pending age are as the figures tick "
+    description="The counts and the oldest pending age are the calling app's; queues, poll lag, "
+    "Bakong and in-flight deliveries are the gateway's. "
+    "Counts, queues, poll lag and the oldest pending age are as the figures tick "
     f"last read them (`asOf`, every {FIGURES_INTERVAL_S:g} s), so that polling this costs no "
     "query; Bakong figures and in-flight deliveries are live. 503 `figures_pending` for the "
     "moment after start-up before the first read.",
@@ -220,14 +224,15 @@ async def stats(request: web.Request) -> web.Response:
             "the counts have not been read yet; try again in a few seconds",
             headers={"Retry-After": str(math.ceil(FIGURES_INTERVAL_S))},
         )
-    oldest = figures.oldest_pending_s
+    # The counts are the caller's app's; queues, lag and Bakong are the gateway's own.
+    mine, oldest = figures.of(app_of(request))
     body = {
-        "transactions": figures.transactions,
-        "deliveries": figures.deliveries,
+        "transactions": mine["transactions"],
+        "deliveries": mine["deliveries"],
         "queues": figures.queues,
         "pollLagSeconds": figures.poll_lag_s,
         "oldestPendingSeconds": round(oldest, 3) if oldest else None,
-        "latePayments": figures.late_payments,
+        "latePayments": mine["late"],
         "asOf": iso(figures.read_at),
         "bakong": {
             **service.bakong_calls(),

@@ -314,7 +314,7 @@ async def pay_events(request: web.Request) -> web.StreamResponse:
     page, _ = await _page_of(request)
     if page is None:
         raise ApiError(404, "not_found", "no payment page for this jobId and token")
-    return await sse.stream(request, page.id, PAGE_EVENTS, client_of(request))
+    return await sse.stream(request, page.app_id, page.id, PAGE_EVENTS, client_of(request))
 
 
 def client_of(request: web.Request) -> str:

@@ -16,7 +16,6 @@ import orjson
 from aiohttp import hdrs, web
 
 from khqr_gateway.http.errors import ApiError, ErrorSchema, error_response
-from khqr_gateway.http.request import app_of
 from khqr_gateway.service import SERVICE_KEY
 from khqr_gateway.transactions import pages
 from khqr_gateway.transactions.events import (
@@ -102,9 +101,9 @@ def _already_ended(request: web.Request) -> bool:
 
 
 async def stream(
-    request: web.Request, job_id: UUID, fmt: Format, client: str | None = None
+    request: web.Request, app_id: str, job_id: UUID, fmt: Format, client: str | None = None
 ) -> web.StreamResponse:
-    """Answer with the live status of `job_id` in `fmt`; 404 when there is no such id.
+    """Answer with the live status of `app_id`'s `job_id` in `fmt`; 404 when it has no such id.
 
     `client` is the address of a public stream (the payment page's), None for the API's.
     """
@@ -113,16 +112,16 @@ async def stream(
         return web.Response(status=204)
     try:
         if request.method == hdrs.METH_HEAD:
-            return await _head(request, job_id, client)
+            return await _head(request, app_id, job_id, client)
         async with service.events.subscribe(job_id, client) as sub:
             # Subscribed first, read second: a change in between is queued, not lost.
-            current = await pages.status_of(service.pool, app_of(request), job_id)
+            current = await pages.status_of(service.pool, app_id, job_id)
             if current is None:
                 raise ApiError(404, "not_found", "no transaction with this jobId")
             response = web.StreamResponse(headers=SSE_HEADERS)
             await response.prepare(request)
             with contextlib.suppress(ConnectionError):
-                await _pump(request, response, service.events, sub, current, fmt)
+                await _pump(request, response, service.events, sub, app_id, current, fmt)
                 await response.write_eof()
             return response
     except StreamLimit as exc:
@@ -132,12 +131,14 @@ async def stream(
         )
 
 
-async def _head(request: web.Request, job_id: UUID, client: str | None) -> web.StreamResponse:
+async def _head(
+    request: web.Request, app_id: str, job_id: UUID, client: str | None
+) -> web.StreamResponse:
     """GET's status and headers, no body and no stream: an event written after a bodiless
     answer would be read as the next response on this keep-alive connection."""
     service = request.app[SERVICE_KEY]
     service.events.check(job_id, client)
-    if await pages.status_of(service.pool, app_of(request), job_id) is None:
+    if await pages.status_of(service.pool, app_id, job_id) is None:
         raise ApiError(404, "not_found", "no transaction with this jobId")
     return web.StreamResponse(headers=SSE_HEADERS)
 
@@ -147,6 +148,7 @@ async def _pump(
     response: web.StreamResponse,
     hub: EventHub,
     sub: Subscription,
+    app_id: str,
     current: tuple[Status, str | None],
     fmt: Format,
 ) -> None:
@@ -163,7 +165,7 @@ async def _pump(
         if item is Signal.RESYNC or now - last_read >= hub.heartbeat_s:
             # Also every heartbeat interval: a change published while Redis was away is found.
             last_read = now
-            item = await _reread(request, sub.job_id) or item
+            item = await _reread(request, app_id, sub.job_id) or item
         if isinstance(item, Change) and item.status is not status:
             status, reason = item.status, item.reason
             await response.write(fmt.event(sub.job_id, status, reason))
@@ -173,9 +175,9 @@ async def _pump(
             last_beat = now
 
 
-async def _reread(request: web.Request, job_id: UUID) -> Change | None:
+async def _reread(request: web.Request, app_id: str, job_id: UUID) -> Change | None:
     try:
-        found = await pages.status_of(request.app[SERVICE_KEY].pool, app_of(request), job_id)
+        found = await pages.status_of(request.app[SERVICE_KEY].pool, app_id, job_id)
     except Exception:  # Postgres away for a moment: the next heartbeat tries again
         return None
     return None if found is None else Change(job_id, *found)

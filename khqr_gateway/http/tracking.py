@@ -10,6 +10,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from khqr_gateway.apps.model import Caller
 from khqr_gateway.bakong import khqr
 from khqr_gateway.credentials.model import token_expired
 from khqr_gateway.deliveries.ssrf import AddressPolicy
@@ -35,9 +36,9 @@ def created_json(row: CreatedRow) -> dict[str, Any]:
 
 
 async def create(
-    service: Service, app_id: str, data: dict[str, Any], *, repeat_must_match: bool = True
+    service: Service, caller: Caller, data: dict[str, Any], *, repeat_must_match: bool = True
 ) -> tuple[CreatedRow, bool]:
-    """Track a validated request of the app; returns the row and whether it is new.
+    """Track a validated request of the caller's app; returns the row and whether it is new.
 
     An md5 already tracked is that transaction, whatever its status: with
     `repeat_must_match`, a repeat that asks for another webhookUrl, expected or metadata is
@@ -48,11 +49,11 @@ async def create(
         raise invalid("webhookUrl", refused)
     qr_expires_at = _from_qr(data) if "qr" in data else None
     new = NewTransaction(
-        app_id=app_id,
+        app_id=caller.app_id,
         id=uuid.uuid4(),
         md5=data["md5"],
         webhook_url=data["webhookUrl"],
-        credential_id=await credential_id(service, data),
+        credential_id=await credential_id(service, caller, data),
         expected=_expected(data.get("expected")),
         metadata=data.get("metadata"),
         qr=data.get("qr"),
@@ -106,15 +107,19 @@ def _from_qr(data: dict[str, Any]) -> datetime | None:
     return from_ms(parsed.expires_at_ms)
 
 
-async def credential_id(service: Service, data: dict[str, Any]) -> int | None:
-    """The Bakong credential a request names (None: the default); stored once, then cached."""
+async def credential_id(service: Service, caller: Caller, data: dict[str, Any]) -> int | None:
+    """The Bakong credential a request names, else its app's (None: the gateway's default);
+    stored once, then cached."""
     token, email = data.get("token"), data.get("email")
+    app_id = caller.app_id
     if token:
         if token_expired(token):
             raise ApiError(401, "token_expired", "the Bakong token has expired")
-        return await service.credentials.add(token=token, email=None)
+        return await service.credentials.add(token=token, email=None, app_id=app_id)
     if email:
-        return await service.credentials.add(token=None, email=email)
+        return await service.credentials.add(token=None, email=email, app_id=app_id)
+    if caller.app is not None and caller.app.credential_id is not None:
+        return caller.app.credential_id
     if service.credentials.default_id is None:
         raise invalid(
             "token", "no Bakong credential: give token or email, or set BAKONG_TOKEN/BAKONG_EMAIL"

@@ -17,6 +17,7 @@ from marshmallow import (
     validates_schema,
 )
 
+from khqr_gateway.apps.model import Caller
 from khqr_gateway.http import idempotency, sse, tracking
 from khqr_gateway.http.errors import ApiError
 from khqr_gateway.http.fields import (
@@ -41,7 +42,14 @@ from khqr_gateway.http.json import iso, json_response
 from khqr_gateway.http.openapi import ERROR, errors
 from khqr_gateway.http.paging import decode_cursor, page_response, page_schema, row_cursor
 from khqr_gateway.http.quickload import quick_load_create
-from khqr_gateway.http.request import app_of, job_id_of, load, load_query, read_json
+from khqr_gateway.http.request import (
+    app_of,
+    caller_of,
+    job_id_of,
+    load,
+    load_query,
+    read_json,
+)
 from khqr_gateway.service import SERVICE_KEY
 from khqr_gateway.transactions import store
 from khqr_gateway.transactions.model import Status
@@ -82,7 +90,7 @@ class TransactionCreateSchema(Schema):
         validate=validate.Length(min=20, max=1024),
         metadata={"description": "The whole KHQR string; md5 and expectations come from it"},
     )
-    webhookUrl = url_field("Where the webhook goes", required=True)
+    webhookUrl = url_field("Where the webhook goes (required unless the app has a default one)")
     token = token_field("Bakong token for this transaction (else the default)")
     email = email_field("Registered Bakong email; tokens are renewed through it")
     expected = fields.Nested(ExpectedSchema, metadata={"description": "Payment must match"})
@@ -187,6 +195,22 @@ CREATE_SCHEMA = TransactionCreateSchema()
 LIST_QUERY_SCHEMA = TransactionListQuerySchema()
 
 
+NO_WEBHOOK_URL = [
+    {
+        "field": "webhookUrl",
+        "message": "Missing data for required field (this app has no default webhookUrl).",
+    }
+]
+
+
+def _with_default_url(body: Any, caller: Caller) -> Any:
+    """The body, with the app's default webhookUrl where it gives none."""
+    default = caller.app.webhook_url if caller.app is not None else None
+    if default is None or not isinstance(body, dict) or "webhookUrl" in body:
+        return body
+    return {**body, "webhookUrl": default}
+
+
 def load_create(raw: bytes, body: Any) -> dict[str, Any]:
     """The create body, loaded: the usual shape by quick_load_create, the rest (and every
     error) by the schema. A NUL can only arrive as the escape \\u0000 (JSON refuses raw
@@ -259,8 +283,10 @@ async def post_transaction(request: web.Request) -> web.Response:
     raw, body = await read_json(request)
 
     async def handle() -> web.Response:
-        data = load_create(raw, body)
-        row, created = await tracking.create(service, app_of(request), data)
+        data = load_create(raw, _with_default_url(body, caller_of(request)))
+        if "webhookUrl" not in data:
+            raise ApiError(422, "validation_error", "some fields are not valid", NO_WEBHOOK_URL)
+        row, created = await tracking.create(service, caller_of(request), data)
         return json_response(tracking.created_json(row), 201 if created else 200)
 
     return await idempotency.idempotent(request, service.pool, raw, handle)
@@ -345,4 +371,4 @@ async def delete_transaction(request: web.Request) -> web.Response:
 @match_info_schema(JobIdPathSchema)
 async def transaction_events(request: web.Request) -> web.StreamResponse:
     """GET /api/v1/transactions/{jobId}/events."""
-    return await sse.stream(request, job_id_of(request), sse.V1)
+    return await sse.stream(request, app_of(request), job_id_of(request), sse.V1)

@@ -277,6 +277,19 @@ async def ping(pool: asyncpg.Pool) -> None:
     await pool.fetchval("select 1")
 
 
+def conditions(filters: Sequence[tuple[str, Any]], args: list[Any]) -> list[str]:
+    """The SQL condition of each `(column op, value)` whose value is not None, the value
+    added to `args` as the next parameter: after the operator, or wherever the condition
+    says `{}` (a condition that names its value more than once)."""
+    found: list[str] = []
+    for condition, value in filters:
+        if value is not None:
+            args.append(value)
+            at = f"${len(args)}"
+            found.append(condition.replace("{}", at) if "{}" in condition else f"{condition} {at}")
+    return found
+
+
 def row_as(kind: type[Value], row: Mapping[str, Any], **given: Any) -> Value:
     """The typed row `kind` (a dataclass) of a record: each field from the column of its
     name, unless `given`; a field with a default may have no column."""

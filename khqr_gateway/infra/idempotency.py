@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import asyncpg
+
+from khqr_gateway.infra.db import row_as
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """A key already reserved: the hash of its request body, and its response once there is
+    one (no status yet while the first request is still in progress)."""
+
+    request_hash: str
+    status_code: int | None
+    response: bytes | None
 
 
 async def claim_idempotency_key(
     pool: asyncpg.Pool, app_id: str, key_hash: str, request_hash: str
-) -> asyncpg.Record | None:
-    """Reserve the app's key; returns None when reserved now, else the existing row."""
+) -> StoredResponse | None:
+    """Reserve the app's key; returns None when reserved now, else what it holds."""
     inserted = await pool.fetchval(
         """
         insert into idempotency_keys (app_id, key_hash, request_hash) values ($1, $2, $3)
@@ -20,12 +34,13 @@ async def claim_idempotency_key(
     )
     if inserted:
         return None
-    return await pool.fetchrow(
+    row = await pool.fetchrow(
         "select request_hash, status_code, response from idempotency_keys"
         " where app_id = $1 and key_hash = $2",
         app_id,
         key_hash,
     )
+    return None if row is None else row_as(StoredResponse, row)
 
 
 async def complete_idempotency_key(

@@ -8,6 +8,8 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from khqr_gateway.infra.db import conditions
+
 Row = TypeVar("Row")
 Key = TypeVar("Key")
 
@@ -18,29 +20,26 @@ async def newest_first(
     alias: str,
     filters: Sequence[tuple[str, Any]],
     *,
+    as_row: Callable[[asyncpg.Record], Row],
     before: tuple[datetime, Any] | None,
     limit: int,
-) -> list[asyncpg.Record]:
+) -> list[Row]:
     """Rows of `select` (aliased `alias`) matching every `(column op, value)` with a value,
-    strictly older than `before` (the last row of the previous page), newest first. A
-    condition that names its value more than once says where with `{}`."""
-    where: list[str] = []
+    strictly older than `before` (the last row of the previous page), newest first, each
+    made a value by `as_row`. A condition that names its value more than once says where
+    with `{}` (see `db.conditions`)."""
     args: list[Any] = []
-    for condition, value in filters:
-        if value is not None:
-            args.append(value)
-            at = f"${len(args)}"
-            where.append(condition.replace("{}", at) if "{}" in condition else f"{condition} {at}")
+    where = conditions(filters, args)
     if before:
         args += [before[0], before[1]]
         where.append(f"({alias}.created_at, {alias}.id) < (${len(args) - 1}, ${len(args)})")
     args.append(limit)
     clause = ("where " + " and ".join(where)) if where else ""
-    rows: list[asyncpg.Record] = await pool.fetch(
+    rows = await pool.fetch(
         f"{select} {clause} order by {alias}.created_at desc, {alias}.id desc limit ${len(args)}",
         *args,
     )
-    return rows
+    return [as_row(r) for r in rows]
 
 
 async def pages(

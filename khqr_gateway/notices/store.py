@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 import asyncpg
 
 from khqr_gateway.infra.db import row_as, safe_text
+from khqr_gateway.notices.model import DueNotice, NoticeAttempt, NoticeRow, NoticeStatus
 from khqr_gateway.transactions.model import Status
 
 # How far back the first sweep of a process looks when no notice exists yet: a bot set up
@@ -19,20 +18,6 @@ FIRST_SWEEP_LOOKBACK_S = 600
 # still falls inside the next window.
 SWEEP_OVERLAP_S = 300
 CLAIM_LIMIT = 20
-
-
-@dataclass(frozen=True, slots=True)
-class DueNotice:
-    id: int
-    chat_id: str
-    attempt_count: int
-    late: bool
-    status: Status
-    reason: str | None
-    data: dict[str, Any] | None
-    metadata: Any
-    bill_number: str | None
-    completed_at: datetime
 
 
 async def sweep_start(pool: asyncpg.Pool) -> datetime:
@@ -50,20 +35,21 @@ async def sweep_start(pool: asyncpg.Pool) -> datetime:
     return value
 
 
-async def make_notices(pool: asyncpg.Pool, chat_id: str, since: datetime) -> int:
-    """A notice for each paid or mismatched transition completed since `since` that has none,
-    of its transaction's app; once per transition whichever process (or sweep) gets there
-    first."""
+async def make_notices(pool: asyncpg.Pool, app_id: str, chat_id: str, since: datetime) -> int:
+    """A notice to the app's chat for each of its paid or mismatched transitions completed
+    since `since` that has none; once per transition whichever process (or sweep) gets there
+    first. Another app's payments never go to this chat."""
     result = await pool.execute(
         """
         insert into telegram_notices (transaction_id, late, chat_id, app_id)
         select t.id, t.late, $1, t.app_id from transactions t
-        where t.completed_at >= $2 and not t.superseded
+        where t.completed_at >= $2 and not t.superseded and t.app_id = $3
           and t.status in ('success', 'mismatch')
         on conflict (transaction_id, late) do nothing
         """,
         chat_id,
         since,
+        app_id,
     )
     return int(result.split()[-1])
 
@@ -90,20 +76,6 @@ async def claim(pool: asyncpg.Pool, lease_s: float) -> list[DueNotice]:
         CLAIM_LIMIT,
     )
     return [row_as(DueNotice, r, status=Status(r["status"])) for r in rows]
-
-
-@dataclass(frozen=True, slots=True)
-class NoticeAttempt:
-    notice_id: int
-    attempt: int
-    started_at: datetime
-    duration_ms: int
-    status_code: int | None
-    error: str | None
-    body: str | None
-    # None: sent; a time: try again then; "failed" when neither.
-    next_attempt_at: datetime | None
-    failed: bool
 
 
 async def record(pool: asyncpg.Pool, attempts: Sequence[NoticeAttempt]) -> None:
@@ -152,16 +124,19 @@ async def record(pool: asyncpg.Pool, attempts: Sequence[NoticeAttempt]) -> None:
         )
 
 
-async def newest(pool: asyncpg.Pool, *, status: str | None, limit: int) -> list[asyncpg.Record]:
-    """The newest notices, optionally of one status (what an operator checks)."""
-    rows: list[asyncpg.Record] = await pool.fetch(
+async def newest(
+    pool: asyncpg.Pool, app_id: str, *, status: NoticeStatus | None, limit: int
+) -> list[NoticeRow]:
+    """The app's newest notices, optionally of one status (what an operator checks)."""
+    rows = await pool.fetch(
         """
         select id, transaction_id, late, chat_id, status, attempt_count, next_attempt_at,
                last_status_code, last_error, created_at, sent_at
-        from telegram_notices where ($1::text is null or status = $1)
+        from telegram_notices where app_id = $3 and ($1::text is null or status = $1)
         order by created_at desc, id desc limit $2
         """,
         status,
         limit,
+        app_id,
     )
-    return rows
+    return [row_as(NoticeRow, r, status=NoticeStatus(r["status"])) for r in rows]

@@ -17,8 +17,9 @@ import asyncpg
 import orjson
 
 from khqr_gateway import times
+from khqr_gateway.apps.model import DEFAULT_APP_ID
 from khqr_gateway.notices import store
-from khqr_gateway.notices.store import DueNotice, NoticeAttempt
+from khqr_gateway.notices.model import DueNotice, NoticeAttempt
 from khqr_gateway.transactions.model import Status
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,8 @@ class Notifier:
         if self._since is None:
             self._since = await store.sweep_start(self.pool)
         swept_at = datetime.now(UTC)
-        await store.make_notices(self.pool, self.chat_id, self._since)
+        # TELEGRAM_CHAT_ID is the default app's: only its payments are told there.
+        await store.make_notices(self.pool, DEFAULT_APP_ID, self.chat_id, self._since)
         self._since = swept_at - timedelta(seconds=store.SWEEP_OVERLAP_S)
         due = await store.claim(self.pool, LEASE_S)
         if due:

@@ -2,12 +2,16 @@
 "use strict";
 (() => {
   const KEY = "khqr-gateway-api-key";
+  // The app an admin key looks at (sent as Khqr-App); an app's own key sees only its app.
+  const APP = "khqr-gateway-app";
   const $ = (id) => document.getElementById(id);
   let timer = null;
 
   async function api(path, options = {}) {
     const key = sessionStorage.getItem(KEY);
     const auth = key ? { Authorization: "Bearer " + key } : {};
+    const app = sessionStorage.getItem(APP);
+    if (app) auth["Khqr-App"] = app;
     const resp = await fetch(path, { ...options, headers: { ...auth, ...(options.headers || {}) } });
     if (resp.status === 401) throw refused(key !== null);
     const body = await resp.json();
@@ -263,6 +267,37 @@
     }
   }
 
+  // An admin key can list the apps: the picker shows them; any other key gets 403 and no
+  // picker. Asked once per key, not at every refresh.
+  async function loadApps() {
+    const picker = $("app-picker");
+    const select = $("app");
+    const key = sessionStorage.getItem(KEY);
+    let page = null;
+    if (key) {
+      // Not through api(): a 401 or 403 here only means "no admin key", never a login.
+      const resp = await fetch("/api/v1/apps?limit=100", {
+        headers: { Authorization: "Bearer " + key },
+      }).catch(() => null);
+      if (resp && resp.ok) page = await resp.json();
+    }
+    if (!page) {
+      picker.hidden = true;
+      sessionStorage.removeItem(APP);
+      return;
+    }
+    const chosen = sessionStorage.getItem(APP) || "app_default";
+    select.replaceChildren();
+    for (const app of page.data || []) {
+      const option = document.createElement("option");
+      option.value = app.id;
+      option.textContent = app.name + (app.disabledAt ? " (disabled)" : "");
+      option.selected = app.id === chosen;
+      select.append(option);
+    }
+    picker.hidden = false;
+  }
+
   async function refresh() {
     try {
       const [stats, failed, waiting, pending, recent, hourly] = await Promise.all([
@@ -312,9 +347,19 @@
   });
   $("filters").addEventListener("submit", (event) => { event.preventDefault(); refresh(); });
   $("detail-close").addEventListener("click", () => { $("detail").hidden = true; });
-  $("logout").addEventListener("click", () => { sessionStorage.removeItem(KEY); showLogin(); });
+  $("logout").addEventListener("click", () => {
+    sessionStorage.removeItem(KEY);
+    sessionStorage.removeItem(APP);
+    $("app-picker").hidden = true;
+    showLogin();
+  });
+  $("app").addEventListener("change", () => {
+    sessionStorage.setItem(APP, $("app").value);
+    refresh();
+  });
 
   function start() {
+    loadApps();
     refresh();
     clearInterval(timer);
     timer = setInterval(refresh, 3000);

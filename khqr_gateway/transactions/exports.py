@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
 import asyncpg
+
+from khqr_gateway.infra.db import conditions, row_as
+from khqr_gateway.transactions.model import DayTotals, HourCounts
 
 # Bakong has no settlement report: these queries are the merchant's ledger, so money is read
 # exactly (numeric), and a value Bakong sent that is not a number reads as null, never as an
@@ -83,18 +86,16 @@ def _csv_cell(name: str) -> str:
 
 
 def _export_query(app_id: str, wanted: ExportFilter, *, as_json: bool) -> tuple[str, list[Any]]:
-    # Superseded rows are history of an md5 whose payment another row reports: exporting
-    # them would count one payment twice.
-    where = ["t.app_id = $1", "not t.superseded"]
-    args: list[Any] = [app_id]
-    for condition, value in (
+    args: list[Any] = []
+    filters = [
+        ("t.app_id =", app_id),
         ("t.created_at >=", wanted.since),
         ("t.created_at <", wanted.until),
         ("t.status =", wanted.status),
-    ):
-        if value is not None:
-            args.append(value)
-            where.append(f"{condition} ${len(args)}")
+    ]
+    # Superseded rows are history of an md5 whose payment another row reports: exporting
+    # them would count one payment twice.
+    where = [*conditions(filters, args), "not t.superseded"]
     # Built by Postgres: numbers stay exact, metadata stays the JSON stored, and CSV is
     # quoted by COPY, which knows every rule of it.
     columns = (
@@ -130,16 +131,20 @@ async def export_csv(
         await conn.copy_from_query(query, *args, output=write, format="csv", header=True)
 
 
-async def export_lines(
-    pool: asyncpg.Pool, app_id: str, wanted: ExportFilter
-) -> AsyncGenerator[Sequence[asyncpg.Record], None]:
-    """Batches of the app's JSON lines, oldest first, from a server-side cursor in one read-only
-    snapshot: memory stays flat however many rows there are."""
+async def export_jsonl(
+    pool: asyncpg.Pool,
+    app_id: str,
+    wanted: ExportFilter,
+    write: Callable[[bytes], Awaitable[None]],
+) -> None:
+    """The app's export as JSON lines, oldest first, handed to `write` a batch of lines at a
+    time from a server-side cursor in one read-only snapshot: each write is awaited before
+    the next batch is read, so memory stays flat however many rows there are."""
     query, args = _export_query(app_id, wanted, as_json=True)
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         cursor = await conn.cursor(query, *args)
         while batch := await cursor.fetch(EXPORT_BATCH):
-            yield batch
+            await write("".join(r["line"] + "\n" for r in batch).encode())
 
 
 # One range read of the completed_at index, grouped once: no query per day.
@@ -164,14 +169,12 @@ DAILY_REPORT_SQL = f"""
         """
 
 
-async def daily_report(
-    pool: asyncpg.Pool, app_id: str, first: date, last: date
-) -> list[asyncpg.Record]:
+async def daily_report(pool: asyncpg.Pool, app_id: str, first: date, last: date) -> list[DayTotals]:
     """Of the app, per day (Asia/Phnom_Penh, the day it completed), currency and account:
     payments (late ones included), mismatches, failures and timeouts, from `first` to `last`
     included."""
-    rows: list[asyncpg.Record] = await pool.fetch(DAILY_REPORT_SQL, first, last, app_id)
-    return rows
+    rows = await pool.fetch(DAILY_REPORT_SQL, first, last, app_id)
+    return [row_as(DayTotals, r) for r in rows]
 
 
 # The dashboard's charts: two range reads of indexes (transactions_finished,
@@ -186,7 +189,7 @@ HOURLY_SQL = """
                count(*) filter (where status = 'mismatch') as mismatch
         from transactions
         where not superseded and completed_at >= date_trunc('hour', now()) - interval '23 hours'
-          and status in ('success', 'mismatch')
+          and status in ('success', 'mismatch') and app_id = $1
         group by 1
     ), hooks as (
         select date_trunc('hour', created_at) as hour,
@@ -194,7 +197,7 @@ HOURLY_SQL = """
                count(*) filter (where status = 'failed') as failed,
                count(*) filter (where status = 'pending' and attempt_count > 0) as retrying
         from deliveries
-        where created_at >= date_trunc('hour', now()) - interval '23 hours'
+        where app_id = $1 and created_at >= date_trunc('hour', now()) - interval '23 hours'
         group by 1
     )
     select hours.hour, coalesce(paid.paid, 0) as paid, coalesce(paid.mismatch, 0) as mismatch,
@@ -205,8 +208,7 @@ HOURLY_SQL = """
 """
 
 
-async def hourly(pool: asyncpg.Pool) -> list[asyncpg.Record]:
-    """Per hour of the last 24: payments, mismatches, and webhooks delivered, failed and
-    being retried (by the hour they were made)."""
-    rows: list[asyncpg.Record] = await pool.fetch(HOURLY_SQL)
-    return rows
+async def hourly(pool: asyncpg.Pool, app_id: str) -> list[HourCounts]:
+    """Per hour of the last 24, of the app: payments, mismatches, and webhooks delivered,
+    failed and being retried (by the hour they were made)."""
+    return [row_as(HourCounts, r) for r in await pool.fetch(HOURLY_SQL, app_id)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from typing import Any
@@ -128,6 +128,44 @@ class LateTransition:
 
     transition: Transition
     previous: Status
+
+
+@dataclass(frozen=True, slots=True)
+class CancelledRow:
+    """A transaction cancelled now, and until when it is watched for a late payment."""
+
+    id: UUID
+    late_watch_until: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class DayTotals:
+    """One row of the daily report: of one day (Asia/Phnom_Penh), currency and account paid,
+    the final transactions by status, and the sums paid (exact)."""
+
+    day: date
+    currency: str | None
+    account: str | None
+    paid_count: int
+    paid_sum: Decimal
+    late_count: int
+    mismatch_count: int
+    mismatch_sum: Decimal
+    failed_count: int
+    timeout_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class HourCounts:
+    """One hour of the dashboard's charts: payments and mismatches completed in it, and the
+    webhooks made in it by their outcome so far."""
+
+    hour: datetime
+    paid: int
+    mismatch: int
+    delivered: int
+    failed: int
+    retrying: int
 
 
 @dataclass(frozen=True, slots=True)

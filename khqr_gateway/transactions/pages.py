@@ -20,6 +20,7 @@ class Page:
     """What the payment page of one transaction shows."""
 
     id: UUID
+    app_id: str
     md5: str
     status: Status
     qr: str | None
@@ -70,7 +71,7 @@ async def page(pool: asyncpg.Pool, job_id: UUID, token: str) -> Page | None:
     """The page of a transaction when `token` is its page token; None otherwise."""
     row = await pool.fetchrow(
         """
-        select id, md5, status, qr, expected, deadline_at, return_url, page_token_hash,
+        select id, app_id, md5, status, qr, expected, deadline_at, return_url, page_token_hash,
                bakong_data as paid, completed_at, deeplink
         from transactions where id = $1
         """,

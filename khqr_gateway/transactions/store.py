@@ -15,6 +15,7 @@ from khqr_gateway.deliveries.model import DeliveryStatus
 from khqr_gateway.infra import keyset
 from khqr_gateway.infra.db import row_as, safe_text
 from khqr_gateway.transactions.model import (
+    CancelledRow,
     Expected,
     LateItem,
     LateTransition,
@@ -238,11 +239,15 @@ async def get(pool: asyncpg.Pool, app_id: str, job_id: UUID) -> TransactionRow |
     return None if row is None else _transaction_row(row)
 
 
-async def expected_of(pool: asyncpg.Pool, app_id: str, md5: str) -> Expected | None:
-    """What the md5's transaction in the app expects of its payment, if it is tracked with
-    any."""
+async def expected_of(pool: asyncpg.Pool, app_id: str | None, md5: str) -> Expected | None:
+    """What the md5's transaction in the app (None: in any app, a pending one first, then the
+    newest) expects of its payment, if it is tracked with any."""
     value = await pool.fetchval(
-        "select expected from transactions where app_id = $1 and md5 = $2 and not superseded",
+        """
+        select expected from transactions
+        where ($1::text is null or app_id = $1) and md5 = $2 and not superseded
+        order by status = 'pending' desc, created_at desc, id desc limit 1
+        """,
         app_id,
         md5,
     )
@@ -272,10 +277,15 @@ async def list_page(
     ]
     if q is not None:
         filters.append(search_filter(q))
-    rows = await keyset.newest_first(
-        pool, f"select {TRANSACTION_COLUMNS} from {_FROM}", "t", filters, before=before, limit=limit
+    return await keyset.newest_first(
+        pool,
+        f"select {TRANSACTION_COLUMNS} from {_FROM}",
+        "t",
+        filters,
+        as_row=_transaction_row,
+        before=before,
+        limit=limit,
     )
-    return [_transaction_row(r) for r in rows]
 
 
 MD5_PREFIX_MIN = 4
@@ -312,10 +322,10 @@ def _is_uuid(text: str) -> bool:
 
 async def cancel(
     pool: asyncpg.Pool, app_id: str, job_id: UUID, *, window: LateWindow
-) -> asyncpg.Record | None:
-    """Cancel the app's transaction if pending, starting its late watch; returns (id,
-    late_watch_until), or None when it was not pending (or is another app's)."""
-    return await pool.fetchrow(
+) -> CancelledRow | None:
+    """Cancel the app's transaction if pending, starting its late watch; None when it was not
+    pending (or is another app's)."""
+    row = await pool.fetchrow(
         f"""
         update transactions t set status = 'cancelled', reason = $4,
             completed_at = now(), updated_at = now(),
@@ -328,6 +338,7 @@ async def cancel(
         Reason.CANCELLED_BY_REQUEST,
         app_id,
     )
+    return None if row is None else row_as(CancelledRow, row)
 
 
 async def load_pending(pool: asyncpg.Pool, ids: Sequence[UUID | str]) -> list[PollItem]:
@@ -564,6 +575,22 @@ async def pending_ids(pool: asyncpg.Pool, *, after: UUID | None, limit: int) -> 
         limit,
     )
     return [row_as(Due, r) for r in rows]
+
+
+async def oldest_pending_by_app(pool: asyncpg.Pool) -> dict[str, float]:
+    """How long each app's oldest pending transaction has waited, for apps with one pending:
+    one index probe per app (transactions_app_status_created), however many rows are final."""
+    rows = await pool.fetch(
+        """
+        select a.id, extract(epoch from now() - o.oldest) as age
+        from apps a cross join lateral (
+            select min(created_at) as oldest from transactions t
+            where t.app_id = a.id and t.status = 'pending'
+        ) o
+        where o.oldest is not null
+        """
+    )
+    return {r["id"]: float(r["age"]) for r in rows}
 
 
 async def oldest_pending_seconds(pool: asyncpg.Pool) -> float | None:

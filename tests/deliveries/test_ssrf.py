@@ -306,6 +306,7 @@ def due(url: str) -> DueDelivery:
         attempt_count=0,
         series_attempts=0,
         next_attempt_at=None,
+        app_id="app_default",
     )
 
 

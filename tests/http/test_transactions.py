@@ -12,7 +12,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from khqr_gateway.deliveries.model import Lane
 from khqr_gateway.http.json import iso
+from khqr_gateway.infra.keys import keys
 from tests.conftest import Gateway, GatewayFactory, Receiver, SimulatedBakong, random_md5
 
 
@@ -326,6 +328,31 @@ async def test_lost_redis_schedule_is_rebuilt_from_postgres(
     await gateway.service.reconcile()
     [hook] = await receiver.wait_for(1)
     assert hook.json()["jobId"] == created["jobId"]
+
+
+async def test_lost_delivery_lanes_are_rebuilt_from_postgres(
+    make_gateway: GatewayFactory,
+    bakong: SimulatedBakong,
+    receiver: Receiver,
+    redis: Any,
+    namespace: str,
+) -> None:
+    # The first attempt fails and the retry waits a minute: pending in the retry lane.
+    gateway = await make_gateway(webhook_retry_schedule=(60.0,))
+    receiver.statuses = [500]
+    created = await create(gateway, receiver)
+    bakong.pay(created["md5"])
+    await receiver.wait_for(1)
+    lanes = gateway.service.lanes
+    waiting = {Lane.FIRST: 0, Lane.RETRY: 1}
+    deadline = time.monotonic() + 10
+    while await lanes.sizes() != waiting:
+        assert time.monotonic() < deadline, await lanes.sizes()
+        await asyncio.sleep(0.05)
+    await redis.delete(*(keys(namespace)[lane] for lane in Lane))
+    assert await lanes.sizes() == {Lane.FIRST: 0, Lane.RETRY: 0}
+    await gateway.service.reconcile()
+    assert await lanes.sizes() == waiting
 
 
 async def _search(gw: Gateway, q: str, extra: str = "") -> set[str]:

@@ -165,8 +165,9 @@ APP_TABLES = ("transactions", "deliveries", "idempotency_keys", "credentials", "
 async def test_rows_from_before_app_columns_are_the_default_apps(
     blank: asyncpg.Connection, tmp_path: Path
 ) -> None:
-    """A database migrated up to 013 keeps its rows through 014 and 015, every one of them
-    the default app's, and the md5 stays one payment of that app."""
+    """A database migrated up to 013 keeps its rows through the migrations of apps, every one
+    of them the default app's (their counts too), and the md5 stays one payment of that app
+    while another app may track it as its own."""
     before = [m for m in sorted(db.migrations_dir().glob("*.sql")) if m.name < "014"]
     assert before[-1].name.startswith("013_")
     for migration in before:
@@ -177,7 +178,7 @@ async def test_rows_from_before_app_columns_are_the_default_apps(
 
     applied = await db.migrate(blank)
 
-    assert applied == ["014_app_columns", "015_app_indexes"]
+    assert applied == ["014_app_columns", "015_app_indexes", "016_app_uniques", "017_app_counts"]
     for table in APP_TABLES:
         apps = await blank.fetch(f"select distinct app_id from {table}")
         assert [r["app_id"] for r in apps] == ["app_default"], table
@@ -187,6 +188,21 @@ async def test_rows_from_before_app_columns_are_the_default_apps(
             " values (gen_random_uuid(), $1, 'http://x/', now(), 'app_default')",
             md5,
         )
+    await blank.execute("insert into apps (id, name) values ('app_b', 'b')")
+    await blank.execute(
+        "insert into transactions (id, md5, webhook_url, deadline_at, app_id)"
+        " values (gen_random_uuid(), $1, 'http://x/', now(), 'app_b')",
+        md5,
+    )
+    counted = await blank.fetch(
+        "select app_id, kind, status, sum(n) as n from (select app_id, kind, status, n"
+        " from status_counts union all select app_id, kind, status, n from status_count_changes)"
+        " c where kind = 'transactions' group by 1, 2, 3 having sum(n) <> 0 order by 1"
+    )
+    assert [(r["app_id"], r["status"], r["n"]) for r in counted] == [
+        ("app_b", "pending", 1),
+        ("app_default", "pending", 1),
+    ]
 
 
 async def _insert_one_of_each(conn: asyncpg.Connection, md5: str) -> None:
@@ -266,3 +282,12 @@ def test_every_migration_of_the_project_loads() -> None:
     names = [m.name for m in db.load_migrations()]
     assert names[0] == "001_init" and "007_retention" in names
     assert not next(m for m in db.load_migrations() if m.name == "007_retention").in_transaction
+
+
+def test_conditions_number_only_the_values_given() -> None:
+    args: list[object] = ["app"]
+    found = db.conditions(
+        [("t.md5 =", None), ("t.status =", "paid"), ("(s.md5 ~>=~ {} or s.id = {})", "ab")], args
+    )
+    assert found == ["t.status = $2", "(s.md5 ~>=~ $3 or s.id = $3)"]
+    assert args == ["app", "paid", "ab"]

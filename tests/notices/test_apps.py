@@ -1,4 +1,4 @@
-"""Telegram notices of two apps: each notice takes its transaction's app."""
+"""Telegram notices of two apps: each app's chat is told of its own payments only."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ async def pool(database_url: str, pg: asyncpg.Connection) -> AsyncIterator[async
     await made.close()
 
 
-async def test_a_notice_takes_its_transactions_app(
+async def test_an_apps_chat_is_told_of_its_own_payments_only(
     pool: asyncpg.Pool, pg: asyncpg.Connection
 ) -> None:
     for app_id in ("app_default", "app_b"):
@@ -30,12 +30,15 @@ async def test_a_notice_takes_its_transactions_app(
             random_md5(),
             app_id,
         )
-    assert await store.make_notices(pool, "1", datetime.now(UTC) - timedelta(minutes=1)) == 2
+    since = datetime.now(UTC) - timedelta(minutes=1)
+    assert await store.make_notices(pool, "app_default", "1", since) == 1
+    assert await store.make_notices(pool, "app_b", "2", since) == 1
+    assert await store.make_notices(pool, "app_b", "2", since) == 0
     rows = await pg.fetch(
-        "select n.app_id as notice, t.app_id as transaction from telegram_notices n"
+        "select n.app_id as notice, n.chat_id, t.app_id as transaction from telegram_notices n"
         " join transactions t on t.id = n.transaction_id"
     )
-    assert sorted((r["notice"], r["transaction"]) for r in rows) == [
-        ("app_b", "app_b"),
-        ("app_default", "app_default"),
+    assert sorted((r["notice"], r["chat_id"], r["transaction"]) for r in rows) == [
+        ("app_b", "2", "app_b"),
+        ("app_default", "1", "app_default"),
     ]

@@ -20,7 +20,7 @@ from PIL import Image
 
 from khqr_gateway.bakong.sandbox import Faults
 from tests.browser import Browser, Tab, chromium_path, keep, launch
-from tests.conftest import Gateway, Receiver, SimulatedBakong
+from tests.conftest import Gateway, Receiver, SimulatedBakong, secret
 
 pytestmark = pytest.mark.slow
 
@@ -253,8 +253,11 @@ async def test_dashboard_lists_transactions_and_its_retry_button_sends_again(
         await tab.evaluate(f"{button}.click()")
         await receiver.wait_for(2)
         assert await tab.evaluate("sessionStorage.length") == 1, "the key stays in this tab"
-        # Before the key is given the API answers 401 (that is how the page knows to ask).
-        problems = [p for p in tab.problems() if "401" not in p and "favicon" not in p]
+        # Before the key is given the API answers 401 (that is how the page knows to ask);
+        # the app list answers 403 to a key that is not an admin's (no picker then).
+        problems = [
+            p for p in tab.problems() if "401" not in p and "403" not in p and "favicon" not in p
+        ]
         assert problems == []
     assert receiver.received[1].headers["webhook-id"] == receiver.received[0].headers["webhook-id"]
 
@@ -277,6 +280,48 @@ async def test_dashboard_asks_for_a_key_without_an_error_until_one_is_refused(
         shown = await tab.wait_for(f"!{error}.hidden && {error}.textContent")
         assert "refused" in shown
         assert await tab.evaluate("!document.getElementById('login').hidden"), "asked again"
+
+
+async def test_an_admin_key_picks_the_app_the_dashboard_shows(
+    browser: Browser, make_gateway: Any, receiver: Receiver
+) -> None:
+    from khqr_gateway.apps import store as apps
+
+    admin = "dashboard-admin-" + "a" * 20
+    gw = await make_gateway(api_keys=("dashboard-key-" + "k" * 20,), admin_api_keys=(admin,))
+    shop, shop_key, webhook_secret = await apps.create(gw.service.pool, "Noodle Bar")
+    secret(shop_key.key)
+    secret(webhook_secret)
+    resp = await gw.client.post(
+        "/api/v1/transactions",
+        json={"md5": "ef" * 16, "webhookUrl": receiver.url},
+        headers={"Authorization": f"Bearer {shop_key.key}"},
+    )
+    shops = (await resp.json())["jobId"]
+    status, defaults = await gw.post(
+        "/api/v1/transactions", {"md5": "12" * 16, "webhookUrl": receiver.url}
+    )
+    assert resp.status == 201 and status == 201
+    recent = "document.getElementById('recent').textContent"
+    async with browser.tab() as tab:
+        await tab.navigate(str(gw.client.make_url("/queue")))
+        await tab.wait_for("!document.getElementById('login').hidden")
+        await tab.evaluate(
+            f"document.getElementById('key').value = {json.dumps(admin)};"
+            "document.getElementById('login').requestSubmit()"
+        )
+        # The default app first: its transaction, not the shop's.
+        await tab.wait_for(f"{recent}.includes({json.dumps(defaults['jobId'])})")
+        assert shops not in await tab.evaluate(recent)
+        await tab.wait_for("!document.getElementById('app-picker').hidden")
+        names = await tab.evaluate("[...document.getElementById('app').options].map(o => o.text)")
+        assert "Noodle Bar" in names and "default" in names
+        await tab.evaluate(
+            f"const s = document.getElementById('app'); s.value = {json.dumps(shop.id)};"
+            "s.dispatchEvent(new Event('change'))"
+        )
+        await tab.wait_for(f"{recent}.includes({json.dumps(shops)})")
+        assert defaults["jobId"] not in await tab.evaluate(recent)
 
 
 # Checkout on a phone ----------------------------------------------------------------------

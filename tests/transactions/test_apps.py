@@ -103,6 +103,7 @@ async def test_expectations_are_read_in_the_apps_own_transactions(pool: asyncpg.
     )
     assert await store.expected_of(pool, A, md5) is None
     assert await store.expected_of(pool, B, md5) is not None
+    assert await store.expected_of(pool, None, md5) is not None
 
 
 async def test_lists_and_searches_show_only_the_apps_own_rows(pool: asyncpg.Pool) -> None:
@@ -130,21 +131,21 @@ async def test_exports_and_reports_hold_only_the_apps_own_rows(pool: asyncpg.Poo
     mine = await _paid(pool, A, "1.50")
     await _paid(pool, B, "7.00")
     wanted = exports.ExportFilter(None, None, None)
-    lines: list[Any] = []
-    async for batch in exports.export_lines(pool, A, wanted):
-        lines += [orjson.loads(r["line"]) for r in batch]
-    assert [line["jobId"] for line in lines] == [mine]
     chunks: list[bytes] = []
 
     async def write(chunk: bytes) -> None:
         chunks.append(chunk)
 
+    await exports.export_jsonl(pool, A, wanted, write)
+    lines = [orjson.loads(line) for line in b"".join(chunks).splitlines()]
+    assert [line["jobId"] for line in lines] == [mine]
+    chunks.clear()
     await exports.export_csv(pool, A, wanted, write)
     csv = b"".join(chunks).decode()
     assert mine in csv and "7.00" not in csv and len(csv.splitlines()) == 2
     today = datetime.now(ZoneInfo(exports.REPORT_TZ)).date()
     days = await exports.daily_report(pool, A, date.fromordinal(today.toordinal() - 2), today)
-    assert [(r["paid_count"], str(r["paid_sum"])) for r in days] == [(1, "1.50")]
+    assert [(r.paid_count, str(r.paid_sum)) for r in days] == [(1, "1.50")]
 
 
 async def _paid(pool: asyncpg.Pool, app_id: str, amount: str) -> str:
