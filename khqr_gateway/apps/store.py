@@ -67,8 +67,10 @@ async def create(
     telegram_bot_token: str | None = None,
     rate_limit: int | None = None,
     key_expires_at: datetime | None = None,
+    app_id: str | None = None,
 ) -> tuple[App, NewKey, str]:
-    """A new app with its first key and webhook secret, made together or not at all."""
+    """A new app with its first key and webhook secret, made together or not at all; its id
+    is made here unless given (one chosen first, for rows made for it beforehand)."""
     async with pool.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(
             f"""
@@ -77,7 +79,7 @@ async def create(
             values ($1, $2, $3, $4::jsonb, $5, $6, $7, $8)
             returning {APP_COLUMNS}
             """,
-            new_app_id(),
+            app_id or new_app_id(),
             name,
             webhook_url,
             _merchant_json(merchant),
@@ -94,6 +96,14 @@ async def create(
 async def get(pool: asyncpg.Pool, app_id: str) -> App | None:
     row = await pool.fetchrow(f"select {APP_COLUMNS} from apps where id = $1", app_id)
     return _app(row) if row else None
+
+
+async def name_in_use(pool: asyncpg.Pool, name: str) -> bool:
+    """Whether an enabled app has this name (any case), as the unique index apps_name says."""
+    found = await pool.fetchval(
+        "select 1 from apps where lower(name) = lower($1) and disabled_at is null", name
+    )
+    return found is not None
 
 
 async def find(pool: asyncpg.Pool, id_or_name: str) -> App | None:

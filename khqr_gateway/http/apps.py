@@ -36,6 +36,7 @@ from khqr_gateway.apps.model import (
     AppError,
     Merchant,
     app_name,
+    new_app_id,
 )
 from khqr_gateway.bakong import khqr
 from khqr_gateway.config import Settings
@@ -178,7 +179,8 @@ class AppUpdateSchema(Schema):
 
     name = _name_field()
     webhookUrl = url_field(
-        "The app's webhook URL, checked as a transaction's webhookUrl is", allow_none=True
+        "Where the app's webhooks go when a transaction gives no webhookUrl (checked as one is)",
+        allow_none=True,
     )
     merchant = fields.Nested(MerchantSchema, allow_none=True)
     bakong = fields.Nested(
@@ -427,25 +429,26 @@ def _env_message(data: dict[str, Any]) -> str:
     )
 
 
-async def _credential_id(service: Service, given: dict[str, Any]) -> int:
-    """The credential `bakong` names, added or replaced as POST /api/v1/credentials does."""
+async def _credential_id(service: Service, app_id: str, given: dict[str, Any]) -> int:
+    """The credential `bakong` names, added or replaced as POST /api/v1/credentials does
+    (a new one is the app's: its key lists it)."""
     token, email = given.get("token"), given.get("email")
     if token and not email and token_expired(token):
         raise invalid(
             "bakong.token", "has expired (its JWT exp is past): give a fresh one or an email"
         )
-    cred, created = await service.credentials.save(token=token, email=email)
+    cred, created = await service.credentials.save(token=token, email=email, app_id=app_id)
     log.info(
         "bakong credential %s for an app",
         "added" if created else "replaced",
-        extra={"credentialId": cred.id, "status": cred.status},
+        extra={"credentialId": cred.id, "status": cred.status, "appId": app_id},
     )
     return cred.id
 
 
-async def _changes(service: Service, data: dict[str, Any]) -> AppChanges:
-    """The store's changes for a loaded body: checked against the deployment, credentials
-    registered."""
+async def _changes(service: Service, app_id: str, data: dict[str, Any]) -> AppChanges:
+    """The store's changes to the app for a loaded body: checked against the deployment,
+    its credential registered."""
     changes: AppChanges = {}
     if "name" in data:
         changes["name"] = data["name"]
@@ -466,7 +469,9 @@ async def _changes(service: Service, data: dict[str, Any]) -> AppChanges:
         changes["rate_limit"] = data["rateLimit"]
     if "bakong" in data:  # last: only a request valid in every other field registers one
         bakong = data["bakong"]
-        changes["credential_id"] = None if bakong is None else await _credential_id(service, bakong)
+        changes["credential_id"] = (
+            None if bakong is None else await _credential_id(service, app_id, bakong)
+        )
     return changes
 
 
@@ -479,6 +484,10 @@ def _webhook_url(settings: Settings, url: str | None) -> str | None:
     return url
 
 
+def _name_taken() -> ApiError:
+    return ApiError(409, "name_taken", "an enabled app has this name (names ignore case)")
+
+
 @contextlib.contextmanager
 def _unique_name() -> Iterator[None]:
     """409 for a name another enabled app has (the unique index apps_name says so)."""
@@ -487,9 +496,7 @@ def _unique_name() -> Iterator[None]:
     except asyncpg.UniqueViolationError as exc:
         if getattr(exc, "constraint_name", None) != "apps_name":
             raise
-        raise ApiError(
-            409, "name_taken", "an enabled app has this name (names ignore case)"
-        ) from None
+        raise _name_taken() from None
 
 
 ADMIN_ERRORS = (401, 403, 404)
@@ -533,11 +540,16 @@ async def post_app(request: web.Request) -> web.Response:
     """POST /api/v1/apps."""
     service = request.app[SERVICE_KEY]
     data = await load_body(request, CREATE_SCHEMA)
-    changes = await _changes(service, data)
+    # Asked first, so that a request refused for its name registers no credential.
+    if await store.name_in_use(service.pool, data["name"]):
+        raise _name_taken()
+    app_id = new_app_id()  # before the app: its credential is made for it
+    changes = await _changes(service, app_id, data)
     with _unique_name():
         app, key, secret = await store.create(
             service.pool,
             data["name"],
+            app_id=app_id,
             webhook_url=changes.get("webhook_url"),
             merchant=changes.get("merchant"),
             credential_id=changes.get("credential_id"),
@@ -597,7 +609,7 @@ async def patch_app(request: web.Request) -> web.Response:
     data = await load_body(request, UPDATE_SCHEMA)
     _not_default(app, _env_message(data))
     _not_disabled(app, "be changed")
-    changes = await _changes(service, data)
+    changes = await _changes(service, app.id, data)
     if not changes:
         return json_response(app_json(app, service.settings))
     with _unique_name():
@@ -728,6 +740,7 @@ async def post_webhook_secret(request: web.Request) -> web.Response:
     app = await _app(request)
     _not_default(app, "the default app's webhook secret is WEBHOOK_SECRET's: set it there")
     secret = await store.rotate_secret(service.pool, app.id)
+    service.signing.forget()  # it signs this process's next webhook of the app
     log.info("webhook secret rotated", extra={"appId": app.id})
     return json_response({"webhookSecret": secret}, 201, NO_STORE)
 

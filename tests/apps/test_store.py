@@ -159,3 +159,14 @@ async def test_an_update_needs_an_enabled_app_and_a_free_name(pool: asyncpg.Pool
     assert unchanged is not None and unchanged.rate_limit is None
     with pytest.raises(ValueError, match="disabled_at"):
         await store.update(pool, bar.id, {"disabled_at": None})
+
+
+async def test_an_app_may_be_made_with_an_id_chosen_first_and_names_in_use_are_told(
+    pool: asyncpg.Pool,
+) -> None:
+    assert not await store.name_in_use(pool, "Shop")
+    app, _, _ = await store.create(pool, "Shop", app_id="app_chosen")
+    assert app.id == "app_chosen"
+    assert await store.name_in_use(pool, "SHOP") and await store.name_in_use(pool, "default")
+    await store.disable(pool, app.id)
+    assert not await store.name_in_use(pool, "shop")

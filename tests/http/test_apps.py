@@ -8,10 +8,13 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 import pytest
+from standardwebhooks import Webhook
 
 from khqr_gateway.apps import store as apps
 from khqr_gateway.apps.model import DEFAULT_APP_ID
+from khqr_gateway.bakong.khqr import parse
 from khqr_gateway.bakong.sandbox import make_token
 from khqr_gateway.config import AppEnv
 from tests.conftest import (
@@ -243,8 +246,11 @@ async def test_bakong_is_registered_as_a_credential_and_the_app_uses_it(
     token = secret(make_token("shop@example.com", exp=int(time.time()) + 86_400))
     made = await make(gw, {"name": "Shop", "bakong": {"token": token}})
     assert isinstance(made["credentialId"], int)
-    _, creds = await call(gw, "GET", "/api/v1/credentials")
-    assert made["credentialId"] in {c["id"] for c in creds["data"]}
+    # The app's own: listed to its key, not to the default app's.
+    _, mine = await call(gw, "GET", "/api/v1/credentials", made["apiKey"]["key"])
+    assert [c["id"] for c in mine["data"]] == [made["credentialId"]]
+    _, theirs = await call(gw, "GET", "/api/v1/credentials", DEFAULT_KEY)
+    assert made["credentialId"] not in {c["id"] for c in theirs["data"]}
     stored = await apps.get(gw.service.pool, made["id"])
     assert stored is not None and stored.credential_id == made["credentialId"]
     expired = secret(make_token(exp=int(time.time()) - 60))
@@ -422,16 +428,48 @@ async def test_another_apps_key_id_is_404_and_stays_usable(gw: Gateway) -> None:
     assert (await call(gw, "GET", "/api/v1/transactions", bar["apiKey"]["key"]))[0] == 200
 
 
-async def test_a_new_webhook_secret_is_shown_once_and_signs_beside_the_old(gw: Gateway) -> None:
-    made = await make(gw, {"name": "Shop"})
+async def test_a_new_webhook_secret_is_shown_once_and_signs_beside_the_old_at_once(
+    gw: Gateway, receiver: Receiver, bakong: SimulatedBakong
+) -> None:
+    made = await make(gw, {"name": "Shop", "webhookUrl": receiver.url})
+    key = made["apiKey"]["key"]
+    first = await paid(gw, bakong, key)  # signed with the first secret: now cached here
+    (before,) = await receiver.wait_for(1)
+    assert Webhook(made["webhookSecret"]).verify(before.body, before.headers)
     status, rotated = await call(gw, "POST", f"/api/v1/apps/{made['id']}/webhook-secret")
     assert status == 201
-    secret(rotated["webhookSecret"])
-    assert rotated["webhookSecret"].startswith("whsec_")
-    assert rotated["webhookSecret"] != made["webhookSecret"]
-    signing = await apps.signing_secrets(gw.service.pool, made["id"], timedelta(hours=24))
-    assert signing == [rotated["webhookSecret"], made["webhookSecret"]]
+    new = secret(rotated["webhookSecret"])
+    assert new.startswith("whsec_") and new != made["webhookSecret"]
+    second = await paid(gw, bakong, key)
+    _, after = await receiver.wait_for(2)
+    assert [orjson.loads(r.body)["jobId"] for r in (before, after)] == [first, second]
+    # Signed by both at once: the old one for receivers not yet moved, the new one.
+    assert len(after.headers["webhook-signature"].split(" ")) == 2
+    for current in (made["webhookSecret"], new):
+        assert Webhook(current).verify(after.body, after.headers)["status"] == "success"
     assert (await call(gw, "GET", f"/api/v1/apps/{made['id']}"))[0] == 200
+
+
+async def paid(gw: Gateway, bakong: SimulatedBakong, key: str) -> str:
+    """The jobId of a transaction of the key's app, with no webhookUrl (its app's), paid."""
+    status, created = await call(gw, "POST", "/api/v1/transactions", key, {"md5": random_md5()})
+    assert status == 201, created
+    bakong.pay(created["md5"])
+    job_id: str = created["jobId"]
+    return job_id
+
+
+async def test_a_new_merchant_is_encoded_at_once(gw: Gateway) -> None:
+    made = await make(gw, {"name": "Shop", "merchant": MERCHANT})
+    key, body = made["apiKey"]["key"], {"amount": 10000, "currency": "KHR"}
+    status, qr = await call(gw, "POST", "/api/v1/khqr", key, body)
+    assert status == 200 and parse(qr["qr"]).merchant_name == "Coffee Shop"
+    other = {**MERCHANT, "merchantName": "Tea House"}
+    assert (await call(gw, "PATCH", f"/api/v1/apps/{made['id']}", body={"merchant": other}))[
+        0
+    ] == 200
+    status, qr = await call(gw, "POST", "/api/v1/khqr", key, body)
+    assert status == 200 and parse(qr["qr"]).merchant_name == "Tea House"
 
 
 async def test_every_caller_reads_its_own_app(gw: Gateway) -> None:
