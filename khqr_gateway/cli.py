@@ -201,6 +201,9 @@ async def _apps_key(pool: Any, name: str, expires_in_days: int | None) -> int:
     if app is None or app.disabled:
         print(f"khqr-gateway: no enabled app has the id or name {name!r}", file=sys.stderr)
         return 1
+    if app.default:
+        print("khqr-gateway: the default app's keys are API_KEY's; set it there", file=sys.stderr)
+        return 1
     expires = datetime.now(UTC) + timedelta(days=expires_in_days) if expires_in_days else None
     key = await app_store.add_key(pool, app.id, expires_at=expires)
     until = f", expires {expires.isoformat(timespec='seconds')}" if expires else ""

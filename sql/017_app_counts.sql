@@ -2,6 +2,9 @@
 -- The counts so far are the default app's: no other app could make a row before apps were
 -- authenticated (the column's default puts them there).
 -- Writers wait while the triggers change: no row is counted under the old shape and the new.
+-- They wait at most this long behind a long transaction: the migration fails, and a process
+-- starting runs it again.
+set local lock_timeout = '5s';
 lock table transactions, deliveries in share row exclusive mode;
 alter table status_counts add column app_id text not null default 'app_default';
 alter table status_counts drop constraint status_counts_pkey;

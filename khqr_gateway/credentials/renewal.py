@@ -113,7 +113,8 @@ class Credentials:
         self.default_id: int | None = None
         self._cache: dict[int, tuple[float, Credential]] = {}
         # fingerprint -> (credential id, the token last stored with it), least recent first.
-        self._known: OrderedDict[str, tuple[int, str | None]] = OrderedDict()
+        # (app, fingerprint) to (credential id, token): a credential is its app's own.
+        self._known: OrderedDict[tuple[str, str], tuple[int, str | None]] = OrderedDict()
         self._locks: dict[int, asyncio.Lock] = {}
         # Per process: after a restart a refused credential is asked about once at once.
         self._refusals: dict[int, _Refusal] = {}
@@ -140,7 +141,7 @@ class Credentials:
         has stored already costs no write (the same token has the same expiry; ids never
         change). A refused one is revived by its probe, not by being sent again.
         """
-        key = credential_store.credential_fingerprint(token=token, email=email)
+        key = (app_id, credential_store.credential_fingerprint(token=token, email=email))
         known = self._known.get(key)
         if known is not None and known[1] == token:
             self._known.move_to_end(key)

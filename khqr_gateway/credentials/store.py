@@ -66,14 +66,16 @@ async def save_credential(
     async with pool.acquire() as conn, conn.transaction():
         if is_default:
             await conn.execute(
-                "update credentials set is_default = false where is_default and fingerprint <> $1",
+                "update credentials set is_default = false"
+                " where is_default and (fingerprint, app_id) <> ($1, $2)",
                 key,
+                app_id,
             )
         row = await conn.fetchrow(
             f"""
             insert into credentials (fingerprint, email, token, expires_at, is_default, app_id)
             values ($1, $2, $3, $4, $5, $6)
-            on conflict (fingerprint) do update set
+            on conflict (app_id, fingerprint) do update set
                 token = coalesce(excluded.token, credentials.token),
                 expires_at = case when excluded.token is null then credentials.expires_at
                                   else excluded.expires_at end,

@@ -17,6 +17,7 @@ from aiohttp import web
 from aiohttp_apigami import docs, match_info_schema, request_schema, response_schema
 from marshmallow import EXCLUDE, INCLUDE, Schema, ValidationError, fields, post_load
 
+from khqr_gateway.apps.model import Caller
 from khqr_gateway.bakong.client import FAILED_CODE, NOT_FOUND_CODE, STATIC_QR_CODE
 from khqr_gateway.bakong.model import CheckKind, CheckResult, ErrorKind
 from khqr_gateway.credentials.model import token_expired
@@ -234,17 +235,19 @@ create_with_email = _create_route(
 
 
 async def _query_credential(
-    service: Service, app_id: str, query: dict[str, Any]
+    service: Service, caller: Caller, query: dict[str, Any]
 ) -> tuple[int | None, str | None]:
+    app_id = caller.app_id
     if query.get("token"):
         _check_token(query["token"])
         return None, query["token"]
     if query.get("email"):
         return await _email_token(service, app_id, query["email"])
-    if service.credentials.default_id is None:
+    own = caller.app.credential_id if caller.app is not None else None
+    if own is None and service.credentials.default_id is None:
         raise ApiError(400, "bad_request", "Token or email is required")
     try:
-        return service.credentials.default_id, await service.credentials.token(None)
+        return own or service.credentials.default_id, await service.credentials.token(own)
     except NoToken:
         raise ApiError(401, "unauthorized", "the default Bakong credential has no token") from None
 
@@ -295,7 +298,7 @@ async def get_by_md5(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE_KEY]
     md5 = _md5_of(request)
     query = load_query(request, MD5_QUERY_SCHEMA)
-    credential_id, token = await _query_credential(service, app_of(request), query)
+    credential_id, token = await _query_credential(service, caller_of(request), query)
     try:
         result, _ = await service.credentials.renewing(
             credential_id, token, lambda fresh: service.bakong.check_md5(fresh, md5)

@@ -28,7 +28,8 @@ CSP = (
 
 def enabled(settings: Settings) -> bool:
     # Without a key the dashboard would show payments to anyone: off in production.
-    return not (settings.production and not (settings.api_keys or settings.admin_api_keys))
+    # ADMIN_API_KEY alone is not enough: the default app is open then, its payments too.
+    return not (settings.production and not settings.api_keys)
 
 
 def _check_enabled(request: web.Request) -> None:

@@ -11,7 +11,7 @@ from aiohttp import web
 from aiohttp_apigami import docs, request_schema, response_schema
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
-from khqr_gateway.apps.model import Caller
+from khqr_gateway.apps.model import DEFAULT_APP_ID, Caller
 from khqr_gateway.bakong import khqr
 from khqr_gateway.bakong.client import SourceInfo
 from khqr_gateway.config import APP_NAME_MAX, Settings
@@ -202,17 +202,30 @@ def _field_of(message: str) -> str:
 
 
 def _with_app_merchant(data: dict[str, Any], caller: Caller) -> dict[str, Any]:
-    """The request, with its app's merchant profile where it gives none of its own (the
-    default app's is KHQR_* of the environment, filled in by `_merchant`)."""
-    merchant = caller.app.merchant if caller.app is not None else None
-    if merchant is None:
+    """The request, with its app's merchant profile where it gives none of its own. KHQR_*
+    of the environment are the default app's alone (filled in by `_merchant`): another
+    app's QR never pays the operator's account, nor shows the operator's app name."""
+    if caller.app_id == DEFAULT_APP_ID:
         return data
-    given = {
-        "accountId": merchant.account_id,
-        "merchantName": merchant.merchant_name,
-        "merchantCity": merchant.merchant_city,
+    merchant = caller.app.merchant if caller.app is not None else None
+    given: dict[str, str] = {}
+    if merchant is not None:
+        given = {
+            "accountId": merchant.account_id,
+            "merchantName": merchant.merchant_name,
+            "merchantCity": merchant.merchant_city,
+        }
+    filled = {"merchantCity": DEFAULT_CITY, **{k: v for k, v in given.items() if v}, **data}
+    for name in ("accountId", "merchantName"):
+        if not filled.get(name):
+            raise invalid(name, f"required: give {name} or set the app's merchant")
+    link = filled.get("deeplink") or {}
+    filled["deeplink"] = {
+        "appName": filled["merchantName"],
+        "appIconUrl": DEFAULT_ICON_URL,
+        **link,
     }
-    return {**{k: v for k, v in given.items() if v}, **data}
+    return filled
 
 
 def _merchant(settings: Settings, data: dict[str, Any]) -> tuple[str, str, str]:

@@ -310,3 +310,30 @@ async def test_an_apps_qr_pays_its_own_merchant(gw: Gateway) -> None:
         gw, "POST", "/api/v1/khqr", DEFAULT_KEY, {"amount": 10000, "currency": "KHR"}
     )
     assert status == 422 and refused["error"]["details"][0]["field"] == "accountId"
+
+
+async def test_an_app_without_a_merchant_never_gets_the_operators(
+    make_gateway: GatewayFactory,
+) -> None:
+    gw = await make_gateway(
+        api_keys=(DEFAULT_KEY,), khqr_account_id="operator@aclb", khqr_merchant_name="Operator"
+    )
+    _, shop = await made_app(gw, "Shop")
+    body = {"amount": 10000, "currency": "KHR"}
+    status, refused = await call(gw, "POST", "/api/v1/khqr", shop, body)
+    assert status == 422 and refused["error"]["details"][0]["field"] == "accountId"
+    assert "operator@aclb" not in str(refused)
+    status, made = await call(gw, "POST", "/api/v1/khqr", DEFAULT_KEY, body)
+    assert status == 200 and "operator@aclb" in made["qr"]
+
+
+async def test_one_token_in_two_apps_is_two_credentials(gw: Gateway) -> None:
+    _, shop = await made_app(gw, "Shop")
+    _, bar = await made_app(gw, "Bar")
+    email = {"email": "shared@example.com"}
+    status, mine = await call(gw, "POST", "/api/v1/credentials", shop, email)
+    assert status == 201
+    status, theirs = await call(gw, "POST", "/api/v1/credentials", bar, email)
+    assert status == 201 and theirs["id"] != mine["id"]
+    _, listed = await call(gw, "GET", "/api/v1/credentials", shop)
+    assert [c["id"] for c in listed["data"]] == [mine["id"]]

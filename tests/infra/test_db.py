@@ -178,7 +178,13 @@ async def test_rows_from_before_app_columns_are_the_default_apps(
 
     applied = await db.migrate(blank)
 
-    assert applied == ["014_app_columns", "015_app_indexes", "016_app_uniques", "017_app_counts"]
+    assert applied == [
+        "014_app_columns",
+        "015_app_indexes",
+        "016_app_uniques",
+        "017_app_counts",
+        "018_app_credentials",
+    ]
     for table in APP_TABLES:
         apps = await blank.fetch(f"select distinct app_id from {table}")
         assert [r["app_id"] for r in apps] == ["app_default"], table
