@@ -12,6 +12,7 @@ import secrets
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,9 @@ function init(args)
   seed = args[1]
   hook = args[2]
   token = args[3]
+  if token == "" then token = nil end
+  keys = {}
+  for key in string.gmatch(args[4] or "", "[^,]+") do keys[#keys + 1] = key end
   n = 0
   wrk.method = "POST"
   wrk.headers["Content-Type"] = "application/json"
@@ -47,6 +51,12 @@ end
 function request()
   n = n + 1
   local md5 = string.format("%s%02x%014x", seed, tid, n)
+  local headers = nil
+  if #keys > 0 then
+    -- Each request with the next app's key: the lookups spread over every app.
+    headers = {["Content-Type"] = "application/json",
+               ["Authorization"] = "Bearer " .. keys[(n + tid) % #keys + 1]}
+  end
   local body
   if token then
     body = '{"md5":"' .. md5 .. '","webhookUrl":"' .. hook .. '","token":"' .. token .. '"}'
@@ -54,7 +64,7 @@ function request()
     body = '{"md5":"' .. md5 .. '","webhookUrl":"' .. hook ..
         '","metadata":{"orderId":"' .. n .. '"}}'
   end
-  return wrk.format(nil, nil, nil, body)
+  return wrk.format(nil, nil, headers, body)
 end
 """
 
@@ -93,12 +103,14 @@ async def run(
     post_hook: str | None = None,
     threads: int = 2,
     token: str | None = None,
+    keys: Sequence[str] = (),
 ) -> LoadResult:
     """GET `url` (post_hook None) or POST new transactions to it, for `seconds`; with a
-    `token`, each body is that of rachhen/khqr-webhook's route: md5, webhookUrl, token."""
+    `token`, each body is that of rachhen/khqr-webhook's route: md5, webhookUrl, token; with
+    `keys`, each request presents the next of them as its API key."""
     if tool == "wrk":
-        return await _wrk(url, seconds, connections, post_hook, threads, token)
-    return await _aiohttp(url, seconds, connections, post_hook, token)
+        return await _wrk(url, seconds, connections, post_hook, threads, token, keys)
+    return await _aiohttp(url, seconds, connections, post_hook, token, keys)
 
 
 async def _wrk(
@@ -108,6 +120,7 @@ async def _wrk(
     post_hook: str | None,
     threads: int,
     token: str | None,
+    keys: Sequence[str] = (),
 ) -> LoadResult:
     binary = wrk_path()
     assert binary, "wrk is not installed"
@@ -126,7 +139,7 @@ async def _wrk(
         url,
     ]
     if post_hook:
-        args += ["--", md5_seed(), post_hook, *([token] if token else [])]
+        args += ["--", md5_seed(), post_hook, token or "", ",".join(keys)]
     try:
         proc = await asyncio.create_subprocess_exec(
             *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
@@ -159,7 +172,12 @@ def _body(seed: str, counter: int, post_hook: str, token: str | None) -> bytes:
 
 
 async def _aiohttp(
-    url: str, seconds: float, connections: int, post_hook: str | None, token: str | None
+    url: str,
+    seconds: float,
+    connections: int,
+    post_hook: str | None,
+    token: str | None,
+    keys: Sequence[str] = (),
 ) -> LoadResult:
     seed = md5_seed()
     latencies: list[float] = []
@@ -177,7 +195,10 @@ async def _aiohttp(
             try:
                 if post_hook:
                     body = _body(seed, counter, post_hook, token)
-                    async with session.post(url, data=body, headers=headers) as resp:
+                    sent = headers
+                    if keys:
+                        sent = {**headers, "Authorization": f"Bearer {keys[counter % len(keys)]}"}
+                    async with session.post(url, data=body, headers=sent) as resp:
                         await resp.read()
                         ok = resp.status < 300
                 else:

@@ -1,4 +1,5 @@
-"""Phases of figures 1-7: ingest, capacity, detection, delivery, recovery, scale-out, compat."""
+"""Phases of figures 1-7 and 13: ingest, capacity, detection, delivery, recovery, scale-out,
+compat, apps."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from harness import Arrivals, Bench, div, pct
 from procs import CpuMeter, memory_kib
 
 from khqr_gateway.bakong.sandbox import make_token
+
+# Figure 13: ingest spread over this many apps' keys.
+APPS = 100
 
 
 async def load_pair(b: Bench, name: str, seconds: float, profile: str) -> dict[str, Any]:
@@ -379,4 +383,43 @@ async def phase_compat(b: Bench) -> None:
         "ratio": pct(sorted(ratios), 0.5),
         # Flat: the last pairs' ratio as the first's (a row rewritten per create is not).
         "trend": div(sum(ratios[-third:]) / third, sum(ratios[:third]) / third) if ratios else None,
+    }
+
+
+async def phase_apps(b: Bench) -> None:
+    """Ingest with no key (today's figure), and with the keys of 100 apps, each request the
+    next app's: the key lookup is cached per process, so it must cost no query a request.
+    In turns, pair by pair, as figure 7."""
+    from khqr_gateway.apps import store as app_store
+
+    s = b.scale
+    keys = []
+    for n in range(APPS):
+        _, key, _ = await app_store.create(b.db, f"bench app {n} {load.md5_seed()[:6]}")
+        keys.append(key.key)
+    hook = b.url("receiver") + "/ingest"
+    runs: dict[str, list[float]] = {"open": [], "apps": []}
+    errors = 0
+    for n in range(s.compat_runs):
+        for kind in ("open", "apps") if n % 2 == 0 else ("apps", "open"):
+            result = await load.run(
+                b.url("gateway") + "/api/v1/transactions",
+                seconds=s.compat_s,
+                connections=s.connections,
+                tool=b.tool,
+                post_hook=hook,
+                keys=keys if kind == "apps" else (),
+            )
+            runs[kind].append(result.rps)
+            errors += result.errors
+            await delete_ingested(b)
+    ratios = [a / o for a, o in zip(runs["apps"], runs["open"], strict=True) if o]
+    b.results["apps"] = {
+        "apps": APPS,
+        "runs": runs,
+        "ratios": ratios,
+        "errors": errors,
+        "open_median": pct(sorted(runs["open"]), 0.5),
+        "apps_median": pct(sorted(runs["apps"]), 0.5),
+        "ratio": pct(sorted(ratios), 0.5),
     }

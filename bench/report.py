@@ -357,6 +357,27 @@ def proxy_rows(res: dict[str, Any]) -> list[Row]:
     ]
 
 
+def apps_rows(res: dict[str, Any]) -> list[Row]:
+    x = res.get("apps")
+    if not x:
+        return []
+    runs = x["runs"]["apps"]
+    return [
+        (
+            f"13. ingest with the API keys of {x['apps']} apps (each request the next app's),"
+            f" {len(runs)} runs in turns with no key",
+            f"median {fmt(x['apps_median'])} req/s (runs {', '.join(fmt(r) for r in runs)});"
+            f" no key {fmt(x['open_median'])} req/s"
+            + (f" ({x['errors']:,} errors)" if x["errors"] else ""),
+            f"median {fmt(x['ratio'], 2)}x no key, pair by pair"
+            f" ({', '.join(fmt(r, 2) for r in x['ratios'])})",
+            "≥ 0.9x no key (a cached lookup: no query a request)",
+            "one API key for all",
+            met((x["ratio"] or 0) >= 0.9),
+        )
+    ]
+
+
 ROWS: tuple[Callable[[dict[str, Any]], list[Row]], ...] = (
     ingest_rows,
     capacity_rows,
@@ -365,6 +386,7 @@ ROWS: tuple[Callable[[dict[str, Any]], list[Row]], ...] = (
     recovery_rows,
     scale_rows,
     compat_rows,
+    apps_rows,
     list_forbidden_rows,
     proxy_rows,
     growth.rows,

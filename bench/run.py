@@ -54,6 +54,7 @@ from report import report, write_readme
 PHASES: list[tuple[str, Callable[[Bench], Awaitable[None]]]] = [
     ("ingest (idle)", phases.phase_ingest_idle),
     ("compat ingest", phases.phase_compat),
+    ("apps ingest", phases.phase_apps),
     ("capacity", phases.phase_capacity),
     ("detection", phases.phase_detection),
     ("ingest (loaded)", phases.phase_ingest_loaded),
