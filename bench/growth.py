@@ -127,7 +127,7 @@ async def measure(b: Bench) -> dict[str, Any]:
         b.url("gateway") + LIST_PATH, seconds=s.ingest_s, connections=s.connections, tool=b.tool
     )
     cpu = CpuMeter.cores(before, meter.read(), time.perf_counter() - started)
-    await asyncio.sleep(2.5)  # a figures tick has run since the ingest burst
+    await asyncio.sleep(s.figures_wait_s)  # a figures tick has run since the ingest burst
     rows: int = await b.db.fetchval("select count(*) from transactions")
     return {
         "transactions": rows,
@@ -192,7 +192,7 @@ async def phase_retention(b: Bench) -> None:
     seed_s = await seed_history(b, s.old_rows, min_days=200, max_days=400)
     seeded = await old_rows(b)
     # The retention tick comes every 10 s: measure once it is at work.
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + s.prune_wait_s
     before = seeded
     for _ in range(150):
         before = await old_rows(b)

@@ -170,7 +170,11 @@ async def deliver_batch(b: Bench, count: int, tag: str) -> dict[str, Any]:
 
 async def phase_delivery(b: Bench) -> None:
     sink = await load.run(
-        b.url("receiver") + "/sink", seconds=2, connections=16, tool=b.tool, post_hook="x"
+        b.url("receiver") + "/sink",
+        seconds=b.scale.sink_s,
+        connections=16,
+        tool=b.tool,
+        post_hook="x",
     )
     result = await deliver_batch(b, b.scale.deliveries, "d1")
     result["receiver_rps"] = sink.rps

@@ -165,7 +165,7 @@ async def tear_down(b: Bench, *, keep_logs: bool) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny counts, about 30 s (smoke test)")
+    p.add_argument("--quick", action="store_true", help="tiny counts, about a minute (smoke test)")
     p.add_argument("--load", choices=("auto", "wrk", "aiohttp"), default="auto")
     p.add_argument("--app-env", default="production", choices=("production", "test"))
     p.add_argument("--profile", metavar="DIR", help="py-spy the gateway (capacity, ingest) here")
