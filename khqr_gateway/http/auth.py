@@ -44,7 +44,9 @@ def auth_middleware(settings: Settings) -> Middleware:
         if _admin_route(request.path) and not caller.admin:
             _refuse_admin(caller, admin_keys)
         request[CALLER] = caller
-        if not caller.admin:
+        # The open default app (no API_KEY) is not counted, as before apps: nothing tells
+        # its callers apart. Admin keys are the operator's own.
+        if caller.key_id is not None and not caller.admin:
             limit = (caller.app.rate_limit if caller.app else None) or settings.api_rate_limit
             if limit:
                 await _rate_limit(request, caller.app_id, limit)

@@ -337,3 +337,10 @@ async def test_one_token_in_two_apps_is_two_credentials(gw: Gateway) -> None:
     assert status == 201 and theirs["id"] != mine["id"]
     _, listed = await call(gw, "GET", "/api/v1/credentials", shop)
     assert [c["id"] for c in listed["data"]] == [mine["id"]]
+
+
+async def test_the_open_default_app_is_not_counted(make_gateway: GatewayFactory) -> None:
+    """With no API_KEY nothing tells callers apart: as before apps, no 429 for them."""
+    gw = await make_gateway(api_keys=(), api_rate_limit=2)
+    seen = [(await call(gw, "GET", "/api/v1/transactions", None))[0] for _ in range(8)]
+    assert seen == [200] * 8
