@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from khqr_gateway.apps.model import DEFAULT_APP_ID, OPEN, Caller, looks_like_key
+from khqr_gateway.apps.model import DEFAULT_APP_ID, KEY_ID_PREFIX, OPEN, Caller, looks_like_key
 from khqr_gateway.config import Settings
 from khqr_gateway.http import CALLER
 from khqr_gateway.http.errors import ApiError
@@ -133,3 +133,16 @@ async def _rate_limit(request: web.Request, app_id: str, limit: int) -> None:
             f"more than {limit} requests a second for this app",
             headers={"Retry-After": "1"},
         )
+
+
+async def still_valid(request: web.Request) -> bool:
+    """Whether the made key a long request (a live stream) came with still works: revoked,
+    expired or its app disabled, the request ends as a new one would be refused. A cache
+    lookup; Postgres away keeps it going (the next check asks again)."""
+    caller = request.get(CALLER)
+    if caller is None or caller.key_id is None or not caller.key_id.startswith(KEY_ID_PREFIX):
+        return True
+    try:
+        return await request.app[SERVICE_KEY].keys.caller(_presented_key(request)) is not None
+    except Exception:
+        return True

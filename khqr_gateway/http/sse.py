@@ -15,6 +15,7 @@ from uuid import UUID
 import orjson
 from aiohttp import hdrs, web
 
+from khqr_gateway.http.auth import still_valid
 from khqr_gateway.http.errors import ApiError, ErrorSchema, error_response
 from khqr_gateway.service import SERVICE_KEY
 from khqr_gateway.transactions import pages
@@ -31,6 +32,9 @@ from khqr_gateway.transactions.model import Status
 # How often an idle stream notices a client that went away (aiohttp does not cancel
 # handlers on disconnect unless told to, and `serve` does not).
 GONE_CHECK_S = 1.0
+# A stream opened with a made key ends this soon after the key is revoked (the cache's TTL on
+# top): as every other request, within 5 s.
+KEY_CHECK_S = 1.0
 RETRY_AFTER_S = "5"
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -156,12 +160,16 @@ async def _pump(
     status, reason = current
     await response.write(fmt.event(sub.job_id, status, reason))
     beat_s = fmt.heartbeat_s or hub.heartbeat_s
-    last_beat = last_read = loop.time()
+    last_beat = last_read = last_key = loop.time()
     while not status.terminal:
         item = await sub.get(min(GONE_CHECK_S, beat_s))
         if item is Signal.CLOSE or _gone(request):
             return
         now = loop.time()
+        if now - last_key >= KEY_CHECK_S:
+            last_key = now
+            if not await still_valid(request):
+                return
         if item is Signal.RESYNC or now - last_read >= hub.heartbeat_s:
             # Also every heartbeat interval: a change published while Redis was away is found.
             last_read = now

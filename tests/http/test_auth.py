@@ -344,3 +344,23 @@ async def test_the_open_default_app_is_not_counted(make_gateway: GatewayFactory)
     gw = await make_gateway(api_keys=(), api_rate_limit=2)
     seen = [(await call(gw, "GET", "/api/v1/transactions", None))[0] for _ in range(8)]
     assert seen == [200] * 8
+
+
+async def test_a_stream_opened_with_a_key_ends_once_the_key_is_revoked(
+    gw: Gateway, receiver: Receiver
+) -> None:
+    shop_id, shop = await made_app(gw, "Shop")
+    body = {"md5": random_md5(), "webhookUrl": receiver.url}
+    _, created = await call(gw, "POST", "/api/v1/transactions", shop, body)
+    resp = await gw.client.get(
+        f"/api/v1/transactions/{created['jobId']}/events", headers=bearer(shop)
+    )
+    assert resp.status == 200
+    assert b"pending" in await resp.content.readline() + await resp.content.readline()
+    (key,) = await apps.list_keys(gw.service.pool, shop_id)
+    await apps.revoke_key(gw.service.pool, shop_id, key.id)
+    # The transaction is still pending: only the revocation can end the stream.
+    async with asyncio.timeout(6):
+        while await resp.content.readline():
+            pass
+    assert (await call(gw, "GET", f"/api/v1/transactions/{created['jobId']}", shop))[0] == 401
