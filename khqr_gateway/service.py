@@ -24,6 +24,7 @@ from khqr_gateway.deliveries.lanes import Lanes
 from khqr_gateway.deliveries.sender import KEEPALIVE_S, MAX_IN_FLIGHT, Sender
 from khqr_gateway.deliveries.ssrf import AddressPolicy, GuardedConnector
 from khqr_gateway.infra import db, idempotency, keyset
+from khqr_gateway.infra.broadcast import Broadcast
 from khqr_gateway.infra.keys import keys
 from khqr_gateway.infra.locks import Locks
 from khqr_gateway.infra.ratelimit import PerSecond, RateLimit
@@ -98,6 +99,7 @@ class Service:
     api_requests: PerSecond
     keys: KeyCache
     signing: SigningKeys
+    app_changes: Broadcast
     ticks: Ticks = field(default_factory=Ticks)
     started_at: float = field(default_factory=time.time)
     figures: Figures | None = None  # None until the figures tick first ran
@@ -135,6 +137,7 @@ class Service:
         polls = Schedule(redis, names["poll"])
         lanes = Lanes(redis, names)
         signing = SigningKeys(pool, settings.webhook_secrets, overlap_s=settings.secret_overlap_s)
+        keys_cache = KeyCache(pool)
         events = EventHub(redis, names["events"])
         poller = Poller(
             pool=pool,
@@ -178,8 +181,16 @@ class Service:
                 pool, days=settings.retention_days, body_days=settings.attempt_body_days
             ),
             api_requests=PerSecond(redis, names["api_rate"]),
-            keys=KeyCache(pool),
+            keys=keys_cache,
             signing=signing,
+            app_changes=Broadcast(
+                redis,
+                names["apps"],
+                what="app keys",
+                # A message, or a re-connection (one may have been missed): read apps anew.
+                on_message=lambda _: _forget(keys_cache, signing),
+                on_connect=lambda _: _forget(keys_cache, signing),
+            ),
         )
         if settings.telegram_bot_token:
             service.bot = BotApi(settings.telegram_api_url, settings.telegram_bot_token)
@@ -212,6 +223,7 @@ class Service:
             self.ticks.add("alerts", ALERTS_INTERVAL_S, self.alerts.tick)
         self.ticks.add("retention", RETENTION_INTERVAL_S, self.retention.tick)
         self.ticks.add("keys", KEYS_INTERVAL_S, self.keys.flush_used)
+        self.app_changes.start()
         self.ticks.start()
 
     async def stop(self) -> None:
@@ -225,8 +237,18 @@ class Service:
             await self.bot.close()
         await self.bakong.close()
         await self.events.stop()
+        await self.app_changes.stop()
         await self.redis.aclose()
         await self.pool.close()
+
+    async def apps_changed(self) -> None:
+        """An app's keys, secrets or settings changed: this process reads them anew now, the
+        others once they hear it (or their caches expire, within 5 s, if Redis is away)."""
+        _forget(self.keys, self.signing)
+        try:
+            await self.app_changes.publish([b"changed"])
+        except Exception as exc:
+            log.warning("could not tell the other processes that an app changed: %s", exc)
 
     async def after_cancel(self, job_id: UUID, reason: str | None) -> None:
         """What a cancel sets going: no more polls, a late watch (the QR can still be paid:
@@ -342,6 +364,11 @@ class Service:
 
 
 SERVICE_KEY = web.AppKey("service", Service)
+
+
+def _forget(keys: KeyCache, signing: SigningKeys) -> None:
+    keys.forget()
+    signing.forget()
 
 
 def deliverer_for(

@@ -616,7 +616,7 @@ async def patch_app(request: web.Request) -> web.Response:
         changed = await store.update(service.pool, app.id, changes)
     if changed is None:
         raise _disabled("be changed")  # since it was read
-    service.keys.forget()  # its new settings (a rate limit) hold here at once
+    await service.apps_changed()  # its new settings (a rate limit) hold at once
     log.info("app changed", extra={"appId": app.id, "fields": sorted(data)})
     return json_response(app_json(changed, service.settings))
 
@@ -644,7 +644,7 @@ async def delete_app(request: web.Request) -> web.Response:
     disabled = await store.disable(service.pool, app.id)
     if disabled is None:
         raise ApiError(404, "not_found", NOT_FOUND)
-    service.keys.forget()
+    await service.apps_changed()
     log.info("app disabled", extra={"appId": app.id})
     return json_response(app_json(disabled, service.settings))
 
@@ -718,7 +718,7 @@ async def delete_key(request: web.Request) -> web.Response:
         if await store.get(service.pool, app_id) is None:
             raise ApiError(404, "not_found", NOT_FOUND)
         raise ApiError(404, "not_found", KEY_NOT_FOUND)
-    service.keys.forget()
+    await service.apps_changed()
     log.info("api key revoked", extra={"appId": app_id, "keyId": key_id})
     return web.Response(status=204)
 
@@ -740,7 +740,7 @@ async def post_webhook_secret(request: web.Request) -> web.Response:
     app = await _app(request)
     _not_default(app, "the default app's webhook secret is WEBHOOK_SECRET's: set it there")
     secret = await store.rotate_secret(service.pool, app.id)
-    service.signing.forget()  # it signs this process's next webhook of the app
+    await service.apps_changed()  # it signs the app's next webhook, in every process
     log.info("webhook secret rotated", extra={"appId": app.id})
     return json_response({"webhookSecret": secret}, 201, NO_STORE)
 

@@ -21,8 +21,10 @@ class RedisKeys(TypedDict):
     bakong_rate: str
     bakong_pause: str
     bakong_renew: str
-    # Per API key request counters, one key a second: `sub_key(prefix, key id, second)`.
+    # Per app request counters, one key a second: `sub_key(prefix, app id, second)`.
     api_rate: str
+    # The pub/sub channel on which a process says an app's keys or secrets changed.
+    apps: str
 
 
 def keys(namespace: str) -> RedisKeys:
@@ -39,6 +41,7 @@ def keys(namespace: str) -> RedisKeys:
         "bakong_pause": f"{tag}:bakong:pause",
         "bakong_renew": f"{tag}:bakong:renew",
         "api_rate": f"{tag}:api:rate",
+        "apps": f"{tag}:apps",
     }
 
 

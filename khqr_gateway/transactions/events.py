@@ -19,8 +19,8 @@ from typing import Any
 from uuid import UUID
 
 import orjson
-from redis.asyncio import RedisCluster
 
+from khqr_gateway.infra.broadcast import Broadcast
 from khqr_gateway.infra.schedule import RedisClient
 from khqr_gateway.transactions.model import Status, Transition
 
@@ -39,10 +39,6 @@ PAGE_STREAMS_PER_CLIENT = 50
 HEARTBEAT_S = 15.0
 # How long a new stream waits for the pub/sub connection before relying on re-reads alone.
 READY_TIMEOUT_S = 2.0
-# KEYS[1] the channel; ARGV the messages. One round trip for a batch of changes, and one
-# that a Redis Cluster runs too (it refuses PUBLISH in a pipeline); a PUBLISH on any node
-# reaches the subscribers of every node.
-_PUBLISH = "for i = 1, #ARGV do redis.call('PUBLISH', KEYS[1], ARGV[i]) end return #ARGV"
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,10 +141,14 @@ class EventHub:
         self._open = 0
         self._pages: Counter[UUID] = Counter()
         self._page_clients: Counter[str] = Counter()
-        self._ready = asyncio.Event()
-        self._listener: asyncio.Task[None] | None = None
         self._closing = False
-        self._publish: Any = redis.register_script(_PUBLISH)
+        self._channel = Broadcast(
+            redis,
+            channel,
+            what="live status",
+            on_message=self._dispatch,
+            on_connect=self._connected,
+        )
 
     @property
     def open_streams(self) -> int:
@@ -160,7 +160,7 @@ class EventHub:
         if not items:
             return
         try:
-            await self._publish(keys=[self.channel], args=[c.to_bytes() for c in items])
+            await self._channel.publish([c.to_bytes() for c in items])
         except Exception as exc:
             log.warning("could not publish %d status changes: %s", len(items), exc)
 
@@ -221,50 +221,19 @@ class EventHub:
                     del self._subs[job_id]
 
     async def _wait_ready(self) -> None:
-        if self._listener is None or self._listener.done():
-            self._listener = asyncio.create_task(self._listen(), name="khqr-events")
-        if self._ready.is_set():
+        self._channel.start()
+        if self._channel.ready.is_set():
             return
         try:
             async with asyncio.timeout(READY_TIMEOUT_S):
-                await self._ready.wait()
+                await self._channel.ready.wait()
         except TimeoutError:
             # Streams still re-read Postgres on every heartbeat; they just learn later.
             log.warning("live status: Redis pub/sub is not connected yet")
 
-    async def _listen(self) -> None:
-        backoff = 0.1
-        connected_before = False
-        while True:
-            pubsub = None
-            try:
-                if isinstance(self.redis, RedisCluster):
-                    await self.redis.initialize()  # its pub/sub needs the slots, not given lazily
-                pubsub = self.redis.pubsub()
-                await pubsub.subscribe(self.channel)
-                while True:
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is None:
-                        continue
-                    if message["type"] == "subscribe":
-                        self._ready.set()
-                        if connected_before:
-                            self._broadcast(Signal.RESYNC)
-                        connected_before = True
-                        backoff = 0.1
-                    elif message["type"] == "message":
-                        self._dispatch(message["data"])
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self._ready.clear()
-                log.warning("live status: Redis pub/sub lost (%s); reconnecting", exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-            finally:
-                if pubsub is not None:
-                    with contextlib.suppress(Exception):
-                        await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
+    def _connected(self, again: bool) -> None:
+        if again:  # changes published while away were missed: every stream reads again
+            self._broadcast(Signal.RESYNC)
 
     def _dispatch(self, raw: bytes | str) -> None:
         change = Change.from_bytes(raw)
@@ -285,8 +254,4 @@ class EventHub:
 
     async def stop(self) -> None:
         self.close_streams()
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
-            self._listener = None
+        await self._channel.stop()

@@ -364,3 +364,21 @@ async def test_a_stream_opened_with_a_key_ends_once_the_key_is_revoked(
         while await resp.content.readline():
             pass
     assert (await call(gw, "GET", f"/api/v1/transactions/{created['jobId']}", shop))[0] == 401
+
+
+async def test_a_key_revoked_in_one_process_is_refused_by_the_other_at_once(
+    gw: Gateway, make_gateway: GatewayFactory
+) -> None:
+    """The revoking process tells the others over Redis: the other refuses the key although
+    its cache would keep it for an hour."""
+    other = await make_gateway(api_keys=(DEFAULT_KEY,), admin_api_keys=(ADMIN_KEY,))
+    other.service.keys._keys.ttl_s = 3600.0
+    shop_id, shop = await made_app(gw, "Shop")
+    assert (await call(other, "GET", "/api/v1/transactions", shop))[0] == 200
+    (key,) = await apps.list_keys(gw.service.pool, shop_id)
+    path = f"/api/v1/apps/{shop_id}/keys/{key.id}"
+    assert (await call(gw, "DELETE", path, ADMIN_KEY))[0] == 204
+    deadline = time.monotonic() + 3
+    while (await call(other, "GET", "/api/v1/transactions", shop))[0] != 401:
+        assert time.monotonic() < deadline, "the other process still takes the revoked key"
+        await asyncio.sleep(0.05)
