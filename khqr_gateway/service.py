@@ -238,6 +238,7 @@ class Service:
         await self.bakong.close()
         await self.events.stop()
         await self.app_changes.stop()
+        await self.api_requests.close()
         await self.redis.aclose()
         await self.pool.close()
 

@@ -3,7 +3,11 @@ pauses, and the API's requests a second."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +15,8 @@ from typing import Any
 from khqr_gateway import times
 from khqr_gateway.infra.keys import sub_key
 from khqr_gateway.infra.schedule import RedisClient
+
+log = logging.getLogger(__name__)
 
 # KEYS[1] the bucket (a hash: tokens, ts, and the end of each line); KEYS[2..] the pause key
 # of each credential. ARGV[1] rate (tokens a second), ARGV[2] capacity, ARGV[3] now in ms
@@ -161,21 +167,83 @@ class RateLimit:
         await self._pause(keys=[self.pause_key(credential)], args=[ms])
 
 
-# KEYS[1] one key's counter for this second; returns the count so far.
-_COUNT = (
-    "local n = redis.call('INCR', KEYS[1]) "
-    "if n == 1 then redis.call('PEXPIRE', KEYS[1], 2000) end return n"
-)
+# KEYS: the counters of this second of the keys counted since the last sync; ARGV: how many
+# calls of each. Returns each counter's total: every process's calls so far.
+_SYNC = """
+local totals = {}
+for i = 1, #KEYS do
+    local n = redis.call('INCRBY', KEYS[i], ARGV[i])
+    if n == tonumber(ARGV[i]) then redis.call('PEXPIRE', KEYS[i], 2000) end
+    totals[i] = n
+end
+return totals
+"""
+# Counts reach Redis this often: what other processes made in the last SYNC_S is seen late.
+SYNC_S = 0.05
 
 
 class PerSecond:
-    """Counts the calls of each key in each wall-clock second, across processes."""
+    """Counts the calls of each key in each wall-clock second, across processes, without a
+    round trip a call: counted here at once, shared through Redis every `sync_s` (one script
+    call for every key counted meanwhile). A count is Redis's total at the last sync plus this
+    process's calls since, so the calls other processes made in the last `sync_s` are the
+    most it can miss."""
 
-    def __init__(self, redis: RedisClient, prefix: str) -> None:
+    def __init__(self, redis: RedisClient, prefix: str, *, sync_s: float = SYNC_S) -> None:
         self.redis = redis
         self.prefix = prefix
+        self.sync_s = sync_s
+        self._second = 0
+        self._unsent: Counter[str] = Counter()
+        self._sending: Counter[str] = Counter()  # on its way to Redis
+        self._shared: dict[str, int] = {}
+        self._sync_task: asyncio.Task[None] | None = None
+        self._sync: Any = redis.register_script(_SYNC)
 
     async def count(self, key: str) -> int:
-        """This call's number in the current second for `key`, 1 for the first."""
-        counter = sub_key(self.prefix, key, int(time.time()))
-        return int(await self.redis.eval(_COUNT, 1, counter))
+        """This call's number in the current second for `key`, 1 for the first (as far as
+        this process knows; see the class)."""
+        second = int(time.time())
+        if second != self._second:
+            self._second, self._unsent, self._sending, self._shared = (
+                second,
+                Counter(),
+                Counter(),
+                {},
+            )
+        self._unsent[key] += 1
+        if self._sync_task is None or self._sync_task.done():
+            self._sync_task = asyncio.create_task(self._send(), name="khqr-api-rate")
+        return self._shared.get(key, 0) + self._sending[key] + self._unsent[key]
+
+    async def close(self) -> None:
+        """Stop sending (at shutdown, before Redis closes)."""
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sync_task
+
+    async def _send(self) -> None:
+        """Send what was counted, every `sync_s`, until nothing is left to send."""
+        while True:
+            await asyncio.sleep(self.sync_s)
+            if not self._unsent:
+                return
+            second, self._sending, self._unsent = self._second, self._unsent, Counter()
+            sending = self._sending
+            names = list(sending)
+            try:
+                totals = await self._sync(
+                    keys=[sub_key(self.prefix, name, second) for name in names],
+                    args=[sending[name] for name in names],
+                )
+            except Exception as exc:  # Redis away: counted here alone until it is back
+                log.debug("could not share request counts: %s", exc)
+                # Sent again while its second lasts; a second gone no longer counts.
+                if second == self._second == int(time.time()):
+                    self._unsent.update(sending)
+                    self._sending = Counter()
+                continue
+            if second == self._second:
+                self._shared.update(zip(names, map(int, totals), strict=True))
+                self._sending = Counter()

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
 
 from khqr_gateway.infra.keys import keys
-from khqr_gateway.infra.ratelimit import RateLimit
+from khqr_gateway.infra.ratelimit import PerSecond, RateLimit
 
 
 def limit(redis: Any, namespace: str, rate: float = 10, capacity: float | None = None) -> RateLimit:
@@ -125,3 +126,26 @@ async def test_the_turns_of_calls_that_can_wait_never_hold_back_the_others(
     assert waits.calls == 8 and waits.turn_s == 0.0, "50 put off: 5.8 s of turns booked"
     urgent = await bucket.take({1: 3}, now_ms=t)
     assert urgent.calls == 2 and urgent.turn_s == pytest.approx(0.0), "behind no one"
+
+
+async def test_request_counts_are_shared_between_processes_without_a_call_each(
+    redis: Any, namespace: str
+) -> None:
+    """Each process counts at once, and sees the other's calls once it has synced."""
+    prefix = keys(namespace)["api_rate"]
+    for _ in range(5):  # a try that straddles a second starts again
+        one, two = PerSecond(redis, prefix, sync_s=0.01), PerSecond(redis, prefix, sync_s=0.01)
+        second = int(time.time())
+        counted = [await one.count("app_a") for _ in range(5)]
+        await asyncio.sleep(0.1)
+        first_of_two = await two.count("app_a")
+        await asyncio.sleep(0.1)
+        seen = await two.count("app_a")
+        other_app = await one.count("app_b")
+        await one.close()
+        await two.close()
+        if int(time.time()) == second:
+            break
+    assert counted == [1, 2, 3, 4, 5]
+    assert first_of_two == 1  # this process learns of the other's at its first sync
+    assert seen == 7 and other_app == 1
