@@ -56,6 +56,11 @@ class TtlCache(Generic[K, V]):
     def clear(self) -> None:
         self._entries.clear()
 
+    def has(self, key: K) -> bool:
+        """Whether `key` is remembered now (no load)."""
+        entry = self._entries.get(key)
+        return entry is not None and entry.until > self.clock()
+
     async def get(self, key: K) -> V:
         entry = self._entries.get(key)
         if entry is not None and entry.until > self.clock():
@@ -120,6 +125,11 @@ class KeyCache:
             return None
         self._used[key.id] = now
         return Caller(app.id, key.id, app=app)
+
+    def knows(self, presented: str) -> bool:
+        """Whether this key was found (a valid key's app) at the last look, within the TTL."""
+        digest = key_hash(presented)
+        return self._keys.has(digest) and self._keys._entries[digest].value is not None
 
     async def app(self, app_id: str) -> App | None:
         """The app with this id (disabled ones too), as read at most `ttl_s` ago."""

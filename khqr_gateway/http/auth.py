@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from aiohttp import web
@@ -29,18 +30,45 @@ APP_HEADER = "Khqr-App"
 # The app routes: an admin key's only.
 ADMIN_PATH = "/api/v1/apps"
 UNAUTHORIZED = "a valid API key is required (Authorization: Bearer <key>)"
+# Made keys that find nothing, per client address and second, before its next ones are not
+# looked up (each costs a query): guessing keys, or a flood of made-up ones, is 429.
+WRONG_KEYS_PER_S = 20
+WRONG_KEYS_TRACKED = 10_000
+
+
+class WrongKeys:
+    """How many unknown made keys each client address presented this second (this process)."""
+
+    def __init__(self) -> None:
+        self._second = 0
+        self._counts: dict[str, int] = {}
+
+    def _now(self) -> int:
+        second = int(time.time())
+        if second != self._second or len(self._counts) > WRONG_KEYS_TRACKED:
+            self._second, self._counts = second, {}
+        return second
+
+    def too_many(self, address: str) -> bool:
+        self._now()
+        return self._counts.get(address, 0) >= WRONG_KEYS_PER_S
+
+    def add(self, address: str) -> None:
+        self._now()
+        self._counts[address] = self._counts.get(address, 0) + 1
 
 
 def auth_middleware(settings: Settings) -> Middleware:
     """Every /api/ route acts for the app of its caller's key; 401 without a valid one."""
     default_keys = _digests(settings.api_keys)
     admin_keys = _digests(settings.admin_api_keys)
+    wrong = WrongKeys()
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not request.path.startswith("/api/"):
             return await handler(request)
-        caller = await _caller(request, default_keys, admin_keys)
+        caller = await _caller(request, default_keys, admin_keys, wrong)
         if _admin_route(request.path) and not caller.admin:
             _refuse_admin(caller, admin_keys)
         request[CALLER] = caller
@@ -69,7 +97,7 @@ def _matched(digest: bytes, expected: list[bytes]) -> bytes | None:
 
 
 async def _caller(
-    request: web.Request, default_keys: list[bytes], admin_keys: list[bytes]
+    request: web.Request, default_keys: list[bytes], admin_keys: list[bytes], wrong: WrongKeys
 ) -> Caller:
     given = _presented_key(request)
     digest = hashlib.sha256(given.encode()).digest() if given else b""
@@ -82,8 +110,18 @@ async def _caller(
     if looks_like_key(given):
         # A made key that is not (or no longer) valid never falls back to the open default
         # app: its requests would land in an app they are not meant for.
-        found = await request.app[SERVICE_KEY].keys.caller(given)
+        address = request.remote or ""
+        keys = request.app[SERVICE_KEY].keys
+        if wrong.too_many(address) and not keys.knows(given):
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"more than {WRONG_KEYS_PER_S} unknown API keys a second from this address",
+                headers={"Retry-After": "1"},
+            )
+        found = await keys.caller(given)
         if found is None:
+            wrong.add(address)
             raise ApiError(401, "unauthorized", UNAUTHORIZED)
         return found
     if default_keys:

@@ -382,3 +382,15 @@ async def test_a_key_revoked_in_one_process_is_refused_by_the_other_at_once(
     while (await call(other, "GET", "/api/v1/transactions", shop))[0] != 401:
         assert time.monotonic() < deadline, "the other process still takes the revoked key"
         await asyncio.sleep(0.05)
+
+
+async def test_a_flood_of_made_up_keys_is_429_before_it_costs_queries(gw: Gateway) -> None:
+    _, shop = await made_app(gw, "Shop")
+    assert (await call(gw, "GET", "/api/v1/transactions", shop))[0] == 200
+    # 45 within at most two seconds: one of them sees more than 20.
+    made_up = [f"kgw_{n:043d}" for n in range(45)]
+    seen = [(await call(gw, "GET", "/api/v1/transactions", key))[0] for key in made_up]
+    assert 401 in seen and 429 in seen
+    # A key in use from the same address (a shop behind the same proxy) still works: only
+    # keys this process does not know are held back.
+    assert (await call(gw, "GET", "/api/v1/transactions", shop))[0] == 200
