@@ -104,7 +104,7 @@ class Service:
     started_at: float = field(default_factory=time.time)
     figures: Figures | None = None  # None until the figures tick first ran
     bot: BotApi | None = None  # None without TELEGRAM_BOT_TOKEN
-    notifier: Notifier | None = None  # None without TELEGRAM_CHAT_ID too
+    notifier: Notifier | None = None
     alerts: Alerts | None = None  # None without TELEGRAM_ALERT_CHAT_ID
 
     @classmethod
@@ -233,6 +233,8 @@ class Service:
         await self.poller.hand_back()
         await self.deliverer.drain(grace)
         await self.deliverer.close()
+        if self.notifier is not None:
+            await self.notifier.close()
         if self.bot is not None:
             await self.bot.close()
         await self.bakong.close()
@@ -391,16 +393,16 @@ def deliverer_for(
     )
 
 
-def notifier_for(settings: Settings, pool: asyncpg.Pool, bot: BotApi | None) -> Notifier | None:
-    """The Telegram lane of the default app, when it has a bot and a chat."""
-    if bot is None or not settings.telegram_chat_id:
-        return None
+def notifier_for(settings: Settings, pool: asyncpg.Pool, bot: BotApi | None) -> Notifier:
+    """The Telegram lane: the default app's when it has a bot and a chat, every other app's
+    that has them."""
     return Notifier(
         pool=pool,
-        bot=bot,
+        bot=bot if settings.telegram_chat_id else None,
         chat_id=settings.telegram_chat_id,
         language=settings.telegram_language,
         retry_schedule=settings.webhook_retry_schedule,
+        api_url=settings.telegram_api_url,
     )
 
 

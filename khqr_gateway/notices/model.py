@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -31,6 +31,16 @@ class DueNotice:
     metadata: Any
     bill_number: str | None
     completed_at: datetime
+    app_id: str  # whose bot sends it
+
+
+@dataclass(frozen=True, slots=True)
+class AppChat:
+    """Where an app's payments are told: its chat, and its bot's token (a secret)."""
+
+    app_id: str
+    chat_id: str
+    bot_token: str = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True)

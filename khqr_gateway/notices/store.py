@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 import asyncpg
 
 from khqr_gateway.infra.db import row_as, safe_text
-from khqr_gateway.notices.model import DueNotice, NoticeAttempt, NoticeRow, NoticeStatus
+from khqr_gateway.notices.model import AppChat, DueNotice, NoticeAttempt, NoticeRow, NoticeStatus
 from khqr_gateway.transactions.model import Status
 
 # How far back the first sweep of a process looks when no notice exists yet: a bot set up
@@ -35,23 +35,38 @@ async def sweep_start(pool: asyncpg.Pool) -> datetime:
     return value
 
 
-async def make_notices(pool: asyncpg.Pool, app_id: str, chat_id: str, since: datetime) -> int:
-    """A notice to the app's chat for each of its paid or mismatched transitions completed
-    since `since` that has none; once per transition whichever process (or sweep) gets there
-    first. Another app's payments never go to this chat."""
+async def make_notices(pool: asyncpg.Pool, chats: Mapping[str, str], since: datetime) -> int:
+    """A notice to each app's chat (`chats`: app id to chat id) for each of its paid or
+    mismatched transitions completed since `since` that has none, in one statement; once per
+    transition whichever process (or sweep) gets there first. An app not named is told
+    nothing."""
+    if not chats:
+        return 0
     result = await pool.execute(
         """
         insert into telegram_notices (transaction_id, late, chat_id, app_id)
-        select t.id, t.late, $1, t.app_id from transactions t
-        where t.completed_at >= $2 and not t.superseded and t.app_id = $3
+        select t.id, t.late, c.chat_id, t.app_id
+        from unnest($1::text[], $2::text[]) as c (app_id, chat_id)
+        join transactions t on t.app_id = c.app_id
+        where t.completed_at >= $3 and not t.superseded
           and t.status in ('success', 'mismatch')
         on conflict (transaction_id, late) do nothing
         """,
-        chat_id,
+        list(chats),
+        list(chats.values()),
         since,
-        app_id,
     )
     return int(result.split()[-1])
+
+
+async def app_chats(pool: asyncpg.Pool) -> list[AppChat]:
+    """The apps told of their payments on Telegram (disabled ones too: their pending payments
+    are still reported)."""
+    rows = await pool.fetch(
+        "select id as app_id, telegram_chat_id as chat_id, telegram_bot_token as bot_token"
+        " from apps where telegram_chat_id is not null and telegram_bot_token is not null"
+    )
+    return [row_as(AppChat, r) for r in rows]
 
 
 async def claim(pool: asyncpg.Pool, lease_s: float) -> list[DueNotice]:
@@ -66,9 +81,10 @@ async def claim(pool: asyncpg.Pool, lease_s: float) -> list[DueNotice]:
         ), leased as (
             update telegram_notices n set lease_until = now() + $1 * interval '1 second'
             from due where n.id = due.id
-            returning n.id, n.chat_id, n.attempt_count, n.late, n.transaction_id
+            returning n.id, n.chat_id, n.attempt_count, n.late, n.transaction_id, n.app_id
         )
-        select leased.id, leased.chat_id, leased.attempt_count, leased.late, t.status,
+        select leased.id, leased.chat_id, leased.attempt_count, leased.late, leased.app_id,
+               t.status,
                t.reason, t.bakong_data as data, t.metadata, t.bill_number, t.completed_at
         from leased join transactions t on t.id = leased.transaction_id
         """,

@@ -173,42 +173,78 @@ class BotApi:
 
 
 class Notifier:
-    """The Telegram lane: its own tick, table, lease and HTTP session, so that a slow or
-    refusing Bot API never delays a webhook."""
+    """The Telegram lane: its own tick, table, lease and HTTP sessions, so that a slow or
+    refusing Bot API never delays a webhook. The default app's payments go to
+    TELEGRAM_CHAT_ID through TELEGRAM_BOT_TOKEN's bot; each other app's to its own chat
+    through its own bot."""
 
     def __init__(
         self,
         *,
         pool: asyncpg.Pool,
-        bot: BotApi,
-        chat_id: str,
+        bot: BotApi | None,
+        chat_id: str | None,
         language: str,
         retry_schedule: Sequence[float],
+        api_url: str,
     ) -> None:
         self.pool = pool
         self.bot = bot
-        self.chat_id = chat_id
+        self.chat_id = chat_id if bot is not None else None
         self.language = language
         self.retry_schedule = tuple(retry_schedule)
+        self.api_url = api_url
         self._since: datetime | None = None
+        self._tokens: dict[str, str] = {}  # app id to its bot's token, as last read
+        self._bots: dict[str, BotApi] = {}  # token to its bot
 
     async def tick(self) -> None:
         """Make the notices of new payments, then send what is due."""
+        chats = await self._chats()
+        if not chats:
+            return
         if self._since is None:
             self._since = await store.sweep_start(self.pool)
         swept_at = datetime.now(UTC)
-        # TELEGRAM_CHAT_ID is the default app's: only its payments are told there.
-        await store.make_notices(self.pool, DEFAULT_APP_ID, self.chat_id, self._since)
+        await store.make_notices(self.pool, chats, self._since)
         self._since = swept_at - timedelta(seconds=store.SWEEP_OVERLAP_S)
         due = await store.claim(self.pool, LEASE_S)
         if due:
             attempts = await asyncio.gather(*(self._send(n) for n in due))
             await store.record(self.pool, attempts)
 
+    async def _chats(self) -> dict[str, str]:
+        """Each app told on Telegram, to its chat; the bots' tokens kept for sending."""
+        chats = {DEFAULT_APP_ID: self.chat_id} if self.chat_id else {}
+        found = await store.app_chats(self.pool)
+        self._tokens = {c.app_id: c.bot_token for c in found}
+        chats.update({c.app_id: c.chat_id for c in found if c.app_id != DEFAULT_APP_ID})
+        return chats
+
+    def _bot_of(self, app_id: str) -> BotApi | None:
+        if app_id == DEFAULT_APP_ID:
+            return self.bot
+        token = self._tokens.get(app_id)
+        if token is None:
+            return None
+        bot = self._bots.get(token)
+        if bot is None:
+            bot = self._bots[token] = BotApi(self.api_url, token)
+        return bot
+
+    async def close(self) -> None:
+        """Close the apps' bots (the default app's is the service's to close)."""
+        for bot in self._bots.values():
+            await bot.close()
+
     async def _send(self, notice: DueNotice) -> NoticeAttempt:
         started = datetime.now(UTC)
         clock = time.monotonic()
-        answer = await self.bot.send(notice.chat_id, message_text(notice, self.language))
+        bot = self._bot_of(notice.app_id)
+        if bot is None:  # the app's Telegram was removed since: nobody to tell
+            answer = BotAnswer(None, "the app has no Telegram bot any more", None, None)
+        else:
+            answer = await bot.send(notice.chat_id, message_text(notice, self.language))
         duration_ms = times.seconds_to_ms(time.monotonic() - clock)
         return self._outcome(notice, answer, started, duration_ms)
 

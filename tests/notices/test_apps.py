@@ -31,9 +31,10 @@ async def test_an_apps_chat_is_told_of_its_own_payments_only(
             app_id,
         )
     since = datetime.now(UTC) - timedelta(minutes=1)
-    assert await store.make_notices(pool, "app_default", "1", since) == 1
-    assert await store.make_notices(pool, "app_b", "2", since) == 1
-    assert await store.make_notices(pool, "app_b", "2", since) == 0
+    assert await store.make_notices(pool, {"app_default": "1"}, since) == 1
+    assert await store.make_notices(pool, {"app_default": "1", "app_b": "2"}, since) == 1
+    assert await store.make_notices(pool, {"app_b": "2"}, since) == 0
+    assert await store.make_notices(pool, {}, since) == 0
     rows = await pg.fetch(
         "select n.app_id as notice, n.chat_id, t.app_id as transaction from telegram_notices n"
         " join transactions t on t.id = n.transaction_id"

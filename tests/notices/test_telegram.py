@@ -254,3 +254,54 @@ async def test_an_unreachable_bot_api_is_retried_without_the_token_in_its_error(
     errors = await pg.fetch("select error from telegram_attempts")
     assert errors and all(bot.token not in (r["error"] or "") for r in errors)
     assert await pg.fetchval("select status from telegram_notices") in ("pending", "failed")
+
+
+async def test_each_app_is_told_of_its_own_payments_by_its_own_bot(
+    make_gateway: GatewayFactory,
+    bot: FakeBotApi,
+    aiohttp_server: Any,
+    bakong: SimulatedBakong,
+    receiver: Receiver,
+) -> None:
+    """The default app's payments go to TELEGRAM_CHAT_ID; an app with `telegram` gets its
+    own, through its own bot, and no other app's."""
+    from khqr_gateway.apps import store as apps
+
+    shop_bot = FakeBotApi(token=secret(f"777:{secrets.token_urlsafe(26)}"))
+    both = web.Application()  # one Bot API, the two bots told apart by their tokens
+    both.router.add_post("/bot{token}/sendMessage", _by_token(bot, shop_bot))
+    server = await aiohttp_server(both, access_log=None)
+    gw = await make_gateway(
+        telegram_api_url=str(server.make_url("")).rstrip("/"),
+        telegram_bot_token=bot.token,
+        telegram_chat_id="-100123",
+    )
+    _, key, webhook_secret = await apps.create(
+        gw.service.pool, "Noodle Bar", telegram_chat_id="-100777", telegram_bot_token=shop_bot.token
+    )
+    secret(key.key)
+    secret(webhook_secret)
+    resp = await gw.client.post(
+        "/api/v1/transactions",
+        json={"md5": random_md5(), "webhookUrl": receiver.url},
+        headers={"Authorization": f"Bearer {key.key}"},
+    )
+    shops = await resp.json()
+    mine = await create(gw, receiver)
+    bakong.pay(shops["md5"])
+    bakong.pay(mine["md5"])
+    [theirs] = await shop_bot.wait_for(1)
+    [ours] = await bot.wait_for(1)
+    await asyncio.sleep(1.0)  # more ticks: still one message each
+    assert (len(shop_bot.calls), len(bot.calls)) == (1, 1)
+    assert theirs["chat_id"] == "-100777" and ours["chat_id"] == "-100123"
+
+
+def _by_token(*bots: FakeBotApi) -> Any:
+    async def handle(request: web.Request) -> web.Response:
+        for one in bots:
+            if request.match_info["token"] == one.token:
+                return await one.handle(request)
+        return web.json_response({"ok": False, "description": "Unauthorized"}, status=401)
+
+    return handle
