@@ -43,7 +43,7 @@ from khqr_gateway.config import Settings
 from khqr_gateway.credentials.model import token_expired
 from khqr_gateway.deliveries.ssrf import AddressPolicy
 from khqr_gateway.http.errors import ApiError, invalid
-from khqr_gateway.http.fields import Pattern, cursor_field, email_field, token_field, url_field
+from khqr_gateway.http.fields import CredentialCreateSchema, Pattern, cursor_field, url_field
 from khqr_gateway.http.json import iso, json_response
 from khqr_gateway.http.openapi import errors, links, operation_ref
 from khqr_gateway.http.paging import page_response, page_schema
@@ -131,21 +131,6 @@ class MerchantSchema(Schema):
             raise ValidationError(str(exc), field_name=field) from None
 
 
-class BakongSchema(Schema):
-    """The app's Bakong credential, as POST /api/v1/credentials takes one."""
-
-    class Meta:
-        unknown = RAISE
-
-    token = token_field("A Bakong token (JWT); stored, never shown again")
-    email = email_field("Registered Bakong email; tokens are renewed through it")
-
-    @validates_schema
-    def _something(self, data: dict[str, Any], **kwargs: Any) -> None:
-        if not data.get("token") and not data.get("email"):
-            raise ValidationError("give token, email or both", field_name="token")
-
-
 class TelegramSchema(Schema):
     """Where the app's payment notices go."""
 
@@ -184,7 +169,7 @@ class AppUpdateSchema(Schema):
     )
     merchant = fields.Nested(MerchantSchema, allow_none=True)
     bakong = fields.Nested(
-        BakongSchema,
+        CredentialCreateSchema,
         allow_none=True,
         metadata={"description": "The app's Bakong credential (null: the default one)"},
     )

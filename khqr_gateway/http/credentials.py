@@ -7,12 +7,17 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp_apigami import docs, request_schema, response_schema
-from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import RAISE, Schema, fields, validate
 
 from khqr_gateway.credentials import store as credential_store
 from khqr_gateway.credentials.model import Credential, token_expired
 from khqr_gateway.http.errors import invalid
-from khqr_gateway.http.fields import CURSOR_ERROR, ID_CURSOR_RE, Pattern, email_field, token_field
+from khqr_gateway.http.fields import (
+    CURSOR_ERROR,
+    ID_CURSOR_RE,
+    CredentialCreateSchema,
+    Pattern,
+)
 from khqr_gateway.http.json import iso, json_response
 from khqr_gateway.http.openapi import errors
 from khqr_gateway.http.paging import page_response, page_schema
@@ -22,21 +27,6 @@ from khqr_gateway.service import SERVICE_KEY
 log = logging.getLogger(__name__)
 
 CREDENTIAL_STATUSES = ("active", "expired")
-
-
-class CredentialCreateSchema(Schema):
-    """POST /api/v1/credentials."""
-
-    class Meta:
-        unknown = RAISE
-
-    token = token_field("A Bakong token (JWT); stored, never shown again")
-    email = email_field("Registered Bakong email; tokens are renewed through it")
-
-    @validates_schema
-    def _something(self, data: dict[str, Any], **kwargs: Any) -> None:
-        if not data.get("token") and not data.get("email"):
-            raise ValidationError("give token, email or both", field_name="token")
 
 
 class CredentialListQuerySchema(Schema):

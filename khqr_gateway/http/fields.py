@@ -9,7 +9,15 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import orjson
-from marshmallow import Schema, ValidationError, fields, validate, validates, validates_schema
+from marshmallow import (
+    RAISE,
+    Schema,
+    ValidationError,
+    fields,
+    validate,
+    validates,
+    validates_schema,
+)
 
 from khqr_gateway.deliveries.ssrf import client_url
 
@@ -255,3 +263,18 @@ class Md5PathSchema(Schema):
 
 class JobIdPathSchema(Schema):
     jobId = fields.UUID(required=True, metadata={"description": "The transaction's jobId"})
+
+
+class CredentialCreateSchema(Schema):
+    """A Bakong credential: POST /api/v1/credentials, and an app's `bakong`."""
+
+    class Meta:
+        unknown = RAISE
+
+    token = token_field("A Bakong token (JWT); stored, never shown again")
+    email = email_field("Registered Bakong email; tokens are renewed through it")
+
+    @validates_schema
+    def _something(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if not data.get("token") and not data.get("email"):
+            raise ValidationError("give token, email or both", field_name="token")

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from marshmallow import Schema, ValidationError
 
-from khqr_gateway.http import apps, compat, credentials, deliveries, khqr, transactions
+from khqr_gateway.http import apps, compat, credentials, deliveries, fields, khqr, transactions
 from khqr_gateway.http.errors import ApiError
 from khqr_gateway.http.quickload import quick_load_create
 from khqr_gateway.http.request import load
@@ -66,7 +66,7 @@ REQUEST_SCHEMAS: list[type[Schema]] = [
     khqr.KhqrCreateSchema,
     deliveries.DeliveryListQuerySchema,
     deliveries.DeliveryRetryFilterSchema,
-    credentials.CredentialCreateSchema,
+    fields.CredentialCreateSchema,
     credentials.CredentialListQuerySchema,
     apps.AppCreateSchema,
     apps.AppUpdateSchema,
