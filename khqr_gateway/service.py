@@ -314,16 +314,18 @@ class Service:
         # stats with what they made expects the very number), so no table is counted.
         by_app = await counts.fold_and_read(self.pool)
         by_kind = counts.total(by_app)
+        # The gateway's oldest pending transaction is the oldest of every app's.
+        oldest_by_app = await tx_store.oldest_pending_by_app(self.pool)
         figures = Figures(
             transactions=by_kind["transactions"],
             deliveries=by_kind["deliveries"],
             queues=queues,
             poll_lag_s=round(max(0.0, lag_ms / 1000), 3),
-            oldest_pending_s=await tx_store.oldest_pending_seconds(self.pool),
+            oldest_pending_s=max(oldest_by_app.values(), default=None),
             late_payments=by_kind["late"],
             read_at=now,
             by_app=by_app,
-            oldest_by_app=await tx_store.oldest_pending_by_app(self.pool),
+            oldest_by_app=oldest_by_app,
         )
         self.figures = figures
         _export(figures)

@@ -591,13 +591,3 @@ async def oldest_pending_by_app(pool: asyncpg.Pool) -> dict[str, float]:
         """
     )
     return {r["id"]: float(r["age"]) for r in rows}
-
-
-async def oldest_pending_seconds(pool: asyncpg.Pool) -> float | None:
-    """How long the oldest pending transaction has waited; None when none is pending. One
-    index entry (transactions_status_created), however many rows are final."""
-    age = await pool.fetchval(
-        "select extract(epoch from now() - min(created_at)) from transactions"
-        " where status = 'pending'"
-    )
-    return float(age) if age is not None else None
