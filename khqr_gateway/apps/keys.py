@@ -56,10 +56,10 @@ class TtlCache(Generic[K, V]):
     def clear(self) -> None:
         self._entries.clear()
 
-    def has(self, key: K) -> bool:
-        """Whether `key` is remembered now (no load)."""
+    def peek(self, key: K) -> V | None:
+        """The value remembered for `key` now, without loading it; None when there is none."""
         entry = self._entries.get(key)
-        return entry is not None and entry.until > self.clock()
+        return entry.value if entry is not None and entry.until > self.clock() else None
 
     async def get(self, key: K) -> V:
         entry = self._entries.get(key)
@@ -128,8 +128,7 @@ class KeyCache:
 
     def knows(self, presented: str) -> bool:
         """Whether this key was found (a valid key's app) at the last look, within the TTL."""
-        digest = key_hash(presented)
-        return self._keys.has(digest) and self._keys._entries[digest].value is not None
+        return self._keys.peek(key_hash(presented)) is not None
 
     async def app(self, app_id: str) -> App | None:
         """The app with this id (disabled ones too), as read at most `ttl_s` ago."""
