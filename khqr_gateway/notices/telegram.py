@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 PHNOM_PENH = ZoneInfo("Asia/Phnom_Penh")
 LEASE_S = 30.0
+IDLE_S = 5.0
 SEND_TIMEOUT_S = 15.0
 RESPONSE_BODY_LIMIT = 4096
 # Telegram asks for a pause with 429 `parameters.retry_after`; more than this is a bot
@@ -197,11 +198,17 @@ class Notifier:
         self._since: datetime | None = None
         self._tokens: dict[str, str] = {}  # app id to its bot's token, as last read
         self._bots: dict[str, BotApi] = {}  # token to its bot
+        self._idle_until = 0.0  # no chat anywhere: the apps are asked again from then
 
     async def tick(self) -> None:
         """Make the notices of new payments, then send what is due."""
+        if time.monotonic() < self._idle_until:
+            return
         chats = await self._chats()
         if not chats:
+            # A gateway without Telegram asks its apps every IDLE_S, not every tick; an app
+            # given a chat meanwhile misses nothing (the first sweep looks back).
+            self._idle_until = time.monotonic() + IDLE_S
             return
         if self._since is None:
             self._since = await store.sweep_start(self.pool)
