@@ -146,7 +146,18 @@ class Credentials:
         if known is not None and known[1] == token:
             self._known.move_to_end(key)
             return known[0]
-        cred = await credential_store.upsert_credential(
+        cred, _ = await self._store(token, email, app_id)
+        self._known[key] = (cred.id, token)
+        if len(self._known) > KNOWN_MAX:
+            self._known.popitem(last=False)
+        return cred.id
+
+    async def _store(
+        self, token: str | None, email: str | None, app_id: str
+    ) -> tuple[Credential, bool]:
+        """Store the app's credential of this token or email (the token's expiry read from
+        it), forgetting what this process held of it."""
+        cred, created = await credential_store.save_credential(
             self.pool,
             token=token,
             email=email,
@@ -154,10 +165,7 @@ class Credentials:
             app_id=app_id,
         )
         self._cache.pop(cred.id, None)
-        self._known[key] = (cred.id, token)
-        if len(self._known) > KNOWN_MAX:
-            self._known.popitem(last=False)
-        return cred.id
+        return cred, created
 
     async def save(
         self, *, token: str | None, email: str | None, app_id: str = DEFAULT_APP_ID
@@ -167,14 +175,7 @@ class Credentials:
         An email credential without a usable token is renewed at once, so that the answer
         says whether the email works.
         """
-        cred, created = await credential_store.save_credential(
-            self.pool,
-            token=token,
-            email=email,
-            expires_at=jwt_expiry(token) if token else None,
-            app_id=app_id,
-        )
-        self._cache.pop(cred.id, None)
+        cred, created = await self._store(token, email, app_id)
         if cred.email and _usable(cred, None) is None:
             with contextlib.suppress(NoToken):
                 await self.renew(cred.id, stale=cred.token, rejected=False)
