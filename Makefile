@@ -30,15 +30,17 @@ $(ORACLE_STAMP): $(ORACLE)/package-lock.json
 run: $(RUN_STAMP)
 	$(BIN)/khqr-gateway serve
 
+# Each worker has a database of its own, and each test a Redis namespace of its own.
+TEST_WORKERS ?= 2
 test: $(DEV_STAMP) $(ORACLE_STAMP)
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # The core, crash and two-process tests again on a local Redis Cluster (6 redis-server
 # nodes the session starts), plus a failover: see tests/cluster.py.
 CLUSTER_TESTS := tests/http/test_transactions.py tests/transactions/test_events.py \
 	tests/scenarios/test_crash.py tests/scenarios/test_cluster.py
 test-cluster: $(DEV_STAMP) $(ORACLE_STAMP)
-	TEST_REDIS_CLUSTER=1 $(BIN)/pytest $(PYTEST_ARGS) $(CLUSTER_TESTS)
+	TEST_REDIS_CLUSTER=1 $(BIN)/pytest -n 0 $(PYTEST_ARGS) $(CLUSTER_TESTS)
 
 sandbox: $(RUN_STAMP)
 	$(BIN)/khqr-gateway sandbox
