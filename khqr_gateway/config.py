@@ -14,6 +14,7 @@ from dotenv import dotenv_values
 
 from khqr_gateway.deliveries.retry import DEFAULT_SCHEDULE, parse_schedule
 from khqr_gateway.deliveries.signing import SecretError, parse_secrets
+from khqr_gateway.notices.model import LANGUAGES
 from khqr_gateway.transactions.model import LateWindow
 
 PRODUCTION_BAKONG_URL = "https://api-bakong.nbc.gov.kh"
@@ -219,8 +220,8 @@ def _namespace(value: str) -> str:
 
 
 def _language(value: str) -> str:
-    if value not in ("en", "km"):
-        raise ValueError("must be en or km")
+    if value not in LANGUAGES:
+        raise ValueError("must be " + " or ".join(LANGUAGES))
     return value
 
 

@@ -27,6 +27,7 @@ from khqr_gateway.infra import db, idempotency, keyset
 from khqr_gateway.infra.broadcast import Broadcast
 from khqr_gateway.infra.keys import keys
 from khqr_gateway.infra.locks import Locks
+from khqr_gateway.infra.peaks import HourlyPeaks
 from khqr_gateway.infra.ratelimit import PerSecond, RateLimit
 from khqr_gateway.infra.schedule import RedisClient, Schedule, connect
 from khqr_gateway.infra.scheduler import Ticks
@@ -100,6 +101,7 @@ class Service:
     keys: KeyCache
     signing: SigningKeys
     app_changes: Broadcast
+    lag_peaks: HourlyPeaks
     ticks: Ticks = field(default_factory=Ticks)
     started_at: float = field(default_factory=time.time)
     figures: Figures | None = None  # None until the figures tick first ran
@@ -191,6 +193,7 @@ class Service:
                 on_message=lambda _: _forget(keys_cache, signing),
                 on_connect=lambda _: _forget(keys_cache, signing),
             ),
+            lag_peaks=HourlyPeaks(redis, names["lag_peaks"]),
         )
         if settings.telegram_bot_token:
             service.bot = BotApi(settings.telegram_api_url, settings.telegram_bot_token)
@@ -309,7 +312,8 @@ class Service:
         }
         oldest_due_ms = await self.polls.oldest_due_ms()
         now = datetime.now(UTC)
-        lag_ms = times.to_ms(now) - oldest_due_ms if oldest_due_ms is not None else 0
+        lag_ms = max(0, times.to_ms(now) - oldest_due_ms) if oldest_due_ms is not None else 0
+        await self.lag_peaks.record(times.to_ms(now), lag_ms)
         # Kept by triggers (exact, not pg_class estimates: a test or an operator comparing
         # stats with what they made expects the very number), so no table is counted.
         by_app = await counts.fold_and_read(self.pool)
@@ -320,7 +324,7 @@ class Service:
             transactions=by_kind["transactions"],
             deliveries=by_kind["deliveries"],
             queues=queues,
-            poll_lag_s=round(max(0.0, lag_ms / 1000), 3),
+            poll_lag_s=round(lag_ms / 1000, 3),
             oldest_pending_s=max(oldest_by_app.values(), default=None),
             late_payments=by_kind["late"],
             read_at=now,

@@ -47,6 +47,7 @@ class App:
     telegram_chat_id: str | None = None
     # A secret: kept out of repr so that no log line or traceback shows it.
     telegram_bot_token: str | None = field(default=None, repr=False)
+    telegram_language: str = "en"  # en or km: the words of its Telegram notices
     rate_limit: int | None = None
     disabled_at: datetime | None = None
     created_at: datetime | None = None
@@ -70,6 +71,7 @@ class AppChanges(TypedDict, total=False):
     credential_id: int | None
     telegram_chat_id: str | None
     telegram_bot_token: str | None
+    telegram_language: str
     rate_limit: int | None
 
 

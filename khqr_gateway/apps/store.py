@@ -22,7 +22,7 @@ from khqr_gateway.apps.model import (
 
 APP_COLUMNS = (
     "id, name, webhook_url, merchant, credential_id, telegram_chat_id, telegram_bot_token,"
-    " rate_limit, disabled_at, created_at, updated_at"
+    " telegram_language, rate_limit, disabled_at, created_at, updated_at"
 )
 KEY_COLUMNS = "id, app_id, prefix, created_at, expires_at, last_used_at, revoked_at"
 # What an update may set: the settings, never an id, a time or whether it is disabled.
@@ -65,6 +65,7 @@ async def create(
     credential_id: int | None = None,
     telegram_chat_id: str | None = None,
     telegram_bot_token: str | None = None,
+    telegram_language: str = "en",
     rate_limit: int | None = None,
     key_expires_at: datetime | None = None,
     app_id: str | None = None,
@@ -75,8 +76,8 @@ async def create(
         row = await conn.fetchrow(
             f"""
             insert into apps (id, name, webhook_url, merchant, credential_id, telegram_chat_id,
-                              telegram_bot_token, rate_limit)
-            values ($1, $2, $3, $4::jsonb, $5, $6, $7, $8)
+                              telegram_bot_token, telegram_language, rate_limit)
+            values ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9)
             returning {APP_COLUMNS}
             """,
             app_id or new_app_id(),
@@ -86,6 +87,7 @@ async def create(
             credential_id,
             telegram_chat_id,
             telegram_bot_token,
+            telegram_language,
             rate_limit,
         )
         key = await _insert_key(conn, row["id"], key_expires_at)

@@ -48,6 +48,7 @@ from khqr_gateway.http.json import iso, json_response
 from khqr_gateway.http.openapi import errors, links, operation_ref
 from khqr_gateway.http.paging import page_response, page_schema
 from khqr_gateway.http.request import caller_of, load, load_body, load_query, read_json
+from khqr_gateway.notices.model import LANGUAGES
 from khqr_gateway.service import SERVICE_KEY, Service
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,11 @@ class TelegramSchema(Schema):
         validate=Pattern(CHAT_ID_RE, error="must be a chat id (-1001234567890) or @channel"),
         metadata={"description": "A chat id (a number, given as a string or not) or @channel"},
     )
+    language = fields.String(
+        load_default="en",
+        validate=validate.OneOf(LANGUAGES),
+        metadata={"description": "The words of its notices: en (English) or km (Khmer)"},
+    )
 
     @pre_load
     def _chat_id_as_text(self, data: Any, **kwargs: Any) -> Any:
@@ -225,6 +231,7 @@ class AppKeyPathSchema(AppIdPathSchema):
 
 class TelegramChatSchema(Schema):
     chatId = fields.String(required=True)
+    language = fields.String(required=True, validate=validate.OneOf(LANGUAGES))
 
 
 class AppSchema(Schema):
@@ -333,7 +340,11 @@ def app_json(app: App, settings: Settings) -> dict[str, Any]:
         "webhookUrl": app.webhook_url,
         "merchant": merchant_json(app.merchant),
         "credentialId": app.credential_id,
-        "telegram": {"chatId": app.telegram_chat_id} if app.telegram_chat_id else None,
+        "telegram": (
+            {"chatId": app.telegram_chat_id, "language": app.telegram_language}
+            if app.telegram_chat_id
+            else None
+        ),
         "rateLimit": app.rate_limit,
         "createdAt": iso(app.created_at),
         "updatedAt": iso(app.updated_at),
@@ -355,6 +366,7 @@ def as_configured(app: App, settings: Settings) -> App:
         credential_id=None,
         telegram_chat_id=settings.telegram_chat_id if notifies else None,
         telegram_bot_token=None,
+        telegram_language=settings.telegram_language,
         rate_limit=settings.api_rate_limit or None,
     )
 
@@ -450,6 +462,7 @@ async def _changes(service: Service, app_id: str, data: dict[str, Any]) -> AppCh
         telegram = data["telegram"] or {}
         changes["telegram_chat_id"] = telegram.get("chatId")
         changes["telegram_bot_token"] = telegram.get("botToken")
+        changes["telegram_language"] = telegram.get("language", "en")
     if "rateLimit" in data:
         changes["rate_limit"] = data["rateLimit"]
     if "bakong" in data:  # last: only a request valid in every other field registers one
@@ -540,6 +553,7 @@ async def post_app(request: web.Request) -> web.Response:
             credential_id=changes.get("credential_id"),
             telegram_chat_id=changes.get("telegram_chat_id"),
             telegram_bot_token=changes.get("telegram_bot_token"),
+            telegram_language=changes.get("telegram_language", "en"),
             rate_limit=changes.get("rate_limit"),
         )
     log.info("app created", extra={"appId": app.id, "keyId": key.id})

@@ -210,6 +210,13 @@ class HourSchema(Schema):
     delivered = fields.Integer(metadata={"description": "Webhooks made this hour, delivered"})
     failed = fields.Integer()
     retrying = fields.Integer()
+    pollLagSeconds = fields.Float(
+        allow_none=True,
+        metadata={
+            "description": "The highest poll lag the gateway saw this hour (of every app); "
+            "null for an hour no gateway process ran in"
+        },
+    )
 
 
 class HourlySchema(Schema):
@@ -220,13 +227,16 @@ class HourlySchema(Schema):
     tags=["transactions"],
     summary="The last 24 hours, hour by hour: payments and webhook outcomes",
     description="What the dashboard's charts draw: per hour (UTC), payments and mismatches "
-    "completed, and the webhooks made that hour by their outcome so far.",
+    "completed, the webhooks made that hour by their outcome so far, and the gateway's "
+    "highest poll lag.",
     responses=errors(401),
 )
 @response_schema(HourlySchema, 200)
 async def hourly_report(request: web.Request) -> web.Response:
     """GET /api/v1/reports/hourly."""
-    rows = await store.hourly(request.app[SERVICE_KEY].pool, app_of(request))
+    service = request.app[SERVICE_KEY]
+    rows = await store.hourly(service.pool, app_of(request))
+    lag_ms = await service.lag_peaks.read()
     return json_response(
         {
             "data": [
@@ -237,8 +247,13 @@ async def hourly_report(request: web.Request) -> web.Response:
                     "delivered": r.delivered,
                     "failed": r.failed,
                     "retrying": r.retrying,
+                    "pollLagSeconds": _seconds(lag_ms.get(int(r.hour.timestamp()))),
                 }
                 for r in rows
             ]
         }
     )
+
+
+def _seconds(ms: int | None) -> float | None:
+    return None if ms is None else ms / 1000

@@ -25,6 +25,8 @@ class RedisKeys(TypedDict):
     api_rate: str
     # The pub/sub channel on which a process says an app's keys or secrets changed.
     apps: str
+    # Per hour, the highest poll lag any process saw (ms): the dashboard's lag chart.
+    lag_peaks: str
 
 
 def keys(namespace: str) -> RedisKeys:
@@ -42,6 +44,7 @@ def keys(namespace: str) -> RedisKeys:
         "bakong_renew": f"{tag}:bakong:renew",
         "api_rate": f"{tag}:api:rate",
         "apps": f"{tag}:apps",
+        "lag_peaks": f"{tag}:figures:lag",
     }
 
 

@@ -10,6 +10,9 @@ from uuid import UUID
 
 from khqr_gateway.transactions.model import Status
 
+# The languages a notice is written in: an app's `telegram.language`, TELEGRAM_LANGUAGE.
+LANGUAGES = ("en", "km")
+
 
 class NoticeStatus(StrEnum):
     PENDING = "pending"
@@ -41,6 +44,7 @@ class AppChat:
     app_id: str
     chat_id: str
     bot_token: str = field(repr=False)
+    language: str = "en"
 
 
 @dataclass(frozen=True, slots=True)

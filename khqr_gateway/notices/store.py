@@ -63,7 +63,8 @@ async def app_chats(pool: asyncpg.Pool) -> list[AppChat]:
     """The apps told of their payments on Telegram (disabled ones too: their pending payments
     are still reported)."""
     rows = await pool.fetch(
-        "select id as app_id, telegram_chat_id as chat_id, telegram_bot_token as bot_token"
+        "select id as app_id, telegram_chat_id as chat_id, telegram_bot_token as bot_token,"
+        " telegram_language as language"
         " from apps where telegram_chat_id is not null and telegram_bot_token is not null"
     )
     return [row_as(AppChat, r) for r in rows]

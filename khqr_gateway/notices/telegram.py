@@ -197,6 +197,7 @@ class Notifier:
         self.api_url = api_url
         self._since: datetime | None = None
         self._tokens: dict[str, str] = {}  # app id to its bot's token, as last read
+        self._languages: dict[str, str] = {}  # app id to its notices' language, as last read
         self._bots: dict[str, BotApi] = {}  # token to its bot
         self._idle_until = 0.0  # no chat anywhere: the apps are asked again from then
 
@@ -225,6 +226,7 @@ class Notifier:
         chats = {DEFAULT_APP_ID: self.chat_id} if self.chat_id else {}
         found = await store.app_chats(self.pool)
         self._tokens = {c.app_id: c.bot_token for c in found}
+        self._languages = {c.app_id: c.language for c in found if c.app_id != DEFAULT_APP_ID}
         chats.update({c.app_id: c.chat_id for c in found if c.app_id != DEFAULT_APP_ID})
         return chats
 
@@ -251,7 +253,8 @@ class Notifier:
         if bot is None:  # the app's Telegram was removed since: nobody to tell
             answer = BotAnswer(None, "the app has no Telegram bot any more", None, None)
         else:
-            answer = await bot.send(notice.chat_id, message_text(notice, self.language))
+            language = self._languages.get(notice.app_id, self.language)
+            answer = await bot.send(notice.chat_id, message_text(notice, language))
         duration_ms = times.seconds_to_ms(time.monotonic() - clock)
         return self._outcome(notice, answer, started, duration_ms)
 

@@ -203,6 +203,12 @@
     });
     bars("chart-hooks", rates, 100, hours.map((h, i) => label(h) + ": " + rates[i].toFixed(0) +
       "% delivered (" + h.delivered + " of " + (h.delivered + h.failed + h.retrying) + ")"), "bar hooks");
+    // null: no gateway process ran that hour, which is not the same as no lag.
+    const lags = hours.map((h) => h.pollLagSeconds == null ? 0 : h.pollLagSeconds);
+    bars("chart-lag", lags, Math.max(1, ...lags), hours.map((h) => label(h) + ": " +
+      (h.pollLagSeconds == null ? "no gateway running" : "poll lag up to " +
+        h.pollLagSeconds.toFixed(1) + " s")), "bar lag");
+    $("lag-peak").textContent = "(peak " + Math.max(0, ...lags).toFixed(1) + " s)";
   }
 
   function listQuery() {

@@ -178,26 +178,28 @@ async def daily_report(pool: asyncpg.Pool, app_id: str, first: date, last: date)
 
 
 # The dashboard's charts: two range reads of indexes (transactions_finished,
-# deliveries_created) over the last 24 hours, grouped by hour.
+# deliveries_created) over the last 24 hours, grouped by UTC hour whatever the server's
+# TimeZone (the poll-lag peaks beside them are kept by UTC hour).
 HOURLY_SQL = """
     with hours as (
-        select generate_series(date_trunc('hour', now()) - interval '23 hours',
-                               date_trunc('hour', now()), interval '1 hour') as hour
+        select generate_series(date_trunc('hour', now(), 'UTC') - interval '23 hours',
+                               date_trunc('hour', now(), 'UTC'), interval '1 hour') as hour
     ), paid as (
-        select date_trunc('hour', completed_at) as hour,
+        select date_trunc('hour', completed_at, 'UTC') as hour,
                count(*) filter (where status = 'success') as paid,
                count(*) filter (where status = 'mismatch') as mismatch
         from transactions
-        where not superseded and completed_at >= date_trunc('hour', now()) - interval '23 hours'
+        where not superseded
+          and completed_at >= date_trunc('hour', now(), 'UTC') - interval '23 hours'
           and status in ('success', 'mismatch') and app_id = $1
         group by 1
     ), hooks as (
-        select date_trunc('hour', created_at) as hour,
+        select date_trunc('hour', created_at, 'UTC') as hour,
                count(*) filter (where status = 'delivered') as delivered,
                count(*) filter (where status = 'failed') as failed,
                count(*) filter (where status = 'pending' and attempt_count > 0) as retrying
         from deliveries
-        where app_id = $1 and created_at >= date_trunc('hour', now()) - interval '23 hours'
+        where app_id = $1 and created_at >= date_trunc('hour', now(), 'UTC') - interval '23 hours'
         group by 1
     )
     select hours.hour, coalesce(paid.paid, 0) as paid, coalesce(paid.mismatch, 0) as mismatch,

@@ -89,7 +89,10 @@ async def test_an_app_is_made_with_its_settings_a_key_and_a_secret_shown_once(
     assert made["apiKey"]["id"].startswith("key_")
     assert made["apiKey"]["key"].startswith("kgw_") and made["webhookSecret"].startswith("whsec_")
     shown = {k: v for k, v in made.items() if k not in ("apiKey", "webhookSecret")}
-    assert shown["merchant"] == MERCHANT and shown["telegram"] == {"chatId": "-1001234567890"}
+    assert shown["merchant"] == MERCHANT and shown["telegram"] == {
+        "chatId": "-1001234567890",
+        "language": "en",
+    }
     assert (shown["status"], shown["isDefault"], shown["rateLimit"]) == ("active", False, 50)
     assert shown["credentialId"] is None and shown["disabledAt"] is None
     # Never again: not in a read, not in the list (call() checks every answer for them).
@@ -197,6 +200,10 @@ async def test_an_unknown_app_is_404_on_every_route(gw: Gateway, app_id: str) ->
         ),
         ({"name": "Shop", "telegram": {"botToken": BOT_TOKEN, "chatId": "4 2"}}, "telegram.chatId"),
         ({"name": "Shop", "telegram": {"chatId": "42"}}, "telegram.botToken"),
+        (
+            {"name": "Shop", "telegram": {"botToken": BOT_TOKEN, "chatId": "42", "language": "fr"}},
+            "telegram.language",
+        ),
         ({"name": "Shop", "rateLimit": 0}, "rateLimit"),
         ({"name": "Shop", "rateLimit": 1_000_001}, "rateLimit"),
         ({"name": "Shop", "rateLimit": "5"}, "rateLimit"),
@@ -277,6 +284,10 @@ async def test_a_patch_sets_what_it_gives_and_null_clears(gw: Gateway) -> None:
     status, changed = await call(gw, "PATCH", path, body={"name": "Shop 2", "rateLimit": None})
     assert status == 200
     assert (changed["name"], changed["rateLimit"]) == ("Shop 2", None)
+    assert changed["telegram"] == {"chatId": "@shopnews", "language": "en"}
+    khmer = {"telegram": {"botToken": BOT_TOKEN, "chatId": "@shopnews", "language": "km"}}
+    status, changed = await call(gw, "PATCH", path, body=khmer)
+    assert status == 200 and changed["telegram"] == {"chatId": "@shopnews", "language": "km"}
     assert changed["merchant"] == MERCHANT and changed["webhookUrl"] == "https://shop.example/hook"
     assert changed["updatedAt"] > made["updatedAt"]
     status, cleared = await call(
@@ -503,7 +514,7 @@ async def test_the_default_app_shows_what_the_environment_sets_but_no_secret(
         "merchantCity": "Phnom Penh",
     }
     assert (own["telegram"], own["rateLimit"], own["credentialId"]) == (
-        {"chatId": "-100555"},
+        {"chatId": "-100555", "language": "en"},
         250,
         None,
     )

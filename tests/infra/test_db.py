@@ -184,6 +184,7 @@ async def test_rows_from_before_app_columns_are_the_default_apps(
         "016_app_uniques",
         "017_app_counts",
         "018_app_credentials",
+        "019_app_language",
     ]
     for table in APP_TABLES:
         apps = await blank.fetch(f"select distinct app_id from {table}")

@@ -264,7 +264,7 @@ async def test_each_app_is_told_of_its_own_payments_by_its_own_bot(
     receiver: Receiver,
 ) -> None:
     """The default app's payments go to TELEGRAM_CHAT_ID; an app with `telegram` gets its
-    own, through its own bot, and no other app's."""
+    own, through its own bot, in its own language, and no other app's."""
     from khqr_gateway.apps import store as apps
 
     shop_bot = FakeBotApi(token=secret(f"777:{secrets.token_urlsafe(26)}"))
@@ -277,7 +277,11 @@ async def test_each_app_is_told_of_its_own_payments_by_its_own_bot(
         telegram_chat_id="-100123",
     )
     _, key, webhook_secret = await apps.create(
-        gw.service.pool, "Noodle Bar", telegram_chat_id="-100777", telegram_bot_token=shop_bot.token
+        gw.service.pool,
+        "Noodle Bar",
+        telegram_chat_id="-100777",
+        telegram_bot_token=shop_bot.token,
+        telegram_language="km",
     )
     secret(key.key)
     secret(webhook_secret)
@@ -295,6 +299,8 @@ async def test_each_app_is_told_of_its_own_payments_by_its_own_bot(
     await asyncio.sleep(1.0)  # more ticks: still one message each
     assert (len(shop_bot.calls), len(bot.calls)) == (1, 1)
     assert theirs["chat_id"] == "-100777" and ours["chat_id"] == "-100123"
+    assert theirs["text"].startswith("✅ បានទទួលការទូទាត់"), "the shop's in Khmer"
+    assert ours["text"].startswith("✅ Payment received"), "TELEGRAM_LANGUAGE's default: English"
 
 
 def _by_token(*bots: FakeBotApi) -> Any:

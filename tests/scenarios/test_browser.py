@@ -604,6 +604,12 @@ async def test_dashboard_shows_money_retrying_webhooks_search_and_one_transactio
         await tab.wait_for(f"{bars}.length === 24")
         assert float(await tab.evaluate(f"[...{bars}].at(-1).getAttribute('height')")) > 50
         assert "1 paid" in await tab.evaluate(f"[...{bars}].at(-1).textContent")
+        # The poll lag: this hour's peak as the figures tick saw it, earlier hours had none.
+        lag = "document.querySelectorAll('#chart-lag rect')"
+        await tab.wait_for(f"{lag}.length === 24")
+        assert "poll lag up to" in await tab.evaluate(f"[...{lag}].at(-1).textContent")
+        assert "no gateway running" in await tab.evaluate(f"[...{lag}].at(0).textContent")
+        assert "peak" in await tab.evaluate("document.getElementById('lag-peak').textContent")
         shot = tmp_path / "dashboard.png"
         shot.write_bytes(base64.b64decode((await tab.send("Page.captureScreenshot"))["data"]))
         # The search box asks the API's q= and shows only what it finds.

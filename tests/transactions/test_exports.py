@@ -17,7 +17,7 @@ import asyncpg
 import orjson
 
 from khqr_gateway.apps.model import DEFAULT_APP_ID
-from tests.conftest import Gateway, random_md5
+from tests.conftest import Gateway, GatewayFactory, random_md5
 
 PP = ZoneInfo("Asia/Phnom_Penh")
 HEADER = (
@@ -336,3 +336,20 @@ async def test_hourly_figures_count_payments_and_webhook_outcomes_of_the_last_da
     assert hours[-2]["paid"] == 1
     assert sum(h["paid"] for h in hours) == 3, "30 hours ago is outside the day"
     assert (last["delivered"], last["failed"], last["retrying"]) == (2, 1, 1)
+
+
+async def test_hourly_figures_show_the_highest_poll_lag_the_gateway_saw_each_hour(
+    make_gateway: GatewayFactory,
+) -> None:
+    gateway = await make_gateway(run_ticks=False)
+    service = gateway.service
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+    await service.polls.add([(str(uuid.uuid4()), now_ms - 4_200)])
+    await service.refresh_figures()
+    await service.polls.add([(str(uuid.uuid4()), now_ms - 1_000)])
+    await service.refresh_figures()  # a lower lag later in the hour: the peak stays
+    status, body = await gateway.get("/api/v1/reports/hourly")
+    assert status == 200, body
+    *earlier, last = body["data"]
+    assert 4.2 <= last["pollLagSeconds"] < 10, last
+    assert all(h["pollLagSeconds"] is None for h in earlier), "no gateway ran those hours"
