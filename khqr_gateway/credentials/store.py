@@ -97,6 +97,17 @@ async def save_credential(
     return _credential(row), bool(row["inserted"])
 
 
+async def delete_unowned_credentials(pool: asyncpg.Pool, app_id: str) -> int:
+    """Delete the credentials made for `app_id` if no such app exists (one whose create
+    lost a race for its name); none of an app that does."""
+    result = await pool.execute(
+        "delete from credentials where app_id = $1"
+        " and not exists (select 1 from apps where id = $1)",
+        app_id,
+    )
+    return int(result.split()[-1])
+
+
 async def credentials_by_id(pool: asyncpg.Pool, ids: Sequence[int]) -> dict[int, Credential]:
     rows = await pool.fetch(
         f"select {CREDENTIAL_COLUMNS} from credentials where id = any($1::bigint[])",

@@ -8,7 +8,7 @@ import contextlib
 import dataclasses
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -40,6 +40,7 @@ from khqr_gateway.apps.model import (
 )
 from khqr_gateway.bakong import khqr
 from khqr_gateway.config import Settings
+from khqr_gateway.credentials import store as credential_store
 from khqr_gateway.credentials.model import token_expired
 from khqr_gateway.deliveries.ssrf import AddressPolicy
 from khqr_gateway.http.errors import ApiError, invalid
@@ -486,6 +487,17 @@ def _name_taken() -> ApiError:
     return ApiError(409, "name_taken", "an enabled app has this name (names ignore case)")
 
 
+@contextlib.asynccontextmanager
+async def _forget_credentials_unless_made(service: Service, app_id: str) -> AsyncIterator[None]:
+    """A create that fails after its credential was registered (another create took the
+    name since it was checked) leaves no credential under an app that never was."""
+    try:
+        yield
+    except Exception:
+        await credential_store.delete_unowned_credentials(service.pool, app_id)
+        raise
+
+
 @contextlib.contextmanager
 def _unique_name() -> Iterator[None]:
     """409 for a name another enabled app has (the unique index apps_name says so)."""
@@ -543,19 +555,20 @@ async def post_app(request: web.Request) -> web.Response:
         raise _name_taken()
     app_id = new_app_id()  # before the app: its credential is made for it
     changes = await _changes(service, app_id, data)
-    with _unique_name():
-        app, key, secret = await store.create(
-            service.pool,
-            data["name"],
-            app_id=app_id,
-            webhook_url=changes.get("webhook_url"),
-            merchant=changes.get("merchant"),
-            credential_id=changes.get("credential_id"),
-            telegram_chat_id=changes.get("telegram_chat_id"),
-            telegram_bot_token=changes.get("telegram_bot_token"),
-            telegram_language=changes.get("telegram_language", "en"),
-            rate_limit=changes.get("rate_limit"),
-        )
+    async with _forget_credentials_unless_made(service, app_id):
+        with _unique_name():
+            app, key, secret = await store.create(
+                service.pool,
+                data["name"],
+                app_id=app_id,
+                webhook_url=changes.get("webhook_url"),
+                merchant=changes.get("merchant"),
+                credential_id=changes.get("credential_id"),
+                telegram_chat_id=changes.get("telegram_chat_id"),
+                telegram_bot_token=changes.get("telegram_bot_token"),
+                telegram_language=changes.get("telegram_language", "en"),
+                rate_limit=changes.get("rate_limit"),
+            )
     log.info("app created", extra={"appId": app.id, "keyId": key.id})
     body = app_json(app, service.settings)
     body["apiKey"] = {"id": key.id, "key": key.key}

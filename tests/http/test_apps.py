@@ -4,6 +4,7 @@ app at /api/v1/app."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -245,6 +246,37 @@ async def test_a_private_webhook_url_is_refused_in_production(
         gw, "PATCH", f"/api/v1/apps/{made['id']}", body={"webhookUrl": "http://10.0.0.1/h"}
     )
     assert status == 422 and "webhookUrl" in field_errors(refused)
+
+
+async def test_two_creates_racing_for_one_name_leave_no_credential_behind(gw: Gateway) -> None:
+    """The loser of the race is a 409, and the credential made for the app it never became
+    is gone (else it would sit under no app, renewed for nobody)."""
+    for n in range(5):
+        tokens = [
+            secret(make_token(f"race{n}-{i}@example.com", exp=int(time.time()) + 86_400))
+            for i in range(2)
+        ]
+        answers = await asyncio.gather(
+            *(
+                gw.client.post(
+                    "/api/v1/apps",
+                    json={"name": f"Race {n}", "bakong": {"token": token}},
+                    headers=bearer(ADMIN_KEY),
+                )
+                for token in tokens
+            )
+        )
+        assert sorted(a.status for a in answers) == [201, 409]
+        for answer in answers:
+            body = await answer.json()
+            if answer.status == 201:
+                secret(body["apiKey"]["key"])
+                secret(body["webhookSecret"])
+    orphans = await gw.service.pool.fetchval(
+        "select count(*) from credentials c where not exists (select 1 from apps a"
+        " where a.id = c.app_id)"
+    )
+    assert orphans == 0
 
 
 async def test_bakong_is_registered_as_a_credential_and_the_app_uses_it(
