@@ -103,6 +103,7 @@ def create_app(
     )
     app[SETTINGS_KEY] = settings
     app[exports.EXPORT_SLOTS] = asyncio.Semaphore(exports.EXPORTS_AT_ONCE)
+    app[exports.EXPORTING] = set()
     if settings.sandbox:
         # Before the sandbox's own mount, whose prefix would take its paths.
         app.add_subapp(MOUNT_PATH + "/telegram", create_bot_sandbox_app())

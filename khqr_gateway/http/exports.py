@@ -27,6 +27,9 @@ REPORT_DEFAULT_DAYS = 7
 # that exports can never starve the API of connections.
 EXPORTS_AT_ONCE = 2
 EXPORT_SLOTS: web.AppKey[asyncio.Semaphore] = web.AppKey("export_slots", asyncio.Semaphore)
+# The apps exporting in this process now: one export an app, so that one app can never hold
+# every slot while another waits.
+EXPORTING: web.AppKey[set[str]] = web.AppKey("exporting", set)
 CONTENT_TYPES = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson"}
 
 
@@ -97,16 +100,21 @@ REPORT_SCHEMA = DailyReportQuerySchema()
 async def export_transactions(request: web.Request) -> web.StreamResponse:
     """GET /api/v1/transactions/export?from=&to=&status=&format=csv|jsonl."""
     query = load_query(request, EXPORT_SCHEMA)
-    slots = request.app[EXPORT_SLOTS]
+    slots, exporting, app_id = request.app[EXPORT_SLOTS], request.app[EXPORTING], app_of(request)
+    if app_id in exporting:
+        raise _busy("an export of this app is running; retry when it ends")
     if slots.locked():
-        raise ApiError(
-            429,
-            "export_busy",
-            f"{EXPORTS_AT_ONCE} exports are running; retry when one ends",
-            headers={"Retry-After": "5"},
-        )
-    async with slots:
-        return await _stream(request, query)
+        raise _busy(f"{EXPORTS_AT_ONCE} exports are running; retry when one ends")
+    exporting.add(app_id)
+    try:
+        async with slots:
+            return await _stream(request, query)
+    finally:
+        exporting.discard(app_id)
+
+
+def _busy(message: str) -> ApiError:
+    return ApiError(429, "export_busy", message, headers={"Retry-After": "5"})
 
 
 async def _stream(request: web.Request, query: dict[str, Any]) -> web.StreamResponse:

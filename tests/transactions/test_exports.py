@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import os
@@ -17,7 +18,7 @@ import asyncpg
 import orjson
 
 from khqr_gateway.apps.model import DEFAULT_APP_ID
-from tests.conftest import Gateway, GatewayFactory, random_md5
+from tests.conftest import Gateway, GatewayFactory, random_md5, secret
 
 PP = ZoneInfo("Asia/Phnom_Penh")
 HEADER = (
@@ -353,3 +354,48 @@ async def test_hourly_figures_show_the_highest_poll_lag_the_gateway_saw_each_hou
     *earlier, last = body["data"]
     assert 4.2 <= last["pollLagSeconds"] < 10, last
     assert all(h["pollLagSeconds"] is None for h in earlier), "no gateway ran those hours"
+
+
+async def test_one_app_holds_one_export_slot_and_another_app_still_exports(
+    gateway: Gateway, pg: asyncpg.Connection
+) -> None:
+    """An export held open by a slow reader (the default app's) takes one of the process's
+    two slots: a second of that app waits its turn (429), another app's runs."""
+    from khqr_gateway.apps import store as apps
+
+    _, key, webhook_secret = await apps.create(gateway.service.pool, "Noodle Bar")
+    secret(key.key)
+    secret(webhook_secret)
+    other = {"Authorization": f"Bearer {key.key}"}
+    # About 12 MB of CSV: more than the sockets between us buffer, so an unread export waits.
+    await pg.execute(
+        """
+        insert into transactions (id, md5, status, webhook_url, deadline_at, completed_at,
+            metadata)
+        select gen_random_uuid(), md5(n::text), 'success', 'http://x/hook', now(), now(),
+               json_build_object('note', repeat('x', 2000))
+        from generate_series(1, 6000) n
+        """
+    )
+    path = "/api/v1/transactions/export"
+    held = await gateway.client.get(path, headers=gateway.headers)
+    assert held.status == 200
+    try:
+        again = await gateway.client.get(path, headers=gateway.headers)
+        assert again.status == 429, again.status
+        body = await again.json()
+        assert body["error"]["code"] == "export_busy" and "this app" in body["error"]["message"]
+        assert again.headers["Retry-After"] == "5"
+        theirs = await gateway.client.get(path, headers=other)
+        assert theirs.status == 200
+        assert (await theirs.read()).count(b"\n") == 1, "the header: none of the rows is theirs"
+    finally:
+        held.close()
+    # The slot is the app's again once its export ended.
+    deadline = asyncio.get_running_loop().time() + 5
+    while (
+        resp := await gateway.client.get(path + "?status=failed", headers=gateway.headers)
+    ).status == 429:
+        assert asyncio.get_running_loop().time() < deadline, "the slot was never given back"
+        await asyncio.sleep(0.1)
+    assert resp.status == 200
