@@ -13,20 +13,24 @@
     const app = sessionStorage.getItem(APP);
     if (app) auth["Khqr-App"] = app;
     const resp = await fetch(path, { ...options, headers: { ...auth, ...(options.headers || {}) } });
-    if (resp.status === 401) throw refused(key !== null);
+    if (resp.status === 401) throw refused(key);
     const body = await resp.json();
     if (!resp.ok) throw new Error((body.error && body.error.message) || resp.statusText);
     return body;
   }
 
   // A 401 before any key was given is how the page learns that it must ask for one: it
-  // asks, with no error. A key given and refused is said so, and forgotten.
-  function refused(given) {
+  // asks, with no error. A key given and refused is said so, and forgotten. A 401 to a
+  // request sent with another key than the one kept now (or with none, before a key was
+  // given: a slow answer of the first refresh) says nothing of the key kept now.
+  function refused(sent) {
+    const quiet = new Error("");
+    quiet.quiet = true;
+    if (sessionStorage.getItem(KEY) !== sent) return quiet;
     sessionStorage.removeItem(KEY);
     showLogin();
-    const err = new Error(given ? "That API key was refused: check it and try again." : "");
-    err.quiet = !given;
-    return err;
+    if (sent === null) return quiet;
+    return new Error("That API key was refused: check it and try again.");
   }
 
   function cell(text, className) {

@@ -289,6 +289,58 @@ async def test_dashboard_asks_for_a_key_without_an_error_until_one_is_refused(
         assert await tab.evaluate("!document.getElementById('login').hidden"), "asked again"
 
 
+async def test_a_401_to_a_request_sent_before_the_key_does_not_forget_the_key(
+    browser: Browser, make_gateway: Any
+) -> None:
+    """The first refresh, sent with no key, is answered 401 six times; the page asks for a
+    key at the first. A 401 that arrives after the key was given (a slow answer) says nothing
+    of that key: the key stays, the dashboard stays."""
+    key = "dashboard-key-" + "k" * 20
+    gw = await make_gateway(api_keys=(key,))
+    async with browser.tab() as tab:
+        # Hold the first refresh's hourly request, to answer it late.
+        await tab.send("Fetch.enable", patterns=[{"urlPattern": "*/api/v1/reports/hourly*"}])
+        await tab.navigate(str(gw.client.make_url("/queue")))
+        await tab.wait_for("!document.getElementById('login').hidden")
+        held = await _paused(tab, with_key=False)
+        await tab.evaluate(
+            f"document.getElementById('key').value = {json.dumps(key)};"
+            "document.getElementById('login').requestSubmit()"
+        )
+        keyed = await _paused(tab, with_key=True)
+        await tab.send("Fetch.continueRequest", requestId=keyed)
+        await tab.wait_for("!document.getElementById('main').hidden")
+        unauthorized = json.dumps({"error": {"code": "unauthorized", "message": "no key"}})
+        await tab.send(
+            "Fetch.fulfillRequest",
+            requestId=held,
+            responseCode=401,
+            responseHeaders=[{"name": "Content-Type", "value": "application/json"}],
+            body=base64.b64encode(unauthorized.encode()).decode(),
+        )
+        await tab.send("Fetch.disable")
+        await tab.evaluate("new Promise(r => setTimeout(r, 300))")
+        assert await tab.evaluate("sessionStorage.length") == 1, "the key was forgotten"
+        assert await tab.evaluate("document.getElementById('login').hidden"), "asked again"
+        assert await tab.evaluate("document.getElementById('error').hidden")
+
+
+async def _paused(tab: Tab, *, with_key: bool) -> str:
+    """The id of the next request the tab holds, sent with an Authorization or without."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for event in list(tab.events):
+            if event.get("method") != "Fetch.requestPaused":
+                continue
+            headers = {k.lower() for k in event["params"]["request"]["headers"]}
+            if ("authorization" in headers) == with_key:
+                tab.events.remove(event)
+                return str(event["params"]["requestId"])
+        await tab.evaluate("1")  # events arrive while a command waits
+        await asyncio.sleep(0.05)
+    raise AssertionError("no request was held")
+
+
 async def test_an_admin_key_picks_the_app_the_dashboard_shows(
     browser: Browser, make_gateway: Any, receiver: Receiver
 ) -> None:
