@@ -200,10 +200,14 @@ class RecentCalls:
     def __init__(self, minutes: int = 5) -> None:
         self.minutes = minutes
         self._buckets: dict[int, Counter[str]] = {}
+        self.last: tuple[float, str] | None = None  # when (epoch s) the newest call ended, how
 
     def add(self, outcome: str, now: float | None = None) -> None:
-        minute = int((time.time() if now is None else now) // 60)
+        at = time.time() if now is None else now
+        minute = int(at // 60)
         self._buckets.setdefault(minute, Counter())[outcome] += 1
+        if self.last is None or at >= self.last[0]:
+            self.last = (at, outcome)
         for old in [m for m in self._buckets if m <= minute - self.minutes]:
             del self._buckets[old]
 

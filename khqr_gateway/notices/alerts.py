@@ -18,7 +18,13 @@ log = logging.getLogger(__name__)
 
 CREDENTIAL_WARN_S = 3 * 86_400
 BAKONG_FAILING_S = 300.0
+# A Bakong call older than this says nothing of Bakong now.
+EVIDENCE_S = 60.0
 DELIVERIES_FAILING_S = 900
+# Deliveries that gave up are looked for among those made in the last 2 days (the default
+# retry schedule ends after 73 minutes), so that the query reads an index range, not every
+# failed delivery ever kept; a manual retry of an older one that fails again is not counted.
+GAVE_UP_LOOKBACK_S = 2 * 86400
 
 
 class Alert(StrEnum):
@@ -78,24 +84,37 @@ async def credential_problem(pool: asyncpg.Pool) -> str | None:
 
 
 async def deliveries_problem(pool: asyncpg.Pool) -> str | None:
-    """Webhooks being retried for 15 minutes or more, read from Postgres, so every
-    process and restart agrees on when the episode began."""
-    count = await pool.fetchval(
-        "select count(*) from deliveries where status = 'pending' and attempt_count > 0"
-        " and created_at < now() - $1 * interval '1 second'",
+    """Webhooks being retried for 15 minutes or more, or that gave up in the last 15 (run out
+    of retries: not delivered, so not "fine again"), read from Postgres, so every process
+    and restart agrees on when the episode began."""
+    row = await pool.fetchrow(
+        """
+        select count(*) filter (where status = 'pending') as retrying,
+               count(*) filter (where status = 'failed') as gave_up
+        from deliveries
+        where (status = 'pending' and attempt_count > 0
+               and created_at < now() - $1 * interval '1 second')
+           or (status = 'failed' and created_at >= now() - $2 * interval '1 second'
+               and last_attempt_at >= now() - $1 * interval '1 second')
+        """,
         DELIVERIES_FAILING_S,
+        GAVE_UP_LOOKBACK_S,
     )
-    if not count:
+    retrying, gave_up = row["retrying"], row["gave_up"]
+    if not retrying and not gave_up:
         return None
-    return f"{count} webhook deliveries have been failing for 15 minutes or more"
+    return (
+        f"{retrying} webhook deliveries have been failing for 15 minutes or more, "
+        f"{gave_up} gave up in the last 15 minutes"
+    )
 
 
-def bakong_failing(recent: RecentCalls) -> bool | None:
-    """Every Bakong call of the last minutes failed; None when none was made."""
-    summary = recent.summary()
-    if not summary["calls"]:
+def bakong_failing(recent: RecentCalls, now: float) -> bool | None:
+    """Whether the newest Bakong call failed; None when none ended in the last minute (no
+    evidence either way). Held 5 minutes, that is 5 minutes without one good answer."""
+    if recent.last is None or now - recent.last[0] > EVIDENCE_S:
         return None
-    return bool(summary["errors"] == summary["calls"])
+    return recent.last[1] != "ok"
 
 
 async def flip(pool: asyncpg.Pool, kind: Alert, firing: bool, detail: str | None) -> bool:
@@ -133,9 +152,10 @@ class Alerts:
 
     async def tick(self, now: float | None = None) -> None:
         at = time.monotonic() if now is None else now
+        wall = time.time() if now is None else now
         credential = await credential_problem(self.pool)
         await self._settle(Alert.CREDENTIAL, credential is not None, credential)
-        failing = self._bakong.observe(bakong_failing(self.recent), at)
+        failing = self._bakong.observe(bakong_failing(self.recent, wall), at)
         if failing is not None:
             await self._settle(Alert.BAKONG, failing, "every call has failed for 5 minutes")
         deliveries = await deliveries_problem(self.pool)

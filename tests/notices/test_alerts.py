@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
 import uuid
+from types import SimpleNamespace
 from typing import Any
 
 import asyncpg
+import pytest
 
+from khqr_gateway.bakong import client
 from khqr_gateway.notices.alerts import Alerts
 from tests.conftest import Gateway, GatewayFactory
 from tests.notices.test_telegram import FakeBotApi, bot  # noqa: F401 (the fixture)
@@ -62,15 +66,15 @@ async def test_bakong_failing_for_five_minutes_and_deliveries_for_fifteen(
 ) -> None:
     gw = await alerting(make_gateway, bot)
     alerts = alerts_of(gw)
-    for _ in range(3):
-        alerts.recent.add("timeout")
-    await alerts.tick(now=1000.0)
-    await alerts.tick(now=1200.0)
+    for at in (1000.0, 1200.0):
+        alerts.recent.add("timeout", now=at)
+        await alerts.tick(now=at)
     assert bot.calls == [], "not yet five minutes"
+    alerts.recent.add("timeout", now=1301.0)
     await alerts.tick(now=1301.0)
     [alert] = bot.calls
     assert "Bakong" in alert["text"]
-    alerts.recent.add("ok")
+    alerts.recent.add("ok", now=1302.0)
     await alerts.tick(now=1302.0)
     assert len(bot.calls) == 2 and "Bakong is fine again" in bot.calls[1]["text"]
 
@@ -93,6 +97,64 @@ async def test_bakong_failing_for_five_minutes_and_deliveries_for_fifteen(
     await pg.execute("update deliveries set status = 'delivered'")
     await alerts.tick(now=1305.0)
     assert len(bot.calls) == 4 and "fine again" in bot.calls[3]["text"]
+
+
+async def test_bakong_breaking_after_good_answers_is_announced_five_minutes_later(
+    make_gateway: GatewayFactory,
+    bot: FakeBotApi,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Good answers until Bakong breaks, then a failed call every 10 s: the alert comes once
+    the calls have failed for 5 minutes, not once the good ones left the 5-minute window of
+    /api/v1/stats and that held 5 minutes more (10 minutes in all)."""
+    gw = await alerting(make_gateway, bot)
+    alerts = alerts_of(gw)
+    clock = [time.time()]
+    # The calls' window reads this clock too, so that 7 minutes pass in a moment.
+    monkeypatch.setattr(client, "time", SimpleNamespace(time=lambda: clock[0]))
+    start = clock[0]
+    for s in range(0, 60, 10):
+        clock[0] = start + s
+        alerts.recent.add("ok", now=clock[0])
+    for s in range(60, 420, 10):  # broken from 60 s on
+        clock[0] = start + s
+        alerts.recent.add("timeout", now=clock[0])
+        await alerts.tick(now=clock[0])
+        if s < 355:
+            assert bot.calls == [], f"failing for {s - 60} s only"
+    assert len(bot.calls) == 1 and "Bakong" in bot.calls[0]["text"]
+
+
+async def test_deliveries_that_gave_up_keep_the_alert_firing_for_fifteen_minutes(
+    make_gateway: GatewayFactory,
+    bot: FakeBotApi,  # noqa: F811
+    pg: asyncpg.Connection,
+) -> None:
+    """A webhook that ran out of retries was not delivered: that is no "fine again". The
+    episode ends once none is retrying past 15 minutes and none gave up in the last 15."""
+    gw = await alerting(make_gateway, bot)
+    alerts = alerts_of(gw)
+    job = uuid.uuid4()
+    await pg.execute(
+        "insert into transactions (id, md5, status, webhook_url, deadline_at)"
+        " values ($1, md5('x'), 'success', 'http://x/hook', now())",
+        job,
+    )
+    await pg.execute(
+        "insert into deliveries (id, transaction_id, url, payload, attempt_count, created_at,"
+        " last_attempt_at) values ('msg_1', $1, 'http://x/hook', '{}', 5,"
+        " now() - interval '70 minutes', now() - interval '1 minute')",
+        job,
+    )
+    await alerts.tick()
+    [alert] = bot.calls
+    assert "deliveries" in alert["text"]
+    await pg.execute("update deliveries set status = 'failed', next_attempt_at = null")
+    await alerts.tick()
+    assert len(bot.calls) == 1, "gave up a minute ago: still failing, nothing delivered"
+    await pg.execute("update deliveries set last_attempt_at = now() - interval '16 minutes'")
+    await alerts.tick()
+    assert len(bot.calls) == 2 and "fine again" in bot.calls[1]["text"]
 
 
 async def test_an_alert_not_sent_is_sent_at_the_next_tick(
