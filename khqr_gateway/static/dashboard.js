@@ -331,6 +331,8 @@
       $("main").hidden = false;
       $("login").hidden = true;
       $("logout").hidden = !sessionStorage.getItem(KEY);
+      // Open without a key (no API_KEY): an admin still gives one, for the app picker.
+      $("use-key").hidden = !!sessionStorage.getItem(KEY);
     } catch (err) {
       showError(err);
     }
@@ -343,6 +345,7 @@
   }
 
   function showLogin() {
+    $("use-key").hidden = true;
     $("main").hidden = true;
     $("login").hidden = false;
     clearInterval(timer);
@@ -355,6 +358,7 @@
     $("key").value = "";
     start();
   });
+  $("use-key").addEventListener("click", showLogin);
   $("filters").addEventListener("submit", (event) => { event.preventDefault(); refresh(); });
   $("detail-close").addEventListener("click", () => { $("detail").hidden = true; });
   $("logout").addEventListener("click", () => {

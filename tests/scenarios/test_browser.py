@@ -341,6 +341,36 @@ async def _paused(tab: Tab, *, with_key: bool) -> str:
     raise AssertionError("no request was held")
 
 
+async def test_an_open_dashboard_takes_an_admin_key_for_its_app_picker(
+    browser: Browser, make_gateway: Any
+) -> None:
+    """With no API_KEY the dashboard opens without asking (the default app is open), yet an
+    admin needs to give a key for the picker: a button asks for one."""
+    from khqr_gateway.apps import store as apps
+
+    admin = "dashboard-admin-" + "a" * 20
+    gw = await make_gateway(admin_api_keys=(admin,))
+    _, shop_key, webhook_secret = await apps.create(gw.service.pool, "Noodle Bar")
+    secret(shop_key.key)
+    secret(webhook_secret)
+    async with browser.tab() as tab:
+        await tab.navigate(str(gw.client.make_url("/queue")))
+        await tab.wait_for("!document.getElementById('main').hidden")
+        assert await tab.evaluate("document.getElementById('app-picker').hidden")
+        await tab.wait_for("!document.getElementById('use-key').hidden")
+        await tab.click("#use-key")
+        await tab.wait_for("!document.getElementById('login').hidden")
+        await tab.evaluate(
+            f"document.getElementById('key').value = {json.dumps(admin)};"
+            "document.getElementById('login').requestSubmit()"
+        )
+        await tab.wait_for("!document.getElementById('app-picker').hidden")
+        names = await tab.evaluate("[...document.getElementById('app').options].map(o => o.text)")
+        assert "Noodle Bar" in names
+        assert await tab.evaluate("document.getElementById('use-key').hidden")
+        assert dashboard_problems(tab) == []
+
+
 async def test_an_admin_key_picks_the_app_the_dashboard_shows(
     browser: Browser, make_gateway: Any, receiver: Receiver
 ) -> None:
