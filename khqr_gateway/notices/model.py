@@ -35,6 +35,7 @@ class DueNotice:
     bill_number: str | None
     completed_at: datetime
     app_id: str  # whose bot sends it
+    previous_status: Status | None = None  # of a late payment: timeout or cancelled
 
 
 @dataclass(frozen=True, slots=True)

@@ -86,13 +86,22 @@ async def claim(pool: asyncpg.Pool, lease_s: float) -> list[DueNotice]:
         )
         select leased.id, leased.chat_id, leased.attempt_count, leased.late, leased.app_id,
                t.status,
-               t.reason, t.bakong_data as data, t.metadata, t.bill_number, t.completed_at
+               t.reason, t.bakong_data as data, t.metadata, t.bill_number, t.completed_at,
+               t.previous_status
         from leased join transactions t on t.id = leased.transaction_id
         """,
         lease_s,
         CLAIM_LIMIT,
     )
-    return [row_as(DueNotice, r, status=Status(r["status"])) for r in rows]
+    return [
+        row_as(
+            DueNotice,
+            r,
+            status=Status(r["status"]),
+            previous_status=Status(r["previous_status"]) if r["previous_status"] else None,
+        )
+        for r in rows
+    ]
 
 
 async def record(pool: asyncpg.Pool, attempts: Sequence[NoticeAttempt]) -> None:

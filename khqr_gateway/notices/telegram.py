@@ -40,6 +40,7 @@ TEXTS = {
     "en": {
         "success": "✅ Payment received",
         "late": "✅ Payment received after the QR timed out",
+        "late_cancelled": "✅ Payment received after the payment was cancelled",
         "mismatch": "⚠️ Payment does not match the request",
         "amount": "Amount",
         "to": "Paid to",
@@ -52,6 +53,7 @@ TEXTS = {
     "km": {
         "success": "✅ បានទទួលការទូទាត់",
         "late": "✅ បានទទួលការទូទាត់ ក្រោយ QR ផុតកំណត់",
+        "late_cancelled": "✅ បានទទួលការទូទាត់ ក្រោយការលុបចោល",
         "mismatch": "⚠️ ការទូទាត់មិនត្រូវនឹងសំណើ",
         "amount": "ចំនួនទឹកប្រាក់",
         "to": "គណនីទទួល",
@@ -90,7 +92,7 @@ def message_text(notice: DueNotice, language: str) -> str:
     currency = data.get("currency")
     title = words["mismatch"] if notice.status is Status.MISMATCH else words["success"]
     if notice.late and notice.status is Status.SUCCESS:
-        title = words["late"]
+        title = words["late_cancelled" if notice.previous_status is Status.CANCELLED else "late"]
     metadata = notice.metadata if isinstance(notice.metadata, dict) else {}
     at = _paid_at(notice).astimezone(PHNOM_PENH).strftime("%Y-%m-%d %H:%M:%S")
     lines = [

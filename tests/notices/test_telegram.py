@@ -6,6 +6,7 @@ import asyncio
 import secrets
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -14,6 +15,9 @@ import pytest
 from aiohttp import web
 
 from khqr_gateway.bakong import khqr
+from khqr_gateway.notices.model import DueNotice
+from khqr_gateway.notices.telegram import message_text
+from khqr_gateway.transactions.model import Status
 from tests.conftest import (
     Gateway,
     GatewayFactory,
@@ -311,3 +315,31 @@ def _by_token(*bots: FakeBotApi) -> Any:
         return web.json_response({"ok": False, "description": "Unauthorized"}, status=401)
 
     return handle
+
+
+@pytest.mark.parametrize(
+    ("previous", "language", "title"),
+    [
+        (Status.TIMEOUT, "en", "✅ Payment received after the QR timed out"),
+        (Status.CANCELLED, "en", "✅ Payment received after the payment was cancelled"),
+        (Status.CANCELLED, "km", "✅ បានទទួលការទូទាត់ ក្រោយការលុបចោល"),
+    ],
+)
+def test_a_late_payment_says_whether_it_came_after_a_timeout_or_a_cancel(
+    previous: Status, language: str, title: str
+) -> None:
+    notice = DueNotice(
+        id=1,
+        chat_id="-100",
+        attempt_count=0,
+        late=True,
+        status=Status.SUCCESS,
+        reason=None,
+        data={"amount": 1, "currency": "USD"},
+        metadata=None,
+        bill_number=None,
+        completed_at=datetime.now(UTC),
+        app_id="app_default",
+        previous_status=previous,
+    )
+    assert message_text(notice, language).splitlines()[0] == title
