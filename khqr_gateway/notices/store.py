@@ -50,6 +50,11 @@ async def make_notices(pool: asyncpg.Pool, chats: Mapping[str, str], since: date
         join transactions t on t.app_id = c.app_id
         where t.completed_at >= $3 and not t.superseded
           and t.status in ('success', 'mismatch')
+          -- Most of a sweep's window was noticed by the sweeps before: skipped here, they
+          -- cost no insert attempt and no number of the sequence. The conflict clause is
+          -- for two processes sweeping at once.
+          and not exists (select 1 from telegram_notices n
+                          where n.transaction_id = t.id and n.late = t.late)
         on conflict (transaction_id, late) do nothing
         """,
         list(chats),

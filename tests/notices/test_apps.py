@@ -43,3 +43,23 @@ async def test_an_apps_chat_is_told_of_its_own_payments_only(
         ("app_b", "2", "app_b"),
         ("app_default", "1", "app_default"),
     ]
+
+
+async def test_a_sweep_over_transitions_already_noticed_writes_nothing(
+    pool: asyncpg.Pool, pg: asyncpg.Connection
+) -> None:
+    """The sweep runs twice a second over the last minutes' payments: those with a notice
+    cost no insert attempt (nor a number of the notices' sequence)."""
+    for _ in range(3):
+        await pg.execute(
+            "insert into transactions (id, md5, status, webhook_url, deadline_at, completed_at)"
+            " values (gen_random_uuid(), $1, 'success', 'http://x/', now(), now())",
+            random_md5(),
+        )
+    since = datetime.now(UTC) - timedelta(minutes=1)
+    assert await store.make_notices(pool, {"app_default": "1"}, since) == 3
+    sequence = "select nextval(pg_get_serial_sequence('telegram_notices', 'id'))"
+    before = await pg.fetchval(sequence)
+    for _ in range(5):
+        assert await store.make_notices(pool, {"app_default": "1"}, since) == 0
+    assert await pg.fetchval(sequence) == before + 1, "no number taken by the sweeps between"
