@@ -148,7 +148,9 @@ async def test_late_checks_are_batched_in_list_calls(
     late_calls = bakong.state.calls["check_transaction_by_md5_list"] - calls
     assert late_checks >= 240, "every md5 checked at least twice in 1 s"
     assert sum(bakong.state.single_checks[m] for m in md5s) == singles, "no per-md5 call"
-    assert late_calls <= late_checks / 40, (late_calls, late_checks)
+    # Batched: 20 md5s a call at the least (a round of 120 is 3 calls when the ticks line up,
+    # 4 or 5 on a loaded machine; one call each would be 120).
+    assert late_calls <= late_checks / 20, (late_calls, late_checks)
 
 
 async def test_redis_losing_the_late_watches_is_mended_by_reconcile(
