@@ -228,6 +228,7 @@ class Notifier:
         chats = {DEFAULT_APP_ID: self.chat_id} if self.chat_id else {}
         found = await store.app_chats(self.pool)
         self._tokens = {c.app_id: c.bot_token for c in found}
+        await self._close_unused_bots()
         self._languages = {c.app_id: c.language for c in found if c.app_id != DEFAULT_APP_ID}
         chats.update({c.app_id: c.chat_id for c in found if c.app_id != DEFAULT_APP_ID})
         return chats
@@ -242,6 +243,13 @@ class Notifier:
         if bot is None:
             bot = self._bots[token] = BotApi(self.api_url, token)
         return bot
+
+    async def _close_unused_bots(self) -> None:
+        """Close the session of a bot no app uses any more (its token changed or was
+        removed); a tick sends nothing between reading the tokens and its sends."""
+        used = set(self._tokens.values())
+        for token in [t for t in self._bots if t not in used]:
+            await self._bots.pop(token).close()
 
     async def close(self) -> None:
         """Close the apps' bots (the default app's is the service's to close)."""

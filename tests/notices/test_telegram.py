@@ -343,3 +343,48 @@ def test_a_late_payment_says_whether_it_came_after_a_timeout_or_a_cancel(
         previous_status=previous,
     )
     assert message_text(notice, language).splitlines()[0] == title
+
+
+async def test_a_bot_replaced_by_another_has_its_connection_closed(
+    make_gateway: GatewayFactory,
+    aiohttp_server: Any,
+    bakong: SimulatedBakong,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An app given a new bot token sends with the new bot, and the old bot's session (its
+    kept-alive connection to the Bot API) is closed, not kept for as long as the process."""
+    from khqr_gateway.apps import store as apps
+    from khqr_gateway.notices import telegram
+
+    monkeypatch.setattr(telegram, "IDLE_S", 0.2)  # no chat at first: asked again soon
+    old, new = (FakeBotApi(token=secret(f"77{n}:{secrets.token_urlsafe(26)}")) for n in (1, 2))
+    both = web.Application()
+    both.router.add_post("/bot{token}/sendMessage", _by_token(old, new))
+    server = await aiohttp_server(both, access_log=None)
+    gw = await make_gateway(
+        telegram_api_url=str(server.make_url("")).rstrip("/"), telegram_chat_id=None
+    )
+    shop, key, webhook_secret = await apps.create(
+        gw.service.pool, "Noodle Bar", telegram_chat_id="-100777", telegram_bot_token=old.token
+    )
+    secret(key.key)
+    secret(webhook_secret)
+
+    async def pay() -> None:
+        resp = await gw.client.post(
+            "/api/v1/transactions",
+            json={"md5": random_md5(), "webhookUrl": receiver.url},
+            headers={"Authorization": f"Bearer {key.key}"},
+        )
+        bakong.pay((await resp.json())["md5"])
+
+    await pay()
+    await old.wait_for(1)
+    assert len(server.runner.server.connections) == 1, "the old bot's connection, kept alive"
+    await apps.update(gw.service.pool, shop.id, {"telegram_bot_token": new.token})
+    await pay()
+    await new.wait_for(1)
+    await asyncio.sleep(0.3)
+    assert len(old.calls) == 1
+    assert len(server.runner.server.connections) == 1, "the new bot's only"
