@@ -1,8 +1,9 @@
-"""The usual body of POST /api/v1/transactions, loaded without marshmallow: its fast path."""
+"""The usual body of POST /api/v1/transactions, and the usual query of its list, loaded
+without marshmallow: their fast paths."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from marshmallow import ValidationError
@@ -18,9 +19,14 @@ from khqr_gateway.http.fields import (
     check_webhook_url,
     parse_amount,
 )
+from khqr_gateway.transactions.model import Status
 
 _CREATE_FAST_KEYS = frozenset({"md5", "webhookUrl", "metadata", "timeoutSeconds", "expected"})
 _EXPECTED_KEYS = frozenset({"amount", "currency", "toAccountId"})
+_LIST_FAST_KEYS = frozenset({"status", "limit"})
+_STATUSES = frozenset(s.value for s in Status)
+# At most this many digits: the list's limit is 1 to 100.
+_LIMIT_DIGITS = 3
 
 
 def quick_load_create(data: dict[str, Any]) -> dict[str, Any] | None:
@@ -92,3 +98,27 @@ _OPTIONAL: tuple[tuple[str, Callable[[Any], Any]], ...] = (
     ("metadata", _quick_metadata),
     ("expected", _quick_expected),
 )
+
+
+def quick_load_list_query(
+    query: Mapping[str, str], *, default_limit: int, max_limit: int
+) -> dict[str, Any] | None:
+    """What TransactionListQuerySchema().load(query) gives for the usual query (a status, a
+    limit, or neither); None for anything else, which marshmallow then loads or refuses. A
+    test holds it to the schema, as for the create body."""
+    if not query.keys() <= _LIST_FAST_KEYS:
+        return None
+    loaded: dict[str, Any] = {"limit": default_limit}
+    if "status" in query:
+        if query["status"] not in _STATUSES:
+            return None
+        loaded["status"] = query["status"]
+    if "limit" in query:
+        text = query["limit"]
+        if not (0 < len(text) <= _LIMIT_DIGITS and text.isascii() and text.isdigit()):
+            return None
+        limit = int(text)
+        if not 1 <= limit <= max_limit:
+            return None
+        loaded["limit"] = limit
+    return loaded

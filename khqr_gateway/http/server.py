@@ -38,12 +38,14 @@ class _Connection(web.RequestHandler):
         self._arm_head_deadline()
 
     def data_received(self, data: bytes) -> None:
-        if data and self._head_deadline is None and self._between_requests():
-            self._arm_head_deadline()
         super().data_received(data)
         if self._request_count != self._heads_seen:  # the parser completed a head
             self._heads_seen = self._request_count
             self._disarm_head_deadline()
+        elif data and self._head_deadline is None and self._between_requests():
+            # Armed only for a head left incomplete: the usual chunk holds a whole one, and
+            # a timer made and cancelled for it was a few percent of a small request.
+            self._arm_head_deadline()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm_head_deadline()

@@ -41,13 +41,12 @@ from khqr_gateway.http.fields import (
 from khqr_gateway.http.json import iso, json_response
 from khqr_gateway.http.openapi import ERROR, errors
 from khqr_gateway.http.paging import decode_cursor, page_response, page_schema, row_cursor
-from khqr_gateway.http.quickload import quick_load_create
+from khqr_gateway.http.quickload import quick_load_create, quick_load_list_query
 from khqr_gateway.http.request import (
     app_of,
     caller_of,
     job_id_of,
     load,
-    load_query,
     read_json,
 )
 from khqr_gateway.service import SERVICE_KEY
@@ -58,6 +57,8 @@ from khqr_gateway.transactions.store import LatestDelivery, TransactionRow
 log = logging.getLogger(__name__)
 
 SEARCH_MAX = 200
+LIST_LIMIT_DEFAULT = 20
+LIST_LIMIT_MAX = 100
 
 
 class ExpectedSchema(Schema):
@@ -131,7 +132,9 @@ class TransactionListQuerySchema(Schema):
     )
     since = Instant(metadata={"description": "Created at or after this ISO 8601 time"})
     until = Instant(metadata={"description": "Created before this ISO 8601 time"})
-    limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
+    limit = fields.Integer(
+        load_default=LIST_LIMIT_DEFAULT, validate=validate.Range(min=1, max=LIST_LIMIT_MAX)
+    )
     cursor = cursor_field()
 
     _window = checks_window()
@@ -193,6 +196,13 @@ TransactionPageSchema = page_schema(TransactionSchema)
 # (its fields copied) cost a tenth of a create.
 CREATE_SCHEMA = TransactionCreateSchema()
 LIST_QUERY_SCHEMA = TransactionListQuerySchema()
+
+
+def _list_query(request: web.Request) -> dict[str, Any]:
+    """The list's query: the usual one by quick_load_list_query, the rest by the schema."""
+    query = dict(request.query)
+    quick = quick_load_list_query(query, default_limit=LIST_LIMIT_DEFAULT, max_limit=LIST_LIMIT_MAX)
+    return quick if quick is not None else load(LIST_QUERY_SCHEMA, query)
 
 
 NO_WEBHOOK_URL = [
@@ -308,7 +318,7 @@ async def get_transaction(request: web.Request) -> web.Response:
 @response_schema(TransactionPageSchema, 200)
 async def list_transactions(request: web.Request) -> web.Response:
     """GET /api/v1/transactions?md5=&status=&q=&since=&until=&limit=&cursor=."""
-    query = load_query(request, LIST_QUERY_SCHEMA)
+    query = _list_query(request)
     before = decode_cursor(query["cursor"]) if "cursor" in query else None
     limit = query["limit"]
     rows = await store.list_page(

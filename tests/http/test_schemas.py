@@ -12,7 +12,7 @@ from marshmallow import Schema, ValidationError
 
 from khqr_gateway.http import apps, compat, credentials, deliveries, fields, khqr, transactions
 from khqr_gateway.http.errors import ApiError
-from khqr_gateway.http.quickload import quick_load_create
+from khqr_gateway.http.quickload import quick_load_create, quick_load_list_query
 from khqr_gateway.http.request import load
 from khqr_gateway.http.tracking import _from_qr
 
@@ -205,6 +205,51 @@ def test_usual_create_bodies_take_the_quick_path(body: dict[str, Any]) -> None:
     quick = quick_load_create(body)
     assert quick is not None
     assert _same(quick, _loaded_by_schema(body))
+
+
+LIST_VALUES = st.one_of(
+    st.sampled_from(["success", "pending", "mismatch", "Success", "50", "100", "101", "0", "1"]),
+    st.sampled_from(["050", "-1", "+5", " 5", "5 ", "1_0", "٣", "20.0", "", "1e2"]),
+    st.text(max_size=6),
+)
+LIST_QUERIES = st.dictionaries(
+    st.sampled_from(["status", "limit", "md5", "cursor", "q", "other"]), LIST_VALUES, max_size=3
+)
+
+
+def _list_loaded_by_schema(query: dict[str, str]) -> dict[str, Any] | None:
+    try:
+        loaded: dict[str, Any] = transactions.LIST_QUERY_SCHEMA.load(query)
+    except ValidationError:
+        return None
+    return loaded
+
+
+@settings(max_examples=1500, deadline=None)
+@given(query=LIST_QUERIES)
+def test_quick_list_query_loader_accepts_only_what_the_schema_loads_the_same(
+    query: dict[str, str],
+) -> None:
+    quick = quick_load_list_query(
+        query,
+        default_limit=transactions.LIST_LIMIT_DEFAULT,
+        max_limit=transactions.LIST_LIMIT_MAX,
+    )
+    if quick is not None:
+        assert _same(quick, _list_loaded_by_schema(query))
+
+
+@pytest.mark.parametrize(
+    "query", [{}, {"status": "success"}, {"limit": "50"}, {"status": "failed", "limit": "100"}]
+)
+def test_usual_list_queries_take_the_quick_path(query: dict[str, str]) -> None:
+    quick = quick_load_list_query(
+        query,
+        default_limit=transactions.LIST_LIMIT_DEFAULT,
+        max_limit=transactions.LIST_LIMIT_MAX,
+    )
+    assert quick is not None
+    assert _same(quick, _list_loaded_by_schema(query))
 
 
 def _nested(depth: int) -> Any:
