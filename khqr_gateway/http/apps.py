@@ -4,6 +4,7 @@ makes it; no list or read shows one, nor a bot token."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -493,8 +494,15 @@ async def _forget_credentials_unless_made(service: Service, app_id: str) -> Asyn
     name since it was checked) leaves no credential under an app that never was."""
     try:
         yield
-    except Exception:
-        await credential_store.delete_unowned_credentials(service.pool, app_id)
+    except BaseException:
+        # Shielded, so that a request cancelled here still cleans up; a failure to clean up
+        # is logged, and the create's own error is the one answered.
+        try:
+            await asyncio.shield(credential_store.delete_unowned_credentials(service.pool, app_id))
+        except Exception as exc:
+            log.warning(
+                "credentials of an app never made were kept: %s", exc, extra={"appId": app_id}
+            )
         raise
 
 

@@ -7,6 +7,9 @@ from typing import Any
 from khqr_gateway.infra.schedule import RedisClient
 
 HOUR_MS = 3_600_000
+# A value at or under what this process wrote in the hour is written again after this long
+# anyway: a hash Redis lost (a flush, a failover) is mended within a minute.
+REWRITE_MS = 60_000
 
 # KEYS[1] the hash (field: the hour's start in unix seconds, value: its peak);
 # ARGV[1] the hour, ARGV[2] the value, ARGV[3] the oldest hour kept. Raises the hour's peak
@@ -37,17 +40,20 @@ class HourlyPeaks:
         self.key = key
         self.keep_hours = keep_hours
         self._raise: Any = redis.register_script(_RAISE)
-        # What this process last wrote: a value at or under it this hour needs no write.
-        self._written: tuple[int, int] | None = None
+        # What this process last wrote (hour, value, when): a value at or under it needs no
+        # write in that hour for REWRITE_MS.
+        self._written: tuple[int, int, int] | None = None
 
     async def record(self, at_ms: int, value: int) -> None:
         """Count `value` towards the peak of the hour holding `at_ms` (epoch ms)."""
         hour = at_ms // HOUR_MS * (HOUR_MS // 1000)
-        if self._written is not None and self._written[0] == hour and value <= self._written[1]:
-            return
+        if self._written is not None:
+            written_hour, written, written_at = self._written
+            if written_hour == hour and value <= written and at_ms - written_at < REWRITE_MS:
+                return
         oldest = hour - (self.keep_hours - 1) * (HOUR_MS // 1000)
         await self._raise(keys=[self.key], args=[hour, value, oldest])
-        self._written = (hour, value)
+        self._written = (hour, value, at_ms)
 
     async def read(self) -> dict[int, int]:
         """Each hour kept (its start in unix seconds) and its peak; a bad field is left out."""

@@ -57,6 +57,10 @@ class Held:
         """True once `bad` has held `after_s`, False when it is not, None when unknown
         (no evidence either way leaves an episode as it is)."""
         if bad is None:
+            # The clock of a condition starts again after a gap in the evidence: two
+            # failures an hour apart are not an hour of failing. (While Bakong fails, the
+            # breaker's probes, every 30 s at most, keep the evidence going.)
+            self.since = None
             return None
         if not bad:
             self.since = None
@@ -84,9 +88,10 @@ async def credential_problem(pool: asyncpg.Pool) -> str | None:
 
 
 async def deliveries_problem(pool: asyncpg.Pool) -> str | None:
-    """Webhooks being retried for 15 minutes or more, or that gave up in the last 15 (run out
-    of retries: not delivered, so not "fine again"), read from Postgres, so every process
-    and restart agrees on when the episode began."""
+    """Webhooks being retried for 15 minutes or more, or that gave up in the last 15 after
+    failing for 15 (out of retries: not delivered, so not "fine again"; a 410 at the first
+    attempt is a receiver's answer, not a failing delivery), read from Postgres, so every
+    process and restart agrees on when the episode began."""
     row = await pool.fetchrow(
         """
         select count(*) filter (where status = 'pending') as retrying,
@@ -95,7 +100,8 @@ async def deliveries_problem(pool: asyncpg.Pool) -> str | None:
         where (status = 'pending' and attempt_count > 0
                and created_at < now() - $1 * interval '1 second')
            or (status = 'failed' and created_at >= now() - $2 * interval '1 second'
-               and last_attempt_at >= now() - $1 * interval '1 second')
+               and last_attempt_at >= now() - $1 * interval '1 second'
+               and last_attempt_at - created_at >= $1 * interval '1 second')
         """,
         DELIVERIES_FAILING_S,
         GAVE_UP_LOOKBACK_S,
@@ -103,10 +109,12 @@ async def deliveries_problem(pool: asyncpg.Pool) -> str | None:
     retrying, gave_up = row["retrying"], row["gave_up"]
     if not retrying and not gave_up:
         return None
-    return (
-        f"{retrying} webhook deliveries have been failing for 15 minutes or more, "
-        f"{gave_up} gave up in the last 15 minutes"
-    )
+    parts = []
+    if retrying:
+        parts.append(f"{retrying} webhook deliveries have been failing for 15 minutes or more")
+    if gave_up:
+        parts.append(f"{gave_up} gave up in the last 15 minutes after failing for 15")
+    return "; ".join(parts)
 
 
 def bakong_failing(recent: RecentCalls, now: float) -> bool | None:
@@ -157,7 +165,7 @@ class Alerts:
         await self._settle(Alert.CREDENTIAL, credential is not None, credential)
         failing = self._bakong.observe(bakong_failing(self.recent, wall), at)
         if failing is not None:
-            await self._settle(Alert.BAKONG, failing, "every call has failed for 5 minutes")
+            await self._settle(Alert.BAKONG, failing, "no call has succeeded for 5 minutes")
         deliveries = await deliveries_problem(self.pool)
         await self._settle(Alert.DELIVERIES, deliveries is not None, deliveries)
 

@@ -6,6 +6,7 @@
   const APP = "khqr-gateway-app";
   const $ = (id) => document.getElementById(id);
   let timer = null;
+  let logins = 0; // times the key form was shown: a refresh begun before one is stale
 
   async function api(path, options = {}) {
     const key = sessionStorage.getItem(KEY);
@@ -309,6 +310,7 @@
   }
 
   async function refresh() {
+    const asked = logins;
     try {
       const [stats, failed, waiting, pending, recent, hourly] = await Promise.all([
         api("/api/v1/stats"),
@@ -318,6 +320,8 @@
         api(listQuery()),
         api("/api/v1/reports/hourly").catch(() => ({ data: [] })),
       ]);
+      // The key form was shown meanwhile ("Use a key"): this answer must not hide it.
+      if (asked !== logins) return;
       renderCharts(hourly.data || []);
       // A pending delivery with attempts behind it is one being retried: it needs an eye
       // as much as one that gave up.
@@ -345,6 +349,7 @@
   }
 
   function showLogin() {
+    logins += 1;
     $("use-key").hidden = true;
     $("main").hidden = true;
     $("login").hidden = false;

@@ -57,3 +57,15 @@ async def test_a_value_under_what_this_process_wrote_this_hour_costs_no_write(
     assert await p.read() == {NOON // 1000: 1}
     await p.record(NOON + 6_000, 800)
     assert await p.read() == {NOON // 1000: 800}
+
+
+async def test_a_hash_redis_lost_is_written_again_within_a_minute(
+    redis: Any, namespace: str
+) -> None:
+    p = peaks(redis, namespace)
+    await p.record(NOON, 5_000)
+    await redis.delete(keys(namespace)["lag_peaks"])  # a flush, a failover
+    await p.record(NOON + 1_000, 100)
+    assert await p.read() == {}, "under what it wrote a moment ago: no write yet"
+    await p.record(NOON + 61_000, 100)
+    assert await p.read() == {NOON // 1000: 100}, "the hour shows a gateway ran"

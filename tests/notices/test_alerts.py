@@ -125,6 +125,46 @@ async def test_bakong_breaking_after_good_answers_is_announced_five_minutes_late
     assert len(bot.calls) == 1 and "Bakong" in bot.calls[0]["text"]
 
 
+async def test_two_bakong_failures_an_hour_apart_are_no_alert(
+    make_gateway: GatewayFactory,
+    bot: FakeBotApi,  # noqa: F811
+) -> None:
+    """A quiet deployment: one call fails before a lull, another an hour later. Nothing was
+    seen failing for 5 minutes; the lull (no call, no evidence) starts the clock again."""
+    gw = await alerting(make_gateway, bot)
+    alerts = alerts_of(gw)
+    alerts.recent.add("timeout", now=1000.0)
+    for at in range(1010, 1200, 10):
+        await alerts.tick(now=float(at))
+    alerts.recent.add("timeout", now=5000.0)
+    await alerts.tick(now=5001.0)
+    assert bot.calls == []
+
+
+async def test_a_webhook_refused_with_410_at_once_is_no_alert(
+    make_gateway: GatewayFactory,
+    bot: FakeBotApi,  # noqa: F811
+    pg: asyncpg.Connection,
+) -> None:
+    """410 stops a webhook at its first attempt: the receiver's answer, not deliveries
+    failing for 15 minutes."""
+    gw = await alerting(make_gateway, bot)
+    job = uuid.uuid4()
+    await pg.execute(
+        "insert into transactions (id, md5, status, webhook_url, deadline_at)"
+        " values ($1, md5('x'), 'success', 'http://x/hook', now())",
+        job,
+    )
+    await pg.execute(
+        "insert into deliveries (id, transaction_id, url, payload, status, attempt_count,"
+        " created_at, last_attempt_at) values ('msg_1', $1, 'http://x/hook', '{}', 'failed',"
+        " 1, now() - interval '2 seconds', now() - interval '1 second')",
+        job,
+    )
+    await alerts_of(gw).tick()
+    assert bot.calls == []
+
+
 async def test_deliveries_that_gave_up_keep_the_alert_firing_for_fifteen_minutes(
     make_gateway: GatewayFactory,
     bot: FakeBotApi,  # noqa: F811
