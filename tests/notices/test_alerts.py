@@ -31,6 +31,17 @@ def alerts_of(gw: Gateway) -> Alerts:
     return gw.service.alerts
 
 
+async def paid_transaction(pg: asyncpg.Connection) -> uuid.UUID:
+    """A paid transaction for a delivery row to belong to."""
+    job = uuid.uuid4()
+    await pg.execute(
+        "insert into transactions (id, md5, status, webhook_url, deadline_at)"
+        " values ($1, md5('x'), 'success', 'http://x/hook', now())",
+        job,
+    )
+    return job
+
+
 async def test_an_expiring_credential_is_announced_once_and_its_end_once(
     make_gateway: GatewayFactory,
     bot: FakeBotApi,  # noqa: F811
@@ -78,12 +89,7 @@ async def test_bakong_failing_for_five_minutes_and_deliveries_for_fifteen(
     await alerts.tick(now=1302.0)
     assert len(bot.calls) == 2 and "Bakong is fine again" in bot.calls[1]["text"]
 
-    job = uuid.uuid4()
-    await pg.execute(
-        "insert into transactions (id, md5, status, webhook_url, deadline_at)"
-        " values ($1, md5('x'), 'success', 'http://x/hook', now())",
-        job,
-    )
+    job = await paid_transaction(pg)
     await pg.execute(
         "insert into deliveries (id, transaction_id, url, payload, attempt_count, created_at)"
         " values ('msg_1', $1, 'http://x/hook', '{}', 1, now() - interval '10 minutes')",
@@ -149,12 +155,7 @@ async def test_a_webhook_refused_with_410_at_once_is_no_alert(
     """410 stops a webhook at its first attempt: the receiver's answer, not deliveries
     failing for 15 minutes."""
     gw = await alerting(make_gateway, bot)
-    job = uuid.uuid4()
-    await pg.execute(
-        "insert into transactions (id, md5, status, webhook_url, deadline_at)"
-        " values ($1, md5('x'), 'success', 'http://x/hook', now())",
-        job,
-    )
+    job = await paid_transaction(pg)
     await pg.execute(
         "insert into deliveries (id, transaction_id, url, payload, status, attempt_count,"
         " created_at, last_attempt_at) values ('msg_1', $1, 'http://x/hook', '{}', 'failed',"
@@ -174,12 +175,7 @@ async def test_deliveries_that_gave_up_keep_the_alert_firing_for_fifteen_minutes
     episode ends once none is retrying past 15 minutes and none gave up in the last 15."""
     gw = await alerting(make_gateway, bot)
     alerts = alerts_of(gw)
-    job = uuid.uuid4()
-    await pg.execute(
-        "insert into transactions (id, md5, status, webhook_url, deadline_at)"
-        " values ($1, md5('x'), 'success', 'http://x/hook', now())",
-        job,
-    )
+    job = await paid_transaction(pg)
     await pg.execute(
         "insert into deliveries (id, transaction_id, url, payload, attempt_count, created_at,"
         " last_attempt_at) values ('msg_1', $1, 'http://x/hook', '{}', 5,"
