@@ -19,7 +19,7 @@ import orjson
 from khqr_gateway import times
 from khqr_gateway.apps.model import DEFAULT_APP_ID
 from khqr_gateway.notices import store
-from khqr_gateway.notices.model import DueNotice, NoticeAttempt
+from khqr_gateway.notices.model import AppChat, DueNotice, NoticeAttempt
 from khqr_gateway.transactions.model import Status
 
 log = logging.getLogger(__name__)
@@ -198,8 +198,7 @@ class Notifier:
         self.retry_schedule = tuple(retry_schedule)
         self.api_url = api_url
         self._since: datetime | None = None
-        self._tokens: dict[str, str] = {}  # app id to its bot's token, as last read
-        self._languages: dict[str, str] = {}  # app id to its notices' language, as last read
+        self._apps: dict[str, AppChat] = {}  # the other apps told on Telegram, as last read
         self._bots: dict[str, BotApi] = {}  # token to its bot
         self._idle_until = 0.0  # no chat anywhere: the apps are asked again from then
 
@@ -224,30 +223,30 @@ class Notifier:
             await store.record(self.pool, attempts)
 
     async def _chats(self) -> dict[str, str]:
-        """Each app told on Telegram, to its chat; the bots' tokens kept for sending."""
-        chats = {DEFAULT_APP_ID: self.chat_id} if self.chat_id else {}
+        """Each app told on Telegram, to its chat; the others' bots and languages kept for
+        sending."""
         found = await store.app_chats(self.pool)
-        self._tokens = {c.app_id: c.bot_token for c in found}
+        self._apps = {c.app_id: c for c in found if c.app_id != DEFAULT_APP_ID}
         await self._close_unused_bots()
-        self._languages = {c.app_id: c.language for c in found if c.app_id != DEFAULT_APP_ID}
-        chats.update({c.app_id: c.chat_id for c in found if c.app_id != DEFAULT_APP_ID})
+        chats = {DEFAULT_APP_ID: self.chat_id} if self.chat_id else {}
+        chats.update({app_id: c.chat_id for app_id, c in self._apps.items()})
         return chats
 
     def _bot_of(self, app_id: str) -> BotApi | None:
         if app_id == DEFAULT_APP_ID:
             return self.bot
-        token = self._tokens.get(app_id)
-        if token is None:
+        app = self._apps.get(app_id)
+        if app is None:
             return None
-        bot = self._bots.get(token)
+        bot = self._bots.get(app.bot_token)
         if bot is None:
-            bot = self._bots[token] = BotApi(self.api_url, token)
+            bot = self._bots[app.bot_token] = BotApi(self.api_url, app.bot_token)
         return bot
 
     async def _close_unused_bots(self) -> None:
         """Close the session of a bot no app uses any more (its token changed or was
         removed); a tick sends nothing between reading the tokens and its sends."""
-        used = set(self._tokens.values())
+        used = {app.bot_token for app in self._apps.values()}
         for token in [t for t in self._bots if t not in used]:
             await self._bots.pop(token).close()
 
@@ -263,7 +262,8 @@ class Notifier:
         if bot is None:  # the app's Telegram was removed since: nobody to tell
             answer = BotAnswer(None, "the app has no Telegram bot any more", None, None)
         else:
-            language = self._languages.get(notice.app_id, self.language)
+            app = self._apps.get(notice.app_id)
+            language = app.language if app is not None else self.language
             answer = await bot.send(notice.chat_id, message_text(notice, language))
         duration_ms = times.seconds_to_ms(time.monotonic() - clock)
         return self._outcome(notice, answer, started, duration_ms)
